@@ -1,0 +1,215 @@
+"""The federated data: one global test set and one training partition per client."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from flora_lightning.data.partition import (
+    PartitionConfig,
+    format_label_table,
+    label_counts,
+    partition_indices,
+)
+from flora_lightning.data.source import load_source
+
+
+class FederatedDataModule(L.LightningDataModule):
+    """Loads an image-classification dataset and splits its training set across clients.
+
+    Args:
+        dataset: HF hub id (``uoft-cs/cifar10``), ``imagefolder``, ``parquet``, a local folder,
+            or ``flora-offline/digits`` (built-in, offline).
+        subset: dataset configuration name, if the dataset has several.
+        data_dir: folder for ``imagefolder`` (or a hub dataset's sub-folder).
+        data_files: files for ``parquet``/``imagefolder``, e.g. ``{train: a.parquet, test: b.parquet}``.
+        image_column: column holding the images.
+        label_column: column holding integer class labels.
+        class_names: class names in label order; read from a ``ClassLabel`` column when omitted.
+        template: caption template with ``{}`` for the class name (paper: "a photo of a {}.").
+        train_split: split to partition across clients.
+        test_split: split used as the global test set; ``null`` holds out ``test_fraction`` of
+            the training split instead (the paper's random 20%).
+        test_fraction: share of the training split held out when ``test_split`` is null.
+        max_test_samples: evaluate on a seeded random subset of this size (faster rounds).
+        batch_size: local training batch size (paper: 128).
+        eval_batch_size: batch size for evaluation.
+        num_workers: DataLoader worker processes.
+        partition: how the training set is split across clients.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "uoft-cs/cifar10",
+        subset: str | None = None,
+        data_dir: str | None = None,
+        data_files: str | list[str] | dict[str, Any] | None = None,
+        image_column: str = "img",
+        label_column: str = "label",
+        class_names: list[str] | None = None,
+        template: str = "a photo of a {}.",
+        train_split: str = "train",
+        test_split: str | None = "test",
+        test_fraction: float = 0.2,
+        max_test_samples: int | None = None,
+        batch_size: int = 128,
+        eval_batch_size: int = 256,
+        num_workers: int = 0,
+        partition: PartitionConfig = PartitionConfig(),
+    ) -> None:
+        super().__init__()
+        if "{}" not in template:
+            raise ValueError(
+                f"data.template must contain '{{}}' where the class name goes (got {template!r}); "
+                "e.g. 'a photo of a {}.'"
+            )
+        if not 0 < test_fraction < 1:
+            raise ValueError(f"data.test_fraction must be in (0, 1) (got {test_fraction}).")
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ValueError(
+                f"data.batch_size and data.eval_batch_size must be >= 1 "
+                f"(got {batch_size}, {eval_batch_size})."
+            )
+        if max_test_samples is not None and max_test_samples < 1:
+            raise ValueError(f"data.max_test_samples must be >= 1 or null (got {max_test_samples}).")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0 (got {num_workers}).")
+        self.dataset = dataset
+        self.subset = subset
+        self.data_dir = data_dir
+        self.data_files = data_files
+        self.image_column = image_column
+        self.label_column = label_column
+        self.class_names = list(class_names) if class_names is not None else None
+        self.template = template
+        self.train_split = train_split
+        self.test_split = test_split
+        self.test_fraction = test_fraction
+        self.max_test_samples = max_test_samples
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.partition = partition
+        self.image_transform: Callable | None = None
+        self.train_set = None
+        self.test_set = None
+        self.client_indices: list[np.ndarray] = []
+
+    # ---------------------------------------------------------------- setup
+    def setup(self, stage: str | None = None) -> None:
+        """Load, check columns and class names, hold out the test set, partition the rest."""
+        if self.train_set is not None:
+            return
+        source = load_source(self.dataset, self.subset, self.data_dir, self.data_files)
+        train = self._split(source, self.train_split, "data.train_split")
+        self._check_columns(train)
+        class_names = self._resolve_class_names(train)
+        if self.test_split is None:
+            held = train.train_test_split(test_size=self.test_fraction, seed=self.partition.seed)
+            train, test = held["train"], held["test"]
+        else:
+            test = self._split(source, self.test_split, "data.test_split")
+            self._check_columns(test)
+        if self.max_test_samples is not None and len(test) > self.max_test_samples:
+            test = test.shuffle(seed=self.partition.seed).select(range(self.max_test_samples))
+        labels = np.asarray(train[self.label_column], dtype=np.int64)
+        self._check_labels(labels, len(class_names))
+        self.client_indices = partition_indices(labels, len(class_names), self.partition)
+        self.class_names = class_names
+        self.train_set, self.test_set = train, test
+        self.counts = label_counts(labels, self.client_indices, len(class_names))
+
+    def _split(self, source, split: str, field: str):
+        if split not in source:
+            hint = (
+                " Set --data.test_split null to hold out data.test_fraction of the training split."
+                if field == "data.test_split"
+                else ""
+            )
+            raise ValueError(f"{field}='{split}' is not a split of the dataset {list(source)}.{hint}")
+        return source[split]
+
+    def _check_columns(self, split) -> None:
+        for field, column in (
+            ("data.image_column", self.image_column),
+            ("data.label_column", self.label_column),
+        ):
+            if column not in split.column_names:
+                raise ValueError(
+                    f"{field}='{column}' is not a column of the dataset; its columns are "
+                    f"{split.column_names}. Set --{field} to one of them."
+                )
+
+    def _resolve_class_names(self, train) -> list[str]:
+        feature = train.features[self.label_column]
+        names = getattr(feature, "names", None)
+        if self.class_names is not None:
+            if names is not None and len(names) != len(self.class_names):
+                raise ValueError(
+                    f"data.class_names has {len(self.class_names)} names but the label column "
+                    f"'{self.label_column}' has {len(names)} classes."
+                )
+            return [n.replace("_", " ") for n in self.class_names]
+        if names is None:
+            raise ValueError(
+                f"data.class_names is required: the label column '{self.label_column}' has no "
+                "class names (not a ClassLabel). Pass them in label order, e.g. "
+                "--data.class_names '[cat, dog]'."
+            )
+        return [n.replace("_", " ") for n in names]
+
+    def _check_labels(self, labels: np.ndarray, num_classes: int) -> None:
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(
+                f"data.label_column '{self.label_column}' holds labels in "
+                f"[{labels.min()}, {labels.max()}] but there are {num_classes} class names; "
+                "labels must be 0..num_classes-1 (check data.class_names)."
+            )
+
+    # -------------------------------------------------------------- access
+    @property
+    def num_clients(self) -> int:
+        return self.partition.num_clients
+
+    def num_samples(self, client_id: int) -> int:
+        return len(self.client_indices[client_id])
+
+    def label_table(self) -> str:
+        return format_label_table(self.counts, self.class_names)
+
+    def set_image_transform(self, transform: Callable) -> None:
+        """The model's own preprocessing (CLIP resize, crop, normalise)."""
+        self.image_transform = transform
+
+    def _collate(self, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = torch.stack([self.image_transform(row[self.image_column]) for row in rows])
+        labels = torch.tensor([row[self.label_column] for row in rows], dtype=torch.long)
+        return pixels, labels
+
+    def client_dataset(self, client_id: int):
+        return self.train_set.select(self.client_indices[client_id])
+
+    def client_dataloader(self, client_id: int, generator: torch.Generator) -> DataLoader:
+        """Shuffled loader over one client's partition; ``generator`` fixes the order."""
+        return DataLoader(
+            self.client_dataset(client_id),
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=generator,
+            num_workers=self.num_workers,
+            collate_fn=self._collate,
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.test_set,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=self._collate,
+        )

@@ -1,0 +1,384 @@
+"""``FederatedLoop``: federated simulation on one Lightning Fabric, clients one after another.
+
+One model lives in memory whatever the number of clients: before each client trains, the global
+communicated state (e.g. the LoRA adapters) is copied into it; afterwards the client's state is
+copied out and folded into the aggregation strategy. A round is::
+
+    sample clients → for each: load global → local fit (Fabric, mixed precision) → strategy.add
+    → strategy.result becomes the global state → evaluate → log, checkpoint
+
+Every random choice is seeded from ``(seed, round, client)`` so a resumed run repeats exactly
+what an uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+from tqdm.auto import tqdm
+
+from flora_lightning.callbacks.base import Callback
+from flora_lightning.checkpoint import (
+    flatten_optimizer_states,
+    load_state,
+    save_state,
+    unflatten_optimizer_states,
+    write_folder,
+    write_json,
+)
+from flora_lightning.strategy import ClientUpdate, FedAvg, Strategy
+
+log = logging.getLogger(__name__)
+Precision = Literal["32-true", "16-mixed", "bf16-mixed"]
+
+
+def state_bytes(state: dict[str, torch.Tensor]) -> int:
+    """Bytes of the tensors as sent: ``numel * element_size`` summed."""
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+class FederatedLoop:
+    """Runs federated rounds of a :class:`FederatedCLIPModule` over a :class:`FederatedDataModule`.
+
+    Args:
+        rounds: communication rounds (paper: 50).
+        local_epochs: local epochs per client per round (paper: 1).
+        max_local_steps: stop a client's local fit after this many optimizer steps (None: no cap).
+        join_ratio: share of clients sampled each round, in (0, 1] (paper: 1.0).
+        precision: ``32-true``, ``16-mixed`` (CUDA) or ``bf16-mixed``.
+        accelerator: ``auto``, ``cpu``, ``cuda``, ...
+        keep_client_optimizer_state: each client keeps its Adam state across rounds (paper).
+        strategy: aggregation strategy (sample-weighted FedAvg by default).
+        callbacks: extra Fabric callbacks.
+        default_root_dir: run directory for config, TensorBoard, checkpoints, summary.
+        resume: continue the run in ``default_root_dir`` from its last complete round.
+        keep_last_checkpoints: keep only this many per-round checkpoints (None: keep all).
+        seed: seeds model init, client sampling, data order and dropout.
+        progress: show progress bars for rounds and clients.
+    """
+
+    def __init__(
+        self,
+        rounds: int = 50,
+        local_epochs: int = 1,
+        max_local_steps: int | None = None,
+        join_ratio: float = 1.0,
+        precision: Precision = "32-true",
+        accelerator: str = "auto",
+        keep_client_optimizer_state: bool = True,
+        strategy: Strategy | None = None,
+        callbacks: list[Callback] | None = None,
+        default_root_dir: str = "runs/flora",
+        resume: bool = False,
+        keep_last_checkpoints: int | None = None,
+        seed: int = 42,
+        progress: bool = True,
+    ) -> None:
+        if rounds < 0:
+            raise ValueError(f"trainer.rounds must be >= 0 (got {rounds}).")
+        if local_epochs < 1:
+            raise ValueError(f"trainer.local_epochs must be >= 1 (got {local_epochs}).")
+        if max_local_steps is not None and max_local_steps < 1:
+            raise ValueError(f"trainer.max_local_steps must be >= 1 or null (got {max_local_steps}).")
+        if not 0 < join_ratio <= 1:
+            raise ValueError(
+                f"trainer.join_ratio must be in (0, 1] (got {join_ratio}); 1.0 means every "
+                "client joins every round."
+            )
+        if precision not in ("32-true", "16-mixed", "bf16-mixed"):
+            raise ValueError(
+                f"trainer.precision must be 32-true, 16-mixed or bf16-mixed (got {precision!r})."
+            )
+        if keep_last_checkpoints is not None and keep_last_checkpoints < 1:
+            raise ValueError(
+                f"trainer.keep_last_checkpoints must be >= 1 or null (got {keep_last_checkpoints})."
+            )
+        self.rounds = rounds
+        self.local_epochs = local_epochs
+        self.max_local_steps = max_local_steps
+        self.join_ratio = join_ratio
+        self.precision = precision
+        self.accelerator = accelerator
+        self.keep_client_optimizer_state = keep_client_optimizer_state
+        self.strategy = strategy or FedAvg()
+        self.callbacks = list(callbacks or [])
+        self.run_dir = Path(default_root_dir)
+        self.resume = resume
+        self.keep_last_checkpoints = keep_last_checkpoints
+        self.seed = seed
+        self.progress = progress
+        self.fabric: L.Fabric | None = None
+        self.round = 0
+        self.history: list[dict] = []
+        self.optimizer_states: dict[int, dict] = {}
+
+    # ================================================================ setup
+    def _launch(self, model, data) -> None:
+        """Fabric, data, model, in the order that fails fastest on bad input."""
+        from lightning.fabric.loggers import TensorBoardLogger
+
+        if self.precision == "16-mixed" and not torch.cuda.is_available():
+            raise ValueError("trainer.precision=16-mixed needs CUDA; use bf16-mixed or 32-true on CPU.")
+        logger = TensorBoardLogger(root_dir=str(self.run_dir), name="tensorboard", version="")
+        self.fabric = L.Fabric(
+            accelerator=self.accelerator,
+            devices=1,
+            precision=self.precision,
+            loggers=[logger],
+            callbacks=self.callbacks,
+        )
+        self.fabric.seed_everything(self.seed, verbose=False)
+        data.setup("fit")
+        if data.num_clients > 1 or self.join_ratio < 1:
+            if self.clients_per_round(data.num_clients) < self.strategy.min_clients:
+                raise ValueError(
+                    f"trainer.join_ratio={self.join_ratio} samples "
+                    f"{self.clients_per_round(data.num_clients)} client(s) per round, fewer than "
+                    f"trainer.strategy.min_clients={self.strategy.min_clients}."
+                )
+        model.configure_model()
+        model.configure_task(data.class_names, data.template)
+        data.set_image_transform(model.image_transform)
+        self.module = self.fabric.setup_module(model)
+        self.model = model
+
+    def clients_per_round(self, num_clients: int) -> int:
+        return max(1, round(self.join_ratio * num_clients))
+
+    def sample_clients(self, round: int, num_clients: int) -> list[int]:
+        """Seeded by ``(seed, round)``: the same clients on a resumed run."""
+        rng = np.random.default_rng([self.seed, round])
+        chosen = rng.choice(num_clients, size=self.clients_per_round(num_clients), replace=False)
+        return sorted(int(c) for c in chosen)
+
+    # ================================================================= fit
+    def fit(self, model, datamodule) -> dict:
+        """Run (or resume) the federated training; returns the summary written to summary.json."""
+        self._check_run_dir()
+        self._launch(model, datamodule)
+        fabric = self.fabric
+        fabric.print(f"Client label counts:\n{datamodule.label_table()}")
+        (self.run_dir / "label_table.txt").write_text(datamodule.label_table() + "\n")
+        start = self._restore() if self.resume else 0
+        fabric.call("on_fit_start", loop=self, model=model)
+        if start == 0:
+            self._record_round(0, self.evaluate(datamodule), seconds=0.0, up=0, down=0, losses={})
+        bar = tqdm(range(start + 1, self.rounds + 1), desc="rounds", disable=not self.progress,
+                   initial=start, total=self.rounds)
+        for round_ in bar:
+            self.round = round_
+            t0 = time.perf_counter()
+            clients = self.sample_clients(round_, datamodule.num_clients)
+            fabric.call("on_round_start", loop=self, round=round_, clients=clients)
+            global_state = model.communicated_state()
+            self.strategy.begin(global_state)
+            losses, up = {}, 0
+            for client in tqdm(clients, desc=f"round {round_} clients", leave=False,
+                               disable=not self.progress):
+                model.load_communicated_state(global_state)
+                fabric.call("on_client_fit_start", loop=self, model=model, client_id=client)
+                update = self.client_fit(model, datamodule, client, round_)
+                fabric.call("on_client_fit_end", loop=self, model=model, update=update)
+                self.strategy.add(update)
+                losses[client] = update.train_loss
+                up += state_bytes(update.state)
+            model.load_communicated_state(self.strategy.result())
+            down = state_bytes(global_state) * len(clients)
+            metrics = self.evaluate(datamodule)
+            record = self._record_round(round_, metrics, time.perf_counter() - t0, up, down, losses)
+            bar.set_postfix(acc=f"{record['test_acc']:.4f}", loss=f"{record['test_loss']:.3f}")
+            self._save_round(round_, model)
+        return self._finish(model, datamodule)
+
+    def client_fit(self, model, datamodule, client: int, round_: int) -> ClientUpdate:
+        """Local training of one client from the currently loaded (global) state."""
+        fabric = self.fabric
+        torch.manual_seed(self._seed_for(round_, client))  # dropout etc.
+        generator = torch.Generator().manual_seed(self._seed_for(round_, client, 1))
+        loader = fabric.setup_dataloaders(
+            datamodule.client_dataloader(client, generator), use_distributed_sampler=False
+        )
+        optimizer = model.configure_optimizers()
+        if self.keep_client_optimizer_state and client in self.optimizer_states:
+            saved = optimizer.state_dict()
+            saved["state"] = self.optimizer_states[client]
+            optimizer.load_state_dict(saved)
+        optimizer = fabric.setup_optimizers(optimizer)
+        model.train()
+        total, count, steps = 0.0, 0, 0
+        for _ in range(self.local_epochs):
+            for batch_idx, batch in enumerate(loader):
+                with fabric.autocast():
+                    loss = model.training_step(batch, batch_idx)
+                fabric.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                total += loss.item() * len(batch[1])
+                count += len(batch[1])
+                steps += 1
+                if self.max_local_steps is not None and steps >= self.max_local_steps:
+                    break
+            if self.max_local_steps is not None and steps >= self.max_local_steps:
+                break
+        model.eval()
+        if self.keep_client_optimizer_state:
+            self.optimizer_states[client] = {
+                i: {k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v
+                    for k, v in slots.items()}
+                for i, slots in optimizer.state_dict()["state"].items()
+            }
+        return ClientUpdate(
+            client_id=client,
+            state=model.communicated_state(),
+            num_samples=datamodule.num_samples(client),
+            train_loss=total / max(count, 1),
+        )
+
+    def _seed_for(self, round_: int, client: int, stream: int = 0) -> int:
+        return int(np.random.default_rng([self.seed, round_, client, stream]).integers(2**62))
+
+    # ============================================================ evaluate
+    @torch.no_grad()
+    def evaluate(self, datamodule) -> dict[str, float]:
+        """Global test accuracy (top-1, micro: correct / total) and cross-entropy loss."""
+        model, fabric = self.model, self.fabric
+        model.eval()
+        accuracy = MulticlassAccuracy(num_classes=len(datamodule.class_names), average="micro")
+        accuracy = accuracy.to(fabric.device)
+        loss_sum, n = 0.0, 0
+        loader = fabric.setup_dataloaders(datamodule.test_dataloader(), use_distributed_sampler=False)
+        with fabric.autocast():
+            classes = model.class_embeddings()
+            for pixel_values, labels in loader:
+                logits = model.evaluate_batch(pixel_values, classes).float()
+                loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+                n += len(labels)
+                accuracy.update(logits, labels)
+        return {"test_acc": float(accuracy.compute()), "test_loss": loss_sum / max(n, 1)}
+
+    def validate(self, model, datamodule, ckpt_path: str | None = None) -> dict:
+        return self._evaluate_only(model, datamodule, ckpt_path, "validate")
+
+    def test(self, model, datamodule, ckpt_path: str | None = None) -> dict:
+        return self._evaluate_only(model, datamodule, ckpt_path, "test")
+
+    def _evaluate_only(self, model, datamodule, ckpt_path, stage: str) -> dict:
+        self._launch(model, datamodule)
+        if ckpt_path:
+            model.load_communicated_state(load_state(ckpt_path))
+        result = {"stage": stage, "method": model.method_name, "ckpt_path": ckpt_path,
+                  **self.evaluate(datamodule)}
+        write_json(result, self.run_dir / f"{stage}.json")
+        self.fabric.print(result)
+        return result
+
+    # ========================================================= bookkeeping
+    def _record_round(self, round_, metrics, seconds, up, down, losses) -> dict:
+        cumulative_up = up + (self.history[-1]["bytes_up_total"] if self.history else 0)
+        cumulative_down = down + (self.history[-1]["bytes_down_total"] if self.history else 0)
+        record = {
+            "round": round_,
+            "test_acc": metrics["test_acc"],
+            "test_loss": metrics["test_loss"],
+            "bytes_up": up,
+            "bytes_down": down,
+            "bytes_up_total": cumulative_up,
+            "bytes_down_total": cumulative_down,
+            "seconds": seconds,
+            "client_train_loss": {str(k): v for k, v in losses.items()},
+        }
+        self.fabric.call("on_round_end", loop=self, round=round_, record=record)
+        scalars = {
+            "test/acc": record["test_acc"],
+            "test/loss": record["test_loss"],
+            "comm/bytes_up": up,
+            "comm/bytes_down": down,
+            "comm/bytes_up_total": cumulative_up,
+            "comm/bytes_down_total": cumulative_down,
+            "time/round_seconds": seconds,
+        }
+        scalars.update({f"client/{k}/train_loss": v for k, v in losses.items()})
+        if losses:
+            scalars["train/loss"] = float(np.mean(list(losses.values())))
+        self.fabric.log_dict(scalars, step=round_)
+        self.history.append(record)
+        return record
+
+    def summary(self, model) -> dict:
+        accs = [r["test_acc"] for r in self.history]
+        best = int(np.argmax(accs))
+        return {
+            "method": model.method_name,
+            "model": model.name_or_path,
+            "trainable_params": model.num_trainable_parameters(),
+            "bytes_per_client_per_direction": state_bytes(model.communicated_state()),
+            "final_test_acc": accs[-1],
+            "best_test_acc": accs[best],
+            "best_round": self.history[best]["round"],
+            "rounds": self.history,
+        }
+
+    def _check_run_dir(self) -> None:
+        if not self.resume and (self.run_dir / "summary.json").exists():
+            raise FileExistsError(
+                f"trainer.default_root_dir={self.run_dir} already holds a run; pass "
+                "--trainer.resume true to continue it or choose another directory."
+            )
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def _save_round(self, round_: int, model) -> None:
+        """Per-round global checkpoint, then the resume state that points at it."""
+        checkpoints = self.run_dir / "checkpoints"
+        save_state(model.communicated_state(), checkpoints / f"round_{round_:03d}.safetensors",
+                   metadata={"round": str(round_), "method": model.method_name})
+        if self.keep_last_checkpoints is not None:
+            old = sorted(checkpoints.glob("round_*.safetensors"))[: -self.keep_last_checkpoints]
+            for path in old:
+                path.unlink()
+
+        def fill(folder: Path) -> None:
+            save_state(flatten_optimizer_states(self.optimizer_states), folder / "optimizers.safetensors")
+            write_json({"round": round_, "history": self.history}, folder / "state.json")
+
+        write_folder(self.run_dir / "resume", fill)
+        write_json(self.summary(model), self.run_dir / "summary.json")
+
+    def _restore(self) -> int:
+        """Load the last complete round; returns it (0 when there is nothing to resume)."""
+        import json
+
+        state_file = self.run_dir / "resume" / "state.json"
+        if not state_file.exists():
+            self.fabric.print(f"trainer.resume: nothing to resume in {self.run_dir}; starting fresh.")
+            return 0
+        saved = json.loads(state_file.read_text())
+        round_ = saved["round"]
+        self.history = saved["history"]
+        self.model.load_communicated_state(
+            load_state(self.run_dir / "checkpoints" / f"round_{round_:03d}.safetensors")
+        )
+        flat = load_state(self.run_dir / "resume" / "optimizers.safetensors")
+        self.optimizer_states = unflatten_optimizer_states(flat)
+        self.fabric.print(f"Resuming {self.run_dir} after round {round_}.")
+        return round_
+
+    def _finish(self, model, datamodule) -> dict:
+        summary = self.summary(model)
+        self.fabric.call("on_fit_end", loop=self, model=model, summary=summary)
+        write_folder(self.run_dir / "final", lambda folder: model.export(str(folder)))
+        write_json(summary, self.run_dir / "summary.json")
+        for logger in self.fabric.loggers:
+            logger.finalize("success")
+        self.fabric.print(
+            f"Done: final test acc {summary['final_test_acc']:.4f}, best "
+            f"{summary['best_test_acc']:.4f} (round {summary['best_round']}); outputs in {self.run_dir}"
+        )
+        return summary

@@ -1,0 +1,209 @@
+"""The LightningModule every federated method shares: CLIP, captions, loss, evaluation, state.
+
+A method (FLoRA, FedFFT, ...) is a small subclass that decides which parameters train (and so
+travel) and, if needed, the forward/loss. The :class:`~flora_lightning.loop.FederatedLoop` only
+talks to this interface:
+
+- :meth:`configure_model` loads CLIP and freezes/wraps it;
+- :meth:`configure_task` gives class names and the caption template;
+- :meth:`training_step` returns the local loss for a batch ``(pixel_values, labels)``;
+- :meth:`communicated_state` / :meth:`load_communicated_state`: exactly what clients send/receive;
+- :meth:`evaluate_batch`: zero-shot style logits over the classes for a test batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from flora_lightning.clip_backbone import CLIPBundle, image_features, load_clip, text_features
+
+
+@dataclass
+class OptimizerConfig:
+    """Adam with coupled weight decay, no schedule: the paper's settings for every method."""
+
+    lr: float = 5e-5
+    """Learning rate."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    """Adam betas."""
+    eps: float = 1e-6
+    """Adam epsilon."""
+    weight_decay: float = 0.2
+    """L2 weight decay added to the gradient (torch.optim.Adam, coupled, as the paper)."""
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"model.optimizer.lr must be > 0 (got {self.lr}); e.g. 5e-5.")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"model.optimizer.betas must be in [0, 1) (got {self.betas}).")
+        if self.eps <= 0 or self.weight_decay < 0:
+            raise ValueError(
+                "model.optimizer.eps must be > 0 and model.optimizer.weight_decay >= 0 "
+                f"(got eps={self.eps}, weight_decay={self.weight_decay})."
+            )
+
+
+class FederatedCLIPModule(L.LightningModule):
+    """Base of all methods: CLIP plus a federated-learning contract.
+
+    Args:
+        name_or_path: HF hub id or local folder of a ``CLIPModel`` checkpoint, or
+            ``flora-offline/tiny-clip`` for the built-in offline model.
+        optimizer: local optimizer settings (Adam).
+    """
+
+    method_name = "base"
+
+    def __init__(
+        self,
+        name_or_path: str = "openai/clip-vit-base-patch32",
+        optimizer: OptimizerConfig = OptimizerConfig(),
+    ) -> None:
+        super().__init__()
+        if not name_or_path:
+            raise ValueError("model.name_or_path is empty; give a hub id or a local folder.")
+        self.name_or_path = name_or_path
+        self.optimizer_config = optimizer
+        self.clip: torch.nn.Module | None = None
+        self.tokenizer = None
+        self.image_transform = None
+        self.class_names: list[str] = []
+        self.register_buffer("caption_ids", torch.zeros(0, 0, dtype=torch.long), persistent=False)
+        self.register_buffer("caption_mask", torch.zeros(0, 0, dtype=torch.long), persistent=False)
+
+    # ------------------------------------------------------------------ setup
+    def configure_model(self) -> None:
+        """Load CLIP once, freeze it, then let the method choose its trainable part."""
+        if self.clip is not None:
+            return
+        bundle = load_clip(self.name_or_path)
+        self._attach(bundle)
+
+    def _attach(self, bundle: CLIPBundle) -> None:
+        self.clip = bundle.model
+        self.tokenizer = bundle.tokenizer
+        self.image_transform = bundle.image_transform
+        self.clip.requires_grad_(False)
+        self.clip.eval()
+        self.setup_trainable()
+
+    def setup_trainable(self) -> None:
+        """Wrap or unfreeze what the method trains. Subclasses override."""
+        raise NotImplementedError
+
+    def configure_task(self, class_names: list[str], template: str) -> None:
+        """Tokenise one caption per class, e.g. ``"a photo of a {}."``."""
+        self.class_names = list(class_names)
+        captions = [template.format(name) for name in class_names]
+        tokens = self.tokenizer(captions, padding=True, truncation=True, return_tensors="pt")
+        device = self.caption_ids.device
+        self.caption_ids = tokens["input_ids"].to(device)
+        self.caption_mask = tokens["attention_mask"].to(device)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        cfg = self.optimizer_config
+        return torch.optim.Adam(
+            self.trainable_parameters(),
+            lr=cfg.lr,
+            betas=tuple(cfg.betas),
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+        )
+
+    # ----------------------------------------------------------- federation
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for _, p in self.trainable_named_parameters()]
+
+    def trainable_named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    def communicated_state(self) -> dict[str, torch.Tensor]:
+        """A detached copy of exactly the tensors a client sends (its trainable parameters)."""
+        return {n: p.detach().clone() for n, p in self.trainable_named_parameters()}
+
+    @torch.no_grad()
+    def load_communicated_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy a global/client state into the live parameters (names must match exactly)."""
+        params = dict(self.trainable_named_parameters())
+        if set(state) != set(params):
+            missing, extra = set(params) - set(state), set(state) - set(params)
+            raise KeyError(
+                f"communicated state does not match {type(self).__name__}'s trainable "
+                f"parameters: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}"
+            )
+        for name, param in params.items():
+            param.copy_(state[name].to(device=param.device, dtype=param.dtype))
+
+    def train(self, mode: bool = True):
+        """Only the trainable part switches to train mode; frozen CLIP stays in eval."""
+        super().train(mode)
+        if self.clip is not None:
+            self.clip.eval()
+            if mode:
+                self.train_submodules()
+        return self
+
+    def train_submodules(self) -> None:
+        """Put the method's trainable modules in train mode (e.g. LoRA dropout). Override."""
+
+    # ------------------------------------------------------------- compute
+    def class_text_features(self, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised caption embeddings for ``labels`` (all classes when ``None``).
+
+        Each distinct caption is encoded once per call, not once per image.
+        """
+        if labels is None:
+            return F.normalize(text_features(self.clip, self.caption_ids, self.caption_mask), dim=-1)
+        unique, inverse = torch.unique(labels, return_inverse=True)
+        feats = text_features(self.clip, self.caption_ids[unique], self.caption_mask[unique])
+        return F.normalize(feats, dim=-1)[inverse]
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return F.normalize(image_features(self.clip, pixel_values), dim=-1)
+
+    def logit_scale(self) -> torch.Tensor:
+        return self.clip.logit_scale.exp()
+
+    def contrastive_loss(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        """CLIP's symmetric in-batch loss: image i is paired with caption i (its class caption)."""
+        logits = self.logit_scale() * img @ txt.T
+        target = torch.arange(len(img), device=img.device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.contrastive_loss(self.encode_images(pixel_values), self.class_text_features(labels))
+
+    def training_step(self, batch, batch_idx: int = 0) -> torch.Tensor:
+        pixel_values, labels = batch
+        return self(pixel_values, labels)
+
+    @torch.no_grad()
+    def class_embeddings(self) -> torch.Tensor:
+        """What evaluation compares images with; computed once per evaluation."""
+        return self.class_text_features()
+
+    @torch.no_grad()
+    def evaluate_batch(self, pixel_values: torch.Tensor, class_embeddings: torch.Tensor):
+        """Zero-shot style logits ``[batch, num_classes]`` against the class embeddings."""
+        return self.logit_scale() * self.encode_images(pixel_values) @ class_embeddings.T
+
+    # -------------------------------------------------------------- export
+    def export(self, folder: str) -> None:
+        """Write the final trained part in a standard format (method specific)."""
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous().cpu() for k, v in self.communicated_state().items()},
+                  f"{folder}/model.safetensors")
+
+
+def build_model_from_bundle(module: FederatedCLIPModule, bundle: CLIPBundle) -> FederatedCLIPModule:
+    """Attach an already loaded CLIP (tests and benchmarks reuse one load)."""
+    module._attach(bundle)
+    return module

@@ -1,0 +1,65 @@
+"""FedAvg: the sample-weighted mean of client states (McMahan et al., 2017).
+
+With client ``k`` holding ``n_k`` training samples and returning parameters ``w_k``,
+
+    w_global = sum_k n_k * w_k / sum_k n_k
+
+applied to every communicated tensor independently. For LoRA this averages ``A`` and ``B``
+separately (as the paper's code): note that ``mean(B_k A_k) != mean(B_k) mean(A_k)``.
+Accumulation is in float64 so the order clients arrive in does not change the result.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from flora_lightning.strategy.base import ClientUpdate, State, Strategy
+
+log = logging.getLogger(__name__)
+
+
+class FedAvg(Strategy):
+    """Sample-weighted federated averaging over exactly the communicated tensors.
+
+    Args:
+        min_clients: fewest accepted client updates for a round to count; with fewer, the
+            round raises and the global state stays as it was.
+    """
+
+    def __init__(self, min_clients: int = 1) -> None:
+        super().__init__(min_clients=min_clients)
+        self._global: State = {}
+        self._sum: State = {}
+        self._weight = 0.0
+        self.accepted: list[int] = []
+        self.rejected: dict[int, str] = {}
+
+    def begin(self, global_state: State) -> None:
+        self._global = global_state
+        self._sum = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in global_state.items()}
+        self._weight = 0.0
+        self.accepted, self.rejected = [], {}
+
+    def add(self, update: ClientUpdate) -> None:
+        reason = self.rejection_reason(update, self._global)
+        if reason is not None:
+            log.warning("client %d excluded from aggregation: %s", update.client_id, reason)
+            self.rejected[update.client_id] = reason
+            return
+        for name, tensor in update.state.items():
+            self._sum[name].add_(tensor.to(self._sum[name].device, torch.float64), alpha=update.num_samples)
+        self._weight += update.num_samples
+        self.accepted.append(update.client_id)
+
+    def result(self) -> State:
+        if len(self.accepted) < self.min_clients:
+            raise RuntimeError(
+                f"only {len(self.accepted)} client update(s) accepted, fewer than "
+                f"trainer.strategy.min_clients={self.min_clients}; rejected: {self.rejected}"
+            )
+        return {
+            name: (total / self._weight).to(self._global[name].dtype)
+            for name, total in self._sum.items()
+        }

@@ -1,0 +1,230 @@
+"""Tests for federated partitioning of the training set."""
+
+import numpy as np
+import pytest
+
+from flora_lightning.data.partition import (
+    FewShotPartitioner,
+    PartitionConfig,
+    format_label_table,
+    label_counts,
+    partition_indices,
+)
+
+NUM_CLASSES = 10
+# 10 classes x 200 samples, sorted by class so that an unshuffled split would be non-IID.
+LABELS = np.repeat(np.arange(NUM_CLASSES), 200)
+
+CONFIGS = {
+    "iid": PartitionConfig(kind="iid", num_clients=7),
+    "dirichlet": PartitionConfig(kind="dirichlet", num_clients=10, beta=0.5),
+    "pathological": PartitionConfig(kind="pathological", num_clients=5, classes_per_client=2),
+    "pathological-overlap": PartitionConfig(
+        kind="pathological", num_clients=10, classes_per_client=3
+    ),
+    "fewshot": PartitionConfig(kind="fewshot", num_clients=10, shots=8),
+}
+
+
+def split(config: PartitionConfig, labels: np.ndarray = LABELS) -> list[np.ndarray]:
+    return partition_indices(labels, NUM_CLASSES, config)
+
+
+def mean_tv_distance(parts: list[np.ndarray]) -> float:
+    """Mean total-variation distance of client label distributions to the global one."""
+    counts = label_counts(LABELS, parts, NUM_CLASSES)
+    client_dist = counts / counts.sum(axis=1, keepdims=True)
+    global_dist = np.bincount(LABELS, minlength=NUM_CLASSES) / LABELS.size
+    return float(np.mean(0.5 * np.abs(client_dist - global_dist).sum(axis=1)))
+
+
+def test_iid_equal_sizes_and_covers_every_index_once():
+    parts = split(CONFIGS["iid"])
+    sizes = [p.size for p in parts]
+    assert len(parts) == 7
+    assert max(sizes) - min(sizes) <= 1
+    np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(LABELS.size))
+    for p in parts:
+        assert p.dtype == np.int64
+        assert np.all(np.diff(p) > 0)
+
+
+def test_iid_is_shuffled_before_splitting():
+    counts = label_counts(LABELS, split(CONFIGS["iid"]), NUM_CLASSES)
+    # Each client holds ~2000/7/10 = 28.6 samples of every class, not a contiguous run.
+    assert counts.min() >= 10
+    assert counts.max() <= 50
+
+
+def test_dirichlet_skew_grows_as_beta_falls():
+    skew = {
+        beta: np.mean(
+            [
+                mean_tv_distance(split(PartitionConfig(kind="dirichlet", beta=beta, seed=s)))
+                for s in range(3)
+            ]
+        )
+        for beta in (0.1, 1.0, 100.0)
+    }
+    assert skew[0.1] > skew[1.0] > skew[100.0]
+    assert skew[0.1] > 0.5
+    assert skew[100.0] < 0.1
+
+
+def test_dirichlet_redraws_until_min_samples_met():
+    def smallest(min_samples: int) -> int:
+        config = PartitionConfig(kind="dirichlet", beta=0.3, min_samples=min_samples)
+        return min(p.size for p in split(config))
+
+    assert smallest(1) < 60  # the first draw (seed 42) has a small client ...
+    assert smallest(60) >= 60  # ... so flwr redraws until every client has 60
+
+
+def test_pathological_disjoint_classes_when_they_fit():
+    parts = split(CONFIGS["pathological"])
+    counts = label_counts(LABELS, parts, NUM_CLASSES)
+    present = counts > 0
+    assert present.sum(axis=1).tolist() == [2] * 5
+    assert present.sum(axis=0).tolist() == [1] * NUM_CLASSES  # every class on one client
+    assert counts.sum(axis=1).tolist() == [400] * 5  # all samples of its classes
+
+
+def test_pathological_exact_classes_when_overlapping():
+    counts = label_counts(LABELS, split(CONFIGS["pathological-overlap"]), NUM_CLASSES)
+    assert (counts > 0).sum(axis=1).tolist() == [3] * 10
+    assert np.all(counts.sum(axis=0) == 200)  # first-deterministic: every class used
+
+
+def test_pathological_shots_caps_samples_per_class():
+    config = PartitionConfig(kind="pathological", num_clients=5, shots=15)
+    counts = label_counts(LABELS, split(config), NUM_CLASSES)
+    assert sorted(set(counts.ravel().tolist())) == [0, 15]
+    assert counts.sum(axis=1).tolist() == [30] * 5
+
+
+def test_fewshot_exact_shots_per_class():
+    parts = split(CONFIGS["fewshot"])
+    counts = label_counts(LABELS, parts, NUM_CLASSES)
+    assert counts.shape == (10, NUM_CLASSES)
+    assert np.all(counts == 8)
+
+
+def test_fewshot_partitioner_on_its_own():
+    from datasets import Dataset
+
+    partitioner = FewShotPartitioner(num_partitions=3, shots=2, seed=0)
+    partitioner.dataset = Dataset.from_dict({"label": [0, 1] * 10})
+    labels = [partitioner.load_partition(i)["label"] for i in range(3)]
+    assert [sorted(x) for x in labels] == [[0, 0, 1, 1]] * 3
+    assert partitioner.num_partitions == 3
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_partitions_are_disjoint(name):
+    parts = split(CONFIGS[name])
+    assert len(parts) == CONFIGS[name].num_clients
+    everything = np.concatenate(parts)
+    assert np.unique(everything).size == everything.size
+    assert everything.min() >= 0 and everything.max() < LABELS.size
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_same_seed_same_partition_other_seed_differs(name):
+    config = CONFIGS[name]
+    first, again = split(config), split(config)
+    other = split(PartitionConfig(**{**vars(config), "seed": config.seed + 1}))
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_label_counts_sums():
+    parts = split(CONFIGS["dirichlet"])
+    counts = label_counts(LABELS, parts, NUM_CLASSES)
+    assert counts.shape == (10, NUM_CLASSES)
+    assert counts.sum(axis=1).tolist() == [p.size for p in parts]
+    np.testing.assert_array_equal(counts.sum(axis=0), np.bincount(LABELS))
+    np.testing.assert_array_equal(counts[3], np.bincount(LABELS[parts[3]], minlength=10))
+
+
+def test_format_label_table_rows_and_totals():
+    counts = np.array([[3, 0, 1], [0, 5, 2]])
+    table = format_label_table(counts, ["cat", "dog", "eel"])
+    lines = table.splitlines()
+    assert lines[0].split() == ["client", "total", "cat", "dog", "eel"]
+    assert lines[1].split() == ["0", "4", "3", "0", "1"]
+    assert lines[2].split() == ["1", "7", "0", "5", "2"]
+    assert lines[3].split() == ["all", "11", "3", "5", "3"]
+
+
+def test_format_label_table_summarises_many_classes():
+    counts = np.zeros((2, 30), dtype=int)
+    counts[0, [4, 7]] = [9, 2]
+    counts[1, 20:30] = 1
+    lines = format_label_table(counts, max_classes=20).splitlines()
+    assert lines[0].split() == ["client", "total", "classes", "top", "classes"]
+    assert lines[1].split() == ["0", "11", "2", "4:9", "7:2"]
+    assert lines[2].split()[:3] == ["1", "10", "10"]
+    assert lines[3].split()[:3] == ["all", "21", "12"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"kind": "shards"}, r"data\.partition\.kind"),
+        ({"num_clients": 0}, r"data\.partition\.num_clients must be >= 1"),
+        (
+            {"beta": 0.0},
+            r"data\.partition\.beta must be > 0 \(got 0\.0\); use e\.g\. 0\.1",
+        ),
+        ({"classes_per_client": 0}, r"data\.partition\.classes_per_client"),
+        ({"shots": 0}, r"data\.partition\.shots must be >= 1"),
+        ({"kind": "fewshot"}, r"data\.partition\.shots is required"),
+        ({"min_samples": 0}, r"data\.partition\.min_samples"),
+    ],
+)
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PartitionConfig(**kwargs)
+
+
+def test_error_more_clients_than_samples():
+    with pytest.raises(ValueError, match=r"data\.partition\.num_clients=50 .* has 30 samples"):
+        partition_indices(np.zeros(30, dtype=int), 2, PartitionConfig(num_clients=50))
+
+
+def test_error_labels_out_of_range():
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        partition_indices([0, 1, 3, 2], 3, PartitionConfig(num_clients=2, min_samples=1))
+
+
+def test_error_pathological_more_classes_than_exist():
+    config = PartitionConfig(kind="pathological", classes_per_client=11)
+    with pytest.raises(ValueError, match=r"data\.partition\.classes_per_client=11 .* only 10"):
+        split(config)
+
+
+def test_error_fewshot_class_too_small():
+    labels = LABELS[LABELS != 3].tolist() + [3] * 50
+    config = PartitionConfig(kind="fewshot", num_clients=10, shots=8)
+    with pytest.raises(
+        ValueError,
+        match=r"needs 80 samples .* class 3 has 50; lower data\.partition\.shots",
+    ):
+        split(config, np.array(labels))
+
+
+def test_error_client_below_min_samples():
+    config = PartitionConfig(num_clients=10, min_samples=5)
+    with pytest.raises(
+        ValueError,
+        match=r"client \d+ received 3 samples, .*data\.partition\.min_samples=5",
+    ):
+        split(config, np.arange(30) % NUM_CLASSES)
+
+
+def test_error_dirichlet_min_samples_unreachable():
+    config = PartitionConfig(kind="dirichlet", num_clients=10, beta=0.01, min_samples=150)
+    with pytest.raises(
+        ValueError, match=r"raise data\.partition\.beta.*data\.partition\.min_samples"
+    ):
+        split(config)
