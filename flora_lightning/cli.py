@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 
@@ -42,8 +41,12 @@ def stage_parser(stage: str) -> ArgumentParser:
         FederatedLoop, "trainer", help="Federated loop (rounds, clients, precision, outputs)."
     )
     if stage != "fit":
-        parser.add_argument("--ckpt_path", type=str | None, default=None,
-                            help="Global-state .safetensors checkpoint to evaluate.")
+        parser.add_argument(
+            "--ckpt_path",
+            type=str | None,
+            default=None,
+            help="Global-state .safetensors checkpoint to evaluate.",
+        )
     return parser
 
 
@@ -65,20 +68,16 @@ def run(args: list[str] | None = None) -> dict:
     init = parser.instantiate_classes(config)[stage]
     loop: FederatedLoop = init.trainer
     if stage == "fit":
-        _save_config(parser, config, loop.run_dir)
-        return loop.fit(init.model, init.data)
+        return loop.fit(init.model, init.data, config_yaml=_dump_config(parser, config))
     return getattr(loop, stage)(init.model, init.data, ckpt_path=init.ckpt_path)
 
 
-def _save_config(parser: ArgumentParser, config: Namespace, run_dir: Path) -> None:
-    """The resolved config, re-runnable with ``flora fit --config run_dir/config.yaml``."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+def _dump_config(parser: ArgumentParser, config: Namespace) -> str:
+    """The resolved config as YAML, re-runnable with ``flora fit --config run_dir/config.yaml``."""
     stage_config = config[config.subcommand].clone()
     stage_config.pop("config", None)
     sub = parser._subcommands_action._name_parser_map[config.subcommand]
-    text = sub.dump(stage_config, skip_none=False)
-    target = run_dir / ("config.resumed.yaml" if (run_dir / "config.yaml").exists() else "config.yaml")
-    target.write_text(text)
+    return sub.dump(stage_config, skip_none=False)
 
 
 def main() -> None:

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torchvision.transforms import v2
 
+from flora_lightning.hub import NotAvailableError, offline_unless_reachable
+
 OFFLINE_HINT = (
     "No access to the Hugging Face hub here? Download it once where you have internet "
     "(`hf download {name} --local-dir DIR`) and pass the folder instead, e.g. "
@@ -20,7 +22,7 @@ OFFLINE_HINT = (
 )
 
 
-class ModelNotAvailableError(RuntimeError):
+class ModelNotAvailableError(NotAvailableError):
     """The CLIP checkpoint could not be loaded from the hub or the given path."""
 
 
@@ -52,8 +54,9 @@ def load_clip(name_or_path: str, field: str = "model.name_or_path") -> CLIPBundl
 
     path = resolve_model_path(name_or_path)
     try:
-        model = CLIPModel.from_pretrained(path)
-        processor = AutoProcessor.from_pretrained(path)
+        with offline_unless_reachable(path):
+            model = CLIPModel.from_pretrained(path)
+            processor = AutoProcessor.from_pretrained(path)
     except (OSError, ValueError) as err:
         hint = OFFLINE_HINT.format(name=name_or_path)
         if Path(path).exists():
@@ -77,7 +80,9 @@ def build_image_transform(image_processor) -> v2.Compose:
             v2.Resize(short_edge, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
             v2.CenterCrop((crop["height"], crop["width"])),
             v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=list(image_processor.image_mean), std=list(image_processor.image_std)),
+            v2.Normalize(
+                mean=list(image_processor.image_mean), std=list(image_processor.image_std)
+            ),
         ]
     )
 

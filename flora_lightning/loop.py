@@ -34,6 +34,8 @@ from flora_lightning.checkpoint import (
     write_folder,
     write_json,
 )
+from flora_lightning.feature_cache import FeatureCache
+from flora_lightning.hub import NotAvailableError
 from flora_lightning.strategy import ClientUpdate, FedAvg, Strategy
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,10 @@ class FederatedLoop:
         precision: ``32-true``, ``16-mixed`` (CUDA) or ``bf16-mixed``.
         accelerator: ``auto``, ``cpu``, ``cuda``, ...
         keep_client_optimizer_state: each client keeps its Adam state across rounds (paper).
+        cache_features: when the method's image encoder is frozen, encode each client's images
+            once and train from the features (same results, far faster); false turns it off.
+        feature_cache_dir: also keep cached features on disk here, keyed by a fingerprint of
+            model, data, partition and preprocessing (null: memory only).
         strategy: aggregation strategy (sample-weighted FedAvg by default).
         callbacks: extra Fabric callbacks.
         default_root_dir: run directory for config, TensorBoard, checkpoints, summary.
@@ -74,6 +80,8 @@ class FederatedLoop:
         precision: Precision = "32-true",
         accelerator: str = "auto",
         keep_client_optimizer_state: bool = True,
+        cache_features: bool = True,
+        feature_cache_dir: str | None = None,
         strategy: Strategy | None = None,
         callbacks: list[Callback] | None = None,
         default_root_dir: str = "runs/flora",
@@ -87,7 +95,9 @@ class FederatedLoop:
         if local_epochs < 1:
             raise ValueError(f"trainer.local_epochs must be >= 1 (got {local_epochs}).")
         if max_local_steps is not None and max_local_steps < 1:
-            raise ValueError(f"trainer.max_local_steps must be >= 1 or null (got {max_local_steps}).")
+            raise ValueError(
+                f"trainer.max_local_steps must be >= 1 or null (got {max_local_steps})."
+            )
         if not 0 < join_ratio <= 1:
             raise ValueError(
                 f"trainer.join_ratio must be in (0, 1] (got {join_ratio}); 1.0 means every "
@@ -108,6 +118,10 @@ class FederatedLoop:
         self.precision = precision
         self.accelerator = accelerator
         self.keep_client_optimizer_state = keep_client_optimizer_state
+        self.cache_features = cache_features
+        self.feature_cache_dir = feature_cache_dir
+        self.feature_cache = None
+        self.caching_seconds = 0.0
         self.strategy = strategy or FedAvg()
         self.callbacks = list(callbacks or [])
         self.run_dir = Path(default_root_dir)
@@ -126,7 +140,15 @@ class FederatedLoop:
         from lightning.fabric.loggers import TensorBoardLogger
 
         if self.precision == "16-mixed" and not torch.cuda.is_available():
-            raise ValueError("trainer.precision=16-mixed needs CUDA; use bf16-mixed or 32-true on CPU.")
+            raise ValueError(
+                "trainer.precision=16-mixed needs CUDA; use bf16-mixed or 32-true on CPU."
+            )
+        if self.clients_per_round(data.num_clients) < self.strategy.min_clients:
+            raise ValueError(
+                f"trainer.join_ratio={self.join_ratio} samples "
+                f"{self.clients_per_round(data.num_clients)} client(s) per round, fewer than "
+                f"trainer.strategy.min_clients={self.strategy.min_clients}."
+            )
         logger = TensorBoardLogger(root_dir=str(self.run_dir), name="tensorboard", version="")
         self.fabric = L.Fabric(
             accelerator=self.accelerator,
@@ -136,15 +158,15 @@ class FederatedLoop:
             callbacks=self.callbacks,
         )
         self.fabric.seed_everything(self.seed, verbose=False)
-        data.setup("fit")
-        if data.num_clients > 1 or self.join_ratio < 1:
-            if self.clients_per_round(data.num_clients) < self.strategy.min_clients:
-                raise ValueError(
-                    f"trainer.join_ratio={self.join_ratio} samples "
-                    f"{self.clients_per_round(data.num_clients)} client(s) per round, fewer than "
-                    f"trainer.strategy.min_clients={self.strategy.min_clients}."
-                )
-        model.configure_model()
+        # Load data and model before any training; report both when both are unreachable.
+        problems = []
+        for load in (lambda: data.setup("fit"), model.configure_model):
+            try:
+                load()
+            except NotAvailableError as err:
+                problems.append(str(err))
+        if problems:
+            raise NotAvailableError("\n".join(problems))
         model.configure_task(data.class_names, data.template)
         data.set_image_transform(model.image_transform)
         self.module = self.fabric.setup_module(model)
@@ -160,19 +182,43 @@ class FederatedLoop:
         return sorted(int(c) for c in chosen)
 
     # ================================================================= fit
-    def fit(self, model, datamodule) -> dict:
-        """Run (or resume) the federated training; returns the summary written to summary.json."""
+    def fit(self, model, datamodule, config_yaml: str | None = None) -> dict:
+        """Run (or resume) the federated training; returns the summary written to summary.json.
+
+        Args:
+            model: the method's LightningModule.
+            datamodule: the federated data.
+            config_yaml: the resolved config, saved as ``config.yaml`` once setup succeeded.
+        """
         self._check_run_dir()
-        self._launch(model, datamodule)
+        self._launch(model, datamodule)  # everything that can fail on bad input, nothing written
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if config_yaml is not None:
+            name = (
+                "config.resumed.yaml" if (self.run_dir / "config.yaml").exists() else "config.yaml"
+            )
+            (self.run_dir / name).write_text(config_yaml)
         fabric = self.fabric
         fabric.print(f"Client label counts:\n{datamodule.label_table()}")
         (self.run_dir / "label_table.txt").write_text(datamodule.label_table() + "\n")
         start = self._restore() if self.resume else 0
+        if self.cache_features and model.image_encoder_frozen:
+            t0 = time.perf_counter()
+            self.feature_cache = FeatureCache(fabric, model, datamodule, self.feature_cache_dir)
+            self.feature_cache.build(list(range(datamodule.num_clients)))
+            model.release_image_encoder()
+            self.caching_seconds = time.perf_counter() - t0
+            fabric.print(f"Cached image features in {self.caching_seconds:.1f}s.")
         fabric.call("on_fit_start", loop=self, model=model)
         if start == 0:
             self._record_round(0, self.evaluate(datamodule), seconds=0.0, up=0, down=0, losses={})
-        bar = tqdm(range(start + 1, self.rounds + 1), desc="rounds", disable=not self.progress,
-                   initial=start, total=self.rounds)
+        bar = tqdm(
+            range(start + 1, self.rounds + 1),
+            desc="rounds",
+            disable=not self.progress,
+            initial=start,
+            total=self.rounds,
+        )
         for round_ in bar:
             self.round = round_
             t0 = time.perf_counter()
@@ -181,8 +227,9 @@ class FederatedLoop:
             global_state = model.communicated_state()
             self.strategy.begin(global_state)
             losses, up = {}, 0
-            for client in tqdm(clients, desc=f"round {round_} clients", leave=False,
-                               disable=not self.progress):
+            for client in tqdm(
+                clients, desc=f"round {round_} clients", leave=False, disable=not self.progress
+            ):
                 model.load_communicated_state(global_state)
                 fabric.call("on_client_fit_start", loop=self, model=model, client_id=client)
                 update = self.client_fit(model, datamodule, client, round_)
@@ -203,8 +250,9 @@ class FederatedLoop:
         fabric = self.fabric
         torch.manual_seed(self._seed_for(round_, client))  # dropout etc.
         generator = torch.Generator().manual_seed(self._seed_for(round_, client, 1))
+        source = self.feature_cache or datamodule
         loader = fabric.setup_dataloaders(
-            datamodule.client_dataloader(client, generator), use_distributed_sampler=False
+            source.client_dataloader(client, generator), use_distributed_sampler=False
         )
         optimizer = model.configure_optimizers()
         if self.keep_client_optimizer_state and client in self.optimizer_states:
@@ -231,8 +279,10 @@ class FederatedLoop:
         model.eval()
         if self.keep_client_optimizer_state:
             self.optimizer_states[client] = {
-                i: {k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v
-                    for k, v in slots.items()}
+                i: {
+                    k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v
+                    for k, v in slots.items()
+                }
                 for i, slots in optimizer.state_dict()["state"].items()
             }
         return ClientUpdate(
@@ -254,7 +304,8 @@ class FederatedLoop:
         accuracy = MulticlassAccuracy(num_classes=len(datamodule.class_names), average="micro")
         accuracy = accuracy.to(fabric.device)
         loss_sum, n = 0.0, 0
-        loader = fabric.setup_dataloaders(datamodule.test_dataloader(), use_distributed_sampler=False)
+        source = self.feature_cache or datamodule
+        loader = fabric.setup_dataloaders(source.test_dataloader(), use_distributed_sampler=False)
         with fabric.autocast():
             classes = model.class_embeddings()
             for pixel_values, labels in loader:
@@ -274,8 +325,12 @@ class FederatedLoop:
         self._launch(model, datamodule)
         if ckpt_path:
             model.load_communicated_state(load_state(ckpt_path))
-        result = {"stage": stage, "method": model.method_name, "ckpt_path": ckpt_path,
-                  **self.evaluate(datamodule)}
+        result = {
+            "stage": stage,
+            "method": model.method_name,
+            "ckpt_path": ckpt_path,
+            **self.evaluate(datamodule),
+        }
         write_json(result, self.run_dir / f"{stage}.json")
         self.fabric.print(result)
         return result
@@ -319,6 +374,7 @@ class FederatedLoop:
             "method": model.method_name,
             "model": model.name_or_path,
             "trainable_params": model.num_trainable_parameters(),
+            "feature_caching_seconds": self.caching_seconds,
             "bytes_per_client_per_direction": state_bytes(model.communicated_state()),
             "final_test_acc": accs[-1],
             "best_test_acc": accs[best],
@@ -332,20 +388,24 @@ class FederatedLoop:
                 f"trainer.default_root_dir={self.run_dir} already holds a run; pass "
                 "--trainer.resume true to continue it or choose another directory."
             )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def _save_round(self, round_: int, model) -> None:
         """Per-round global checkpoint, then the resume state that points at it."""
         checkpoints = self.run_dir / "checkpoints"
-        save_state(model.communicated_state(), checkpoints / f"round_{round_:03d}.safetensors",
-                   metadata={"round": str(round_), "method": model.method_name})
+        save_state(
+            model.communicated_state(),
+            checkpoints / f"round_{round_:03d}.safetensors",
+            metadata={"round": str(round_), "method": model.method_name},
+        )
         if self.keep_last_checkpoints is not None:
             old = sorted(checkpoints.glob("round_*.safetensors"))[: -self.keep_last_checkpoints]
             for path in old:
                 path.unlink()
 
         def fill(folder: Path) -> None:
-            save_state(flatten_optimizer_states(self.optimizer_states), folder / "optimizers.safetensors")
+            save_state(
+                flatten_optimizer_states(self.optimizer_states), folder / "optimizers.safetensors"
+            )
             write_json({"round": round_, "history": self.history}, folder / "state.json")
 
         write_folder(self.run_dir / "resume", fill)
@@ -357,7 +417,9 @@ class FederatedLoop:
 
         state_file = self.run_dir / "resume" / "state.json"
         if not state_file.exists():
-            self.fabric.print(f"trainer.resume: nothing to resume in {self.run_dir}; starting fresh.")
+            self.fabric.print(
+                f"trainer.resume: nothing to resume in {self.run_dir}; starting fresh."
+            )
             return 0
         saved = json.loads(state_file.read_text())
         round_ = saved["round"]

@@ -76,7 +76,9 @@ class FederatedDataModule(L.LightningDataModule):
                 f"(got {batch_size}, {eval_batch_size})."
             )
         if max_test_samples is not None and max_test_samples < 1:
-            raise ValueError(f"data.max_test_samples must be >= 1 or null (got {max_test_samples}).")
+            raise ValueError(
+                f"data.max_test_samples must be >= 1 or null (got {max_test_samples})."
+            )
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0 (got {num_workers}).")
         self.dataset = dataset
@@ -131,7 +133,9 @@ class FederatedDataModule(L.LightningDataModule):
                 if field == "data.test_split"
                 else ""
             )
-            raise ValueError(f"{field}='{split}' is not a split of the dataset {list(source)}.{hint}")
+            raise ValueError(
+                f"{field}='{split}' is not a split of the dataset {list(source)}.{hint}"
+            )
         return source[split]
 
     def _check_columns(self, split) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from flora_lightning.hub import NotAvailableError, offline_unless_reachable
+
 OFFLINE_HINT = (
     "No access to the Hugging Face hub here? Download it once where you have internet "
     "(`hf download {name} --repo-type dataset --local-dir DIR`) and pass --data.dataset DIR, "
@@ -17,7 +19,7 @@ OFFLINE_HINT = (
 )
 
 
-class DatasetNotAvailableError(RuntimeError):
+class DatasetNotAvailableError(NotAvailableError):
     """The dataset could not be loaded from the hub or the given files."""
 
 
@@ -42,7 +44,10 @@ def load_source(
     if dataset == OFFLINE_DIGITS:
         dataset, data_files = "parquet", digits_data_files()
     try:
-        loaded = datasets.load_dataset(dataset, subset, data_dir=data_dir, data_files=data_files)
+        with offline_unless_reachable(dataset):
+            loaded = datasets.load_dataset(
+                dataset, subset, data_dir=data_dir, data_files=data_files
+            )
     except Exception as err:  # datasets raises many types (FileNotFound, ConnectionError, ...)
         hint = OFFLINE_HINT.format(name=dataset)
         if Path(dataset).exists() or data_dir or data_files:

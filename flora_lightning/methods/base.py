@@ -160,13 +160,37 @@ class FederatedCLIPModule(L.LightningModule):
         Each distinct caption is encoded once per call, not once per image.
         """
         if labels is None:
-            return F.normalize(text_features(self.clip, self.caption_ids, self.caption_mask), dim=-1)
+            return F.normalize(
+                text_features(self.clip, self.caption_ids, self.caption_mask), dim=-1
+            )
         unique, inverse = torch.unique(labels, return_inverse=True)
         feats = text_features(self.clip, self.caption_ids[unique], self.caption_mask[unique])
         return F.normalize(feats, dim=-1)[inverse]
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return F.normalize(image_features(self.clip, pixel_values), dim=-1)
+    @property
+    def image_encoder_frozen(self) -> bool:
+        """True when image features are a fixed function of the pixels (cacheable)."""
+        return False
+
+    def clip_model(self) -> torch.nn.Module:
+        """The underlying ``CLIPModel`` (unwrapped from peft if needed)."""
+        return self.clip.get_base_model() if hasattr(self.clip, "get_base_model") else self.clip
+
+    def frozen_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Normalised CLIP image embeddings: what frozen-feature caching stores."""
+        return F.normalize(image_features(self.clip_model(), pixel_values), dim=-1)
+
+    def image_inputs_to_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pixels ``[B, 3, H, W]`` are encoded; cached features ``[B, D]`` pass through."""
+        return images if images.dim() == 2 else self.frozen_image_features(images)
+
+    def release_image_encoder(self) -> None:
+        """Free the vision tower's memory once all image features are cached."""
+        self.clip_model().vision_model.to("meta")
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """The image embedding the loss and evaluation use (methods may add a trainable part)."""
+        return self.image_inputs_to_features(images)
 
     def logit_scale(self) -> torch.Tensor:
         return self.clip.logit_scale.exp()
@@ -178,7 +202,9 @@ class FederatedCLIPModule(L.LightningModule):
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.contrastive_loss(self.encode_images(pixel_values), self.class_text_features(labels))
+        return self.contrastive_loss(
+            self.encode_images(pixel_values), self.class_text_features(labels)
+        )
 
     def training_step(self, batch, batch_idx: int = 0) -> torch.Tensor:
         pixel_values, labels = batch
@@ -199,8 +225,10 @@ class FederatedCLIPModule(L.LightningModule):
         """Write the final trained part in a standard format (method specific)."""
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous().cpu() for k, v in self.communicated_state().items()},
-                  f"{folder}/model.safetensors")
+        save_file(
+            {k: v.contiguous().cpu() for k, v in self.communicated_state().items()},
+            f"{folder}/model.safetensors",
+        )
 
 
 def build_model_from_bundle(module: FederatedCLIPModule, bundle: CLIPBundle) -> FederatedCLIPModule:

@@ -103,6 +103,10 @@ class FLoRA(FederatedCLIPModule):
         # get_peft_model freezes everything but the adapters.
         self.clip = get_peft_model(self.clip, self.lora.peft_config())
 
+    @property
+    def image_encoder_frozen(self) -> bool:
+        return self.lora.tower == "text"
+
     def train_submodules(self) -> None:
         for name, module in self.clip.named_modules():
             if "lora_" in name:

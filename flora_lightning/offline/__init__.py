@@ -10,4 +10,10 @@ from flora_lightning.offline.cache import cache_dir
 from flora_lightning.offline.digits import OFFLINE_DIGITS, digits_data_files
 from flora_lightning.offline.tiny_clip import OFFLINE_TINY_CLIP, tiny_clip_path
 
-__all__ = ["OFFLINE_DIGITS", "OFFLINE_TINY_CLIP", "cache_dir", "digits_data_files", "tiny_clip_path"]
+__all__ = [
+    "OFFLINE_DIGITS",
+    "OFFLINE_TINY_CLIP",
+    "cache_dir",
+    "digits_data_files",
+    "tiny_clip_path",
+]

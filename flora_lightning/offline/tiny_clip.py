@@ -108,9 +108,11 @@ def _build(folder: Path) -> None:
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     )
-    torch.manual_seed(0)
-    model = CLIPModel(build_config(tokenizer))
+    # fork_rng: building on first use must not move the caller's RNG (the LoRA init drawn
+    # right after would differ from a run that found the model already cached).
     with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = CLIPModel(build_config(tokenizer))
         _pretrain(model, tokenizer, build_image_transform(image_processor))
     model.save_pretrained(folder)
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)

@@ -49,7 +49,9 @@ class FedAvg(Strategy):
             self.rejected[update.client_id] = reason
             return
         for name, tensor in update.state.items():
-            self._sum[name].add_(tensor.to(self._sum[name].device, torch.float64), alpha=update.num_samples)
+            self._sum[name].add_(
+                tensor.to(self._sum[name].device, torch.float64), alpha=update.num_samples
+            )
         self._weight += update.num_samples
         self.accepted.append(update.client_id)
 
