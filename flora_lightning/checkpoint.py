@@ -30,8 +30,13 @@ def save_state(state: State, path: Path, metadata: dict[str, str] | None = None)
     """Save tensors as safetensors, atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp, metadata=metadata)
-    _replace(tmp, path)
+    try:
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp, metadata=metadata
+        )
+        _replace(tmp, path)
+    finally:  # a failed write (disk full, ...) leaves neither a torn file nor a stray .tmp
+        tmp.unlink(missing_ok=True)
 
 
 def load_state(path: str | Path) -> State:
@@ -48,8 +53,11 @@ def write_json(data: dict, path: Path) -> None:
     """Write JSON atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    _replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        _replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_folder(target: Path, fill: Callable[[Path], None]) -> None:

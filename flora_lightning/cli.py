@@ -56,6 +56,11 @@ def build_parser() -> ArgumentParser:
     subcommands = parser.add_subcommands(dest="subcommand")
     for stage, help_text in STAGES.items():
         subcommands.add_subcommand(stage, stage_parser(stage), help=help_text)
+    from flora_lightning.bench import bench_parser
+
+    subcommands.add_subcommand(
+        "bench", bench_parser(), help="Time, memory and bytes of each method vs FedFFT."
+    )
     return parser
 
 
@@ -65,6 +70,10 @@ def run(args: list[str] | None = None) -> dict:
     parser = build_parser()
     config = parser.parse_args(args)
     stage = config.subcommand
+    if stage == "bench":
+        from flora_lightning.bench import config_from, run_bench
+
+        return run_bench(config_from(config.bench)[0])
     init = parser.instantiate_classes(config)[stage]
     loop: FederatedLoop = init.trainer
     if stage == "fit":

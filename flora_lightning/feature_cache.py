@@ -58,6 +58,11 @@ class FeatureCache:
             "transform": repr(self.data.image_transform),
             "precision": str(self.fabric.strategy.precision.__class__.__name__),
         }
+        # A method that caches other features than the default normalised ones (FedAA: the
+        # raw projection) must not share a disk cache with the others.
+        encoder = type(self.model).frozen_image_features.__qualname__
+        if encoder != "FederatedCLIPModule.frozen_image_features":
+            key["features"] = encoder
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
     def build(self, clients: list[int]) -> None:

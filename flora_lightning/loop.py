@@ -14,6 +14,7 @@ what an uninterrupted one would have done.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Literal
@@ -26,6 +27,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from tqdm.auto import tqdm
 
 from flora_lightning.callbacks.base import Callback
+from flora_lightning.callbacks.communication import CommunicationLogger
 from flora_lightning.checkpoint import (
     flatten_optimizer_states,
     load_state,
@@ -62,8 +64,11 @@ class FederatedLoop:
             once and train from the features (same results, far faster); false turns it off.
         feature_cache_dir: also keep cached features on disk here, keyed by a fingerprint of
             model, data, partition and preprocessing (null: memory only).
+        release_image_encoder: with cached features, free the vision tower's memory for the
+            rest of the run (the model then cannot encode pixels until it is reloaded).
         strategy: aggregation strategy (sample-weighted FedAvg by default).
-        callbacks: extra Fabric callbacks.
+        callbacks: extra Fabric callbacks (a CommunicationLogger, which logs ``comm/*``, is
+            added when none is given).
         default_root_dir: run directory for config, TensorBoard, checkpoints, summary.
         resume: continue the run in ``default_root_dir`` from its last complete round.
         keep_last_checkpoints: keep only this many per-round checkpoints (None: keep all).
@@ -82,6 +87,7 @@ class FederatedLoop:
         keep_client_optimizer_state: bool = True,
         cache_features: bool = True,
         feature_cache_dir: str | None = None,
+        release_image_encoder: bool = True,
         strategy: Strategy | None = None,
         callbacks: list[Callback] | None = None,
         default_root_dir: str = "runs/flora",
@@ -120,10 +126,13 @@ class FederatedLoop:
         self.keep_client_optimizer_state = keep_client_optimizer_state
         self.cache_features = cache_features
         self.feature_cache_dir = feature_cache_dir
+        self.release_image_encoder = release_image_encoder
         self.feature_cache = None
         self.caching_seconds = 0.0
         self.strategy = strategy or FedAvg()
         self.callbacks = list(callbacks or [])
+        if not any(isinstance(c, CommunicationLogger) for c in self.callbacks):
+            self.callbacks.append(CommunicationLogger())
         self.run_dir = Path(default_root_dir)
         self.resume = resume
         self.keep_last_checkpoints = keep_last_checkpoints
@@ -171,9 +180,11 @@ class FederatedLoop:
         data.set_image_transform(model.image_transform)
         self.module = self.fabric.setup_module(model)
         self.model = model
+        self.datamodule = data
 
     def clients_per_round(self, num_clients: int) -> int:
-        return max(1, round(self.join_ratio * num_clients))
+        # floor, as Flower; the epsilon keeps 0.29 * 100 at 29 despite float rounding
+        return max(1, math.floor(self.join_ratio * num_clients + 1e-9))
 
     def sample_clients(self, round: int, num_clients: int) -> list[int]:
         """Seeded by ``(seed, round)``: the same clients on a resumed run."""
@@ -206,7 +217,8 @@ class FederatedLoop:
             t0 = time.perf_counter()
             self.feature_cache = FeatureCache(fabric, model, datamodule, self.feature_cache_dir)
             self.feature_cache.build(list(range(datamodule.num_clients)))
-            model.release_image_encoder()
+            if self.release_image_encoder:
+                model.release_image_encoder()
             self.caching_seconds = time.perf_counter() - t0
             fabric.print(f"Cached image features in {self.caching_seconds:.1f}s.")
         fabric.call("on_fit_start", loop=self, model=model)
@@ -226,20 +238,25 @@ class FederatedLoop:
             fabric.call("on_round_start", loop=self, round=round_, clients=clients)
             global_state = model.communicated_state()
             self.strategy.begin(global_state)
-            losses, up = {}, 0
+            losses, up, train_seconds = {}, 0, 0.0
             for client in tqdm(
                 clients, desc=f"round {round_} clients", leave=False, disable=not self.progress
             ):
                 model.load_communicated_state(global_state)
                 fabric.call("on_client_fit_start", loop=self, model=model, client_id=client)
+                t_client = time.perf_counter()
                 update = self.client_fit(model, datamodule, client, round_)
+                train_seconds += time.perf_counter() - t_client
                 fabric.call("on_client_fit_end", loop=self, model=model, update=update)
                 self.strategy.add(update)
                 losses[client] = update.train_loss
                 up += state_bytes(update.state)
             model.load_communicated_state(self.strategy.result())
             down = state_bytes(global_state) * len(clients)
+            t_eval = time.perf_counter()
             metrics = self.evaluate(datamodule)
+            metrics["eval_seconds"] = time.perf_counter() - t_eval
+            metrics["train_seconds"] = train_seconds
             record = self._record_round(round_, metrics, time.perf_counter() - t0, up, down, losses)
             bar.set_postfix(acc=f"{record['test_acc']:.4f}", loss=f"{record['test_loss']:.3f}")
             self._save_round(round_, model)
@@ -348,16 +365,16 @@ class FederatedLoop:
             "bytes_up_total": cumulative_up,
             "bytes_down_total": cumulative_down,
             "seconds": seconds,
+            # local fit (data loading included) and evaluation; the rest is loop overhead:
+            # state copies, aggregation, sampling, logging.
+            "train_seconds": metrics.get("train_seconds", 0.0),
+            "eval_seconds": metrics.get("eval_seconds", 0.0),
             "client_train_loss": {str(k): v for k, v in losses.items()},
         }
         self.fabric.call("on_round_end", loop=self, round=round_, record=record)
         scalars = {
             "test/acc": record["test_acc"],
             "test/loss": record["test_loss"],
-            "comm/bytes_up": up,
-            "comm/bytes_down": down,
-            "comm/bytes_up_total": cumulative_up,
-            "comm/bytes_down_total": cumulative_down,
             "time/round_seconds": seconds,
         }
         scalars.update({f"client/{k}/train_loss": v for k, v in losses.items()})

@@ -182,7 +182,14 @@ class FederatedCLIPModule(L.LightningModule):
 
     def image_inputs_to_features(self, images: torch.Tensor) -> torch.Tensor:
         """Pixels ``[B, 3, H, W]`` are encoded; cached features ``[B, D]`` pass through."""
-        return images if images.dim() == 2 else self.frozen_image_features(images)
+        if images.dim() == 2:
+            return images
+        if next(self.clip_model().vision_model.parameters()).is_meta:
+            raise RuntimeError(
+                "the vision tower was released after feature caching "
+                "(trainer.release_image_encoder=true); build a new model to encode pixels."
+            )
+        return self.frozen_image_features(images)
 
     def release_image_encoder(self) -> None:
         """Free the vision tower's memory once all image features are cached."""

@@ -1,0 +1,113 @@
+"""The Flower run config (``[tool.flwr.app.config]``) and how it becomes model, data and loop.
+
+Both apps read the same YAML as ``flora fit``, so a Flower run and an in-process run of one
+config train the same model on the same partitions with the same seeds. The run config only
+points at that YAML and overrides a few loop settings::
+
+    config = "configs/quickstart.yaml"   # the flora YAML (relative: to the working directory,
+                                         # then to the repository of this package)
+    num-server-rounds = 0                # rounds; 0 keeps trainer.rounds of the YAML
+    out-dir = ""                         # run directory; "" keeps trainer.default_root_dir
+    min-clients = 0                      # fewest accepted updates per round; 0 keeps the YAML's
+    overrides = ""                       # extra flora CLI arguments, e.g. "--trainer.max_local_steps 2"
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from flora_lightning.cli import stage_parser
+from flora_lightning.loop import FederatedLoop
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+"""Where ``configs/`` lives in a source checkout (editable install)."""
+
+
+@dataclass(frozen=True)
+class FlowerRunConfig:
+    """The run-config keys both apps understand (Flower spells them with dashes)."""
+
+    config: str = "configs/quickstart.yaml"
+    """Path of the flora YAML config (the one ``flora fit --config`` takes)."""
+    num_server_rounds: int = 0
+    """Federated rounds; 0 keeps ``trainer.rounds`` of the YAML."""
+    out_dir: str = ""
+    """Run directory of the ServerApp's outputs; empty keeps ``trainer.default_root_dir``."""
+    min_clients: int = 0
+    """Fewest accepted client updates for a round to count; 0 keeps the YAML's strategy value."""
+    overrides: str = ""
+    """Extra ``flora fit`` arguments applied after the YAML (shell-quoted string)."""
+
+    def __post_init__(self) -> None:
+        if self.num_server_rounds < 0:
+            raise ValueError(f"num-server-rounds must be >= 0 (got {self.num_server_rounds}).")
+        if self.min_clients < 0:
+            raise ValueError(f"min-clients must be >= 0 (got {self.min_clients}).")
+
+    @classmethod
+    def from_run_config(cls, run_config: dict, defaults: dict | None = None) -> FlowerRunConfig:
+        """Merge Flower's ``context.run_config`` over ``defaults`` (both dash- or underscore-keyed)."""
+        merged = {}
+        for source in (defaults or {}, run_config):
+            for key, value in source.items():
+                merged[key.replace("-", "_")] = value
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(k.replace("_", "-") for k in set(merged) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown Flower run-config key(s) {unknown}; known: "
+                f"{sorted(k.replace('_', '-') for k in known)}."
+            )
+        return cls(**merged)
+
+    def config_path(self) -> Path:
+        path = Path(self.config).expanduser()
+        for candidate in (path, REPO_ROOT / path) if not path.is_absolute() else (path,):
+            if candidate.is_file():
+                return candidate.resolve()
+        raise FileNotFoundError(
+            f"Flower run-config config={self.config!r} not found (looked in the working "
+            f"directory and in {REPO_ROOT}); pass an absolute path with "
+            "--run-config 'config=\"/abs/path.yaml\"'."
+        )
+
+    def cli_args(self, run_dir: str | None = None) -> list[str]:
+        """The ``flora fit`` arguments this run config stands for."""
+        args = ["--config", str(self.config_path())]
+        if self.num_server_rounds:
+            args += ["--trainer.rounds", str(self.num_server_rounds)]
+        out_dir = run_dir if run_dir is not None else self.out_dir
+        if out_dir:
+            args += ["--trainer.default_root_dir", out_dir]
+        args += ["--trainer.progress", "false", *shlex.split(self.overrides)]
+        return args
+
+
+@dataclass
+class Components:
+    """What one app builds from the YAML: the method, the data, the loop and the config dump."""
+
+    model: object
+    data: object
+    loop: FederatedLoop
+    config_yaml: str
+    min_clients: int
+
+
+def build_components(run: FlowerRunConfig, run_dir: str | None = None) -> Components:
+    """Parse and instantiate exactly as ``flora fit`` does (nothing is set up yet)."""
+    parser = stage_parser("fit")
+    config = parser.parse_args(run.cli_args(run_dir))
+    init = parser.instantiate_classes(config)
+    dump = config.clone()
+    dump.pop("config", None)
+    loop: FederatedLoop = init.trainer
+    return Components(
+        model=init.model,
+        data=init.data,
+        loop=loop,
+        config_yaml=parser.dump(dump, skip_none=False),
+        min_clients=run.min_clients or loop.strategy.min_clients,
+    )

@@ -1,0 +1,116 @@
+"""The Flower ``ClientApp``: one flora client, trained by the in-process loop's ``client_fit``.
+
+A train message carries the global communicated state (``arrays``) and the round
+(``config["server-round"]``). The client loads the state into its model, runs
+:meth:`FederatedLoop.client_fit` for its partition (``node_config["partition-id"]``) under the
+YAML's Fabric settings and with the loop's seeds per ``(seed, round, client)``, and replies
+with its communicated state, ``num-examples``, ``train-loss``, ``train-seconds`` and
+``partition-id``. Its Adam state is kept between rounds in ``context.state`` (it never leaves
+the node), as the in-process loop keeps it per client.
+
+Model and data are built once per process and config (a SuperNode's ClientApp process or a
+simulation worker may serve several rounds and, in simulation, several partitions).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from flora_lightning.checkpoint import flatten_optimizer_states, unflatten_optimizer_states
+from flora_lightning.feature_cache import FeatureCache
+from flora_lightning.flower.app_config import Components, FlowerRunConfig, build_components
+from flora_lightning.flower.strategy import to_state
+
+OPTIMIZER_STATE_KEY = "flora-optimizer"
+"""``context.state`` key of the client's Adam state (an ArrayRecord)."""
+
+_built: dict[tuple, Components] = {}
+
+
+def partition_of(context: Context, num_clients: int) -> int:
+    """The client id this node plays, checked against the YAML's partitioning."""
+    if "partition-id" not in context.node_config:
+        raise ValueError(
+            "node_config has no partition-id; start the SuperNode with "
+            '--node-config "partition-id=0 num-partitions=N" (simulation sets it).'
+        )
+    partition = int(context.node_config["partition-id"])
+    declared = int(context.node_config.get("num-partitions", num_clients))
+    if declared != num_clients or not 0 <= partition < num_clients:
+        raise ValueError(
+            f"node_config partition-id={partition} num-partitions={declared} does not fit the "
+            f"config's data.partition.num_clients={num_clients}."
+        )
+    return partition
+
+
+def client_components(run: FlowerRunConfig, context: Context) -> Components:
+    """Model, data and loop for this node, built and set up once (features cached if frozen)."""
+    key = (run, context.node_config.get("partition-id"))
+    if key in _built:
+        return _built[key]
+    # Clients write nothing; the loop's (lazy) TensorBoard logger needs a directory name.
+    scratch = str(Path(tempfile.gettempdir()) / "flora-flower-client")
+    parts = build_components(run, run_dir=scratch)
+    loop, model, data = parts.loop, parts.model, parts.data
+    loop._launch(model, data)
+    partition = partition_of(context, data.num_clients)
+    if loop.cache_features and model.image_encoder_frozen:
+        cache = FeatureCache(loop.fabric, model, data)  # only this partition: no disk cache
+        cache.features[str(partition)] = cache._encode(data.client_dataset(partition))
+        model.release_image_encoder()
+        loop.feature_cache = cache
+    _built[key] = parts
+    return parts
+
+
+def fit_message(msg: Message, context: Context, run: FlowerRunConfig) -> Message:
+    """Local fit of this node's partition from the received global state."""
+    parts = client_components(run, context)
+    loop, model, data = parts.loop, parts.model, parts.data
+    client = partition_of(context, data.num_clients)
+    round_ = int(msg.content["config"]["server-round"])
+
+    model.load_communicated_state(to_state(msg.content["arrays"]))
+    loop.optimizer_states = {}
+    if OPTIMIZER_STATE_KEY in context.state.array_records:
+        flat = to_state(context.state.array_records[OPTIMIZER_STATE_KEY])
+        loop.optimizer_states = unflatten_optimizer_states(flat)
+    t0 = time.perf_counter()
+    update = loop.client_fit(model, data, client, round_)
+    seconds = time.perf_counter() - t0
+    if loop.keep_client_optimizer_state:
+        flat = flatten_optimizer_states({client: loop.optimizer_states[client]})
+        context.state.array_records[OPTIMIZER_STATE_KEY] = ArrayRecord(flat)
+
+    metrics = MetricRecord(
+        {
+            "num-examples": update.num_samples,
+            "train-loss": update.train_loss,
+            "train-seconds": seconds,
+            "partition-id": client,
+        }
+    )
+    content = RecordDict({"arrays": ArrayRecord(update.state), "metrics": metrics})
+    return Message(content=content, reply_to=msg)
+
+
+def make_client_app(defaults: dict | None = None) -> ClientApp:
+    """A ClientApp whose run config falls back to ``defaults`` (for ``run_simulation``)."""
+    client = ClientApp()
+
+    @client.train()
+    def train(msg: Message, context: Context) -> Message:
+        return fit_message(
+            msg, context, FlowerRunConfig.from_run_config(context.run_config, defaults)
+        )
+
+    return client
+
+
+app = make_client_app()

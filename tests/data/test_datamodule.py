@@ -1,0 +1,213 @@
+"""FederatedDataModule: bad settings fail before training, with the field to change named."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from flora_lightning.data.datamodule import FederatedDataModule
+from flora_lightning.data.partition import PartitionConfig
+from flora_lightning.loop import FederatedLoop
+from flora_lightning.methods import LoraSettings
+
+DIGITS_TRAIN, DIGITS_TEST = 1079, 269  # flora-offline/digits split sizes
+
+
+def write_parquet(path, labels, label_feature=None) -> str:
+    """A tiny image dataset whose label column is a plain int (no class names)."""
+    import datasets
+    from PIL import Image
+
+    images = [Image.fromarray(np.full((8, 8), 20 * i, dtype=np.uint8)) for i in range(len(labels))]
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": label_feature or datasets.Value("int64")}
+    )
+    datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(
+        str(path)
+    )
+    return str(path)
+
+
+@pytest.fixture
+def int_label_parquet(tmp_path) -> dict[str, str]:
+    path = write_parquet(tmp_path / "tiny.parquet", [0, 1, 2, 0, 1, 2, 0, 1])
+    return {"train": path, "test": path}
+
+
+def parquet_module(data_files, **kwargs) -> FederatedDataModule:
+    return FederatedDataModule(
+        dataset="parquet",
+        data_files=data_files,
+        image_column="image",
+        partition=PartitionConfig(num_clients=2, min_samples=1),
+        **kwargs,
+    )
+
+
+def test_digits_setup(make_datamodule):
+    data = make_datamodule()
+    data.setup()
+    assert data.class_names[:3] == ["zero", "one", "two"] and len(data.class_names) == 10
+    assert len(data.train_set) == DIGITS_TRAIN
+    assert len(data.test_set) == DIGITS_TEST
+    sizes = [data.num_samples(c) for c in range(3)]
+    assert sum(sizes) == DIGITS_TRAIN and min(sizes) >= 20
+    assert data.counts.shape == (3, 10)
+    assert data.label_table().splitlines()[-1].split()[:2] == ["all", str(DIGITS_TRAIN)]
+
+
+def test_test_split_null_holds_out_test_fraction(make_datamodule):
+    data = make_datamodule(test_split=None, test_fraction=0.2)
+    data.setup()
+    held_out = int(np.ceil(0.2 * DIGITS_TRAIN))
+    assert len(data.test_set) == held_out == 216
+    assert len(data.train_set) == DIGITS_TRAIN - held_out
+    assert sum(data.num_samples(c) for c in range(3)) == DIGITS_TRAIN - held_out
+    again = make_datamodule(test_split=None, test_fraction=0.2)
+    again.setup()
+    assert again.test_set["label"] == data.test_set["label"]  # seeded by data.partition.seed
+    half = make_datamodule(test_split=None, test_fraction=0.5)
+    half.setup()
+    assert len(half.test_set) == int(np.ceil(0.5 * DIGITS_TRAIN))
+
+
+def test_max_test_samples(make_datamodule):
+    data = make_datamodule(max_test_samples=100)
+    data.setup()
+    assert len(data.test_set) == 100
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"image_column": "img"}, "data.image_column='img' is not a column"),
+        ({"label_column": "target"}, "data.label_column='target' is not a column"),
+        ({"test_split": "validation"}, "data.test_split='validation' is not a split"),
+        ({"train_split": "training"}, "data.train_split='training' is not a split"),
+        ({"num_clients": 5000}, "data.partition.num_clients=5000 but the training set has 1079"),
+    ],
+)
+def test_setup_errors_name_the_field(make_datamodule, overrides, message):
+    data = make_datamodule(**overrides)
+    with pytest.raises(ValueError) as err:
+        data.setup()
+    assert message in str(err.value)
+
+
+def test_column_error_lists_the_columns_and_the_flag(make_datamodule):
+    with pytest.raises(ValueError) as err:
+        make_datamodule(image_column="img").setup()
+    assert "['image', 'label']" in str(err.value)
+    assert "--data.image_column" in str(err.value)
+
+
+def test_missing_test_split_suggests_holding_out(make_datamodule):
+    with pytest.raises(ValueError, match="--data.test_split null"):
+        make_datamodule(test_split="validation").setup()
+
+
+def test_int_label_column_needs_class_names(int_label_parquet):
+    with pytest.raises(ValueError) as err:
+        parquet_module(int_label_parquet).setup()
+    assert str(err.value).startswith("data.class_names is required")
+    assert "'label'" in str(err.value)
+
+
+def test_class_names_given_for_int_labels(int_label_parquet):
+    data = parquet_module(int_label_parquet, class_names=["zero", "sea_lion", "two"])
+    data.setup()
+    assert data.class_names == ["zero", "sea lion", "two"]
+    assert sum(data.num_samples(c) for c in range(2)) == 8
+
+
+def test_labels_beyond_class_names_rejected(int_label_parquet):
+    with pytest.raises(ValueError) as err:
+        parquet_module(int_label_parquet, class_names=["zero", "one"]).setup()
+    assert "data.label_column" in str(err.value)
+    assert "[0, 2]" in str(err.value) and "data.class_names" in str(err.value)
+
+
+def test_class_names_count_must_match_class_label(tmp_path):
+    import datasets
+
+    path = write_parquet(
+        tmp_path / "named.parquet", [0, 1, 0, 1], datasets.ClassLabel(names=["cat", "dog"])
+    )
+    data = parquet_module({"train": path, "test": path}, class_names=["a", "b", "c"])
+    with pytest.raises(ValueError, match="data.class_names has 3 names but .* has 2 classes"):
+        data.setup()
+
+
+@pytest.mark.parametrize(
+    ("build", "field"),
+    [
+        (lambda: FederatedDataModule(template="a photo of a cat."), "data.template"),
+        (lambda: FederatedDataModule(test_fraction=1.0), "data.test_fraction"),
+        (lambda: FederatedDataModule(batch_size=0), "data.batch_size"),
+        (lambda: FederatedDataModule(max_test_samples=0), "data.max_test_samples"),
+        (lambda: PartitionConfig(beta=0.0), "data.partition.beta"),
+        (lambda: PartitionConfig(num_clients=0), "data.partition.num_clients"),
+        (lambda: LoraSettings(rank=0), "model.lora.rank"),
+        (lambda: FederatedLoop(join_ratio=1.5), "trainer.join_ratio"),
+        (lambda: FederatedLoop(join_ratio=0.0), "trainer.join_ratio"),
+    ],
+)
+def test_construction_errors_name_the_field(build, field):
+    with pytest.raises(ValueError) as err:
+        build()
+    assert str(err.value).startswith(field)
+
+
+def test_bad_template_shows_an_example():
+    with pytest.raises(ValueError, match=r"must contain '\{\}'.*e\.g\. 'a photo of a \{\}\.'"):
+        FederatedDataModule(template="a photo of a cat.")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"image_column": "img"}, "data.image_column"),
+        ({"test_split": "validation"}, "data.test_split"),
+        ({"num_clients": 5000}, "data.partition.num_clients"),
+    ],
+)
+def test_data_errors_raise_before_training(
+    make_flora, make_datamodule, make_loop, overrides, field
+):
+    loop = make_loop(rounds=1)
+    with pytest.raises(ValueError, match=field):
+        loop.fit(make_flora(), make_datamodule(**overrides))
+    assert loop.history == []
+    assert not loop.run_dir.exists()  # no summary, checkpoints or logs of a run that never began
+
+
+def test_dataset_not_available_offline_fails_fast(monkeypatch):
+    from flora_lightning.data.source import DatasetNotAvailableError
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(DatasetNotAvailableError) as err:
+        FederatedDataModule(dataset="uoft-cs/cifar10").setup()
+    assert time.perf_counter() - start < 30
+    message = str(err.value)
+    assert message.startswith("data.dataset")
+    assert "uoft-cs/cifar10" in message
+    assert "--data.dataset" in message
+    assert "flora-offline/digits" in message
+
+
+def test_model_not_available_offline_fails_fast(monkeypatch):
+    from flora_lightning.clip_backbone import ModelNotAvailableError, load_clip
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(ModelNotAvailableError) as err:
+        load_clip("openai/clip-vit-base-patch32")
+    assert time.perf_counter() - start < 30
+    message = str(err.value)
+    assert message.startswith("model.name_or_path")
+    assert "openai/clip-vit-base-patch32" in message
+    assert "--model.name_or_path" in message
+    assert "flora-offline/tiny-clip" in message

@@ -1,0 +1,54 @@
+"""The Flower app folder and run config: components resolve, keys match, bad keys are named."""
+
+from __future__ import annotations
+
+import importlib
+import tomllib
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("flwr")
+
+from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.serverapp import ServerApp  # noqa: E402
+
+from flora_lightning.flower.app_config import FlowerRunConfig  # noqa: E402
+
+APP = Path(__file__).resolve().parents[2] / "flower_app" / "pyproject.toml"
+
+
+def test_app_components_and_run_config_keys():
+    flwr = tomllib.loads(APP.read_text())["tool"]["flwr"]["app"]
+    kinds = {"serverapp": ServerApp, "clientapp": ClientApp}
+    for component, kind in kinds.items():
+        module, attribute = flwr["components"][component].split(":")
+        assert isinstance(getattr(importlib.import_module(module), attribute), kind)
+    run = FlowerRunConfig.from_run_config(flwr["config"])
+    assert run == FlowerRunConfig()
+    assert run.config_path().name == "quickstart.yaml"  # found relative to the repository
+
+
+def test_run_config_overrides_and_errors():
+    run = FlowerRunConfig.from_run_config(
+        {"num-server-rounds": 3, "out-dir": "/tmp/x", "overrides": "--trainer.seed 1"},
+        defaults={"min-clients": 2},
+    )
+    args = run.cli_args()
+    assert args[2:] == [
+        "--trainer.rounds",
+        "3",
+        "--trainer.default_root_dir",
+        "/tmp/x",
+        "--trainer.progress",
+        "false",
+        "--trainer.seed",
+        "1",
+    ]
+    assert run.min_clients == 2
+    with pytest.raises(ValueError, match=r"unknown Flower run-config key\(s\) \['num-rounds'\]"):
+        FlowerRunConfig.from_run_config({"num-rounds": 3})
+    with pytest.raises(ValueError, match="num-server-rounds must be >= 0"):
+        FlowerRunConfig(num_server_rounds=-1)
+    with pytest.raises(FileNotFoundError, match="absolute path"):
+        FlowerRunConfig(config="nowhere.yaml").config_path()

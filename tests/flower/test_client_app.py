@@ -1,0 +1,91 @@
+"""The ClientApp on a fabricated train message: reply contents, bytes, Adam state across rounds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from flwr.app import (  # noqa: E402
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    RecordDict,
+)
+
+from flora_lightning.flower.app_config import FlowerRunConfig  # noqa: E402
+from flora_lightning.flower.client_app import (  # noqa: E402
+    OPTIMIZER_STATE_KEY,
+    client_components,
+    fit_message,
+)
+from flora_lightning.flower.strategy import array_record_bytes, to_state  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+RUN = FlowerRunConfig(
+    config=str(REPO / "configs" / "quickstart.yaml"),
+    overrides="--data.partition.num_clients 2 --trainer.max_local_steps 2",
+)
+NODE = 7
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """Messages are stamped with the run/task of the process; a test has to pretend one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", NODE)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def context(num_partitions: int = 2) -> Context:
+    return Context(
+        run_id=1,
+        node_id=NODE,
+        node_config={"partition-id": 0, "num-partitions": num_partitions},
+        state=RecordDict(),
+        run_config={},
+    )
+
+
+def train_message(state: dict, server_round: int) -> Message:
+    content = RecordDict(
+        {"arrays": ArrayRecord(state), "config": ConfigRecord({"server-round": server_round})}
+    )
+    return Message(content, dst_node_id=NODE, message_type=MessageType.TRAIN)
+
+
+def test_client_trains_its_partition_and_keeps_adam_state(offline_assets):
+    ctx = context()
+    parts = client_components(RUN, ctx)
+    start = parts.model.communicated_state()
+    reply = fit_message(train_message(start, 1), ctx, RUN)
+    arrays, metrics = reply.content["arrays"], reply.content["metrics"]
+    assert set(arrays) == set(start)
+    assert array_record_bytes(arrays) == sum(t.numel() * 4 for t in start.values()) == 2048
+    assert metrics["num-examples"] == parts.data.num_samples(0)
+    assert metrics["partition-id"] == 0 and metrics["train-loss"] > 0
+    trained = to_state(arrays)
+    assert any(not torch.equal(trained[k], start[k]) for k in start)  # it learned something
+    steps = {
+        k: v for k, v in to_state(ctx.state[OPTIMIZER_STATE_KEY]).items() if k.endswith("step")
+    }
+    assert steps and all(float(v) == 2 for v in steps.values())  # 2 local steps
+    fit_message(train_message(trained, 2), ctx, RUN)
+    steps = {
+        k: v for k, v in to_state(ctx.state[OPTIMIZER_STATE_KEY]).items() if k.endswith("step")
+    }
+    assert all(float(v) == 4 for v in steps.values())  # Adam continued across rounds
+
+
+def test_partition_must_fit_the_config(offline_assets):
+    ctx = context(num_partitions=3)
+    with pytest.raises(ValueError, match="num-partitions=3 does not fit"):
+        fit_message(
+            train_message(client_components(RUN, context()).model.communicated_state(), 1), ctx, RUN
+        )

@@ -1,0 +1,336 @@
+"""Flower end to end with ``flwr run``: deployment (a SuperLink and 2 SuperNodes as processes,
+plain and with TLS + SuperNode authentication) and simulation (a simulation SuperLink).
+
+Each runs two rounds of FLoRA on the offline tiny CLIP and digits (2 clients, 2 local steps each), then
+the same config in-process (``flora fit``): the final adapters must agree. Arrays travel as
+float32 bytes (exact) and both sides aggregate with the same float64 FedAvg, so the only room
+for a difference is summation order; the tolerance 1e-6 covers that (observed: identical).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from safetensors.torch import load_file  # noqa: E402
+
+from flora_lightning import cli  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+ROUNDS = 2
+OVERRIDES = "--data.partition.num_clients 2 --trainer.max_local_steps 2"
+TOLERANCE = 1e-6
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, log: Path, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"{process.args[0]} exited early:\n{log.read_text()[-3000:]}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    pytest.fail(f"nothing listens on port {port} after {seconds}s:\n{log.read_text()[-3000:]}")
+
+
+def bin_path(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+def write_connection(env: dict, port: int, tls: dict | None, num_supernodes: int | None) -> None:
+    """The SuperLink connection ``flwr`` uses (``$FLWR_HOME/config.toml``, default ``test``)."""
+    home = Path(env["FLWR_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    security = f'root-certificates = "{tls["ca"]}"' if tls else "insecure = true"
+    options = f"options.num-supernodes = {num_supernodes}\n" if num_supernodes else ""
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "test"\n\n[superlink.test]\n'
+        f'address = "127.0.0.1:{port}"\n{security}\n{options}'
+    )
+
+
+def flwr(env: dict, *args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [bin_path("flwr"), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@contextmanager
+def federation(
+    tmp: Path,
+    env: dict,
+    num_nodes: int = 2,
+    tls: dict | None = None,
+    simulation: bool = False,
+    node_keys: list[str] | None = None,
+):
+    """A SuperLink plus ``num_nodes`` SuperNodes, or a simulation SuperLink (its virtual
+    SuperNodes come from the connection's ``options.num-supernodes``). With ``node_keys``
+    (needs ``tls``), SuperNode authentication is on and node ``i`` registers and uses
+    ``node_keys[i]``. Yields ``start`` (to launch more processes); always stops every process
+    group it started."""
+    processes: list[subprocess.Popen] = []
+
+    def start(args: list[str], name: str) -> tuple[subprocess.Popen, Path]:
+        log = tmp / f"{name}.log"
+        with open(log, "w") as out:
+            process = subprocess.Popen(
+                args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp, start_new_session=True
+            )
+        processes.append(process)
+        return process, log
+
+    link_port = free_port()
+    security = (
+        ["--ssl-ca-certfile", tls["ca"], "--ssl-certfile", tls["cert"], "--ssl-keyfile", tls["key"]]
+        if tls
+        else ["--insecure"]
+    )
+    node_security = ["--root-certificates", tls["ca"]] if tls else ["--insecure"]
+    try:
+        link, log = start(
+            [
+                bin_path("flower-superlink"),
+                *security,
+                "--port",
+                str(link_port),
+                "--disable-runtime-dependency-installation",  # never `uv sync` the app
+                *(["--simulation"] if simulation else []),
+                *(["--enable-supernode-auth"] if node_keys else []),
+            ],
+            "superlink",
+        )
+        wait_for_port(link_port, link, log)
+        write_connection(env, link_port, tls, num_nodes if simulation else None)
+
+        def start_node(i: int, key: str | None = None, name: str | None = None, retries=None):
+            node_port = free_port()
+            auth = ["--auth-supernode-private-key", key] if key else []
+            more = ["--max-retries", str(retries)] if retries is not None else []
+            return start(
+                [
+                    bin_path("flower-supernode"),
+                    *node_security,
+                    *auth,
+                    *more,
+                    "--superlink",
+                    f"127.0.0.1:{link_port}",
+                    "--port",
+                    str(node_port),
+                    "--node-config",
+                    f"partition-id={i} num-partitions={num_nodes}",
+                ],
+                name or f"supernode{i}",
+            ), node_port
+
+        for i in range(0 if simulation else num_nodes):
+            key = node_keys[i] if node_keys else None
+            if key:
+                registered = flwr(env, "supernode", "register", f"{key}.pub", cwd=tmp, timeout=60)
+                assert registered.returncode == 0, registered.stdout + registered.stderr
+            (node, log), node_port = start_node(i, key)
+            wait_for_port(node_port, node, log)
+        yield start_node
+    finally:
+        for process in processes:  # whole process groups: SuperExec and app children too
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for process in processes:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=15)
+
+
+def flwr_run(tmp: Path, env: dict, out_dir: Path) -> subprocess.CompletedProcess:
+    """``flwr run flower_app`` (2 rounds, 2 clients) on the connection ``federation`` wrote."""
+    run_config = (
+        f'config="{QUICKSTART}" out-dir="{out_dir}" num-server-rounds={ROUNDS} '
+        f'overrides="{OVERRIDES}"'
+    )
+    return flwr(
+        env, "run", str(REPO / "flower_app"), "--stream", "--run-config", run_config, cwd=tmp
+    )
+
+
+@pytest.fixture(scope="module")
+def flower_env(tmp_path_factory, offline_assets) -> dict:
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "FLWR_HOME": str(tmp_path_factory.mktemp("flwr_home")),
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+    }
+
+
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory, offline_assets) -> Path:
+    run_dir = tmp_path_factory.mktemp("in_process") / "run"
+    cli.run(
+        [
+            "fit",
+            "--config",
+            str(QUICKSTART),
+            "--trainer.rounds",
+            str(ROUNDS),
+            "--trainer.default_root_dir",
+            str(run_dir),
+            "--trainer.progress",
+            "false",
+            *OVERRIDES.split(),
+        ]
+    )
+    return run_dir
+
+
+def assert_same_run(flower_dir: Path, reference: Path) -> None:
+    adapter = load_file(flower_dir / "final" / "adapter_model.safetensors")
+    expected = load_file(reference / "final" / "adapter_model.safetensors")
+    assert set(adapter) == set(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(adapter[name], tensor, rtol=0, atol=TOLERANCE)
+    summary = json.loads((flower_dir / "summary.json").read_text())
+    ref_summary = json.loads((reference / "summary.json").read_text())
+    assert set(ref_summary) <= set(summary)
+    per_client = summary["bytes_per_client_per_direction"]
+    assert per_client == sum(t.numel() * 4 for t in expected.values())  # float32 arrays
+    assert [r["round"] for r in summary["rounds"]] == list(range(ROUNDS + 1))
+    for record, ref in zip(summary["rounds"][1:], ref_summary["rounds"][1:], strict=True):
+        assert set(ref) <= set(record)
+        assert record["bytes_up"] == record["bytes_down"] == 2 * per_client
+        assert record["client_bytes_up"] == {"0": per_client, "1": per_client}
+        assert record["test_acc"] == pytest.approx(ref["test_acc"], abs=1e-6)
+        assert record["client_train_loss"] == pytest.approx(ref["client_train_loss"], abs=1e-5)
+        assert record["accepted_clients"] == [0, 1] and record["rejected_clients"] == {}
+    for round_ in range(1, ROUNDS + 1):
+        assert (flower_dir / "checkpoints" / f"round_{round_:03d}.safetensors").is_file()
+    assert list((flower_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_deployment_matches_in_process_loop(tmp_path, flower_env, in_process):
+    out_dir = tmp_path / "flower_run"
+    with federation(tmp_path, flower_env):
+        result = flwr_run(tmp_path, flower_env, out_dir)
+    logs = "\n".join(p.read_text()[-2000:] for p in sorted(tmp_path.glob("*.log")))
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n{logs}"
+    assert (out_dir / "final").is_dir(), f"{result.stdout[-4000:]}\n{logs}"
+    assert_same_run(out_dir, in_process)
+
+
+def make_certificates(folder: Path) -> dict:
+    """A self-signed CA and a server certificate for 127.0.0.1/localhost (openssl)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ext = folder / "san.ext"
+    ext.write_text("subjectAltName = IP:127.0.0.1, DNS:localhost\n")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
+
+    openssl("genrsa", "-out", "ca.key", "2048")
+    openssl(
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        "ca.key",
+        "-sha256",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=flora-test-ca",
+        "-out",
+        "ca.crt",
+    )
+    openssl("genrsa", "-out", "server.key", "2048")
+    openssl("req", "-new", "-key", "server.key", "-subj", "/CN=127.0.0.1", "-out", "server.csr")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-sha256",
+        "-extfile",
+        str(ext),
+        "-out",
+        "server.pem",
+    )
+    return {
+        k: str(folder / v)
+        for k, v in {"ca": "ca.crt", "cert": "server.pem", "key": "server.key"}.items()
+    }
+
+
+def make_node_key(path: Path) -> str:
+    """An ECDSA (P-384) key pair in OpenSSH format, as SuperNode authentication expects."""
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(path)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return str(path)
+
+
+@pytest.mark.slow
+def test_deployment_over_tls_with_supernode_auth(tmp_path, flower_env, in_process):
+    """TLS with a self-signed CA, and only registered SuperNode keys may join."""
+    for tool in ("openssl", "ssh-keygen"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+    tls = make_certificates(tmp_path / "certs")
+    keys = [make_node_key(tmp_path / f"node{i}") for i in range(2)]
+    out_dir = tmp_path / "flower_tls_run"
+    with federation(tmp_path, flower_env, tls=tls, node_keys=keys) as start_node:
+        (stranger, _), _ = start_node(1, make_node_key(tmp_path / "stranger"), "stranger", 1)
+        result = flwr_run(tmp_path, flower_env, out_dir)
+        assert stranger.wait(timeout=120) != 0  # its key was never registered: refused
+    logs = "\n".join(p.read_text()[-2000:] for p in sorted(tmp_path.glob("*.log")))
+    assert "Failed to activate SuperNode" in (tmp_path / "stranger.log").read_text()
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n{logs}"
+    assert (out_dir / "final").is_dir(), f"{result.stdout[-4000:]}\n{logs}"
+    assert_same_run(out_dir, in_process)
+
+
+@pytest.mark.slow
+def test_simulation_matches_in_process_loop(tmp_path, flower_env, in_process):
+    """``flwr run`` on a simulation SuperLink: 2 virtual SuperNodes (Ray) instead of processes."""
+    out_dir = tmp_path / "flower_sim_run"
+    with federation(tmp_path, flower_env, simulation=True):
+        result = flwr_run(tmp_path, flower_env, out_dir)
+    logs = "\n".join(p.read_text()[-2000:] for p in sorted(tmp_path.glob("*.log")))
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n{logs}"
+    assert (out_dir / "final").is_dir(), f"{result.stdout[-4000:]}\n{logs}"
+    assert_same_run(out_dir, in_process)

@@ -1,0 +1,157 @@
+"""FloraFedAvg on fabricated Flower replies: exclusion with reasons, min clients, bytes."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from flwr.app import (  # noqa: E402
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+
+from flora_lightning.flower.strategy import FloraFedAvg, array_record_bytes, to_state  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """Messages are stamped with the run/task of the process; a test has to pretend one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+GLOBAL = {"a": torch.zeros(2, 3), "b": torch.ones(4)}
+
+
+class FakeGrid:
+    """Just what Flower's node sampling asks of a Grid."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+
+def train_round(strategy: FloraFedAvg, nodes: list[int], server_round: int = 1) -> list[Message]:
+    return list(
+        strategy.configure_train(server_round, ArrayRecord(GLOBAL), ConfigRecord(), FakeGrid(nodes))
+    )
+
+
+def reply(to: Message, state: dict, num_examples: int, partition: int, loss: float = 1.0):
+    metrics = MetricRecord(
+        {"num-examples": num_examples, "partition-id": partition, "train-loss": loss}
+    )
+    return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": metrics}), reply_to=to)
+
+
+def client_state(value: float) -> dict:
+    return {"a": torch.full((2, 3), float(value)), "b": torch.full((4,), float(value))}
+
+
+def test_sample_weighted_average_and_bytes():
+    strategy = FloraFedAvg(min_clients=2, min_available_nodes=3, min_train_nodes=3)
+    sent = train_round(strategy, [11, 12, 13])
+    assert sorted(m.metadata.dst_node_id for m in sent) == [11, 12, 13]
+    assert sent[0].content["config"]["server-round"] == 1
+    replies = [
+        reply(sent[i], client_state(v), n, i)
+        for i, (v, n) in enumerate([(1, 10), (2, 30), (4, 60)])
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    result = to_state(arrays)
+    expected = (1 * 10 + 2 * 30 + 4 * 60) / 100
+    torch.testing.assert_close(result["a"], torch.full((2, 3), expected), rtol=0, atol=1e-7)
+    assert result["a"].dtype == torch.float32 and set(result) == set(GLOBAL)
+    report = strategy.reports[1]
+    per_client = (6 + 4) * 4  # float32 numbers in a and b
+    assert array_record_bytes(ArrayRecord(GLOBAL)) == per_client
+    assert report.bytes_down == 3 * per_client
+    assert report.bytes_up == 3 * per_client
+    assert report.client_bytes_up == {0: per_client, 1: per_client, 2: per_client}
+    assert report.accepted == [0, 1, 2] and report.rejected == {}
+    assert metrics["num-accepted"] == 3
+
+
+def test_failed_and_non_finite_clients_are_excluded_with_reasons(caplog):
+    strategy = FloraFedAvg(min_clients=2, min_available_nodes=4, min_train_nodes=4)
+    sent = sorted(train_round(strategy, [1, 2, 3, 4]), key=lambda m: m.metadata.dst_node_id)
+    nan_state = client_state(1.0)
+    nan_state["a"][0, 0] = float("nan")
+    inf_state = client_state(1.0)
+    inf_state["b"][1] = float("inf")
+    replies = [
+        reply(sent[0], client_state(1.0), 10, 0),
+        Message(Error(code=0, reason="RuntimeError: CUDA out of memory"), reply_to=sent[1]),
+        reply(sent[2], nan_state, 10, 2),
+        reply(sent[3], inf_state, 10, 3),
+    ]
+    with caplog.at_level(logging.WARNING):
+        arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is None  # 1 accepted < min_clients=2: the round does not change the state
+    report = strategy.reports[1]
+    assert report.accepted == [0] and not report.aggregated
+    assert "CUDA out of memory" in report.rejected["node 2"]
+    assert report.rejected["2"] == "tensor a holds NaN or Inf"
+    assert report.rejected["3"] == "tensor b holds NaN or Inf"
+    assert "node 2 excluded from aggregation: its ClientApp failed" in caplog.text
+    assert "client 2 excluded from aggregation: tensor a holds NaN or Inf" in caplog.text
+    assert "round 1 not aggregated" in caplog.text
+    assert report.bytes_up == 3 * 40  # the failed node sent nothing
+
+
+def test_round_completes_when_enough_clients_remain():
+    strategy = FloraFedAvg(min_clients=2, min_available_nodes=3, min_train_nodes=3)
+    sent = sorted(train_round(strategy, [1, 2, 3]), key=lambda m: m.metadata.dst_node_id)
+    bad = client_state(5.0)
+    bad["b"][0] = float("nan")
+    replies = [
+        reply(sent[0], client_state(1.0), 10, 0),
+        reply(sent[1], client_state(3.0), 30, 1),
+        reply(sent[2], bad, 1000, 2),  # would dominate if it were averaged
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    result = to_state(arrays)
+    torch.testing.assert_close(result["b"], torch.full((4,), 2.5), rtol=0, atol=1e-7)
+    assert np.isfinite(result["a"].numpy()).all()
+    assert strategy.reports[1].rejected == {"2": "tensor b holds NaN or Inf"}
+
+
+def test_global_state_never_modified():
+    strategy = FloraFedAvg(min_clients=1, min_available_nodes=2, min_train_nodes=2)
+    global_arrays = ArrayRecord(GLOBAL)
+    before = {k: v.clone() for k, v in to_state(global_arrays).items()}
+    sent = list(strategy.configure_train(1, global_arrays, ConfigRecord(), FakeGrid([1, 2])))
+    wrong_shape = {"a": torch.ones(3, 2), "b": torch.ones(4)}
+    arrays, _ = strategy.aggregate_train(
+        1, [reply(sent[0], client_state(7.0), 5, 0), reply(sent[1], wrong_shape, 5, 1)]
+    )
+    torch.testing.assert_close(to_state(arrays)["a"], torch.full((2, 3), 7.0))
+    for name, tensor in to_state(global_arrays).items():
+        assert torch.equal(tensor, before[name])
+    assert strategy.reports[1].rejected == {"1": "tensor a has shape (3, 2)"}
+
+
+def test_reply_without_num_examples_is_excluded():
+    strategy = FloraFedAvg(min_clients=1, min_available_nodes=1, min_train_nodes=1)
+    sent = train_round(strategy, [9])
+    content = RecordDict(
+        {"arrays": ArrayRecord(client_state(1.0)), "metrics": MetricRecord({"x": 1})}
+    )
+    arrays, _ = strategy.aggregate_train(1, [Message(content, reply_to=sent[0])])
+    assert arrays is None
+    assert strategy.reports[1].rejected == {"node 9": "its reply has no 'num-examples'"}
+    assert MessageType.TRAIN == sent[0].metadata.message_type
