@@ -2,7 +2,7 @@
 
 Usage::
 
-    flora bench                                   # ViT-B/32 shapes, CPU, all methods (~10 min)
+    flora bench                           # ViT-B/32 shapes, CPU, all methods (~3 min on 2 idle cores)
     flora bench --device cuda --precision bf16-mixed
     flora bench --arch tiny --batch_size 8 --steps 1 --client_samples 32 --methods FLoRA FedFFT
 
@@ -35,10 +35,12 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -123,19 +125,21 @@ class BenchConfig:
 
 
 # ============================================================ model and data
-def build_clip_bundle(arch: str):
+def build_clip_bundle(arch: str, words: Sequence[str] = ()):
     """A random-init CLIP with ``arch`` shapes, the offline tokenizer and CLIP preprocessing.
 
     ViT-B/32 keeps CLIP's 49,408-token embedding table (so every parameter count is the real
     model's: 151,277,313) and takes BOS/EOS/pad ids from the byte-level tokenizer, whose ids
-    all fall inside it.
+    all fall inside it. ``words`` become single tokens (BPE merges), as in CLIP's own
+    vocabulary, so captions have the real model's length ("a photo of a airplane." = 8 tokens).
     """
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     from flora_lightning.clip_backbone import CLIPBundle, build_image_transform
     from flora_lightning.offline.tiny_clip import build_config, build_tokenizer
 
-    tokenizer = build_tokenizer()
+    # The tiny arch mirrors flora-offline/tiny-clip exactly (514-token vocabulary, no merges).
+    tokenizer = build_tokenizer(words if arch != "tiny" else ())
     if arch == "tiny":
         config = build_config(tokenizer)
     else:
@@ -156,9 +160,16 @@ def build_method(variant: str, arch: str, num_classes: int):
 
     name = variant.removesuffix("-uncached")
     module = METHODS[name.lower()](name_or_path=f"random-init/{arch}")
-    module = build_model_from_bundle(module, build_clip_bundle(arch))
+    bundle = build_clip_bundle(arch, caption_words(num_classes))
+    module = build_model_from_bundle(module, bundle)
     module.configure_task(class_names(num_classes), TEMPLATE)
     return module
+
+
+def caption_words(num_classes: int) -> list[str]:
+    """The words of every class caption (the tokenizer merges each into one token)."""
+    captions = " ".join(TEMPLATE.format(name) for name in class_names(num_classes))
+    return re.findall(r"[a-z]+", captions.lower())
 
 
 def class_names(num_classes: int) -> list[str]:
@@ -258,6 +269,7 @@ def measure_method(cfg: BenchConfig, variant: str) -> dict:
         "runtime_memory_bytes": runtime,
         "peak_memory_excl_runtime_bytes": max(memory.peak_bytes - runtime, 0),
         "memory_measure": memory.measure,
+        "caption_tokens": int(module.caption_ids.shape[1]),
         "build_seconds": build_seconds,
         "load_average": [load_at_start, os.getloadavg()[0]],
     }
@@ -351,16 +363,20 @@ def synthetic_datamodule(
 
 
 def measure_loop_overhead(
-    cfg: BenchConfig, clients: int = 2, per_client: int = 16, batch_size: int = 8
+    cfg: BenchConfig, clients: int = 2, per_client: int = 320, batch_size: int = 8
 ) -> dict:
-    """2 rounds of cached FLoRA through the real loop on tiny synthetic data.
+    """2 rounds of cached FLoRA through the real loop on small synthetic data.
+
+    ``per_client / batch_size`` = 40 local steps per client, the step count of the paper's
+    epoch (5,000 samples at batch 128): a FLoRA step on cached features costs the same at
+    batch 8 as at 128 (the text tower runs on the distinct captions), so rounds are as long
+    as real ones while caching stays cheap (a few hundred images).
 
     Overhead is the part of a round that is neither local training nor evaluation: state
     copies, aggregation, sampling. ``overhead_fraction`` uses the loop's own round timings
     (``seconds``, which end before the round's logging and checkpoint); ``wall_overhead_fraction``
     uses the wall time from one round's start to the next, logging and checkpoints included.
-    With ``per_client / batch_size`` steps per client instead of a real epoch's dozens, both
-    overstate the overhead of a real round.
+    A real round has 10 clients, not 2, so per-client costs are the same share of it.
     """
     import torch
 
@@ -386,14 +402,15 @@ def measure_loop_overhead(
             tmp,
             clients=clients,
             per_client=per_client,
-            test_samples=per_client,
+            test_samples=16,
             batch_size=batch_size,
             num_classes=cfg.num_classes,
             input_size=cfg.input_size,
             seed=cfg.seed,
         )
         model = build_model_from_bundle(
-            FLoRA(name_or_path=f"random-init/{cfg.arch}"), build_clip_bundle(cfg.arch)
+            FLoRA(name_or_path=f"random-init/{cfg.arch}"),
+            build_clip_bundle(cfg.arch, caption_words(cfg.num_classes)),
         )
         clock = RoundClock()
         loop = FederatedLoop(
@@ -474,6 +491,10 @@ def _machine(cfg: BenchConfig) -> str:
     return f"{model}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
+def _caption_tokens(rows: list[dict]) -> str:
+    return str(max((r["caption_tokens"] for r in rows), default=0))
+
+
 def _load_range(rows: list[dict]) -> str:
     loads = [load for r in rows for load in r["load_average"]]
     return f"{min(loads):.1f}-{max(loads):.1f}" if loads else "-"
@@ -543,6 +564,9 @@ def markdown(
         "what it held when training started (runtime and weights).",
         "- Bytes: the communicated state (trainable parameters, fp32), sent up by each client "
         "and the same amount down, per round. Ratios: FedFFT's value / the method's.",
+        f"- Captions: {_caption_tokens(rows)} tokens each (padded), from the offline byte-level "
+        "tokenizer with BPE merges for the caption words, as CLIP's vocabulary has them "
+        "(CLIP's own tokenizer gives 8 for 'a photo of a airplane.').",
     ]
     if loop is not None:
         lines += [
@@ -552,7 +576,10 @@ def markdown(
             f"{loop['batch_size']}): {100 * loop['overhead_fraction']:.2f}% of a round "
             "((seconds - train_seconds - eval_seconds) / seconds from summary.json); "
             f"{100 * loop['wall_overhead_fraction']:.2f}% counting TensorBoard logging and "
-            "checkpoints. Rounds this short overstate it.",
+            "checkpoints. Each client runs "
+            f"{loop['samples_per_client'] // loop['batch_size']} local steps, as a real epoch "
+            "(5,000 samples at batch 128); a FLoRA step on cached features costs the same at "
+            "either batch size.",
         ]
     lines += ["", "Targets (FLoRA with caching vs FedFFT):", ""]
     lines += [f"- {line}" for line in check_targets(rows, loop)]
@@ -586,10 +613,12 @@ def check_targets(rows: list[dict], loop: dict | None) -> list[str]:
             met = "met" if flora[key] >= target else "NOT met"
             checks.append(f">= {target:,.0f}x {what}: {_x(flora[key])} ({met}; {extra[key]})")
     if loop is not None:
-        met = "met" if loop["overhead_fraction"] < LOOP_OVERHEAD_TARGET else "NOT met"
+        # Judged with logging and checkpoints included: they are part of the loop's cost.
+        met = "met" if loop["wall_overhead_fraction"] < LOOP_OVERHEAD_TARGET else "NOT met"
         checks.append(
             f"loop overhead < {100 * LOOP_OVERHEAD_TARGET:.0f}% of a round: "
-            f"{100 * loop['overhead_fraction']:.2f}% ({met})"
+            f"{100 * loop['wall_overhead_fraction']:.2f}% with logging and checkpoints, "
+            f"{100 * loop['overhead_fraction']:.2f}% without ({met})"
         )
     return checks or ["not checked (needs FLoRA and FedFFT)"]
 

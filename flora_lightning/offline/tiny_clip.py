@@ -18,6 +18,7 @@ accuracy starts well below what federated LoRA reaches.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -32,8 +33,15 @@ PRETRAIN_LR = 3e-4
 IMAGE_SIZE = 32
 
 
-def build_tokenizer():
-    """Byte-level CLIP tokenizer: 256 byte symbols, their end-of-word forms, BOS and EOS."""
+def build_tokenizer(words: Sequence[str] = ()):
+    """Byte-level CLIP tokenizer: 256 byte symbols, their end-of-word forms, BOS and EOS.
+
+    Args:
+        words: lower-case words to merge into single tokens, as CLIP's real BPE does for
+            common English words ("photo", "airplane"): each gets the chain of BPE merges
+            that assembles it, so captions have realistic token counts (benchmarks use this;
+            the tiny CLIP does not).
+    """
     from tokenizers import pre_tokenizers
     from transformers import CLIPTokenizer
 
@@ -42,7 +50,16 @@ def build_tokenizer():
     vocab.update({s + "</w>": len(symbols) + i for i, s in enumerate(symbols)})
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[])
+    merges: list[tuple[str, str]] = []
+    for word in dict.fromkeys(words):
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            if (merged, piece) not in merges:
+                merges.append((merged, piece))
+            merged += piece
+            vocab.setdefault(merged, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges)
 
 
 def build_config(tokenizer):
