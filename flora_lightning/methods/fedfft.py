@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flora_lightning.methods.base import FederatedCLIPModule, OptimizerConfig
+from flora_lightning.methods.base import FederatedCLIPModule
 
 
 class FedFFT(FederatedCLIPModule):
@@ -28,13 +28,6 @@ class FedFFT(FederatedCLIPModule):
     """
 
     method_name = "FedFFT"
-
-    def __init__(
-        self,
-        name_or_path: str = "openai/clip-vit-base-patch32",
-        optimizer: OptimizerConfig = OptimizerConfig(),
-    ) -> None:
-        super().__init__(name_or_path=name_or_path, optimizer=optimizer)
 
     def setup_trainable(self) -> None:
         self.clip.requires_grad_(True)
