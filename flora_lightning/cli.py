@@ -34,7 +34,10 @@ def stage_parser(stage: str) -> ArgumentParser:
         FederatedCLIPModule,
         "model",
         default={"class_path": "flora_lightning.methods.FLoRA"},
-        help="Federated method (FLoRA, FedFFT, FedLC, FedVMLC, FedAA) and its settings.",
+        help=(
+            "Federated method (FLoRA, FedFFT, FedLC, FedVMLC, FedAA) and its settings; "
+            "`flora fit --model.help FLoRA` lists a method's own knobs."
+        ),
     )
     parser.add_class_arguments(FederatedDataModule, "data", help="Dataset and client partitions.")
     parser.add_class_arguments(

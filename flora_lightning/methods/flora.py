@@ -20,7 +20,7 @@ class LoraSettings:
     rank: int = 2
     """LoRA rank r."""
     alpha: float = 64.0
-    """LoRA alpha; the update is scaled by alpha / rank (paper: 32)."""
+    """LoRA alpha; the update is scaled by alpha / rank (paper: 64 at r=2, i.e. scaling 32)."""
     dropout: float = 0.0
     """Dropout on the LoRA input."""
     targets: list[str] = field(default_factory=lambda: ["out_proj"])
