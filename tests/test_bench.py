@@ -93,6 +93,11 @@ def test_tiny_bench_end_to_end(tmp_path):
     assert flora["round_seconds"] == pytest.approx(
         4 * flora["step_seconds"] + 32 * flora["encode_seconds_per_image"] / 50
     )
+    # Training from pixels also pays preprocessing for every image of every epoch.
+    assert fft["load_seconds_per_image"] > 0 and flora["load_seconds_per_image"] == 0
+    assert fft["round_seconds"] == pytest.approx(
+        4 * fft["step_seconds"] + 32 * fft["load_seconds_per_image"]
+    )
     assert flora["round_speedup_vs_fft"] == pytest.approx(
         fft["round_seconds"] / flora["round_seconds"]
     )
