@@ -4,31 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
+from tiny_run import fit_tiny
 
-from flora_lightning.bench import build_clip_bundle, synthetic_datamodule
 from flora_lightning.callbacks import CommunicationLogger
 from flora_lightning.loop import FederatedLoop
-from flora_lightning.methods import FLoRA
-from flora_lightning.methods.base import build_model_from_bundle
 
 # Tiny CLIP text tower: 2 layers, out_proj 64x64, LoRA r=2: 2 * (64*2 + 2*64) fp32 values.
 LORA_BYTES = 2 * (64 * 2 + 2 * 64) * 4
-
-
-def fit_tiny(tmp_path, callbacks, rounds: int = 1, clients: int = 2):
-    """A real FederatedLoop run: FLoRA on a random-init tiny CLIP, synthetic data."""
-    torch.manual_seed(0)
-    data = synthetic_datamodule(tmp_path / "data", clients=clients, per_client=16, batch_size=8)
-    model = build_model_from_bundle(FLoRA("random-init/tiny"), build_clip_bundle("tiny"))
-    loop = FederatedLoop(
-        rounds=rounds,
-        accelerator="cpu",
-        callbacks=callbacks,
-        default_root_dir=str(tmp_path / "run"),
-        progress=False,
-    )
-    return loop, loop.fit(model, data)
 
 
 def tensorboard_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:

@@ -6,13 +6,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny_run import fit_tiny
 
-from flora_lightning.bench import build_clip_bundle, synthetic_datamodule
 from flora_lightning.callbacks import MemoryProfiler
 from flora_lightning.callbacks.memory import PeakMemoryMeter, release_free_memory
-from flora_lightning.loop import FederatedLoop
-from flora_lightning.methods import FLoRA
-from flora_lightning.methods.base import build_model_from_bundle
 
 MB = 1 << 20
 BIG = 256 * MB
@@ -81,21 +78,6 @@ def test_profiler_logs_each_client_and_the_round_max():
     profiler.on_fit_end(loop, model=None, summary=summary)
     assert summary["peak_memory_bytes"] == record["peak_memory_bytes"]
     assert summary["memory_measure"] == "cpu_peak_rss"
-
-
-def fit_tiny(tmp_path, callbacks, rounds: int = 1):
-    """A real FederatedLoop run: FLoRA on a random-init tiny CLIP, synthetic data, 2 clients."""
-    torch.manual_seed(0)
-    data = synthetic_datamodule(tmp_path / "data", clients=2, per_client=16, batch_size=8)
-    model = build_model_from_bundle(FLoRA("random-init/tiny"), build_clip_bundle("tiny"))
-    loop = FederatedLoop(
-        rounds=rounds,
-        accelerator="cpu",
-        callbacks=callbacks,
-        default_root_dir=str(tmp_path / "run"),
-        progress=False,
-    )
-    return loop, loop.fit(model, data)
 
 
 def test_profiler_in_the_loop_fills_records_and_summary(tmp_path):

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import tiny_run
 import torch
 
-from flora_lightning.bench import build_clip_bundle, synthetic_datamodule
+from flora_lightning.bench import build_clip_bundle
 from flora_lightning.callbacks import SpeedupVsFFT
 from flora_lightning.callbacks.speedup import full_finetuning_copy, time_local_steps
-from flora_lightning.loop import FederatedLoop
 from flora_lightning.methods import FedFFT, FLoRA
 from flora_lightning.methods.base import build_model_from_bundle
 
@@ -22,17 +22,7 @@ def make_flora():
 
 def fit_tiny(tmp_path, callbacks):
     """One round of the real loop: FLoRA (cached) on a random-init tiny CLIP, batch 32."""
-    torch.manual_seed(0)
-    data = synthetic_datamodule(tmp_path / "data", clients=2, per_client=32, batch_size=32)
-    model = build_model_from_bundle(FLoRA("random-init/tiny"), build_clip_bundle("tiny"))
-    loop = FederatedLoop(
-        rounds=1,
-        accelerator="cpu",
-        callbacks=callbacks,
-        default_root_dir=str(tmp_path / "run"),
-        progress=False,
-    )
-    return loop.fit(model, data)
+    return tiny_run.fit_tiny(tmp_path, callbacks, per_client=32, batch_size=32)[1]
 
 
 def test_fft_copy_is_a_plain_clip_with_everything_trainable():
