@@ -29,6 +29,9 @@ class LoraSettings:
     """Which encoder gets adapters."""
     init: Literal["gaussian", "kaiming", "pissa"] = "gaussian"
     """A's init (B starts at zero): gaussian is A ~ N(0, 1/r) as the paper; kaiming is peft's default."""
+    freeze_a: bool = False
+    """Train and send only B; A keeps its seeded init, the same on every client, so FedAvg of B
+    is exactly the mean of the clients' B·A updates (FFA-LoRA). The paper trains both."""
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -102,6 +105,10 @@ class FLoRA(FederatedCLIPModule):
 
         # get_peft_model freezes everything but the adapters.
         self.clip = get_peft_model(self.clip, self.lora.peft_config())
+        if self.lora.freeze_a:
+            for name, param in self.clip.named_parameters():
+                if "lora_A" in name:
+                    param.requires_grad_(False)
 
     @property
     def image_encoder_frozen(self) -> bool:

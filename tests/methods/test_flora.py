@@ -265,3 +265,36 @@ def test_building_the_tiny_clip_leaves_the_global_rng_alone(tmp_path, monkeypatc
     assert paths[0] == paths[1] and paths[0].parent == tmp_path
     assert (paths[0] / "config.json").is_file()
     assert torch.equal(draws[0], draws[1])
+
+
+def test_freeze_a_sends_only_b_and_fedavg_is_exact_on_the_product(
+    make_flora, datamodule, make_loop
+):
+    """With A frozen (FFA-LoRA), mean(B_k) A == mean(B_k A): the aggregated update is exact."""
+    from flora_lightning.callbacks import Callback
+
+    class Collect(Callback):
+        def __init__(self) -> None:
+            self.updates = []
+
+        def on_client_fit_end(self, loop, model, update) -> None:
+            self.updates.append(update)
+
+    model = make_flora(LoraSettings(freeze_a=True))
+    names = [n for n, _ in model.trainable_named_parameters()]
+    assert names and all("lora_B" in n for n in names) and len(names) == 2  # 2 text layers
+    a_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+    collect = Collect()
+    summary = make_loop(rounds=1, callbacks=[collect]).fit(model, datamodule)
+    assert summary["bytes_per_client_per_direction"] == 2 * 64 * 2 * 4  # B only: 64x2 fp32 x 2
+
+    params = dict(model.named_parameters())
+    weights = torch.tensor([float(u.num_samples) for u in collect.updates])
+    weights = weights / weights.sum()
+    for b_name in names:
+        a = params[b_name.replace("lora_B", "lora_A")]
+        assert torch.equal(a, a_before[b_name.replace("lora_B", "lora_A")])  # A never moved
+        products = torch.stack([u.state[b_name] @ a for u in collect.updates])
+        expected = (weights[:, None, None] * products).sum(0)
+        assert not torch.allclose(expected, torch.zeros_like(expected))  # B did train
+        torch.testing.assert_close(params[b_name] @ a, expected, atol=1e-6, rtol=1e-5)
