@@ -40,8 +40,8 @@ class FeatureCache:
         self.disk_dir = Path(disk_dir) if disk_dir else None
         self.features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def fingerprint(self) -> str:
-        """Model + data + partition + preprocessing + precision, hashed."""
+    def fingerprint(self, parts: list[str]) -> str:
+        """Model + data + partition + preprocessing + precision + which ``parts``, hashed."""
         vision = self.model.clip_model().vision_model
         weights = hashlib.sha256()
         for name, tensor in vision.state_dict().items():
@@ -57,6 +57,7 @@ class FeatureCache:
             ],
             "transform": repr(self.data.image_transform),
             "precision": str(self.fabric.strategy.precision.__class__.__name__),
+            "parts": parts,
         }
         # A method that caches other features than the default normalised ones (FedAA: the
         # raw projection) must not share a disk cache with the others.
@@ -65,9 +66,11 @@ class FeatureCache:
             key["features"] = encoder
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
-    def build(self, clients: list[int]) -> None:
-        """Encode every client's partition and the test set (or read them from disk)."""
-        path = self.disk_dir / f"{self.fingerprint()}.safetensors" if self.disk_dir else None
+    def build(self, clients: list[int], test: bool = True) -> None:
+        """Encode the given clients' partitions and (with ``test``) the test set, or read them
+        from disk."""
+        parts = [str(c) for c in clients] + (["test"] if test else [])
+        path = self.disk_dir / f"{self.fingerprint(parts)}.safetensors" if self.disk_dir else None
         if path is not None and path.exists():
             flat = load_state(path)
             self.features = {
@@ -76,7 +79,8 @@ class FeatureCache:
             return
         for client in clients:
             self.features[str(client)] = self._encode(self.data.client_dataset(client))
-        self.features["test"] = self._encode(self.data.test_set)
+        if test:
+            self.features["test"] = self._encode(self.data.test_set)
         if path is not None:
             flat = {}
             for key, (x, y) in self.features.items():

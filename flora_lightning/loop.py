@@ -193,6 +193,38 @@ class FederatedLoop:
         return sorted(int(c) for c in chosen)
 
     # ================================================================= fit
+    def open_run(self, model, datamodule, config_yaml: str | None = None) -> None:
+        """Check the run directory, set everything up, then write config and label table.
+
+        Everything that can fail on bad input runs before the first file is written. Shared by
+        :meth:`fit` and the Flower ServerApp.
+        """
+        self._check_run_dir()
+        self._launch(model, datamodule)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if config_yaml is not None:
+            name = (
+                "config.resumed.yaml" if (self.run_dir / "config.yaml").exists() else "config.yaml"
+            )
+            (self.run_dir / name).write_text(config_yaml)
+        (self.run_dir / "label_table.txt").write_text(datamodule.label_table() + "\n")
+
+    def cache_image_features(self, model, datamodule, clients: list[int], test: bool = True):
+        """Frozen-feature caching of ``clients`` (and the test set), when the method allows it.
+
+        Shared by :meth:`fit` and the Flower apps (a ClientApp caches only its partition, the
+        ServerApp only the test set).
+        """
+        if not (self.cache_features and model.image_encoder_frozen):
+            return
+        t0 = time.perf_counter()
+        self.feature_cache = FeatureCache(self.fabric, model, datamodule, self.feature_cache_dir)
+        self.feature_cache.build(clients, test=test)
+        if self.release_image_encoder:
+            model.release_image_encoder()
+        self.caching_seconds = time.perf_counter() - t0
+        self.fabric.print(f"Cached image features in {self.caching_seconds:.1f}s.")
+
     def fit(self, model, datamodule, config_yaml: str | None = None) -> dict:
         """Run (or resume) the federated training; returns the summary written to summary.json.
 
@@ -201,26 +233,11 @@ class FederatedLoop:
             datamodule: the federated data.
             config_yaml: the resolved config, saved as ``config.yaml`` once setup succeeded.
         """
-        self._check_run_dir()
-        self._launch(model, datamodule)  # everything that can fail on bad input, nothing written
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if config_yaml is not None:
-            name = (
-                "config.resumed.yaml" if (self.run_dir / "config.yaml").exists() else "config.yaml"
-            )
-            (self.run_dir / name).write_text(config_yaml)
+        self.open_run(model, datamodule, config_yaml)
         fabric = self.fabric
         fabric.print(f"Client label counts:\n{datamodule.label_table()}")
-        (self.run_dir / "label_table.txt").write_text(datamodule.label_table() + "\n")
         start = self._restore() if self.resume else 0
-        if self.cache_features and model.image_encoder_frozen:
-            t0 = time.perf_counter()
-            self.feature_cache = FeatureCache(fabric, model, datamodule, self.feature_cache_dir)
-            self.feature_cache.build(list(range(datamodule.num_clients)))
-            if self.release_image_encoder:
-                model.release_image_encoder()
-            self.caching_seconds = time.perf_counter() - t0
-            fabric.print(f"Cached image features in {self.caching_seconds:.1f}s.")
+        self.cache_image_features(model, datamodule, list(range(datamodule.num_clients)))
         fabric.call("on_fit_start", loop=self, model=model)
         if start == 0:
             self._record_round(0, self.evaluate(datamodule), seconds=0.0, up=0, down=0, losses={})

@@ -22,7 +22,6 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from flora_lightning.checkpoint import flatten_optimizer_states, unflatten_optimizer_states
-from flora_lightning.feature_cache import FeatureCache
 from flora_lightning.flower.app_config import Components, FlowerRunConfig, build_components
 from flora_lightning.flower.strategy import to_state
 
@@ -60,11 +59,7 @@ def client_components(run: FlowerRunConfig, context: Context) -> Components:
     loop, model, data = parts.loop, parts.model, parts.data
     loop._launch(model, data)
     partition = partition_of(context, data.num_clients)
-    if loop.cache_features and model.image_encoder_frozen:
-        cache = FeatureCache(loop.fabric, model, data)  # only this partition: no disk cache
-        cache.features[str(partition)] = cache._encode(data.client_dataset(partition))
-        model.release_image_encoder()
-        loop.feature_cache = cache
+    loop.cache_image_features(model, data, clients=[partition], test=False)
     _built[key] = parts
     return parts
 

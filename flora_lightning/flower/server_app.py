@@ -2,7 +2,7 @@
 
 Reads the same YAML as ``flora fit`` and runs the loop's server half:
 
-    seeded setup (FederatedLoop._launch) → initial arrays = model.communicated_state()
+    seeded setup (FederatedLoop.open_run) → initial arrays = model.communicated_state()
     → evaluate round 0 → for each round: Flower samples nodes and sends the global arrays
     → FloraFedAvg aggregates the replies (flora FedAvg) → evaluate on the global test set
     → TensorBoard scalars, summary.json, checkpoints/round_XXX.safetensors → final/ adapter
@@ -19,7 +19,6 @@ import time
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from flora_lightning.feature_cache import FeatureCache
 from flora_lightning.flower.app_config import FlowerRunConfig, build_components
 from flora_lightning.flower.strategy import FloraFedAvg, to_state
 from flora_lightning.strategy import ClientUpdate
@@ -31,16 +30,8 @@ def serve(grid: Grid, run: FlowerRunConfig, timeout: float = 3600.0) -> dict:
     """Run the federated rounds of ``run`` on ``grid``; returns the summary (as summary.json)."""
     parts = build_components(run)
     loop, model, data = parts.loop, parts.model, parts.data
-    loop._check_run_dir()
-    loop._launch(model, data)  # same seeded init as ``flora fit``
-    loop.run_dir.mkdir(parents=True, exist_ok=True)
-    (loop.run_dir / "config.yaml").write_text(parts.config_yaml)
-    (loop.run_dir / "label_table.txt").write_text(data.label_table() + "\n")
-    if loop.cache_features and model.image_encoder_frozen:
-        cache = FeatureCache(loop.fabric, model, data)  # the test set only: clients train
-        cache.features["test"] = cache._encode(data.test_set)
-        model.release_image_encoder()
-        loop.feature_cache = cache
+    loop.open_run(model, data, parts.config_yaml)  # same seeded init as ``flora fit``
+    loop.cache_image_features(model, data, clients=[])  # the test set only: clients train
     fabric = loop.fabric
     fabric.call("on_fit_start", loop=loop, model=model)
 
