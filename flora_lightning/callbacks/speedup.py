@@ -51,8 +51,13 @@ class StepTimes:
         return statistics.median(self.cpu)
 
 
-def time_local_steps(fabric, module, batch, steps: int, warmup: int = 1) -> StepTimes:
+def time_local_steps(
+    fabric, module, batch, steps: int, warmup: int = 1, min_seconds: float = 0.0
+) -> StepTimes:
     """Times of each of ``steps`` timed local optimizer steps, after ``warmup`` untimed ones.
+
+    With ``min_seconds``, fast steps are timed until that much time was timed too (at most
+    100 steps), so a median of many short steps is not left to a handful of samples.
 
     A step is what :meth:`FederatedLoop.client_fit` does per batch: ``training_step`` under
     the Fabric precision autocast, ``fabric.backward``, Adam step, ``zero_grad``. The module's
@@ -64,6 +69,7 @@ def time_local_steps(fabric, module, batch, steps: int, warmup: int = 1) -> Step
         batch: ``(inputs, labels)``: pixels ``[B, 3, H, W]`` or cached features ``[B, D]``.
         steps: timed steps (>= 1).
         warmup: untimed steps first (allocator and kernel warm-up).
+        min_seconds: keep timing until the timed steps add up to this (>= ``steps`` steps).
     """
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps must be >= 1 and warmup >= 0 (got {steps}, {warmup}).")
@@ -72,7 +78,8 @@ def time_local_steps(fabric, module, batch, steps: int, warmup: int = 1) -> Step
     module.train()
     times = StepTimes(wall=[], cpu=[])
     try:
-        for i in range(warmup + steps):
+        i = 0
+        while i < warmup + steps or (sum(times.wall) < min_seconds and i < warmup + 100):
             _sync(fabric.device)
             t0, c0 = time.perf_counter(), time.process_time()
             with fabric.autocast():
@@ -85,6 +92,7 @@ def time_local_steps(fabric, module, batch, steps: int, warmup: int = 1) -> Step
             if i >= warmup:
                 times.wall.append(time.perf_counter() - t0)
                 times.cpu.append(time.process_time() - c0)
+            i += 1
     finally:
         module.eval()
     return times

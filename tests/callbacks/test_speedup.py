@@ -56,6 +56,21 @@ def test_time_local_steps_returns_one_positive_time_per_timed_step():
         time_local_steps(fabric, flora, batch, steps=0)
 
 
+def test_time_local_steps_keeps_timing_fast_steps_until_min_seconds():
+    import lightning as L
+
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    flora = make_flora()
+    batch = (torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2]))
+    times = time_local_steps(fabric, flora, batch, steps=1, warmup=0, min_seconds=0.3)
+    # Tiny steps take milliseconds: many are timed, and just enough to pass 0.3 s (or 100).
+    assert 1 < len(times.wall) <= 100
+    assert sum(times.wall) >= 0.3 or len(times.wall) == 100
+    assert sum(times.wall[:-1]) < 0.3
+    capped = time_local_steps(fabric, flora, batch, steps=1, warmup=0, min_seconds=1e9)
+    assert len(capped.wall) == 100
+
+
 def test_speedup_in_the_loop_and_training_unchanged(tmp_path):
     timed = fit_tiny(tmp_path / "timed", [SpeedupVsFFT(steps=3, warmup=1)])
     plain = fit_tiny(tmp_path / "plain", None)

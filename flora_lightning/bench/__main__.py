@@ -1,0 +1,11 @@
+"""``python -m flora_lightning.bench``: the same as ``flora bench`` (and its ``--worker`` mode)."""
+
+import sys
+
+from flora_lightning.bench.run import main
+
+try:
+    main(sys.argv[1:])
+except (ValueError, RuntimeError) as err:
+    print(f"flora bench: error: {err}", file=sys.stderr)
+    sys.exit(2)

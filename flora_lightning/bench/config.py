@@ -1,0 +1,105 @@
+"""What ``flora bench`` measures and at which scale, and the targets it checks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+VARIANTS = ("FLoRA", "FLoRA-uncached", "FedFFT", "FedLC", "FedVMLC", "FedAA")
+"""Benchmarked methods; ``-uncached`` runs the vision tower every step (caching off)."""
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+TEMPLATE = "a photo of a {}."
+TARGETS = {"round_speedup": 100.0, "memory_reduction": 5.0, "bytes_reduction": 6000.0}
+"""What FLoRA (cached) is checked against, vs FedFFT (x times); loop overhead under 5%."""
+LOOP_OVERHEAD_TARGET = 0.05
+
+
+@dataclass
+class BenchConfig:
+    """What to benchmark and at which scale (defaults: the paper's CIFAR-10 setting)."""
+
+    methods: list[str] = field(default_factory=lambda: list(VARIANTS))
+    """Methods to measure: FLoRA, FLoRA-uncached, FedFFT, FedLC, FedVMLC, FedAA."""
+    rounds: int = 50
+    """Rounds the one-time feature caching is amortised over (paper: 50)."""
+    client_samples: int = 5000
+    """Training samples per client (CIFAR-10 over 10 clients: 5000)."""
+    batch_size: int = 128
+    """Local batch size (paper: 128)."""
+    num_classes: int = 10
+    """Classes of the task (CIFAR-10: 10)."""
+    input_size: int = 32
+    """Side of the synthetic RGB input images before CLIP preprocessing (CIFAR: 32)."""
+    steps: int = 2
+    """Timed local steps per method (the median is used)."""
+    warmup: int = 1
+    """Untimed local steps before the timed ones."""
+    min_timed_seconds: float = 5.0
+    """Fast methods keep timing steps (at most 100) until this many seconds were timed."""
+    encode_samples: int | None = None
+    """Images encoded (after one untimed warm-up batch) to time feature caching (default: 4
+    batches)."""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Where to train."""
+    precision: Literal["32-true", "16-mixed", "bf16-mixed"] = "32-true"
+    """Fabric precision (paper: fp32)."""
+    arch: Literal["vit-b-32", "tiny"] = "vit-b-32"
+    """CLIP shapes: vit-b-32 (transformers.CLIPConfig defaults) or tiny (the offline tiny CLIP)."""
+    loop_overhead: bool = True
+    """Also run the real FederatedLoop for 2 rounds of cached FLoRA to measure its overhead."""
+    out: str = "runs/bench"
+    """Folder for bench.json, bench.md and the per-method worker results."""
+    seed: int = 0
+    """Seed for weights, LoRA init and synthetic images."""
+
+    def __post_init__(self) -> None:
+        known = {v.lower(): v for v in VARIANTS}
+        unknown = [m for m in self.methods if m.lower() not in known]
+        if not self.methods or unknown:
+            raise ValueError(
+                f"bench --methods: unknown or none ({unknown or self.methods}); choose from "
+                f"{', '.join(VARIANTS)}."
+            )
+        self.methods = list(dict.fromkeys(known[m.lower()] for m in self.methods))
+        for name in ("rounds", "client_samples", "batch_size", "num_classes", "steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"bench --{name} must be >= 1 (got {getattr(self, name)}).")
+        if self.warmup < 0:
+            raise ValueError(f"bench --warmup must be >= 0 (got {self.warmup}).")
+        if self.min_timed_seconds < 0:
+            raise ValueError(
+                f"bench --min_timed_seconds must be >= 0 (got {self.min_timed_seconds})."
+            )
+        if self.encode_samples is not None and self.encode_samples < 1:
+            raise ValueError(f"bench --encode_samples must be >= 1 (got {self.encode_samples}).")
+        if self.precision == "16-mixed" and self.device != "cuda":
+            raise ValueError("bench --precision 16-mixed needs --device cuda.")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.client_samples / self.batch_size)
+
+    @property
+    def full_steps_per_epoch(self) -> int:
+        """Steps on a full batch; a last smaller one follows when the batch does not divide."""
+        return self.client_samples // self.batch_size
+
+    def to_argv(self) -> list[str]:
+        """The command-line options that rebuild this config (for workers and the report)."""
+        argv = ["--methods", *self.methods]
+        for key, value in asdict(self).items():
+            if key != "methods" and value is not None:
+                argv += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+        return argv

@@ -1,0 +1,155 @@
+"""One method's local-training cost, measured in a fresh process (so memory peaks never mix)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from flora_lightning.bench.config import BenchConfig
+from flora_lightning.bench.workload import build_method, preprocess, synthetic_images
+
+
+def measure_method(cfg: BenchConfig, variant: str) -> dict:
+    """One method's local-training cost, in this process (run it in a fresh one)."""
+    import lightning as L
+    import peft  # noqa: F401  (every library is loaded before the runtime's memory is read)
+    import torch
+    from transformers import CLIPModel  # noqa: F401
+
+    from flora_lightning.callbacks.memory import PeakMemoryMeter, release_free_memory
+    from flora_lightning.callbacks.speedup import time_local_steps
+    from flora_lightning.loop import state_bytes
+
+    load_at_start = os.getloadavg()[0]
+    torch.manual_seed(cfg.seed)
+    fabric = L.Fabric(accelerator=cfg.device, devices=1, precision=cfg.precision)
+    meter = PeakMemoryMeter(fabric.device)
+    # What the process holds before any model exists: the runtime (interpreter, libraries,
+    # on CPU also CUDA libraries of a CUDA build of torch). Zero-ish on CUDA.
+    release_free_memory()
+    runtime = meter.current_bytes()
+    t0 = time.perf_counter()
+    module = build_method(variant, cfg.arch, cfg.num_classes)
+    module = fabric.setup_module(module).module
+    build_seconds = time.perf_counter() - t0
+    cached = module.image_encoder_frozen and not variant.endswith("-uncached")
+
+    n = cfg.batch_size
+    labels = torch.arange(n) % cfg.num_classes
+    encode_per_image, encode_cpu_per_image, encoded = 0.0, 0.0, 0
+    load_per_image, load_cpu_per_image = 0.0, 0.0
+    if cached:
+        # Time what FeatureCache.build does per image (preprocess + frozen forward) in its
+        # steady state: caching encodes every client's partition batch after batch, so the
+        # first batch's one-off cost (allocator, kernel set-up) is paid once per process and
+        # is excluded here as the steps' warm-up is; the first features are the training batch.
+        encoded = encode_samples(cfg)
+        images = synthetic_images(encoded, cfg.input_size, cfg.seed)
+        _encode(fabric, module, preprocess(module.image_transform, images[:n]))
+        start, cpu_start = time.perf_counter(), time.process_time()
+        features = torch.cat(
+            [
+                _encode(fabric, module, preprocess(module.image_transform, images[i : i + n]))
+                for i in range(0, encoded, n)
+            ]
+        )
+        encode_per_image = (time.perf_counter() - start) / encoded
+        encode_cpu_per_image = (time.process_time() - cpu_start) / encoded
+        batch = (features[:n].clone(), labels)
+        del images, features
+        module.release_image_encoder()
+    else:
+        images = synthetic_images(n, cfg.input_size, cfg.seed)
+        preprocess(module.image_transform, images[:2])  # warm-up
+        start, cpu_start = time.perf_counter(), time.process_time()
+        batch = (preprocess(module.image_transform, images), labels)
+        # Training from pixels pays CLIP preprocessing for every image every epoch (the loop's
+        # default num_workers=0 does it in the training process); cached training paid it once.
+        load_per_image = (time.perf_counter() - start) / n
+        load_cpu_per_image = (time.process_time() - cpu_start) / n
+        del images
+    batch = fabric.to_device(batch)
+    release_free_memory()
+
+    meter.start()
+    times = time_local_steps(fabric, module, batch, cfg.steps, cfg.warmup, cfg.min_timed_seconds)
+    memory = meter.stop()
+    # An epoch ends with a smaller batch when the batch size does not divide the client's
+    # samples (5,000 = 39 x 128 + 8): its step is timed too, not assumed to cost a full one.
+    remainder = cfg.client_samples % n
+    last = None
+    if remainder:
+        part = (batch[0][:remainder], batch[1][:remainder])
+        last = time_local_steps(fabric, module, part, cfg.steps, cfg.warmup, cfg.min_timed_seconds)
+    state = module.communicated_state()
+    return {
+        "method": variant,
+        "cached": cached,
+        "image_encoder_frozen": module.image_encoder_frozen,
+        "trainable_params": module.num_trainable_parameters(),
+        "communicated_params": sum(t.numel() for t in state.values()),
+        "bytes_per_round_per_client": state_bytes(state),
+        "step_seconds": times.median_wall,
+        "timed_steps": len(times.wall),
+        "step_seconds_all": times.wall,
+        "step_cpu_seconds": times.median_cpu,
+        "last_batch_size": remainder,
+        "last_step_seconds": last.median_wall if last else 0.0,
+        "last_step_cpu_seconds": last.median_cpu if last else 0.0,
+        "step_cpu_seconds_all": times.cpu,
+        "encode_seconds_per_image": encode_per_image,
+        "load_seconds_per_image": load_per_image,
+        "load_cpu_seconds_per_image": load_cpu_per_image,
+        "encode_cpu_seconds_per_image": encode_cpu_per_image,
+        "encoded_images": encoded,
+        "peak_memory_bytes": memory.peak_bytes,
+        "memory_at_start_bytes": memory.start_bytes,
+        "memory_growth_bytes": memory.growth_bytes,
+        "runtime_memory_bytes": runtime,
+        "peak_memory_excl_runtime_bytes": max(memory.peak_bytes - runtime, 0),
+        "memory_measure": memory.measure,
+        "caption_tokens": int(module.caption_ids.shape[1]),
+        "build_seconds": build_seconds,
+        "load_average": [load_at_start, os.getloadavg()[0]],
+    }
+
+
+def encode_samples(cfg: BenchConfig) -> int:
+    """Images timed for feature caching: ``encode_samples`` (at least one batch), default 4 batches."""
+    return max(cfg.encode_samples or 4 * cfg.batch_size, cfg.batch_size)
+
+
+def _encode(fabric, module, pixels):
+    import torch
+
+    with torch.no_grad(), fabric.autocast():
+        features = module.frozen_image_features(fabric.to_device(pixels)).float()
+    if fabric.device.type == "cuda":
+        torch.cuda.synchronize(fabric.device)
+    return features
+
+
+def run_worker(cfg: BenchConfig, variant: str) -> dict:
+    """``measure_method`` in a fresh Python process; its result file is kept in ``out``."""
+    result = Path(cfg.out) / "workers" / f"{variant}.json"
+    result.parent.mkdir(parents=True, exist_ok=True)
+    result.unlink(missing_ok=True)
+    command = [
+        sys.executable,
+        "-m",
+        "flora_lightning.bench",
+        *cfg.to_argv(),
+        "--worker",
+        variant,
+    ]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0 or not result.exists():
+        raise RuntimeError(
+            f"bench worker for {variant} failed (exit {done.returncode}):\n"
+            + "\n".join((done.stdout + done.stderr).splitlines()[-30:])
+        )
+    return json.loads(result.read_text())

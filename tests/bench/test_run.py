@@ -1,0 +1,62 @@
+"""``flora bench`` end to end on a tiny CLIP: files, extrapolations, ratios and target checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flora_lightning.bench import main
+
+
+def test_tiny_bench_end_to_end(tmp_path):
+    out = tmp_path / "bench"
+    report = main(
+        ["--arch", "tiny", "--batch_size", "8", "--steps", "1", "--client_samples", "36"]
+        + ["--methods", "FLoRA", "FedFFT", "--out", str(out)]
+    )
+    saved = json.loads((out / "bench.json").read_text())
+    assert saved["methods"] == report["methods"]
+    assert set(saved) >= {"config", "machine", "wall_seconds", "loop_overhead", "targets"}
+    flora, fft = (
+        next(r for r in saved["methods"] if r["method"] == m) for m in ("FLoRA", "FedFFT")
+    )
+    assert (out / "workers" / "FLoRA.json").exists()  # measured in its own process
+
+    # Tiny CLIP: LoRA on 2 text layers' out_proj (512 params) vs the whole model.
+    assert flora["trainable_params"] == 512 and fft["trainable_params"] == 186_753
+    assert flora["bytes_reduction_vs_fft"] == fft["trainable_params"] / flora["trainable_params"]
+    assert fft["bytes_reduction_vs_fft"] == fft["round_speedup_vs_fft"] == 1.0
+    # Extrapolations and ratios come from the measured numbers.
+    # 36 samples at batch 8: 4 full steps and a last step on 4 samples, timed on its own.
+    assert saved["steps_per_epoch"] == 5
+    assert flora["last_batch_size"] == fft["last_batch_size"] == 4
+    assert flora["last_step_seconds"] > 0 and fft["last_step_seconds"] > 0
+    assert flora["cached"] and not fft["cached"] and fft["caching_seconds_per_round"] == 0
+    assert flora["round_seconds"] == pytest.approx(
+        4 * flora["step_seconds"]
+        + flora["last_step_seconds"]
+        + 36 * flora["encode_seconds_per_image"] / 50
+    )
+    # Training from pixels also pays preprocessing for every image of every epoch.
+    assert fft["load_seconds_per_image"] > 0 and flora["load_seconds_per_image"] == 0
+    assert fft["round_seconds"] == pytest.approx(
+        4 * fft["step_seconds"] + fft["last_step_seconds"] + 36 * fft["load_seconds_per_image"]
+    )
+    assert flora["round_speedup_vs_fft"] == pytest.approx(
+        fft["round_seconds"] / flora["round_seconds"]
+    )
+    assert flora["memory_reduction_vs_fft"] == pytest.approx(
+        fft["peak_memory_bytes"] / flora["peak_memory_bytes"]
+    )
+    assert flora["peak_memory_excl_runtime_bytes"] == (
+        flora["peak_memory_bytes"] - flora["runtime_memory_bytes"]
+    )
+    assert 0 <= saved["loop_overhead"]["overhead_fraction"] < 1
+
+    md = (out / "bench.md").read_text()
+    assert "| FLoRA (cached) | 512 | 2,048 |" in md
+    assert "| FedFFT | 186,753 | 747,012 |" in md
+    assert "extrapolated" in md and "Loop overhead" in md
+    # A tiny model cannot reach the ViT-B/32 target: the check says so.
+    assert ">= 6,000x fewer bytes per round: 365x (NOT met; 512 vs 186,753 params)" in md
