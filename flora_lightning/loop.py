@@ -144,8 +144,13 @@ class FederatedLoop:
         self.optimizer_states: dict[int, dict] = {}
 
     # ================================================================ setup
-    def _launch(self, model, data) -> None:
-        """Fabric, data, model, in the order that fails fastest on bad input."""
+    def launch(self, model, data) -> None:
+        """Fabric, data, model, in the order that fails fastest on bad input.
+
+        Part of the per-round API that :meth:`fit` and the Flower apps share: ``launch`` (or
+        :meth:`open_run`), then per round :meth:`client_fit` on the clients,
+        :meth:`evaluate`, :meth:`record_round`, :meth:`save_round`; at the end :meth:`finish`.
+        """
         from lightning.fabric.loggers import TensorBoardLogger
 
         if self.precision == "16-mixed" and not torch.cuda.is_available():
@@ -200,7 +205,7 @@ class FederatedLoop:
         :meth:`fit` and the Flower ServerApp.
         """
         self._check_run_dir()
-        self._launch(model, datamodule)
+        self.launch(model, datamodule)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if config_yaml is not None:
             name = (
@@ -240,7 +245,7 @@ class FederatedLoop:
         self.cache_image_features(model, datamodule, list(range(datamodule.num_clients)))
         fabric.call("on_fit_start", loop=self, model=model)
         if start == 0:
-            self._record_round(0, self.evaluate(datamodule), seconds=0.0, up=0, down=0, losses={})
+            self.record_round(0, self.evaluate(datamodule), seconds=0.0, up=0, down=0, losses={})
         bar = tqdm(
             range(start + 1, self.rounds + 1),
             desc="rounds",
@@ -274,10 +279,10 @@ class FederatedLoop:
             metrics = self.evaluate(datamodule)
             metrics["eval_seconds"] = time.perf_counter() - t_eval
             metrics["train_seconds"] = train_seconds
-            record = self._record_round(round_, metrics, time.perf_counter() - t0, up, down, losses)
+            record = self.record_round(round_, metrics, time.perf_counter() - t0, up, down, losses)
             bar.set_postfix(acc=f"{record['test_acc']:.4f}", loss=f"{record['test_loss']:.3f}")
-            self._save_round(round_, model)
-        return self._finish(model, datamodule)
+            self.save_round(round_, model)
+        return self.finish(model, datamodule)
 
     def client_fit(self, model, datamodule, client: int, round_: int) -> ClientUpdate:
         """Local training of one client from the currently loaded (global) state."""
@@ -356,7 +361,7 @@ class FederatedLoop:
         return self._evaluate_only(model, datamodule, ckpt_path, "test")
 
     def _evaluate_only(self, model, datamodule, ckpt_path, stage: str) -> dict:
-        self._launch(model, datamodule)
+        self.launch(model, datamodule)
         if ckpt_path:
             model.load_communicated_state(load_state(ckpt_path))
         result = {
@@ -370,7 +375,16 @@ class FederatedLoop:
         return result
 
     # ========================================================= bookkeeping
-    def _record_round(self, round_, metrics, seconds, up, down, losses) -> dict:
+    def record_round(self, round_, metrics, seconds, up, down, losses) -> dict:
+        """Append a round to the history; callbacks, TensorBoard scalars; returns the record.
+
+        Args:
+            round_: the round (0 = before training).
+            metrics: ``test_acc``, ``test_loss`` and optionally ``train_seconds``/``eval_seconds``.
+            seconds: wall time of the round.
+            up, down: bytes sent by the clients / to them this round.
+            losses: client id -> mean local training loss.
+        """
         cumulative_up = up + (self.history[-1]["bytes_up_total"] if self.history else 0)
         cumulative_down = down + (self.history[-1]["bytes_down_total"] if self.history else 0)
         record = {
@@ -424,7 +438,7 @@ class FederatedLoop:
                 "--trainer.resume true to continue it or choose another directory."
             )
 
-    def _save_round(self, round_: int, model) -> None:
+    def save_round(self, round_: int, model) -> None:
         """Per-round global checkpoint, then the resume state that points at it."""
         checkpoints = self.run_dir / "checkpoints"
         save_state(
@@ -467,7 +481,8 @@ class FederatedLoop:
         self.fabric.print(f"Resuming {self.run_dir} after round {round_}.")
         return round_
 
-    def _finish(self, model, datamodule) -> dict:
+    def finish(self, model, datamodule) -> dict:
+        """Callbacks' ``on_fit_end``, the exported final model, summary.json; returns the summary."""
         summary = self.summary(model)
         self.fabric.call("on_fit_end", loop=self, model=model, summary=summary)
         write_folder(self.run_dir / "final", lambda folder: model.export(str(folder)))

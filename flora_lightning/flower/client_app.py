@@ -57,7 +57,7 @@ def client_components(run: FlowerRunConfig, context: Context) -> Components:
     scratch = str(Path(tempfile.gettempdir()) / "flora-flower-client")
     parts = build_components(run, run_dir=scratch)
     loop, model, data = parts.loop, parts.model, parts.data
-    loop._launch(model, data)
+    loop.launch(model, data)
     partition = partition_of(context, data.num_clients)
     loop.cache_image_features(model, data, clients=[partition], test=False)
     _built[key] = parts

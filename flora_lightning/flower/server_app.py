@@ -58,7 +58,7 @@ def serve(grid: Grid, run: FlowerRunConfig, timeout: float = 3600.0) -> dict:
         t_eval = time.perf_counter()
         metrics = loop.evaluate(data)
         if round_ == 0:
-            loop._record_round(0, metrics, seconds=0.0, up=0, down=0, losses={})
+            loop.record_round(0, metrics, seconds=0.0, up=0, down=0, losses={})
         else:
             report = strategy.reports[round_]
             if round_ not in started:  # no reply decoded: still a round for the callbacks
@@ -66,7 +66,7 @@ def serve(grid: Grid, run: FlowerRunConfig, timeout: float = 3600.0) -> dict:
             metrics["eval_seconds"] = time.perf_counter() - t_eval
             metrics["train_seconds"] = report.train_seconds
             loop.round = round_
-            record = loop._record_round(
+            record = loop.record_round(
                 round_,
                 metrics,
                 time.perf_counter() - clock["t"],
@@ -76,7 +76,7 @@ def serve(grid: Grid, run: FlowerRunConfig, timeout: float = 3600.0) -> dict:
             )
             record["accepted_clients"] = report.accepted
             record["rejected_clients"] = report.rejected
-            loop._save_round(round_, model)
+            loop.save_round(round_, model)
         clock["t"] = time.perf_counter()
         return MetricRecord({"test-acc": metrics["test_acc"], "test-loss": metrics["test_loss"]})
 
@@ -87,7 +87,7 @@ def serve(grid: Grid, run: FlowerRunConfig, timeout: float = 3600.0) -> dict:
         timeout=timeout,
         evaluate_fn=evaluate,
     )
-    return loop._finish(model, data)
+    return loop.finish(model, data)
 
 
 def make_server_app(defaults: dict | None = None) -> ServerApp:
