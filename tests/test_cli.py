@@ -29,6 +29,19 @@ FAST = [
 ]
 
 
+def fast_fit(run_dir, *extra: str) -> list[str]:
+    """``flora fit`` on the quickstart, small and fast, into ``run_dir``, then ``extra``."""
+    return [
+        "fit",
+        "--config",
+        QUICKSTART,
+        "--trainer.default_root_dir",
+        str(run_dir),
+        *FAST,
+        *extra,
+    ]
+
+
 def parse_exit(args: list[str], capsys) -> tuple[int, str, str]:
     with pytest.raises(SystemExit) as exit_info:
         cli.build_parser().parse_args(args)
@@ -138,15 +151,7 @@ def test_bad_value_exits_nonzero_and_writes_nothing(
     tmp_path, monkeypatch, capsys, offline_assets, override, message
 ):
     run_dir = tmp_path / "run"
-    args = [
-        "fit",
-        "--config",
-        QUICKSTART,
-        "--trainer.default_root_dir",
-        str(run_dir),
-        *FAST,
-        *override,
-    ]
+    args = fast_fit(run_dir, *override)
     code, err = run_main(args, monkeypatch, capsys)
     assert code != 0
     assert message in err
@@ -174,9 +179,7 @@ def test_unparsable_value_exits_nonzero(tmp_path, capsys):
 
 def test_saved_config_runs_again(tmp_path, offline_assets):
     first = tmp_path / "first"
-    summary = cli.run(
-        ["fit", "--config", QUICKSTART, "--trainer.default_root_dir", str(first), *FAST]
-    )
+    summary = cli.run(fast_fit(first))
     saved = yaml.safe_load((first / "config.yaml").read_text())
     assert saved["trainer"]["rounds"] == 1
     assert saved["trainer"]["max_local_steps"] == 1
@@ -203,16 +206,7 @@ def test_saved_config_runs_again(tmp_path, offline_assets):
 
 def test_fit_into_existing_run_refused(tmp_path, monkeypatch, capsys, offline_assets):
     run_dir = tmp_path / "run"
-    args = [
-        "fit",
-        "--config",
-        QUICKSTART,
-        "--trainer.default_root_dir",
-        str(run_dir),
-        *FAST,
-        "--trainer.rounds",
-        "0",
-    ]
+    args = fast_fit(run_dir, "--trainer.rounds", "0")
     assert run_main(args, monkeypatch, capsys)[0] == 0
     config_before = (run_dir / "config.yaml").read_text()
     code, err = run_main(args, monkeypatch, capsys)
