@@ -8,6 +8,9 @@ with its communicated state, ``num-examples``, ``train-loss``, ``train-seconds``
 ``partition-id``. Its Adam state is kept between rounds in ``context.state`` (it never leaves
 the node), as the in-process loop keeps it per client.
 
+A query message (sent once per node when ``join_ratio < 1``) is answered with the node's
+``partition-id`` only, so the ServerApp can train the partitions ``flora fit`` would sample.
+
 Model and data are built once per process and config (a SuperNode's ClientApp process or a
 simulation worker may serve several rounds and, in simulation, several partitions).
 """
@@ -23,7 +26,7 @@ from flwr.clientapp import ClientApp
 
 from flora_lightning.checkpoint import flatten_optimizer_states, unflatten_optimizer_states
 from flora_lightning.flower.app_config import Components, FlowerRunConfig, build_components
-from flora_lightning.flower.strategy import to_state
+from flora_lightning.flower.strategy import PARTITION_KEY, to_state
 
 OPTIMIZER_STATE_KEY = "flora-optimizer"
 """``context.state`` key of the client's Adam state (an ArrayRecord)."""
@@ -88,11 +91,19 @@ def fit_message(msg: Message, context: Context, run: FlowerRunConfig) -> Message
             "num-examples": update.num_samples,
             "train-loss": update.train_loss,
             "train-seconds": seconds,
-            "partition-id": client,
+            PARTITION_KEY: client,
         }
     )
     content = RecordDict({"arrays": ArrayRecord(update.state), "metrics": metrics})
     return Message(content=content, reply_to=msg)
+
+
+def partition_message(msg: Message, context: Context) -> Message:
+    """Answer to the server's query: this node's ``partition-id`` (nothing is built or trained)."""
+    if "partition-id" not in context.node_config:
+        partition_of(context, 0)  # raises the explanatory error
+    metrics = MetricRecord({PARTITION_KEY: int(context.node_config["partition-id"])})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 
 def make_client_app(defaults: dict | None = None) -> ClientApp:
@@ -104,6 +115,10 @@ def make_client_app(defaults: dict | None = None) -> ClientApp:
         return fit_message(
             msg, context, FlowerRunConfig.from_run_config(context.run_config, defaults)
         )
+
+    @client.query()
+    def query(msg: Message, context: Context) -> Message:
+        return partition_message(msg, context)
 
     return client
 

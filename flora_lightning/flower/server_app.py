@@ -3,7 +3,9 @@
 Reads the same YAML as ``flora fit`` and runs the loop's server half:
 
     seeded setup (FederatedLoop.open_run) → initial arrays = model.communicated_state()
-    → evaluate round 0 → for each round: Flower samples nodes and sends the global arrays
+    → evaluate round 0 → for each round: the nodes are sampled (all of them, or with
+    join_ratio < 1 those holding the partitions the loop's seeded sampler picks) and sent
+    the global arrays
     → FloraFedAvg aggregates the replies (flora FedAvg) → evaluate on the global test set
     → TensorBoard scalars, summary.json, checkpoints/round_XXX.safetensors → final/ adapter
 
@@ -50,6 +52,12 @@ def serve(grid: Grid, run: FlowerRunConfig, timeout: float = 3600.0) -> dict:
         min_train_nodes=loop.clients_per_round(data.num_clients),
         min_available_nodes=data.num_clients,
         on_client_update=on_client_update,
+        # With join_ratio < 1, the same seeded clients per round as ``flora fit``.
+        select_clients=(
+            (lambda round_: loop.sample_clients(round_, data.num_clients))
+            if loop.join_ratio < 1
+            else None
+        ),
     )
     clock = {"t": time.perf_counter()}
 

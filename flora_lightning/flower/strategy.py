@@ -1,8 +1,11 @@
 """``FloraFedAvg``: Flower's FedAvg with flora's aggregation over the communicated tensors.
 
-Sampling and message construction are Flower's (:class:`flwr.serverapp.strategy.FedAvg`);
-aggregation is :class:`flora_lightning.strategy.FedAvg`, the same code the in-process loop
-runs. With client ``k`` returning ``w_k`` after training on ``n_k`` samples (its
+Message construction is Flower's (:class:`flwr.serverapp.strategy.FedAvg`); aggregation is
+:class:`flora_lightning.strategy.FedAvg`, the same code the in-process loop runs. Sampling is
+Flower's too, unless ``select_clients`` is given (the ServerApp passes the loop's seeded
+``sample_clients`` when ``join_ratio < 1``): then the clients (partition ids) it names for the
+round train, exactly as in ``flora fit``; each node's partition id is learnt once with a
+``query`` message (the ClientApp answers with its ``partition-id``). With client ``k`` returning ``w_k`` after training on ``n_k`` samples (its
 ``num-examples`` metric), every communicated tensor becomes
 
     w_global = sum_k n_k * w_k / sum_k n_k       (accumulated in float64)
@@ -25,14 +28,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from flora_lightning.strategy import ClientUpdate
 from flora_lightning.strategy import FedAvg as FloraAverage
 
 log = logging.getLogger(__name__)
+
+PARTITION_KEY = "partition-id"
+"""Metric that names a client's partition, in train replies and query answers."""
 
 
 def array_record_bytes(record: ArrayRecord) -> int:
@@ -69,6 +76,9 @@ class FloraFedAvg(FlowerFedAvg):
         min_available_nodes: wait until this many nodes are connected before sampling.
         on_client_update: called with ``(round, update)`` for every decoded reply, before
             it is aggregated (the server app feeds its callbacks with it).
+        select_clients: ``round -> partition ids`` that train in that round; ``None`` keeps
+            Flower's random node sampling.
+        query_timeout: seconds to wait for the nodes' partition ids.
     """
 
     def __init__(
@@ -78,6 +88,8 @@ class FloraFedAvg(FlowerFedAvg):
         min_train_nodes: int = 1,
         min_available_nodes: int = 1,
         on_client_update: Callable[[int, ClientUpdate], None] | None = None,
+        select_clients: Callable[[int], list[int]] | None = None,
+        query_timeout: float = 600.0,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -88,6 +100,10 @@ class FloraFedAvg(FlowerFedAvg):
         )
         self.average = FloraAverage(min_clients=min_clients)
         self.on_client_update = on_client_update
+        self.select_clients = select_clients
+        self.query_timeout = query_timeout
+        self.partitions: dict[int, int] = {}
+        """Node id -> partition id, learnt from the nodes' answers to a query message."""
         self.reports: dict[int, RoundReport] = {}
         self._global: dict[str, torch.Tensor] = {}
 
@@ -98,13 +114,57 @@ class FloraFedAvg(FlowerFedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Flower's sampling; remembers the global state sent and counts the bytes down."""
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        """Sampling (Flower's, or ``select_clients``); remembers the global state sent and
+        counts the bytes down."""
+        if self.select_clients is None:
+            messages = list(super().configure_train(server_round, arrays, config, grid))
+        else:
+            messages = self._configure_selected(server_round, arrays, config, grid)
         self._global = to_state(arrays)
         self.reports[server_round] = RoundReport(
             bytes_down=array_record_bytes(arrays) * len(messages)
         )
         return messages
+
+    def _configure_selected(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        """Train messages to the nodes holding the partitions ``select_clients`` names."""
+        # Waits until min_available_nodes are connected; every connected node is a candidate.
+        _, nodes = sample_nodes(grid, self.min_available_nodes, self.min_available_nodes)
+        unknown = [node for node in nodes if node not in self.partitions]
+        if unknown:
+            self.partitions.update(self._ask_partitions(grid, unknown))
+        wanted = sorted(self.select_clients(server_round))
+        chosen = [node for node in sorted(nodes) if self.partitions.get(node) in wanted]
+        missing = sorted(set(wanted) - {self.partitions[node] for node in chosen})
+        if missing:
+            log.warning(
+                "round %d: no connected node holds partition(s) %s; they do not train.",
+                server_round,
+                missing,
+            )
+        log.info("configure_train: partitions %s (seeded, as flora fit)", wanted)
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return list(self._construct_messages(record, chosen, MessageType.TRAIN))
+
+    def _ask_partitions(self, grid: Grid, nodes: list[int]) -> dict[int, int]:
+        """Each node's ``partition-id``, from its answer to a query message."""
+        record = RecordDict({self.configrecord_key: ConfigRecord({"ask": PARTITION_KEY})})
+        messages = self._construct_messages(record, nodes, MessageType.QUERY)
+        found = {}
+        for answer in grid.send_and_receive(messages, timeout=self.query_timeout):
+            node = answer.metadata.src_node_id
+            metrics = None if answer.has_error() else answer.content.metric_records.get("metrics")
+            if metrics is None or PARTITION_KEY not in metrics:
+                reason = answer.error.reason if answer.has_error() else "no partition-id"
+                log.warning(
+                    "node %d did not tell its partition (%s); it is not sampled.", node, reason
+                )
+                continue
+            found[node] = int(metrics[PARTITION_KEY])
+        return found
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -23,6 +23,7 @@ from flora_lightning.flower.client_app import (  # noqa: E402
     OPTIMIZER_STATE_KEY,
     client_components,
     fit_message,
+    partition_message,
 )
 from flora_lightning.flower.strategy import array_record_bytes, to_state  # noqa: E402
 
@@ -89,3 +90,18 @@ def test_partition_must_fit_the_config(offline_assets):
         fit_message(
             train_message(client_components(RUN, context()).model.communicated_state(), 1), ctx, RUN
         )
+
+
+def test_query_answers_the_partition_without_building_anything():
+    question = Message(
+        RecordDict({"config": ConfigRecord({"ask": "partition-id"})}),
+        dst_node_id=NODE,
+        message_type=MessageType.QUERY,
+    )
+    answer = partition_message(question, context())
+    assert answer.content.metric_records["metrics"]["partition-id"] == 0
+    no_partition = Context(
+        run_id=1, node_id=NODE, node_config={}, state=RecordDict(), run_config={}
+    )
+    with pytest.raises(ValueError, match="node_config has no partition-id"):
+        partition_message(question, no_partition)

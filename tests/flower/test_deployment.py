@@ -166,11 +166,13 @@ def federation(
                 process.wait(timeout=15)
 
 
-def flwr_run(tmp: Path, env: dict, out_dir: Path) -> subprocess.CompletedProcess:
+def flwr_run(
+    tmp: Path, env: dict, out_dir: Path, overrides: str = OVERRIDES
+) -> subprocess.CompletedProcess:
     """``flwr run flower_app`` (2 rounds, 2 clients) on the connection ``federation`` wrote."""
     run_config = (
         f'config="{QUICKSTART}" out-dir="{out_dir}" num-server-rounds={ROUNDS} '
-        f'overrides="{OVERRIDES}"'
+        f'overrides="{overrides}"'
     )
     return flwr(
         env, "run", str(REPO / "flower_app"), "--stream", "--run-config", run_config, cwd=tmp
@@ -190,7 +192,11 @@ def flower_env(tmp_path_factory, offline_assets) -> dict:
 
 @pytest.fixture(scope="module")
 def in_process(tmp_path_factory, offline_assets) -> Path:
-    run_dir = tmp_path_factory.mktemp("in_process") / "run"
+    return fit_in_process(tmp_path_factory.mktemp("in_process") / "run", OVERRIDES)
+
+
+def fit_in_process(run_dir: Path, overrides: str) -> Path:
+    """The reference: ``flora fit`` of the same config in this process."""
     cli.run(
         [
             "fit",
@@ -202,7 +208,7 @@ def in_process(tmp_path_factory, offline_assets) -> Path:
             str(run_dir),
             "--trainer.progress",
             "false",
-            *OVERRIDES.split(),
+            *overrides.split(),
         ]
     )
     return run_dir
@@ -222,11 +228,13 @@ def assert_same_run(flower_dir: Path, reference: Path) -> None:
     assert [r["round"] for r in summary["rounds"]] == list(range(ROUNDS + 1))
     for record, ref in zip(summary["rounds"][1:], ref_summary["rounds"][1:], strict=True):
         assert set(ref) <= set(record)
-        assert record["bytes_up"] == record["bytes_down"] == 2 * per_client
-        assert record["client_bytes_up"] == {"0": per_client, "1": per_client}
+        clients = sorted(ref["client_train_loss"], key=int)  # who trained in flora fit
+        assert record["bytes_up"] == record["bytes_down"] == len(clients) * per_client
+        assert record["client_bytes_up"] == dict.fromkeys(clients, per_client)
         assert record["test_acc"] == pytest.approx(ref["test_acc"], abs=1e-6)
         assert record["client_train_loss"] == pytest.approx(ref["client_train_loss"], abs=1e-5)
-        assert record["accepted_clients"] == [0, 1] and record["rejected_clients"] == {}
+        assert record["accepted_clients"] == [int(c) for c in clients]
+        assert record["rejected_clients"] == {}
     for round_ in range(1, ROUNDS + 1):
         assert (flower_dir / "checkpoints" / f"round_{round_:03d}.safetensors").is_file()
     assert list((flower_dir / "tensorboard").glob("events.out.tfevents.*"))
@@ -334,3 +342,24 @@ def test_simulation_matches_in_process_loop(tmp_path, flower_env, in_process):
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n{logs}"
     assert (out_dir / "final").is_dir(), f"{result.stdout[-4000:]}\n{logs}"
     assert_same_run(out_dir, in_process)
+
+
+@pytest.mark.slow
+def test_partial_participation_trains_the_same_clients_as_flora_fit(tmp_path, flower_env):
+    """join_ratio 0.5 of 4 clients: the ServerApp asks each node its partition once, then each
+    round trains the partitions ``flora fit`` samples (seeded), not Flower's random pick."""
+    overrides = (
+        "--data.partition.num_clients 4 --trainer.max_local_steps 2 --trainer.join_ratio 0.5"
+    )
+    reference = fit_in_process(tmp_path / "in_process", overrides)
+    trained = [
+        sorted(r["client_train_loss"])
+        for r in json.loads((reference / "summary.json").read_text())["rounds"][1:]
+    ]
+    assert all(len(clients) == 2 for clients in trained) and trained[0] != trained[1]
+    out_dir = tmp_path / "flower_partial_run"
+    with federation(tmp_path, flower_env, num_nodes=4, simulation=True):
+        result = flwr_run(tmp_path, flower_env, out_dir, overrides)
+    logs = "\n".join(p.read_text()[-2000:] for p in sorted(tmp_path.glob("*.log")))
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n{logs}"
+    assert_same_run(out_dir, reference)

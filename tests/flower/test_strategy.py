@@ -45,6 +45,30 @@ class FakeGrid:
         return list(self.nodes)
 
 
+class AnsweringGrid(FakeGrid):
+    """Nodes that answer the partition query: ``{node id: partition id or None (error)}``."""
+
+    def __init__(self, partitions: dict[int, int | None]) -> None:
+        super().__init__(list(partitions))
+        self.partitions = partitions
+        self.asked: list[int] = []
+
+    def send_and_receive(self, messages, timeout=None):
+        answers = []
+        for message in messages:
+            assert message.metadata.message_type == MessageType.QUERY
+            node = message.metadata.dst_node_id
+            self.asked.append(node)
+            partition = self.partitions[node]
+            if partition is None:
+                answer = Message(Error(code=0, reason="boom"), reply_to=message)
+            else:
+                metrics = MetricRecord({"partition-id": partition})
+                answer = Message(RecordDict({"metrics": metrics}), reply_to=message)
+            answers.append(answer)
+        return answers
+
+
 def train_round(strategy: FloraFedAvg, nodes: list[int], server_round: int = 1) -> list[Message]:
     return list(
         strategy.configure_train(server_round, ArrayRecord(GLOBAL), ConfigRecord(), FakeGrid(nodes))
@@ -155,3 +179,20 @@ def test_reply_without_num_examples_is_excluded():
     assert arrays is None
     assert strategy.reports[1].rejected == {"node 9": "its reply has no 'num-examples'"}
     assert MessageType.TRAIN == sent[0].metadata.message_type
+
+
+def test_selected_partitions_train_and_partitions_are_asked_once(caplog):
+    picks = {1: [0, 3], 2: [1, 2], 3: [2, 3]}
+    strategy = FloraFedAvg(min_available_nodes=5, select_clients=picks.__getitem__)
+    grid = AnsweringGrid({11: 2, 12: 0, 13: 3, 14: 1, 15: None})
+    for server_round, wanted in picks.items():
+        sent = strategy.configure_train(server_round, ArrayRecord(GLOBAL), ConfigRecord(), grid)
+        nodes = [m.metadata.dst_node_id for m in sent]
+        assert sorted(strategy.partitions[n] for n in nodes) == wanted
+        assert all(m.metadata.message_type == MessageType.TRAIN for m in sent)
+        assert all(m.content["config"]["server-round"] == server_round for m in sent)
+        assert strategy.reports[server_round].bytes_down == len(wanted) * (6 + 4) * 4
+    # Each node is asked once; the one whose answer failed is asked again, never sampled.
+    assert sorted(grid.asked) == [11, 12, 13, 14, 15, 15, 15]
+    assert 15 not in strategy.partitions
+    assert "node 15 did not tell its partition (boom)" in caplog.text
