@@ -250,6 +250,45 @@ def test_resume_equals_uninterrupted_run(make_flora, make_datamodule, make_loop)
     assert resumed_summary["final_test_acc"] == pytest.approx(full_summary["final_test_acc"])
 
 
+class CrashAtRound(Callback):
+    """Stands for a killed process: raises once ``round`` is recorded, before it is saved."""
+
+    def __init__(self, round: int) -> None:
+        self.round = round
+
+    def on_round_end(self, loop, round, record) -> None:
+        if round == self.round:
+            raise KeyboardInterrupt(f"killed in round {round}")
+
+
+def test_sparse_resume_state_restarts_from_the_last_one_written(
+    make_flora, make_datamodule, make_loop
+):
+    full = make_loop(rounds=4, run="a", keep_last_checkpoints=1)
+    full.fit(make_flora(), make_datamodule())
+
+    crashed = make_loop(rounds=4, run="b", resume_every_n_rounds=2, keep_last_checkpoints=1)
+    crashed.callbacks.append(CrashAtRound(4))
+    with pytest.raises(KeyboardInterrupt):
+        crashed.fit(make_flora(), make_datamodule())
+    state = json.loads((crashed.run_dir / "resume" / "state.json").read_text())
+    assert state["round"] == 2  # written after round 2, not after 1, 3 or the unfinished 4
+    # The global state travels with the resume state: round 2's checkpoint was pruned.
+    checkpoints = sorted(p.name for p in (crashed.run_dir / "checkpoints").iterdir())
+    assert checkpoints == ["round_003.safetensors"]
+
+    resumed = make_loop(rounds=4, run="b", resume=True, resume_every_n_rounds=2)
+    summary = resumed.fit(make_flora(seed=99), make_datamodule())
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2, 3, 4]
+    a = load_state(full.run_dir / "checkpoints" / "round_004.safetensors")
+    b = load_state(resumed.run_dir / "checkpoints" / "round_004.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
+    assert json.loads((resumed.run_dir / "resume" / "state.json").read_text())["round"] == 4
+    with pytest.raises(ValueError, match="resume_every_n_rounds must be >= 1"):
+        make_loop(resume_every_n_rounds=0)
+
+
 def test_existing_run_without_resume_refused(make_flora, make_datamodule, make_loop):
     datamodule = make_datamodule(max_test_samples=64)
     loop = make_loop(rounds=1, max_local_steps=1, cache_features=False)
