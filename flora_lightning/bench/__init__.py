@@ -2,7 +2,7 @@
 
 Usage::
 
-    flora bench                           # ViT-B/32 shapes, CPU, all methods (~3 min on 2 idle cores)
+    flora bench                           # ViT-B/32 shapes, CPU, all methods (~6 min on 2 idle cores)
     flora bench --device cuda --precision bf16-mixed
     flora bench --arch tiny --batch_size 8 --steps 1 --client_samples 32 --methods FLoRA FedFFT
 
@@ -13,15 +13,17 @@ memory nor bytes. For each method, in a fresh process (``python -m flora_lightni
 --worker METHOD``) so peak memory does not mix between methods, it
 
 1. builds the method and, when the loop would cache frozen image features (FLoRA on the text
-   tower, any method whose ``image_encoder_frozen`` is true), encodes a sample of images, takes
-   the time per image, then releases the vision tower as the loop does;
+   tower, any method whose ``image_encoder_frozen`` is true), encodes a sample of images after
+   an untimed warm-up batch, takes the time per image, then releases the vision tower as the
+   loop does;
 2. times local optimizer steps on one batch exactly as the loop's client fit runs them
-   (median of ``steps`` after ``warmup``), measuring the peak memory of that local training
+   (median of at least ``steps``, fast methods until ``min_timed_seconds``, after ``warmup``),
+   and a step on the epoch's last, smaller batch; measures the peak memory of that local training
    (CPU: peak RSS via ``/proc/self/clear_refs`` + ``VmHWM``; CUDA: ``max_memory_allocated``);
 3. counts trainable parameters and communicated bytes.
 
-From these, *extrapolated* (not run end to end): seconds per local epoch = steps per epoch x
-step time; seconds per round = epoch time + the one-time caching cost (``client_samples`` x time
+From these, *extrapolated* (not run end to end): seconds per local epoch = full-batch steps x
+step time + the last step; seconds per round = epoch time + the one-time caching cost (``client_samples`` x time
 per encoded image) amortised over ``rounds``. The loop's own overhead is measured by running the
 real :class:`~flora_lightning.loop.FederatedLoop` for 2 rounds of cached FLoRA on a tiny
 synthetic dataset. Results: a printed table, ``bench.json`` and ``bench.md`` in ``--out``;
