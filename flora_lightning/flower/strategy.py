@@ -135,9 +135,24 @@ class FloraFedAvg(FlowerFedAvg):
         unknown = [node for node in nodes if node not in self.partitions]
         if unknown:
             self.partitions.update(self._ask_partitions(grid, unknown))
+        holder: dict[int, int] = {}  # partition -> the node that trains it (lowest id)
+        for node in sorted(nodes):
+            partition = self.partitions.get(node)
+            if partition is None:
+                continue
+            if partition in holder:
+                log.warning(
+                    "nodes %d and %d both hold partition %d; only node %d trains it.",
+                    holder[partition],
+                    node,
+                    partition,
+                    holder[partition],
+                )
+                continue
+            holder[partition] = node
         wanted = sorted(self.select_clients(server_round))
-        chosen = [node for node in sorted(nodes) if self.partitions.get(node) in wanted]
-        missing = sorted(set(wanted) - {self.partitions[node] for node in chosen})
+        chosen = [holder[p] for p in wanted if p in holder]
+        missing = [p for p in wanted if p not in holder]
         if missing:
             log.warning(
                 "round %d: no connected node holds partition(s) %s; they do not train.",

@@ -196,3 +196,11 @@ def test_selected_partitions_train_and_partitions_are_asked_once(caplog):
     assert sorted(grid.asked) == [11, 12, 13, 14, 15, 15, 15]
     assert 15 not in strategy.partitions
     assert "node 15 did not tell its partition (boom)" in caplog.text
+
+
+def test_a_partition_held_by_two_nodes_trains_once(caplog):
+    strategy = FloraFedAvg(min_available_nodes=3, select_clients=lambda round_: [0, 1])
+    grid = AnsweringGrid({21: 0, 22: 1, 23: 0})
+    sent = strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), grid)
+    assert sorted(m.metadata.dst_node_id for m in sent) == [21, 22]
+    assert "nodes 21 and 23 both hold partition 0" in caplog.text
