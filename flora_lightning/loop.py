@@ -488,9 +488,10 @@ class FederatedLoop:
         round_ = saved["round"]
         self.history = saved["history"]
         # The resume folder's own copy: per-round checkpoints may be pruned (keep_last_checkpoints).
-        self.model.load_communicated_state(
-            load_state(self.run_dir / "resume" / "global.safetensors")
-        )
+        # Runs saved before it existed point at their round's checkpoint instead.
+        own = self.run_dir / "resume" / "global.safetensors"
+        checkpoint = self.run_dir / "checkpoints" / f"round_{round_:03d}.safetensors"
+        self.model.load_communicated_state(load_state(own if own.exists() else checkpoint))
         flat = load_state(self.run_dir / "resume" / "optimizers.safetensors")
         self.optimizer_states = unflatten_optimizer_states(flat)
         self.fabric.print(f"Resuming {self.run_dir} after round {round_}.")
