@@ -15,6 +15,7 @@ come from the ArrayRecords actually sent and received). Resuming is not supporte
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 
@@ -48,6 +49,7 @@ def serve(grid: Grid, run: FlowerRunConfig, timeout: float = 3600.0) -> dict:
 
     strategy = FloraFedAvg(
         min_clients=parts.min_clients,
+        average=copy.copy(loop.strategy),  # the YAML's trainer.strategy, as flora fit runs it
         fraction_train=loop.join_ratio,
         min_train_nodes=loop.clients_per_round(data.num_clients),
         min_available_nodes=data.num_clients,

@@ -1,12 +1,15 @@
 """``FloraFedAvg``: Flower's FedAvg with flora's aggregation over the communicated tensors.
 
-Message construction is Flower's (:class:`flwr.serverapp.strategy.FedAvg`); aggregation is
-:class:`flora_lightning.strategy.FedAvg`, the same code the in-process loop runs. Sampling is
+Message construction is Flower's (:class:`flwr.serverapp.strategy.FedAvg`). Sampling is
 Flower's too, unless ``select_clients`` is given (the ServerApp passes the loop's seeded
 ``sample_clients`` when ``join_ratio < 1``): then the clients (partition ids) it names for the
 round train, exactly as in ``flora fit``; each node's partition id is learnt once with a
-``query`` message (the ClientApp answers with its ``partition-id``). With client ``k`` returning ``w_k`` after training on ``n_k`` samples (its
-``num-examples`` metric), every communicated tensor becomes
+``query`` message (the ClientApp answers with its ``partition-id``).
+
+Aggregation is flora's, the same code the in-process loop runs: the YAML's
+``trainer.strategy``, by default :class:`flora_lightning.strategy.FedAvg`, which with client
+``k`` returning ``w_k`` after training on ``n_k`` samples (its ``num-examples`` metric) makes
+every communicated tensor
 
     w_global = sum_k n_k * w_k / sum_k n_k       (accumulated in float64)
 
@@ -78,6 +81,9 @@ class FloraFedAvg(FlowerFedAvg):
             it is aggregated (the server app feeds its callbacks with it).
         select_clients: ``round -> partition ids`` that train in that round; ``None`` keeps
             Flower's random node sampling.
+        average: the flora aggregation to run (the YAML's ``trainer.strategy``, e.g.
+            :class:`~flora_lightning.strategy.LoraProductAverage`); ``None``: flora's FedAvg.
+            Its ``min_clients`` is set to ``min_clients``.
         query_timeout: seconds to wait for the nodes' partition ids.
     """
 
@@ -90,6 +96,7 @@ class FloraFedAvg(FlowerFedAvg):
         on_client_update: Callable[[int, ClientUpdate], None] | None = None,
         select_clients: Callable[[int], list[int]] | None = None,
         query_timeout: float = 600.0,
+        average: FloraAverage | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -98,7 +105,8 @@ class FloraFedAvg(FlowerFedAvg):
             min_evaluate_nodes=0,
             min_available_nodes=min_available_nodes,
         )
-        self.average = FloraAverage(min_clients=min_clients)
+        self.average = average if average is not None else FloraAverage()
+        self.average.min_clients = min_clients
         self.on_client_update = on_client_update
         self.select_clients = select_clients
         self.query_timeout = query_timeout

@@ -2,5 +2,6 @@
 
 from flora_lightning.strategy.base import ClientUpdate, State, Strategy
 from flora_lightning.strategy.fedavg import FedAvg
+from flora_lightning.strategy.lora_product import LoraProductAverage
 
-__all__ = ["ClientUpdate", "FedAvg", "State", "Strategy"]
+__all__ = ["ClientUpdate", "FedAvg", "LoraProductAverage", "State", "Strategy"]

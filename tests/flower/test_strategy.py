@@ -204,3 +204,34 @@ def test_a_partition_held_by_two_nodes_trains_once(caplog):
     sent = strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), grid)
     assert sorted(m.metadata.dst_node_id for m in sent) == [21, 22]
     assert "nodes 21 and 23 both hold partition 0" in caplog.text
+
+
+def test_the_configured_flora_strategy_aggregates():
+    """``average``: the YAML's trainer.strategy (here LoraProductAverage) runs inside Flower."""
+    from flora_lightning.strategy import ClientUpdate, LoraProductAverage
+
+    def lora_state(seed: int) -> dict:
+        gen = torch.Generator().manual_seed(seed)
+        return {
+            "l.lora_A.w": torch.randn(2, 6, generator=gen),
+            "l.lora_B.w": torch.randn(5, 2, generator=gen),
+        }
+
+    global_state = lora_state(0)
+    strategy = FloraFedAvg(min_clients=2, min_available_nodes=2, average=LoraProductAverage())
+    assert strategy.average.min_clients == 2
+    sent = list(
+        strategy.configure_train(1, ArrayRecord(global_state), ConfigRecord(), FakeGrid([1, 2]))
+    )
+    states = [lora_state(1), lora_state(2)]
+    replies = [reply(sent[i], states[i], n, i) for i, n in enumerate([10, 30])]
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    direct = LoraProductAverage()
+    direct.begin(global_state)
+    for i, n in enumerate([10, 30]):
+        direct.add(ClientUpdate(client_id=i, state=states[i], num_samples=n, train_loss=1.0))
+    expected = direct.result()
+    result = to_state(arrays)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(result[name], tensor, rtol=0, atol=0)
