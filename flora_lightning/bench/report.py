@@ -24,6 +24,11 @@ def derive(cfg: BenchConfig, results: list[dict]) -> list[dict]:
         row["caching_seconds_per_client"] = cfg.client_samples * r["encode_seconds_per_image"]
         row["caching_seconds_per_round"] = row["caching_seconds_per_client"] / cfg.rounds
         row["round_seconds"] = row["epoch_seconds"] + row["caching_seconds_per_round"]
+        row["flops_per_round"] = (
+            cfg.full_steps_per_epoch * r.get("step_flops", 0)
+            + r.get("last_step_flops", 0)
+            + cfg.client_samples * r.get("encode_flops_per_image", 0) / cfg.rounds
+        )
         row["round_cpu_seconds"] = (
             cfg.full_steps_per_epoch * r["step_cpu_seconds"]
             + r.get("last_step_cpu_seconds", 0.0)
@@ -42,6 +47,7 @@ def derive(cfg: BenchConfig, results: list[dict]) -> list[dict]:
         "memory_growth_reduction_vs_fft": "memory_growth_bytes",
         "bytes_reduction_vs_fft": "bytes_per_round_per_client",
         "params_reduction_vs_fft": "trainable_params",
+        "work_reduction_vs_fft": "flops_per_round",
     }
     for row in rows:
         for ratio, key in ratios.items():
@@ -109,9 +115,9 @@ def markdown(
         "| method | trainable params | bytes / round / client | s / step | CPU s / step "
         "| s / epoch (extrap.) "
         "| caching s / round (amortised) | s / round (extrap.) | peak MB | peak excl. runtime MB "
-        "| growth in training MB | faster / round vs FedFFT | less memory vs FedFFT "
-        "(peak / excl. runtime) | fewer bytes vs FedFFT |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| growth in training MB | TFLOP / round | faster / round vs FedFFT | fewer FLOPs / round "
+        "vs FedFFT | less memory vs FedFFT (peak / excl. runtime) | fewer bytes vs FedFFT |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
         name = f"{r['method']} (cached)" if r["cached"] else r["method"]
@@ -120,7 +126,8 @@ def markdown(
             f"| {r['step_seconds']:.3g} | {r['step_cpu_seconds']:.3g} | {r['epoch_seconds']:.4g} "
             f"| {r['caching_seconds_per_round']:.3g} | {r['round_seconds']:.4g} "
             f"| {_mb(r['peak_memory_bytes'])} | {_mb(r['peak_memory_excl_runtime_bytes'])} "
-            f"| {_mb(r['memory_growth_bytes'])} | {_x(r['round_speedup_vs_fft'])} "
+            f"| {_mb(r['memory_growth_bytes'])} | {r['flops_per_round'] / 1e12:.3g} "
+            f"| {_x(r['round_speedup_vs_fft'])} | {_x(r['work_reduction_vs_fft'])} "
             f"| {_x(r['memory_reduction_vs_fft'])} / {_x(r['memory_excl_runtime_reduction_vs_fft'])} "
             f"| {_x(r['bytes_reduction_vs_fft'])} |"
         )
@@ -150,6 +157,10 @@ def markdown(
         f"activations, plus the runtime). Excl. runtime: minus what the process held before "
         f"building any model ({_mb(runtime)} MB here: interpreter and libraries). Growth: minus "
         "what it held when training started (runtime and weights).",
+        "- FLOPs: matmuls, convolutions and attention of one local step (forward and backward) "
+        "and of encoding, counted by torch.utils.flop_counter.FlopCounterMode, combined as the "
+        "round time is (elementwise ops and Adam are not counted). At equal efficiency the "
+        "speed-up per round equals the FLOP ratio.",
         "- Bytes: the communicated state (trainable parameters, fp32), sent up by each client "
         "and the same amount down, per round. Ratios: FedFFT's value / the method's.",
         f"- Captions: {_caption_tokens(rows)} tokens each (padded), from the offline byte-level "
@@ -181,6 +192,7 @@ def check_targets(rows: list[dict], loop: dict | None) -> list[str]:
     if flora is not None and flora["round_speedup_vs_fft"] is not None:
         extra = {
             "round_speedup_vs_fft": (
+                f"FLOP ratio per round {_x(flora['work_reduction_vs_fft'])}; "
                 f"per local step {_x(flora['step_speedup_vs_fft'])}; by CPU time "
                 f"{_x(flora['round_speedup_vs_fft_cpu'])} per round, "
                 f"{_x(flora['step_speedup_vs_fft_cpu'])} per step"

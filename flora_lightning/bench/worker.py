@@ -40,7 +40,7 @@ def measure_method(cfg: BenchConfig, variant: str) -> dict:
 
     n = cfg.batch_size
     labels = torch.arange(n) % cfg.num_classes
-    encode_per_image, encode_cpu_per_image, encoded = 0.0, 0.0, 0
+    encode_per_image, encode_cpu_per_image, encoded, encode_flops_per_image = 0.0, 0.0, 0, 0.0
     load_per_image, load_cpu_per_image = 0.0, 0.0
     if cached:
         # Time what FeatureCache.build does per image (preprocess + frozen forward) in its
@@ -49,7 +49,8 @@ def measure_method(cfg: BenchConfig, variant: str) -> dict:
         # is excluded here as the steps' warm-up is; the first features are the training batch.
         encoded = encode_samples(cfg)
         images = synthetic_images(encoded, cfg.input_size, cfg.seed)
-        _encode(fabric, module, preprocess(module.image_transform, images[:n]))
+        warm_up = preprocess(module.image_transform, images[:n])
+        encode_flops_per_image = counted_flops(lambda: _encode(fabric, module, warm_up)) / n
         start, cpu_start = time.perf_counter(), time.process_time()
         features = torch.cat(
             [
@@ -81,10 +82,13 @@ def measure_method(cfg: BenchConfig, variant: str) -> dict:
     # An epoch ends with a smaller batch when the batch size does not divide the client's
     # samples (5,000 = 39 x 128 + 8): its step is timed too, not assumed to cost a full one.
     remainder = cfg.client_samples % n
-    last = None
+    last, part = None, None
     if remainder:
         part = (batch[0][:remainder], batch[1][:remainder])
         last = time_local_steps(fabric, module, part, cfg.steps, cfg.warmup, cfg.min_timed_seconds)
+    # The work itself, counted by torch's FlopCounterMode on one more step of each kind.
+    step_flops = counted_flops(lambda: time_local_steps(fabric, module, batch, 1, 0))
+    last_flops = counted_flops(lambda: time_local_steps(fabric, module, part, 1, 0)) if part else 0
     state = module.communicated_state()
     return {
         "method": variant,
@@ -97,6 +101,9 @@ def measure_method(cfg: BenchConfig, variant: str) -> dict:
         "timed_steps": len(times.wall),
         "step_seconds_all": times.wall,
         "step_cpu_seconds": times.median_cpu,
+        "step_flops": step_flops,
+        "last_step_flops": last_flops,
+        "encode_flops_per_image": encode_flops_per_image,
         "last_batch_size": remainder,
         "last_step_seconds": last.median_wall if last else 0.0,
         "last_step_cpu_seconds": last.median_cpu if last else 0.0,
@@ -116,6 +123,16 @@ def measure_method(cfg: BenchConfig, variant: str) -> dict:
         "build_seconds": build_seconds,
         "load_average": [load_at_start, os.getloadavg()[0]],
     }
+
+
+def counted_flops(run) -> int:
+    """FLOPs of ``run()`` as ``torch.utils.flop_counter.FlopCounterMode`` counts them: matmuls,
+    convolutions and attention, forward and backward (not elementwise ops or Adam)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return counter.get_total_flops()
 
 
 def encode_samples(cfg: BenchConfig) -> int:

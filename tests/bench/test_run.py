@@ -43,6 +43,19 @@ def test_tiny_bench_end_to_end(tmp_path):
     assert fft["round_seconds"] == pytest.approx(
         4 * fft["step_seconds"] + fft["last_step_seconds"] + 36 * fft["load_seconds_per_image"]
     )
+    # FLOPs: counted per step and per encoded image, combined as the round time is.
+    assert fft["encode_flops_per_image"] == 0 < flora["encode_flops_per_image"]
+    assert fft["step_flops"] > flora["step_flops"] > 0
+    assert flora["flops_per_round"] == pytest.approx(
+        4 * flora["step_flops"]
+        + flora["last_step_flops"]
+        + 36 * flora["encode_flops_per_image"] / 50
+    )
+    # FedFFT's last batch holds 4 of 8 images: its step costs about half a full one.
+    assert 0.3 < fft["last_step_flops"] / fft["step_flops"] < 0.7
+    assert flora["work_reduction_vs_fft"] == pytest.approx(
+        fft["flops_per_round"] / flora["flops_per_round"]
+    )
     assert flora["round_speedup_vs_fft"] == pytest.approx(
         fft["round_seconds"] / flora["round_seconds"]
     )
