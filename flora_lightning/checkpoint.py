@@ -60,6 +60,15 @@ def write_json(data: dict, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def link_or_copy(source: Path, target: Path) -> None:
+    """``target`` holds ``source``'s bytes: a hard link (nothing written twice), or a copy on
+    filesystems without links. Later removing ``source`` leaves ``target`` intact."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
 def write_folder(target: Path, fill: Callable[[Path], None]) -> None:
     """Create ``target`` by ``fill(tmp_dir)`` then swap it in, replacing any older version."""
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ from flora_lightning.callbacks.base import Callback
 from flora_lightning.callbacks.communication import CommunicationLogger
 from flora_lightning.checkpoint import (
     flatten_optimizer_states,
+    link_or_copy,
     load_state,
     save_state,
     unflatten_optimizer_states,
@@ -451,9 +452,10 @@ class FederatedLoop:
     def save_round(self, round_: int, model) -> None:
         """Per-round global checkpoint; the resume state every ``resume_every_n_rounds``."""
         checkpoints = self.run_dir / "checkpoints"
+        checkpoint = checkpoints / f"round_{round_:03d}.safetensors"
         save_state(
             dict(model.trainable_named_parameters()),  # save_state copies to CPU itself
-            checkpoints / f"round_{round_:03d}.safetensors",
+            checkpoint,
             metadata={"round": str(round_), "method": model.method_name},
         )
         if self.keep_last_checkpoints is not None:
@@ -464,7 +466,8 @@ class FederatedLoop:
         if round_ % self.resume_every_n_rounds == 0 or round_ == self.rounds:
 
             def fill(folder: Path) -> None:
-                save_state(dict(model.trainable_named_parameters()), folder / "global.safetensors")
+                # The round's checkpoint under a second name (it may be pruned later).
+                link_or_copy(checkpoint, folder / "global.safetensors")
                 save_state(
                     flatten_optimizer_states(self.optimizer_states),
                     folder / "optimizers.safetensors",

@@ -208,3 +208,19 @@ def test_safetensors_file_is_not_pickle(tmp_path):
     assert torch.equal(safetensors.torch.load_file(path)["w"], torch.ones(2))
     header_len = int.from_bytes(path.read_bytes()[:8], "little")
     assert json.loads(path.read_bytes()[8 : 8 + header_len])["w"]["shape"] == [2]
+
+
+def test_link_or_copy_survives_the_source_and_falls_back_to_a_copy(tmp_path, monkeypatch):
+    source = tmp_path / "round_001.safetensors"
+    save_state({"w": torch.arange(4.0)}, source)
+    checkpoint.link_or_copy(source, tmp_path / "linked.safetensors")
+    assert (tmp_path / "linked.safetensors").stat().st_ino == source.stat().st_ino
+
+    def no_links(src, dst):
+        raise OSError("links not supported")
+
+    monkeypatch.setattr(checkpoint.os, "link", no_links)
+    checkpoint.link_or_copy(source, tmp_path / "copied.safetensors")
+    source.unlink()
+    for name in ("linked", "copied"):
+        assert torch.equal(load_state(tmp_path / f"{name}.safetensors")["w"], torch.arange(4.0))

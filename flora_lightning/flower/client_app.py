@@ -34,14 +34,19 @@ OPTIMIZER_STATE_KEY = "flora-optimizer"
 _built: dict[tuple, Components] = {}
 
 
-def partition_of(context: Context, num_clients: int) -> int:
-    """The client id this node plays, checked against the YAML's partitioning."""
-    if "partition-id" not in context.node_config:
+def node_partition(context: Context) -> int:
+    """The ``partition-id`` of this node's ``node_config`` (explained when it is missing)."""
+    if PARTITION_KEY not in context.node_config:
         raise ValueError(
             "node_config has no partition-id; start the SuperNode with "
             '--node-config "partition-id=0 num-partitions=N" (simulation sets it).'
         )
-    partition = int(context.node_config["partition-id"])
+    return int(context.node_config[PARTITION_KEY])
+
+
+def partition_of(context: Context, num_clients: int) -> int:
+    """The client id this node plays, checked against the YAML's partitioning."""
+    partition = node_partition(context)
     declared = int(context.node_config.get("num-partitions", num_clients))
     if declared != num_clients or not 0 <= partition < num_clients:
         raise ValueError(
@@ -100,9 +105,7 @@ def fit_message(msg: Message, context: Context, run: FlowerRunConfig) -> Message
 
 def partition_message(msg: Message, context: Context) -> Message:
     """Answer to the server's query: this node's ``partition-id`` (nothing is built or trained)."""
-    if "partition-id" not in context.node_config:
-        partition_of(context, 0)  # raises the explanatory error
-    metrics = MetricRecord({PARTITION_KEY: int(context.node_config["partition-id"])})
+    metrics = MetricRecord({PARTITION_KEY: node_partition(context)})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 
