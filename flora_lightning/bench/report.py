@@ -12,29 +12,33 @@ from flora_lightning.bench.worker import encode_samples
 
 def derive(cfg: BenchConfig, results: list[dict]) -> list[dict]:
     """Add epoch/round extrapolations and the ratios against FedFFT to each worker result."""
+
+    def epoch(step: float, last_step: float, per_image_loaded: float) -> float:
+        """Full-batch steps, the last smaller one, and per-epoch loading of every image."""
+        return cfg.full_steps_per_epoch * step + last_step + cfg.client_samples * per_image_loaded
+
+    def amortised(per_image_encoded: float) -> float:
+        """The one-time caching of every client image, spread over the rounds."""
+        return cfg.client_samples * per_image_encoded / cfg.rounds
+
     rows = []
     for r in results:
         row = dict(r)
         row["loading_seconds_per_epoch"] = cfg.client_samples * r.get("load_seconds_per_image", 0)
-        row["epoch_seconds"] = (
-            cfg.full_steps_per_epoch * r["step_seconds"]
-            + r.get("last_step_seconds", 0.0)
-            + row["loading_seconds_per_epoch"]
+        row["epoch_seconds"] = epoch(
+            r["step_seconds"], r.get("last_step_seconds", 0.0), r.get("load_seconds_per_image", 0)
         )
         row["caching_seconds_per_client"] = cfg.client_samples * r["encode_seconds_per_image"]
-        row["caching_seconds_per_round"] = row["caching_seconds_per_client"] / cfg.rounds
+        row["caching_seconds_per_round"] = amortised(r["encode_seconds_per_image"])
         row["round_seconds"] = row["epoch_seconds"] + row["caching_seconds_per_round"]
-        row["flops_per_round"] = (
-            cfg.full_steps_per_epoch * r.get("step_flops", 0)
-            + r.get("last_step_flops", 0)
-            + cfg.client_samples * r.get("encode_flops_per_image", 0) / cfg.rounds
-        )
-        row["round_cpu_seconds"] = (
-            cfg.full_steps_per_epoch * r["step_cpu_seconds"]
-            + r.get("last_step_cpu_seconds", 0.0)
-            + cfg.client_samples * r.get("load_cpu_seconds_per_image", 0)
-            + cfg.client_samples * r["encode_cpu_seconds_per_image"] / cfg.rounds
-        )
+        row["flops_per_round"] = epoch(
+            r.get("step_flops", 0), r.get("last_step_flops", 0), 0
+        ) + amortised(r.get("encode_flops_per_image", 0))
+        row["round_cpu_seconds"] = epoch(
+            r["step_cpu_seconds"],
+            r.get("last_step_cpu_seconds", 0.0),
+            r.get("load_cpu_seconds_per_image", 0),
+        ) + amortised(r["encode_cpu_seconds_per_image"])
         rows.append(row)
     fft = next((row for row in rows if row["method"] == "FedFFT"), None)
     ratios = {
