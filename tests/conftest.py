@@ -79,6 +79,7 @@ def make_datamodule(offline_assets) -> Callable:
             image_column="image",
             label_column="label",
             template=DIGITS_TEMPLATE,
+            test_split="test",  # the digits' own test split, as the offline quickstart
             batch_size=32,
             partition=PartitionConfig(
                 kind="dirichlet", num_clients=num_clients, beta=1.0, min_samples=20, seed=42

@@ -122,7 +122,8 @@ def test_print_config_applies_overrides(capsys):
     config = yaml.safe_load(out)
     assert config["model"]["class_path"] == "flora_lightning.methods.FLoRA"
     assert config["model"]["init_args"]["lora"]["rank"] == 8
-    assert config["model"]["init_args"]["lora"]["alpha"] == 64.0  # from the file
+    assert config["model"]["init_args"]["lora"]["init"] == "paper"  # from the file
+    assert config["model"]["init_args"]["lora"]["alpha"] is None  # default: scaling 32
     assert config["model"]["init_args"]["name_or_path"] == "flora-offline/tiny-clip"
     assert config["data"]["partition"]["beta"] == 1.0
     assert config["data"]["partition"]["num_clients"] == 5

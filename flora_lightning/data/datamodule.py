@@ -18,6 +18,9 @@ from flora_lightning.data.partition import (
 )
 from flora_lightning.data.source import load_source
 
+POOLED = "pooled"
+"""``data.test_split`` value for the released code's protocol: pool, then hold out 20%."""
+
 
 class FederatedDataModule(L.LightningDataModule):
     """Loads an image-classification dataset and splits its training set across clients.
@@ -32,10 +35,15 @@ class FederatedDataModule(L.LightningDataModule):
         label_column: column holding integer class labels.
         class_names: class names in label order; read from a ``ClassLabel`` column when omitted.
         template: caption template with ``{}`` for the class name (paper: "a photo of a {}.").
-        train_split: split to partition across clients.
-        test_split: split used as the global test set; ``null`` holds out ``test_fraction`` of
-            the training split instead (the paper's random 20%).
-        test_fraction: share of the training split held out when ``test_split`` is null.
+        train_split: split to partition across clients (unless ``test_split`` is ``pooled``).
+        test_split: ``pooled`` (the released code's protocol): pool the splits in
+            ``pool_splits``, hold out a seeded random ``test_fraction`` of the pool as the
+            global test set and partition the rest; a split name: that split is the global
+            test set and ``train_split`` is partitioned; ``null``: hold out ``test_fraction``
+            of ``train_split``.
+        pool_splits: the splits pooled when ``test_split`` is ``pooled``.
+        test_fraction: share held out as the global test set (``pooled`` or ``null``); the
+            released code holds out ``int(0.2 * n)`` samples.
         max_test_samples: evaluate on a seeded random subset of this size (faster rounds).
         batch_size: local training batch size (paper: 128).
         eval_batch_size: batch size for evaluation.
@@ -54,7 +62,8 @@ class FederatedDataModule(L.LightningDataModule):
         class_names: list[str] | None = None,
         template: str = "a photo of a {}.",
         train_split: str = "train",
-        test_split: str | None = "test",
+        test_split: str | None = POOLED,
+        pool_splits: tuple[str, ...] = ("train", "test"),
         test_fraction: float = 0.2,
         max_test_samples: int | None = None,
         batch_size: int = 128,
@@ -81,6 +90,11 @@ class FederatedDataModule(L.LightningDataModule):
             )
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0 (got {num_workers}).")
+        if test_split == POOLED and (not pool_splits or len(set(pool_splits)) < len(pool_splits)):
+            raise ValueError(
+                f"data.pool_splits must name one or more distinct splits (got {pool_splits}); "
+                "e.g. [train, test]."
+            )
         self.dataset = dataset
         self.subset = subset
         self.data_dir = data_dir
@@ -91,6 +105,7 @@ class FederatedDataModule(L.LightningDataModule):
         self.template = template
         self.train_split = train_split
         self.test_split = test_split
+        self.pool_splits = list(pool_splits)
         self.test_fraction = test_fraction
         self.max_test_samples = max_test_samples
         self.batch_size = batch_size
@@ -108,10 +123,15 @@ class FederatedDataModule(L.LightningDataModule):
         if self.train_set is not None:
             return
         source = load_source(self.dataset, self.subset, self.data_dir, self.data_files)
-        train = self._split(source, self.train_split, "data.train_split")
-        self._check_columns(train)
+        if self.test_split == POOLED:
+            train = self._pool(source)
+        else:
+            train = self._split(source, self.train_split, "data.train_split")
+            self._check_columns(train)
         class_names = self._resolve_class_names(train)
-        if self.test_split is None:
+        if self.test_split == POOLED:
+            train, test = self._hold_out(train)
+        elif self.test_split is None:
             held = train.train_test_split(test_size=self.test_fraction, seed=self.partition.seed)
             train, test = held["train"], held["test"]
         else:
@@ -125,6 +145,39 @@ class FederatedDataModule(L.LightningDataModule):
         self.class_names = class_names
         self.train_set, self.test_set = train, test
         self.counts = label_counts(labels, self.client_indices, len(class_names))
+
+    def _pool(self, source):
+        """The ``pool_splits`` of the dataset concatenated (columns checked in each)."""
+        from datasets import concatenate_datasets
+
+        splits = [self._split(source, name, "data.pool_splits") for name in self.pool_splits]
+        for split in splits:
+            self._check_columns(split)
+        try:
+            return concatenate_datasets(splits)
+        except ValueError as err:
+            raise ValueError(
+                f"data.pool_splits={self.pool_splits}: the splits cannot be pooled, their "
+                f"features differ ({err}). Pool fewer splits or set --data.test_split to a "
+                "split name."
+            ) from err
+
+    def _hold_out(self, pool):
+        """A seeded random ``int(test_fraction * n)`` of the pool as the test set, as released.
+
+        Returns:
+            ``(train, test)``: the rest of the pool (in pool order) and the held-out rows.
+        """
+        n = len(pool)
+        rng = np.random.default_rng(self.partition.seed)
+        test_rows = np.sort(rng.choice(n, size=int(n * self.test_fraction), replace=False))
+        train_rows = np.setdiff1d(np.arange(n), test_rows)
+        if not len(test_rows) or not len(train_rows):
+            raise ValueError(
+                f"data.test_fraction={self.test_fraction} of the {n} pooled samples leaves an "
+                "empty test or training set; pool more data or change data.test_fraction."
+            )
+        return pool.select(train_rows), pool.select(test_rows)
 
     def _split(self, source, split: str, field: str):
         if split not in source:

@@ -29,18 +29,27 @@ class PartitionConfig:
 
     kind: Literal["iid", "dirichlet", "pathological", "fewshot"] = "iid"
     """Partition scheme: iid, dirichlet (non-IID by Dirichlet(beta) per class),
-    pathological (k classes per client), fewshot (n shots per class per client)."""
+    pathological (disjoint classes per client), fewshot (n shots per class per client)."""
     num_clients: int = 10
     """Number of clients (data owners)."""
     beta: float = 0.1
     """Dirichlet concentration (kind=dirichlet); smaller is more skewed."""
-    classes_per_client: int = 2
-    """Classes each client holds (kind=pathological)."""
+    classes_per_client: int | None = None
+    """Classes each client holds (kind=pathological); null: num_classes // num_clients shuffled
+    classes per client, the remainder to the last client (the released code's few-shot split)."""
     shots: int | None = None
-    """Samples per class per client: required for kind=fewshot; optional cap per class
-    for kind=pathological."""
-    min_samples: int = 2
-    """Every client must receive at least this many samples, else a clear error."""
+    """Samples per class per client: required for kind=fewshot; for kind=pathological, exactly
+    this many of each of a client's classes (pathological few-shot; null: all of them)."""
+    self_balancing: bool = True
+    """kind=dirichlet: a client already holding more than n/num_clients samples gets no share
+    of the next classes (flwr-datasets ``self_balancing``, the released code's rule; that code
+    also stops a client at exactly n/num_clients, a tie only when it is a whole number)."""
+    shots_overlap: bool = True
+    """kind=fewshot: every client draws its shots from the whole training pool independently,
+    so two clients may hold the same sample (the released code); false deals disjoint shots."""
+    min_samples: int = 1
+    """Every client must receive at least this many samples (kind=dirichlet redraws until it
+    holds, as the released code with 1), else a clear error."""
     seed: int = 42
     """Seed: same seed and labels give the same partition."""
 
@@ -56,9 +65,10 @@ class PartitionConfig:
                 f"{p}beta must be > 0 (got {self.beta}); "
                 "use e.g. 0.1 for strong non-IID or 1.0 for mild"
             )
-        if self.classes_per_client < 1:
+        if self.classes_per_client is not None and self.classes_per_client < 1:
             raise ValueError(
-                f"{p}classes_per_client must be >= 1 (got {self.classes_per_client}); use e.g. 2"
+                f"{p}classes_per_client must be >= 1 or null (got {self.classes_per_client}); "
+                "null gives every client num_classes // num_clients classes"
             )
         if self.shots is not None and self.shots < 1:
             raise ValueError(f"{p}shots must be >= 1 when given (got {self.shots}); use e.g. 16")
@@ -74,14 +84,18 @@ class PartitionConfig:
 class FewShotPartitioner(Partitioner):
     """IID few-shot partitioner: every partition gets ``shots`` samples of every class.
 
-    The rows of each class are shuffled (seeded) and dealt out in consecutive blocks
-    of ``shots``, so partitions are disjoint; the remaining rows are left unused.
+    With ``overlap`` (the released code's split) each partition draws its ``shots`` rows
+    of each class independently from all rows of that class, so two partitions may share
+    rows and a class needs only ``shots`` rows. Without it the rows of each class are
+    shuffled once and dealt out in consecutive blocks of ``shots``: partitions are disjoint
+    and a class needs ``num_partitions * shots`` rows. Rows not drawn stay unused.
 
     Args:
         num_partitions: Number of partitions (clients).
         shots: Samples of each class per partition.
         partition_by: Name of the label column.
         seed: Seed of the shuffle.
+        overlap: Draw each partition's shots independently (partitions may share rows).
     """
 
     def __init__(
@@ -90,6 +104,7 @@ class FewShotPartitioner(Partitioner):
         shots: int,
         partition_by: str = "label",
         seed: int | None = 42,
+        overlap: bool = False,
     ) -> None:
         super().__init__()
         if num_partitions < 1 or shots < 1:
@@ -100,6 +115,7 @@ class FewShotPartitioner(Partitioner):
         self._shots = shots
         self._partition_by = partition_by
         self._seed = seed
+        self._overlap = overlap
         self._partition_id_to_indices: list[np.ndarray] | None = None
 
     @property
@@ -116,12 +132,19 @@ class FewShotPartitioner(Partitioner):
     def _deal_shots(self) -> list[np.ndarray]:
         rng = np.random.default_rng(self._seed)
         labels = np.asarray(self.dataset[self._partition_by][:])
-        needed = self._num_partitions * self._shots
-        blocks: list[list[np.ndarray]] = [[] for _ in range(self._num_partitions)]
-        for label in np.unique(labels):
-            rows = rng.permutation(np.flatnonzero(labels == label))
+        needed = self._shots if self._overlap else self._num_partitions * self._shots
+        by_class = [np.flatnonzero(labels == label) for label in np.unique(labels)]
+        for label, rows in zip(np.unique(labels), by_class, strict=True):
             if rows.size < needed:
                 raise ValueError(f"class {label!r} has {rows.size} samples but {needed} are needed")
+        if self._overlap:  # partition by partition, each class drawn afresh (released order)
+            return [
+                np.sort(np.concatenate([rng.permutation(rows)[: self._shots] for rows in by_class]))
+                for _ in range(self._num_partitions)
+            ]
+        blocks: list[list[np.ndarray]] = [[] for _ in range(self._num_partitions)]
+        for rows in by_class:
+            rows = rng.permutation(rows)
             for pid, block in enumerate(np.split(rows[:needed], self._num_partitions)):
                 blocks[pid].append(block)
         return [np.sort(np.concatenate(b)) for b in blocks]
@@ -130,7 +153,10 @@ class FewShotPartitioner(Partitioner):
 def partition_indices(
     labels: Sequence[int], num_classes: int, config: PartitionConfig
 ) -> list[np.ndarray]:
-    """Per-client arrays of indices into the training set (sorted, int64, disjoint).
+    """Per-client arrays of indices into the training set (sorted, int64).
+
+    Partitions are disjoint except for ``kind=fewshot`` with ``shots_overlap`` (the released
+    code's IID few-shot split, where clients draw their shots independently).
 
     Rows are shuffled with ``config.seed`` before partitioning (as
     ``flwr_datasets.FederatedDataset`` does), so sorted label order does not leak into
@@ -159,20 +185,29 @@ def partition_indices(
         raise ValueError(
             f"labels must lie in [0, {num_classes}) (got {labels.min()}..{labels.max()})"
         )
-    if config.kind == "pathological" and config.classes_per_client > num_classes:
-        raise ValueError(
-            f"{p}classes_per_client={config.classes_per_client} but the task has only "
-            f"{num_classes} classes; lower {p}classes_per_client"
-        )
+    if config.kind == "pathological":
+        if config.classes_per_client is None and num_classes < k:
+            raise ValueError(
+                f"{p}classes_per_client=null deals num_classes // num_clients classes per "
+                f"client, but {num_classes} classes < {p}num_clients={k}; lower "
+                f"{p}num_clients or set {p}classes_per_client"
+            )
+        if (config.classes_per_client or 0) > num_classes:
+            raise ValueError(
+                f"{p}classes_per_client={config.classes_per_client} but the task has only "
+                f"{num_classes} classes; lower {p}classes_per_client"
+            )
     if config.kind == "fewshot":
-        needed = k * config.shots
+        needed = config.shots if config.shots_overlap else k * config.shots
         class_sizes = np.bincount(labels, minlength=num_classes)
         short = np.flatnonzero(class_sizes < needed)
         if short.size:
             c = short[0]
+            per = "" if config.shots_overlap else f" with {p}num_clients={k}"
             raise ValueError(
-                f"{p}shots={config.shots} with {p}num_clients={k} needs {needed} samples of "
-                f"every class but class {c} has {class_sizes[c]}; lower {p}shots or {p}num_clients"
+                f"{p}shots={config.shots}{per} needs {needed} samples of every class but "
+                f"class {c} has {class_sizes[c]}; lower {p}shots"
+                + ("" if config.shots_overlap else f" or {p}num_clients")
             )
 
     rng = np.random.default_rng(config.seed)
@@ -194,7 +229,7 @@ def partition_indices(
         ) from err
     parts = [np.sort(np.asarray(idx, dtype=np.int64)) for idx in parts]
     if config.kind == "pathological" and config.shots is not None:
-        parts = [_cap_per_class(idx, labels, config.shots, rng) for idx in parts]
+        parts = [_take_shots(idx, labels, config.shots, rng) for idx in parts]
 
     sizes = np.array([idx.size for idx in parts])
     if sizes.min() < config.min_samples:
@@ -216,7 +251,9 @@ def _make_partitioner(
     if config.kind == "iid":
         return IidPartitioner(num_partitions=k), labels
     if config.kind == "fewshot":
-        partitioner = FewShotPartitioner(k, config.shots, "key", seed=config.seed)
+        partitioner = FewShotPartitioner(
+            k, config.shots, "key", seed=config.seed, overlap=config.shots_overlap
+        )
         return partitioner, labels
     if config.kind == "dirichlet":
         partitioner = DirichletPartitioner(
@@ -224,14 +261,14 @@ def _make_partitioner(
             partition_by="key",
             alpha=float(config.beta),
             min_partition_size=config.min_samples,
-            self_balancing=False,
+            self_balancing=config.self_balancing,
             shuffle=False,
             seed=config.seed,
         )
         return partitioner, labels
 
-    per_client = config.classes_per_client
     classes = np.unique(labels)
+    per_client = config.classes_per_client or classes.size // k
     if per_client * k > classes.size:
         # Overlap is unavoidable: client i gets class i % C plus random others.
         partitioner = PathologicalPartitioner(
@@ -244,10 +281,14 @@ def _make_partitioner(
         )
         return partitioner, labels
     # Disjoint classes. flwr's modes overlap for classes_per_client > 1 ("deterministic"
-    # gives client i the classes i..i+k-1), so group the classes into seeded blocks of
-    # classes_per_client and give client i block i.
+    # gives client i the classes i..i+k-1), so group the shuffled classes into blocks of
+    # classes_per_client and give client i block i. With classes_per_client null the classes
+    # left over (C mod num_clients) join the last client's block, as the released code.
     block_of_class = np.zeros(classes.max() + 1, dtype=np.int64)
-    block_of_class[rng.permutation(classes)] = np.arange(classes.size) // per_client
+    blocks = np.arange(classes.size) // per_client
+    if config.classes_per_client is None:
+        blocks = np.minimum(blocks, k - 1)
+    block_of_class[rng.permutation(classes)] = blocks
     partitioner = PathologicalPartitioner(
         num_partitions=k,
         partition_by="key",
@@ -259,14 +300,19 @@ def _make_partitioner(
     return partitioner, block_of_class[labels]
 
 
-def _cap_per_class(
+def _take_shots(
     indices: np.ndarray, labels: np.ndarray, shots: int, rng: np.random.Generator
 ) -> np.ndarray:
-    """Keep at most ``shots`` randomly chosen indices of each class."""
+    """Exactly ``shots`` randomly chosen indices of each class present in ``indices``."""
     kept = []
     for c in np.unique(labels[indices]):
         rows = indices[labels[indices] == c]
-        kept.append(rng.choice(rows, size=min(shots, rows.size), replace=False))
+        if rows.size < shots:
+            raise ValueError(
+                f"data.partition.shots={shots} but class {c} has only {rows.size} training "
+                "samples; lower data.partition.shots"
+            )
+        kept.append(rng.choice(rows, size=shots, replace=False))
     return np.sort(np.concatenate(kept)) if kept else indices
 
 

@@ -22,6 +22,15 @@ import torch.nn.functional as F
 from flora_lightning.clip_backbone import CLIPBundle, image_features, load_clip, text_features
 
 
+def fp32(tensor: torch.Tensor):
+    """Autocast off on ``tensor``'s device: what runs inside stays in the dtype it is given.
+
+    Evaluation computes the final image-class similarity in fp32 under it, so bf16/fp16
+    rounding of the logits cannot flip the argmax of near-ties.
+    """
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
+
+
 @dataclass
 class OptimizerConfig:
     """Adam with coupled weight decay, no schedule: the paper's settings for every method."""
@@ -110,7 +119,7 @@ class FederatedCLIPModule(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         cfg = self.optimizer_config
         return torch.optim.Adam(
-            self.trainable_parameters(),
+            self.optimized_parameters(),
             lr=cfg.lr,
             betas=tuple(cfg.betas),
             eps=cfg.eps,
@@ -124,6 +133,11 @@ class FederatedCLIPModule(L.LightningModule):
 
     def trainable_named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def optimized_parameters(self) -> list[torch.nn.Parameter]:
+        """What the local optimizer updates: the communicated parameters, unless a method
+        communicates one it does not train (FedFFT's ``logit_scale``)."""
+        return self.trainable_parameters()
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.trainable_parameters())
@@ -228,8 +242,13 @@ class FederatedCLIPModule(L.LightningModule):
 
     @torch.no_grad()
     def evaluate_batch(self, pixel_values: torch.Tensor, class_embeddings: torch.Tensor):
-        """Zero-shot style logits ``[batch, num_classes]`` against the class embeddings."""
-        return self.logit_scale() * self.encode_images(pixel_values) @ class_embeddings.T
+        """Zero-shot style logits ``[batch, num_classes]`` against the class embeddings.
+
+        The encoders run under the precision's autocast; the similarity itself is fp32.
+        """
+        images = self.encode_images(pixel_values)
+        with fp32(images):
+            return self.logit_scale().float() * images.float() @ class_embeddings.float().T
 
     # -------------------------------------------------------------- export
     def export(self, folder: str) -> None:

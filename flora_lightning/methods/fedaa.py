@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
@@ -10,15 +12,26 @@ from flora_lightning.methods.base import FederatedCLIPModule, OptimizerConfig
 
 
 class AttentionAdapter(torch.nn.Sequential):
-    """``Linear(d, d) - Tanh - Linear(d, d) - Softmax``: a per-dimension attention over ``f``."""
+    """``Linear(d, d) - Tanh - Linear(d, d) - Softmax``: a per-dimension attention over ``f``.
 
-    def __init__(self, dim: int) -> None:
+    Args:
+        dim: feature dimension ``d``.
+        init: ``identity`` (the released ``_make_attention_adapter``: both weights the identity,
+            both biases zero) or ``torch`` (PyTorch's default Linear init).
+    """
+
+    def __init__(self, dim: int, init: Literal["identity", "torch"] = "identity") -> None:
         super().__init__(
             torch.nn.Linear(dim, dim),
             torch.nn.Tanh(),
             torch.nn.Linear(dim, dim),
             torch.nn.Softmax(dim=-1),
         )
+        if init == "identity":
+            with torch.no_grad():
+                for linear in (self[0], self[2]):
+                    torch.nn.init.eye_(linear.weight)
+                    torch.nn.init.zeros_(linear.bias)
 
 
 class FedAA(FederatedCLIPModule):
@@ -39,6 +52,8 @@ class FedAA(FederatedCLIPModule):
     Args:
         name_or_path: HF hub id or local folder of a CLIPModel, or flora-offline/tiny-clip.
         optimizer: local optimizer settings (Adam; paper: lr 5e-5, weight decay 0.2).
+        adapter_init: ``identity`` (the released code: identity weights, zero biases) or
+            ``torch`` (PyTorch's default Linear init).
     """
 
     method_name = "FedAA"
@@ -47,13 +62,19 @@ class FedAA(FederatedCLIPModule):
         self,
         name_or_path: str = "openai/clip-vit-base-patch32",
         optimizer: OptimizerConfig = OptimizerConfig(),
+        adapter_init: Literal["identity", "torch"] = "identity",
     ) -> None:
         super().__init__(name_or_path=name_or_path, optimizer=optimizer)
+        if adapter_init not in ("identity", "torch"):
+            raise ValueError(
+                f"model.adapter_init must be identity or torch (got {adapter_init!r})."
+            )
+        self.adapter_init = adapter_init
         self.adapter: AttentionAdapter | None = None
         self.register_buffer("text_cache", torch.zeros(0, 0), persistent=False)
 
     def setup_trainable(self) -> None:
-        self.adapter = AttentionAdapter(self.clip.config.projection_dim)
+        self.adapter = AttentionAdapter(self.clip.config.projection_dim, self.adapter_init)
 
     @property
     def image_encoder_frozen(self) -> bool:

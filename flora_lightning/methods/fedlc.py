@@ -5,36 +5,40 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flora_lightning.methods.base import FederatedCLIPModule, OptimizerConfig
+from flora_lightning.methods.base import FederatedCLIPModule, OptimizerConfig, fp32
 
 
 class FedLC(FederatedCLIPModule):
     """Linear head on frozen, L2-normalised CLIP image features, initialised zero-shot.
 
-    With :math:`\\hat f(x)` the normalised projected image feature and :math:`s = e^{\\tau}`
-    CLIP's (frozen) logit scale, the logits are
+    With :math:`\\hat f(x)` the normalised projected image feature, the logits are, as the
+    released head ``fc(x / |x|)``,
 
     .. math::
 
-        z(x) = s \\, (W \\hat f(x) + b), \\qquad W \\in \\mathbb{R}^{C \\times d},\\
+        z(x) = W \\hat f(x) + b, \\qquad W \\in \\mathbb{R}^{C \\times d},\\
         b \\in \\mathbb{R}^C,
 
     trained with cross-entropy :math:`\\mathrm{CE}(z(x), y)`. The head starts as the zero-shot
     classifier: :math:`W_0 = [\\hat g(t_1), \\dots, \\hat g(t_C)]^\\top` (normalised class caption
-    features) and :math:`b_0 = 0`, so before training :math:`z(x)` *is* CLIP's zero-shot logits:
-    round-0 accuracy and loss are exactly zero-shot. Only ``head`` (``nn.Linear(d, C)``) trains
-    and travels: :math:`(d + 1) C` parameters, 513 C at ViT-B/32 (:math:`d` = 512).
+    features) and :math:`b_0 = 0`, so round-0 accuracy is exactly zero-shot. Only ``head``
+    (``nn.Linear(d, C)``) trains and travels: :math:`(d + 1) C` parameters, 513 C at ViT-B/32
+    (:math:`d` = 512).
 
-    Why :math:`s` multiplies the head instead of being folded into :math:`W_0`: with the paper's
-    coupled weight decay (0.2), a head whose entries are ~100x larger is dominated by the decay
-    term and Adam only shrinks it (measured on the offline digits: no accuracy change at all).
-    With unit-norm rows the decay is as mild as for any other CLIP weight.
+    With ``scale_logits`` the logits are :math:`s \\, (W \\hat f(x) + b)`, :math:`s = e^{\\tau}`
+    CLIP's frozen logit scale (100): then round 0 is zero-shot in loss too, and the head learns
+    about 100x faster at the same learning rate. Not the released baseline, hence off by default.
+    :math:`s` multiplies the head rather than being folded into :math:`W_0` because with the
+    paper's coupled weight decay (0.2) a head with ~100x larger entries is dominated by the
+    decay term and Adam only shrinks it (measured on the offline digits: no accuracy change).
 
     The head is built in :meth:`configure_task`, once the classes are known.
 
     Args:
         name_or_path: HF hub id or local folder of a CLIPModel, or flora-offline/tiny-clip.
         optimizer: local optimizer settings (Adam; paper: lr 5e-5, weight decay 0.2).
+        scale_logits: multiply the head's logits by CLIP's logit scale (the released code
+            does not).
     """
 
     method_name = "FedLC"
@@ -43,8 +47,10 @@ class FedLC(FederatedCLIPModule):
         self,
         name_or_path: str = "openai/clip-vit-base-patch32",
         optimizer: OptimizerConfig = OptimizerConfig(),
+        scale_logits: bool = False,
     ) -> None:
         super().__init__(name_or_path=name_or_path, optimizer=optimizer)
+        self.scale_logits = scale_logits
         self.head: torch.nn.Linear | None = None
         self._head_task: tuple | None = None
 
@@ -76,14 +82,16 @@ class FedLC(FederatedCLIPModule):
     def head_logits(
         self, features: torch.Tensor, weight: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``s (W f + b)`` for normalised image features ``f`` (``weight`` defaults to ``W``)."""
+        """``W f + b`` (times ``s`` with ``scale_logits``) for normalised image features ``f``
+        (``weight`` defaults to ``W``)."""
         if self.head is None:
             raise RuntimeError(
                 f"{type(self).__name__}.configure_task(class_names, template) must run before "
                 "training or evaluation: it builds the classification head."
             )
         weight = self.head.weight if weight is None else weight
-        return self.logit_scale() * F.linear(features, weight, self.head.bias)
+        logits = F.linear(features, weight, self.head.bias)
+        return self.logit_scale() * logits if self.scale_logits else logits
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.head_logits(self.encode_images(pixel_values)), labels)
@@ -95,5 +103,7 @@ class FedLC(FederatedCLIPModule):
 
     @torch.no_grad()
     def evaluate_batch(self, pixel_values: torch.Tensor, class_embeddings: torch.Tensor):
-        """Head logits ``s (W f + b)`` with ``W`` = ``class_embeddings``."""
-        return self.head_logits(self.encode_images(pixel_values), class_embeddings)
+        """Head logits with ``W`` = ``class_embeddings``, computed in fp32 (autocast off)."""
+        images = self.encode_images(pixel_values)
+        with fp32(images):
+            return self.head_logits(images.float(), class_embeddings.float()).float()

@@ -2,33 +2,43 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
+
+import torch
 
 from flora_lightning.methods.base import FederatedCLIPModule, OptimizerConfig
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
 MLP = ("fc1", "fc2")
 _TOWERS = {"text": "text_model", "vision": "vision_model"}
-_INITS = {"gaussian": "gaussian", "kaiming": True, "pissa": "pissa"}
+# peft's init_lora_weights per lora.init; "paper" lets peft build (B = 0), then redraws A.
+_INITS = {"paper": True, "gaussian": "gaussian", "kaiming": True, "pissa": "pissa"}
+PAPER_SCALING = 32.0
+"""The released layer computes ``x @ A @ B * 32`` whatever the rank."""
 
 
 @dataclass
 class LoraSettings:
-    """Where LoRA goes and how it is shaped (paper: out_proj of the text tower, r=2, alpha=64)."""
+    """Where LoRA goes and how it is shaped (paper: out_proj of the text tower, r=2, scaling 32)."""
 
     rank: int = 2
     """LoRA rank r."""
-    alpha: float = 64.0
-    """LoRA alpha; the update is scaled by alpha / rank (paper: 64 at r=2, i.e. scaling 32)."""
+    alpha: float | None = None
+    """LoRA alpha: the update is scaled by alpha / rank (peft). null: scaling 32 at every rank,
+    as the released code (alpha = 32 * rank); a number fixes alpha, so the scaling changes
+    with the rank (alpha 64 equals the paper only at r=2)."""
     dropout: float = 0.0
     """Dropout on the LoRA input."""
     targets: list[str] = field(default_factory=lambda: ["out_proj"])
     """Projections to adapt in every layer: any of q_proj, k_proj, v_proj, out_proj, fc1, fc2."""
     tower: Literal["text", "vision", "both"] = "text"
     """Which encoder gets adapters."""
-    init: Literal["gaussian", "kaiming", "pissa"] = "gaussian"
-    """A's init (B starts at zero): gaussian is A ~ N(0, 1/r) as the paper; kaiming is peft's default."""
+    init: Literal["paper", "gaussian", "kaiming", "pissa"] = "paper"
+    """A's init (B starts at zero): paper is the released A = randn(in, r) / sqrt(r) (std
+    1/sqrt(r)), drawn from the seeded torch generator; gaussian is peft's (std 1/r, not the
+    paper's); kaiming is peft's default; pissa is peft's PiSSA."""
     freeze_a: bool = False
     """Train and send only B; A keeps its seeded init, the same on every client, so FedAvg of B
     is exactly the mean of the clients' B·A updates (FFA-LoRA). The paper trains both."""
@@ -36,8 +46,11 @@ class LoraSettings:
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise ValueError(f"model.lora.rank must be >= 1 (got {self.rank}); the paper uses 2.")
-        if self.alpha <= 0:
-            raise ValueError(f"model.lora.alpha must be > 0 (got {self.alpha}); the paper uses 64.")
+        if self.alpha is not None and self.alpha <= 0:
+            raise ValueError(
+                f"model.lora.alpha must be > 0 or null (got {self.alpha}); null keeps the "
+                "paper's scaling 32 at every rank."
+            )
         if not 0 <= self.dropout < 1:
             raise ValueError(f"model.lora.dropout must be in [0, 1) (got {self.dropout}).")
         unknown = sorted(set(self.targets) - set(ATTENTION + MLP))
@@ -68,16 +81,44 @@ class LoraSettings:
             parts.append(rf"mlp\.({'|'.join(mlp)})")
         return rf"({tower})\.encoder\.layers\.\d+\.({'|'.join(parts)})"
 
+    @property
+    def lora_alpha(self) -> float:
+        """peft's ``lora_alpha``: ``alpha``, or ``32 * rank`` (scaling 32) when it is null."""
+        return self.alpha if self.alpha is not None else PAPER_SCALING * self.rank
+
+    @property
+    def scaling(self) -> float:
+        """The factor on the update ``B A x``: ``lora_alpha / rank``."""
+        return self.lora_alpha / self.rank
+
     def peft_config(self):
         from peft import LoraConfig
 
         return LoraConfig(
             r=self.rank,
-            lora_alpha=self.alpha,
+            lora_alpha=self.lora_alpha,
             lora_dropout=self.dropout,
             target_modules=self.target_regex(),
             init_lora_weights=_INITS[self.init],
         )
+
+
+@torch.no_grad()
+def paper_init_lora_a_(model: torch.nn.Module) -> None:
+    """Redraw every LoRA A as the released code does: ``W_a = randn(in, r) / sqrt(r)``.
+
+    peft stores A as ``lora_A.weight`` of shape ``[r, in]`` (``W_a`` transposed); the values
+    are drawn in the released shape, layer by layer in module order, from torch's global
+    generator (seeded by ``trainer.seed`` before the model is built).
+    """
+    for module in model.modules():
+        lora_a = getattr(module, "lora_A", None)
+        if not isinstance(lora_a, torch.nn.ModuleDict):
+            continue
+        for layer in lora_a.values():
+            rank, fan_in = layer.weight.shape
+            draw = torch.randn(fan_in, rank) / math.sqrt(rank)
+            layer.weight.copy_(draw.T.to(layer.weight.dtype))
 
 
 class FLoRA(FederatedCLIPModule):
@@ -105,6 +146,8 @@ class FLoRA(FederatedCLIPModule):
 
         # get_peft_model freezes everything but the adapters.
         self.clip = get_peft_model(self.clip, self.lora.peft_config())
+        if self.lora.init == "paper":
+            paper_init_lora_a_(self.clip)
         if self.lora.freeze_a:
             for name, param in self.clip.named_parameters():
                 if "lora_A" in name:

@@ -37,6 +37,7 @@ def int_label_parquet(tmp_path) -> dict[str, str]:
 
 
 def parquet_module(data_files, **kwargs) -> FederatedDataModule:
+    kwargs.setdefault("test_split", "test")
     return FederatedDataModule(
         dataset="parquet",
         data_files=data_files,
@@ -71,6 +72,72 @@ def test_test_split_null_holds_out_test_fraction(make_datamodule):
     half = make_datamodule(test_split=None, test_fraction=0.5)
     half.setup()
     assert len(half.test_set) == int(np.ceil(0.5 * DIGITS_TRAIN))
+
+
+def id_parquet(path, ids) -> str:
+    """Rows whose 4x4 image is filled with the row's id (< 256) and labelled id % 3."""
+    import datasets
+    from PIL import Image
+
+    images = [Image.fromarray(np.full((4, 4), i, dtype=np.uint8)) for i in ids]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    datasets.Dataset.from_dict(
+        {"image": images, "label": [i % 3 for i in ids]}, features=features
+    ).to_parquet(str(path))
+    return str(path)
+
+
+def row_ids(split) -> list[int]:
+    return [int(np.asarray(image)[0, 0]) for image in split["image"]]
+
+
+def test_pooled_is_the_default_released_protocol(tmp_path):
+    # train rows 0..39, test rows 40..49: pooled in that order, then a seeded random
+    # int(0.2 * 50) = 10 held out, as the released code (np.random.choice without replacement).
+    files = {
+        "train": id_parquet(tmp_path / "train.parquet", range(40)),
+        "test": id_parquet(tmp_path / "test.parquet", range(40, 50)),
+    }
+    default = FederatedDataModule()
+    assert default.test_split == "pooled" and default.pool_splits == ["train", "test"]
+    data = parquet_module(files, class_names=["a", "b", "c"], test_split="pooled")
+    data.setup()
+    expected_test = np.sort(np.random.default_rng(42).choice(50, size=10, replace=False))
+    assert row_ids(data.test_set) == expected_test.tolist()
+    assert row_ids(data.train_set) == np.setdiff1d(np.arange(50), expected_test).tolist()
+    assert sum(data.num_samples(c) for c in range(2)) == 40
+    assert any(i >= 40 for i in row_ids(data.train_set))  # the test split is pooled too
+
+    other = parquet_module(
+        files, class_names=["a", "b", "c"], test_split="pooled", test_fraction=0.3
+    )
+    other.partition.seed = 7
+    other.setup()
+    assert len(other.test_set) == 15
+    assert row_ids(other.test_set) != row_ids(data.test_set)[:15]
+
+
+def test_pooled_digits_sizes(make_datamodule):
+    data = make_datamodule(test_split="pooled")
+    data.setup()
+    pooled = DIGITS_TRAIN + DIGITS_TEST
+    assert len(data.test_set) == int(0.2 * pooled) == 269
+    assert len(data.train_set) == pooled - 269
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"pool_splits": ["train", "validation"]}, "data.pool_splits='validation' is not a split"),
+        ({"pool_splits": []}, "data.pool_splits must name one or more distinct splits"),
+        ({"pool_splits": ["train", "train"]}, "data.pool_splits must name one or more distinct"),
+    ],
+)
+def test_pooled_errors_name_the_field(int_label_parquet, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        parquet_module(
+            int_label_parquet, class_names=["a", "b", "c"], test_split="pooled", **overrides
+        ).setup()
 
 
 def test_max_test_samples(make_datamodule):

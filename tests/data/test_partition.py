@@ -22,8 +22,12 @@ CONFIGS = {
     "pathological-overlap": PartitionConfig(
         kind="pathological", num_clients=10, classes_per_client=3
     ),
-    "fewshot": PartitionConfig(kind="fewshot", num_clients=10, shots=8),
+    "fewshot-disjoint": PartitionConfig(
+        kind="fewshot", num_clients=10, shots=8, shots_overlap=False
+    ),
 }
+# The released code's IID few-shot split: clients draw their shots independently (may overlap).
+FEWSHOT_OVERLAP = PartitionConfig(kind="fewshot", num_clients=10, shots=8)
 
 
 def split(config: PartitionConfig, labels: np.ndarray = LABELS) -> list[np.ndarray]:
@@ -102,11 +106,93 @@ def test_pathological_shots_caps_samples_per_class():
     assert counts.sum(axis=1).tolist() == [30] * 5
 
 
-def test_fewshot_exact_shots_per_class():
-    parts = split(CONFIGS["fewshot"])
+@pytest.mark.parametrize("config", [CONFIGS["fewshot-disjoint"], FEWSHOT_OVERLAP])
+def test_fewshot_exact_shots_per_class(config):
+    parts = split(config)
     counts = label_counts(LABELS, parts, NUM_CLASSES)
     assert counts.shape == (10, NUM_CLASSES)
     assert np.all(counts == 8)
+    assert all(np.unique(p).size == p.size for p in parts)  # no sample twice within a client
+
+
+def test_fewshot_overlap_is_the_default_and_draws_each_client_independently():
+    assert PartitionConfig(kind="fewshot", shots=1).shots_overlap is True
+    parts = split(FEWSHOT_OVERLAP)
+    everything = np.concatenate(parts)
+    # 10 clients x 80 draws from 2,000 rows: independent draws share rows (about 15 here),
+    # the disjoint deal never does.
+    assert np.unique(everything).size < everything.size
+    disjoint = np.concatenate(split(CONFIGS["fewshot-disjoint"]))
+    assert np.unique(disjoint).size == disjoint.size
+
+
+def test_fewshot_overlap_needs_only_shots_per_class():
+    # 8 samples per class suffice for any number of clients when shots may overlap ...
+    labels = np.repeat(np.arange(NUM_CLASSES), 8)
+    parts = split(FEWSHOT_OVERLAP, labels)
+    assert all(np.array_equal(p, np.arange(labels.size)) for p in parts)
+    # ... while the disjoint deal needs num_clients x shots of each class.
+    with pytest.raises(ValueError, match=r"needs 80 samples of every class but class 0 has 8"):
+        split(CONFIGS["fewshot-disjoint"], labels)
+
+
+def test_pathological_fewshot_default_deals_c_div_n_classes_remainder_to_last():
+    # The released split: shuffled classes, C // N per client, the C mod N left over to the
+    # last client, n shots of each.
+    config = PartitionConfig(kind="pathological", num_clients=3, shots=16)
+    assert config.classes_per_client is None
+    counts = label_counts(LABELS, split(config), NUM_CLASSES)
+    assert (counts > 0).sum(axis=1).tolist() == [3, 3, 4]
+    assert (counts > 0).sum(axis=0).tolist() == [1] * NUM_CLASSES  # disjoint, all used
+    assert sorted(set(counts.ravel().tolist())) == [0, 16]
+    # the classes are shuffled, not dealt in label order
+    assert not np.array_equal(np.flatnonzero(counts[0]), np.arange(3))
+
+
+def test_pathological_too_few_shots_or_classes_is_an_error():
+    with pytest.raises(ValueError, match=r"data\.partition\.shots=300 .* class \d+ has only 200"):
+        split(PartitionConfig(kind="pathological", num_clients=5, shots=300))
+    with pytest.raises(ValueError, match=r"10 classes < data\.partition\.num_clients=11"):
+        split(PartitionConfig(kind="pathological", num_clients=11))
+
+
+def released_dirichlet(labels: np.ndarray, num_clients: int, beta: float, seed: int):
+    """The released code's Dirichlet split, written out here independently.
+
+    For each class: proportions ~ Dir(beta), a client already holding >= N / num_clients
+    samples gets proportion 0, normalise, cut the class at the cumulative proportions.
+    The random stream is the one flwr-datasets uses (one generator, one draw per class in
+    sorted class order), applied to the rows as partition_indices shuffles them.
+    """
+    order = np.random.default_rng(seed).permutation(labels.size)
+    key = labels[order]
+    rng = np.random.default_rng(seed)
+    batches = [[] for _ in range(num_clients)]
+    for c in np.unique(key):
+        rows = np.flatnonzero(key == c)
+        p = rng.dirichlet(np.repeat(beta, num_clients))
+        p = np.array(
+            [q * (len(b) < key.size / num_clients) for q, b in zip(p, batches, strict=True)]
+        )
+        p = p / p.sum()
+        cuts = (np.cumsum(p) * rows.size).astype(int)[:-1]
+        for b, part in zip(batches, np.split(rows, cuts), strict=True):
+            b.extend(part.tolist())
+    return [np.sort(order[np.asarray(b, dtype=np.int64)]) for b in batches]
+
+
+@pytest.mark.parametrize(("beta", "seed"), [(0.1, 42), (0.1, 7), (1.0, 42), (0.5, 3)])
+def test_dirichlet_default_is_the_released_self_balancing_split(beta, seed):
+    config = PartitionConfig(kind="dirichlet", num_clients=10, beta=beta, seed=seed)
+    assert config.self_balancing and config.min_samples == 1
+    # 1,999 samples: n / num_clients is not a whole number, so flwr's "more than" and the
+    # released "at least" stop rule cannot differ.
+    labels = LABELS[:-1]
+    expected = released_dirichlet(labels, 10, beta, seed)
+    got = split(config, labels)
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
+    unbalanced = split(PartitionConfig(**{**vars(config), "self_balancing": False}), labels)
+    assert not all(np.array_equal(a, b) for a, b in zip(unbalanced, expected, strict=True))
 
 
 def test_fewshot_partitioner_on_its_own():
@@ -120,7 +206,7 @@ def test_fewshot_partitioner_on_its_own():
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_partitions_are_disjoint(name):
+def test_partitions_are_disjoint(name):  # every kind but the overlapping few-shot draw
     parts = split(CONFIGS[name])
     assert len(parts) == CONFIGS[name].num_clients
     everything = np.concatenate(parts)
@@ -128,9 +214,9 @@ def test_partitions_are_disjoint(name):
     assert everything.min() >= 0 and everything.max() < LABELS.size
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", [*CONFIGS, "fewshot-overlap"])
 def test_same_seed_same_partition_other_seed_differs(name):
-    config = CONFIGS[name]
+    config = CONFIGS.get(name, FEWSHOT_OVERLAP)
     first, again = split(config), split(config)
     other = split(PartitionConfig(**{**vars(config), "seed": config.seed + 1}))
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
@@ -205,12 +291,15 @@ def test_error_pathological_more_classes_than_exist():
 
 def test_error_fewshot_class_too_small():
     labels = LABELS[LABELS != 3].tolist() + [3] * 50
-    config = PartitionConfig(kind="fewshot", num_clients=10, shots=8)
+    config = PartitionConfig(kind="fewshot", num_clients=10, shots=8, shots_overlap=False)
     with pytest.raises(
         ValueError,
         match=r"needs 80 samples .* class 3 has 50; lower data\.partition\.shots",
     ):
         split(config, np.array(labels))
+    overlapping = PartitionConfig(kind="fewshot", num_clients=10, shots=60)
+    with pytest.raises(ValueError, match=r"shots=60 needs 60 samples .* class 3 has 50"):
+        split(overlapping, np.array(labels))
 
 
 def test_error_client_below_min_samples():

@@ -107,10 +107,60 @@ def test_one_round_changes_exactly_the_trainable_parameters(
     changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
     frozen_changed = changed - trainable
     assert not frozen_changed, sorted(frozen_changed)[:5]
-    # Every trained tensor moved (coupled weight decay moves even zero-gradient entries).
+    # Every trained tensor moved (coupled weight decay moves even zero-gradient entries),
+    # except FedFFT's logit_scale: communicated, never trained, as the released FFT client.
     new_heads = trainable - set(before)
-    assert changed | new_heads == trainable
+    fixed = {"clip.logit_scale"} if cls is FedFFT else set()
+    assert changed | new_heads == trainable - fixed
     assert [p for n, p in after.items() if p.requires_grad and n not in trainable] == []
+
+
+def test_fedfft_logit_scale_travels_but_never_trains(make_method):
+    size = None
+    for train_logit_scale in (False, True):
+        model = make_method(FedFFT)
+        model.train_logit_scale = train_logit_scale
+        assert "clip.logit_scale" in model.communicated_state()
+        optimizer = model.configure_optimizers()
+        optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        # Not optimized: no Adam step, so no weight decay either.
+        assert (id(model.clip.logit_scale) in optimized) is train_logit_scale
+        assert len(optimized) == len(model.trainable_parameters()) - (not train_logit_scale)
+        size = model.clip.config.vision_config.image_size
+        pixels, labels = torch.randn(4, 3, size, size), torch.tensor([0, 1, 2, 3])
+        model.train()
+        model.training_step((pixels, labels)).backward()
+        # Read detached by default, as the released FFT client.
+        assert (model.clip.logit_scale.grad is not None) is train_logit_scale
+        assert model.clip.text_projection.weight.grad is not None
+
+
+def test_fedaa_adapter_starts_as_identity_linears(make_method):
+    model = make_method(FedAA)
+    for linear in (model.adapter[0], model.adapter[2]):
+        torch.testing.assert_close(linear.weight, torch.eye(D), rtol=0, atol=0)
+        assert torch.count_nonzero(linear.bias) == 0
+    # a(x) = softmax(tanh(f)) at the start
+    f = torch.randn(5, D)
+    torch.testing.assert_close(model.adapter(f), torch.softmax(torch.tanh(f), dim=-1))
+    torch.manual_seed(0)
+    default = FedAA(TINY_CLIP, adapter_init="torch")
+    default.clip = model.clip
+    default.setup_trainable()
+    assert not torch.equal(default.adapter[0].weight, torch.eye(D))
+    with pytest.raises(ValueError, match="model.adapter_init must be identity or torch"):
+        FedAA(TINY_CLIP, adapter_init="eye")
+
+
+def test_fedlc_logits_are_unscaled_by_default(make_method):
+    model = make_method(FedLC)
+    assert model.scale_logits is False
+    feats = F.normalize(torch.randn(6, D), dim=-1)
+    expected = feats @ model.head.weight.T + model.head.bias  # fc(x / |x|), released
+    torch.testing.assert_close(model.head_logits(feats), expected)
+    model.scale_logits = True
+    scale = model.clip.logit_scale.exp()
+    torch.testing.assert_close(model.head_logits(feats), scale * expected)
 
 
 def test_fedaa_cached_features_give_the_uncached_update(make_method, make_datamodule, make_loop):
@@ -149,11 +199,16 @@ def test_fedlc_round_zero_is_zero_shot(make_method, make_datamodule, make_loop, 
     acc, logits = zero_shot(tiny_clip.model, tiny_clip.tokenizer, tiny_clip.image_transform, data)
     assert 0.3 < acc < 0.9  # neither trivial nor solved: the comparison means something
     assert summary["rounds"][0]["test_acc"] == pytest.approx(acc, abs=1e-9)
-    # Not only the argmax: the head's logits are the zero-shot logits.
+    # Not only the argmax: the head's logits are the zero-shot logits without CLIP's logit
+    # scale (the released fc(x / |x|)), and with it when scale_logits is set.
+    scale = tiny_clip.model.logit_scale.exp()
     with torch.no_grad():
         pixels = torch.stack([tiny_clip.image_transform(i) for i in data.test_set["image"][:16]])
         head = model.evaluate_batch(pixels, model.class_embeddings())
-    torch.testing.assert_close(head, logits[:16], atol=1e-4, rtol=1e-5)
+        model.scale_logits = True
+        scaled = model.evaluate_batch(pixels, model.class_embeddings())
+    torch.testing.assert_close(head, logits[:16] / scale, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scaled, logits[:16], atol=1e-4, rtol=1e-5)
 
 
 def test_fedlc_keeps_a_trained_head_for_the_same_task(make_method):

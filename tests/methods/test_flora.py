@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import re
 
@@ -298,3 +299,98 @@ def test_freeze_a_sends_only_b_and_fedavg_is_exact_on_the_product(
         expected = (weights[:, None, None] * products).sum(0)
         assert not torch.allclose(expected, torch.zeros_like(expected))  # B did train
         torch.testing.assert_close(params[b_name] @ a, expected, atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------ the released code's init, scaling, eval
+@pytest.fixture(scope="module")
+def wide_text_clip():
+    """A CLIP whose text tower has ViT-B/32's width and depth (512 x 12) and little else."""
+    from transformers import CLIPConfig, CLIPModel
+
+    config = CLIPConfig(
+        text_config={
+            "hidden_size": 512,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 8,
+            "intermediate_size": 16,
+            "vocab_size": 64,
+            "max_position_embeddings": 16,
+        },
+        vision_config={
+            "hidden_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 16,
+            "image_size": 32,
+            "patch_size": 16,
+        },
+        projection_dim=16,
+    )
+    return CLIPModel(config)
+
+
+def lora_a_values(wide_text_clip, seed: int, **lora) -> torch.Tensor:
+    from flora_lightning.clip_backbone import CLIPBundle
+    from flora_lightning.methods import FLoRA
+    from flora_lightning.methods.base import build_model_from_bundle
+
+    settings = LoraSettings(targets=["q_proj", "out_proj"], **lora)
+    torch.manual_seed(seed)
+    bundle = CLIPBundle(copy.deepcopy(wide_text_clip), tokenizer=None, image_transform=None)
+    model = build_model_from_bundle(FLoRA("unused", lora=settings), bundle)
+    a = [p.detach().flatten() for n, p in model.trainable_named_parameters() if "lora_A" in n]
+    b = [p for n, p in model.trainable_named_parameters() if "lora_B" in n]
+    assert all(torch.count_nonzero(p) == 0 for p in b)  # B = 0, so the model starts unchanged
+    return torch.cat(a)
+
+
+@pytest.mark.parametrize("rank", [2, 4, 8])
+def test_paper_init_draws_a_with_std_one_over_sqrt_rank(wide_text_clip, rank):
+    assert LoraSettings().init == "paper"
+    # 12 layers x 2 projections x 512 x r >= 24,576 draws; the std estimate's relative error
+    # is about 1 / sqrt(2 n) = 0.45%, so 2% is a real bound.
+    a = lora_a_values(wide_text_clip, seed=0, rank=rank)[:24_576]
+    assert a.numel() == 24_576
+    assert a.std().item() == pytest.approx(1 / rank**0.5, rel=0.02)
+    assert abs(a.mean().item()) < 0.03
+    # peft's "gaussian" (kept as an option) is std 1/r: not the released init.
+    peft_gaussian = lora_a_values(wide_text_clip, seed=0, rank=rank, init="gaussian")[:24_576]
+    assert peft_gaussian.std().item() == pytest.approx(1 / rank, rel=0.02)
+
+
+def test_paper_init_is_seeded(wide_text_clip):
+    first = lora_a_values(wide_text_clip, seed=3)
+    assert torch.equal(first, lora_a_values(wide_text_clip, seed=3))
+    assert not torch.equal(first, lora_a_values(wide_text_clip, seed=4))
+
+
+@pytest.mark.parametrize("rank", [1, 2, 8])
+def test_scaling_is_32_at_every_rank_unless_alpha_is_set(make_flora, rank):
+    def scalings(lora: LoraSettings) -> set[float]:
+        model = make_flora(lora)
+        layers = [m for m in model.clip.modules() if isinstance(m, LoraLayer)]
+        assert layers
+        return {layer.scaling["default"] for layer in layers}
+
+    assert LoraSettings(rank=rank).scaling == 32.0
+    assert scalings(LoraSettings(rank=rank)) == {32.0}
+    # With lora.alpha set, peft's alpha / r: 64 matches the paper only at r = 2.
+    assert scalings(LoraSettings(rank=rank, alpha=64.0)) == {64.0 / rank}
+
+
+def test_evaluation_similarity_is_fp32_under_bf16_autocast(make_flora):
+    """Find image/class features whose bf16 logits flip the argmax; evaluation must not."""
+    model = make_flora()
+    generator = torch.Generator().manual_seed(0)
+    images = F.normalize(torch.randn(4096, WIDTH, generator=generator), dim=-1)
+    classes = F.normalize(torch.randn(10, WIDTH, generator=generator), dim=-1)
+    scale = model.clip.logit_scale.exp()
+    exact = scale * images @ classes.T
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rounded = scale * images @ classes.T  # what an autocast matmul gives
+        logits = model.evaluate_batch(images, classes)  # cached features pass straight through
+    flipped = exact.argmax(1) != rounded.argmax(1)
+    assert rounded.dtype == torch.bfloat16 and flipped.any()  # near-ties do flip in bf16
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, exact, rtol=1e-6, atol=1e-5)
+    assert torch.equal(logits.argmax(1), exact.argmax(1))
