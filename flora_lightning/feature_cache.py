@@ -94,7 +94,7 @@ class FeatureCache:
             batch_size=self.data.eval_batch_size,
             shuffle=False,
             num_workers=self.data.num_workers,
-            collate_fn=self.data._collate,
+            collate_fn=self.data.collate,
         )
         feats, labels = [], []
         self.model.eval()

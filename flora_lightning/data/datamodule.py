@@ -243,7 +243,8 @@ class FederatedDataModule(L.LightningDataModule):
         """The model's own preprocessing (CLIP resize, crop, normalise)."""
         self.image_transform = transform
 
-    def _collate(self, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    def collate(self, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dataset rows -> ``(pixels [B, 3, H, W], labels [B])`` with the model's preprocessing."""
         pixels = torch.stack([self.image_transform(row[self.image_column]) for row in rows])
         labels = torch.tensor([row[self.label_column] for row in rows], dtype=torch.long)
         return pixels, labels
@@ -259,7 +260,7 @@ class FederatedDataModule(L.LightningDataModule):
             shuffle=True,
             generator=generator,
             num_workers=self.num_workers,
-            collate_fn=self._collate,
+            collate_fn=self.collate,
         )
 
     def test_dataloader(self) -> DataLoader:
@@ -268,5 +269,5 @@ class FederatedDataModule(L.LightningDataModule):
             batch_size=self.eval_batch_size,
             shuffle=False,
             num_workers=self.num_workers,
-            collate_fn=self._collate,
+            collate_fn=self.collate,
         )

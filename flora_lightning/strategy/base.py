@@ -10,6 +10,11 @@ import torch
 State = dict[str, torch.Tensor]
 
 
+def state_bytes(state: State) -> int:
+    """Bytes of the tensors as sent: ``numel * element_size`` summed."""
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
 @dataclass
 class ClientUpdate:
     """What one client returns after local training."""
