@@ -236,6 +236,13 @@ class FederatedDataModule(L.LightningDataModule):
     def num_samples(self, client_id: int) -> int:
         return len(self.client_indices[client_id])
 
+    def fingerprints(self) -> dict[str, str]:
+        """Content hashes of the loaded train and test sets (``train``, ``test``).
+
+        The hashes ``datasets`` keeps for its own cache; this is the one place that reads them.
+        """
+        return {"train": self.train_set._fingerprint, "test": self.test_set._fingerprint}
+
     def label_table(self) -> str:
         return format_label_table(self.counts, self.class_names)
 

@@ -36,8 +36,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from flora_lightning.strategy import ClientUpdate
-from flora_lightning.strategy import FedAvg as FloraAverage
+from flora_lightning.strategy import ClientUpdate, FedAvg, Strategy
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +80,8 @@ class FloraFedAvg(FlowerFedAvg):
             it is aggregated (the server app feeds its callbacks with it).
         select_clients: ``round -> partition ids`` that train in that round; ``None`` keeps
             Flower's random node sampling.
-        average: the flora aggregation to run (the YAML's ``trainer.strategy``, e.g.
+        average: the flora aggregation to run, any :class:`~flora_lightning.strategy.Strategy`
+            (the YAML's ``trainer.strategy``, e.g.
             :class:`~flora_lightning.strategy.LoraProductAverage`); ``None``: flora's FedAvg.
             Its ``min_clients`` is set to ``min_clients``.
         query_timeout: seconds to wait for the nodes' partition ids.
@@ -96,7 +96,7 @@ class FloraFedAvg(FlowerFedAvg):
         on_client_update: Callable[[int, ClientUpdate], None] | None = None,
         select_clients: Callable[[int], list[int]] | None = None,
         query_timeout: float = 600.0,
-        average: FloraAverage | None = None,
+        average: Strategy | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -105,7 +105,7 @@ class FloraFedAvg(FlowerFedAvg):
             min_evaluate_nodes=0,
             min_available_nodes=min_available_nodes,
         )
-        self.average = average if average is not None else FloraAverage()
+        self.average = average if average is not None else FedAvg()
         self.average.min_clients = min_clients
         self.on_client_update = on_client_update
         self.select_clients = select_clients
