@@ -26,6 +26,7 @@ Traffic is measured on what actually travels: ``bytes_down`` is the global Array
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -66,6 +67,8 @@ class RoundReport:
     accepted: list[int] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)
     aggregated: bool = False
+    started: float = field(default_factory=time.perf_counter)
+    """``time.perf_counter()`` when the round was configured (the round's wall time starts)."""
 
 
 class FloraFedAvg(FlowerFedAvg):
@@ -76,6 +79,8 @@ class FloraFedAvg(FlowerFedAvg):
         fraction_train: share of connected nodes sampled each round (flora's ``join_ratio``).
         min_train_nodes: fewest nodes sampled per round.
         min_available_nodes: wait until this many nodes are connected before sampling.
+        on_round_start: called with the round when its train messages are configured, before
+            any client trains (the server app starts its callbacks' round with it).
         on_client_update: called with ``(round, update)`` for every decoded reply, before
             it is aggregated (the server app feeds its callbacks with it).
         select_clients: ``round -> partition ids`` that train in that round; ``None`` keeps
@@ -94,6 +99,7 @@ class FloraFedAvg(FlowerFedAvg):
         min_train_nodes: int = 1,
         min_available_nodes: int = 1,
         on_client_update: Callable[[int, ClientUpdate], None] | None = None,
+        on_round_start: Callable[[int], None] | None = None,
         select_clients: Callable[[int], list[int]] | None = None,
         query_timeout: float = 600.0,
         average: Strategy | None = None,
@@ -108,6 +114,7 @@ class FloraFedAvg(FlowerFedAvg):
         self.average = average if average is not None else FedAvg()
         self.average.min_clients = min_clients
         self.on_client_update = on_client_update
+        self.on_round_start = on_round_start
         self.select_clients = select_clients
         self.query_timeout = query_timeout
         self.partitions: dict[int, int] = {}
@@ -132,6 +139,8 @@ class FloraFedAvg(FlowerFedAvg):
         self.reports[server_round] = RoundReport(
             bytes_down=array_record_bytes(arrays) * len(messages)
         )
+        if self.on_round_start is not None:
+            self.on_round_start(server_round)
         return messages
 
     def _configure_selected(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import pytest
@@ -261,3 +262,11 @@ def test_a_strategy_not_derived_from_fedavg_aggregates_with_rejections():
     assert strategy.reports[1].accepted == [1]
     assert strategy.reports[1].rejected == {"0": "tensor a holds NaN or Inf"}
     assert metrics["num-accepted"] == 1 and metrics["num-rejected"] == 1
+
+
+def test_round_start_is_announced_when_the_round_is_configured():
+    started = []
+    strategy = FloraFedAvg(min_available_nodes=2, on_round_start=started.append)
+    train_round(strategy, [1, 2], server_round=3)
+    assert started == [3]
+    assert strategy.reports[3].started <= time.perf_counter()
