@@ -1,8 +1,8 @@
 """Loading HF ``CLIPModel`` checkpoints and computing their features.
 
-One place for: resolving ``flora-offline/tiny-clip``, turning hub/offline failures into a clear
-error, building the image preprocessing from the checkpoint's own processor config, and the
-transformers 4/5 difference in what ``get_*_features`` return.
+One place for: resolving ``flora-offline/tiny-clip`` and turning hub/offline failures into a
+clear error. The preprocessing and feature functions live in the leaf module
+:mod:`flora_lightning.clip_features` (which ``offline/`` builds on) and are re-exported here.
 """
 
 from __future__ import annotations
@@ -13,7 +13,18 @@ from pathlib import Path
 import torch
 from torchvision.transforms import v2
 
+from flora_lightning.clip_features import build_image_transform, image_features, text_features
 from flora_lightning.hub import NotAvailableError, offline_unless_reachable
+
+__all__ = [
+    "CLIPBundle",
+    "ModelNotAvailableError",
+    "build_image_transform",
+    "image_features",
+    "load_clip",
+    "resolve_model_path",
+    "text_features",
+]
 
 OFFLINE_HINT = (
     "No access to the Hugging Face hub here? Download it once where you have internet "
@@ -66,37 +77,3 @@ def load_clip(name_or_path: str, field: str = "model.name_or_path") -> CLIPBundl
             f"{str(err).splitlines()[0] if str(err) else err}). {hint}"
         ) from err
     return CLIPBundle(model, processor.tokenizer, build_image_transform(processor.image_processor))
-
-
-def build_image_transform(image_processor) -> v2.Compose:
-    """CLIP preprocessing from the checkpoint's processor config: resize, centre crop, normalise."""
-    size = image_processor.size
-    short_edge = size.get("shortest_edge") or min(size.get("height"), size.get("width"))
-    crop = image_processor.crop_size
-    return v2.Compose(
-        [
-            v2.RGB(),
-            v2.ToImage(),
-            v2.Resize(short_edge, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-            v2.CenterCrop((crop["height"], crop["width"])),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(
-                mean=list(image_processor.image_mean), std=list(image_processor.image_std)
-            ),
-        ]
-    )
-
-
-def _pooled(output) -> torch.Tensor:
-    # transformers 5 returns BaseModelOutputWithPooling; 4.x returned the tensor itself.
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
-
-
-def text_features(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Projected (unnormalised) text embeddings."""
-    return _pooled(model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
-
-
-def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Projected (unnormalised) image embeddings."""
-    return _pooled(model.get_image_features(pixel_values=pixel_values))

@@ -50,8 +50,8 @@ class FeatureCache:
         key = {
             "model": self.model.name_or_path,
             "vision": weights.hexdigest(),
-            "data": self.data.train_set._fingerprint,
-            "test": self.data.test_set._fingerprint,
+            "data": self.data.fingerprints()["train"],
+            "test": self.data.fingerprints()["test"],
             "partition": [
                 hashlib.sha256(i.tobytes()).hexdigest() for i in self.data.client_indices
             ],
@@ -61,9 +61,8 @@ class FeatureCache:
         }
         # A method that caches other features than the default normalised ones (FedAA: the
         # raw projection) must not share a disk cache with the others.
-        encoder = type(self.model).frozen_image_features.__qualname__
-        if encoder != "FederatedCLIPModule.frozen_image_features":
-            key["features"] = encoder
+        if self.model.cached_features_kind is not None:
+            key["features"] = self.model.cached_features_kind
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
     def build(self, clients: list[int], test: bool = True) -> None:
@@ -94,7 +93,7 @@ class FeatureCache:
             batch_size=self.data.eval_batch_size,
             shuffle=False,
             num_workers=self.data.num_workers,
-            collate_fn=self.data._collate,
+            collate_fn=self.data.collate,
         )
         feats, labels = [], []
         self.model.eval()

@@ -39,15 +39,11 @@ from flora_lightning.checkpoint import (
 )
 from flora_lightning.feature_cache import FeatureCache
 from flora_lightning.hub import NotAvailableError
-from flora_lightning.strategy import ClientUpdate, FedAvg, Strategy
+from flora_lightning.strategy import FedAvg, Strategy, state_bytes
+from flora_lightning.trainer import LocalTrainer
 
 log = logging.getLogger(__name__)
 Precision = Literal["32-true", "16-mixed", "bf16-mixed"]
-
-
-def state_bytes(state: dict[str, torch.Tensor]) -> int:
-    """Bytes of the tensors as sent: ``numel * element_size`` summed."""
-    return sum(t.numel() * t.element_size() for t in state.values())
 
 
 class FederatedLoop:
@@ -152,15 +148,21 @@ class FederatedLoop:
         self.fabric: L.Fabric | None = None
         self.round = 0
         self.history: list[dict] = []
-        self.optimizer_states: dict[int, dict] = {}
+        self.trainer: LocalTrainer | None = None
 
     # ================================================================ setup
-    def launch(self, model, data) -> None:
+    def launch(self, model, data, tensorboard: bool = True) -> None:
         """Fabric, data, model, in the order that fails fastest on bad input.
 
         Part of the per-round API that :meth:`fit` and the Flower apps share: ``launch`` (or
-        :meth:`open_run`), then per round :meth:`client_fit` on the clients,
-        :meth:`evaluate`, :meth:`record_round`, :meth:`save_round`; at the end :meth:`finish`.
+        :meth:`open_run`), then per round :meth:`LocalTrainer.fit <flora_lightning.trainer.
+        LocalTrainer.fit>` of :attr:`trainer` on the clients, :meth:`evaluate`,
+        :meth:`record_round`, :meth:`save_round`; at the end :meth:`finish`.
+
+        Args:
+            model: the method's LightningModule.
+            data: the federated data.
+            tensorboard: log to ``default_root_dir/tensorboard`` (a Flower client writes nothing).
         """
         from lightning.fabric.loggers import TensorBoardLogger
 
@@ -174,12 +176,16 @@ class FederatedLoop:
                 f"{self.clients_per_round(data.num_clients)} client(s) per round, fewer than "
                 f"trainer.strategy.min_clients={self.strategy.min_clients}."
             )
-        logger = TensorBoardLogger(root_dir=str(self.run_dir), name="tensorboard", version="")
+        loggers = (
+            [TensorBoardLogger(root_dir=str(self.run_dir), name="tensorboard", version="")]
+            if tensorboard
+            else []
+        )
         self.fabric = L.Fabric(
             accelerator=self.accelerator,
             devices=1,
             precision=self.precision,
-            loggers=[logger],
+            loggers=loggers,
             callbacks=self.callbacks,
         )
         self.fabric.seed_everything(self.seed, verbose=False)
@@ -197,6 +203,13 @@ class FederatedLoop:
         self.module = self.fabric.setup_module(model)
         self.model = model
         self.datamodule = data
+        self.trainer = LocalTrainer(
+            self.fabric,
+            local_epochs=self.local_epochs,
+            max_local_steps=self.max_local_steps,
+            keep_optimizer_state=self.keep_client_optimizer_state,
+            seed=self.seed,
+        )
 
     def clients_per_round(self, num_clients: int) -> int:
         # floor, as Flower; the epsilon keeps 0.29 * 100 at 29 despite float rounding
@@ -278,7 +291,7 @@ class FederatedLoop:
                 model.load_communicated_state(global_state)
                 fabric.call("on_client_fit_start", loop=self, model=model, client_id=client)
                 t_client = time.perf_counter()
-                update = self.client_fit(model, datamodule, client, round_)
+                update = self.trainer.fit(model, datamodule, client, round_, self.feature_cache)
                 train_seconds += time.perf_counter() - t_client
                 fabric.call("on_client_fit_end", loop=self, model=model, update=update)
                 self.strategy.add(update)
@@ -294,56 +307,6 @@ class FederatedLoop:
             bar.set_postfix(acc=f"{record['test_acc']:.4f}", loss=f"{record['test_loss']:.3f}")
             self.save_round(round_, model)
         return self.finish(model, datamodule)
-
-    def client_fit(self, model, datamodule, client: int, round_: int) -> ClientUpdate:
-        """Local training of one client from the currently loaded (global) state."""
-        fabric = self.fabric
-        torch.manual_seed(self._seed_for(round_, client))  # dropout etc.
-        generator = torch.Generator().manual_seed(self._seed_for(round_, client, 1))
-        source = self.feature_cache or datamodule
-        loader = fabric.setup_dataloaders(
-            source.client_dataloader(client, generator), use_distributed_sampler=False
-        )
-        optimizer = model.configure_optimizers()
-        if self.keep_client_optimizer_state and client in self.optimizer_states:
-            saved = optimizer.state_dict()
-            saved["state"] = self.optimizer_states[client]
-            optimizer.load_state_dict(saved)
-        optimizer = fabric.setup_optimizers(optimizer)
-        model.train()
-        total, count, steps = 0.0, 0, 0
-        for _ in range(self.local_epochs):
-            for batch_idx, batch in enumerate(loader):
-                with fabric.autocast():
-                    loss = model.training_step(batch, batch_idx)
-                fabric.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                total += loss.item() * len(batch[1])
-                count += len(batch[1])
-                steps += 1
-                if self.max_local_steps is not None and steps >= self.max_local_steps:
-                    break
-            if self.max_local_steps is not None and steps >= self.max_local_steps:
-                break
-        model.eval()
-        if self.keep_client_optimizer_state:
-            self.optimizer_states[client] = {
-                i: {
-                    k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v
-                    for k, v in slots.items()
-                }
-                for i, slots in optimizer.state_dict()["state"].items()
-            }
-        return ClientUpdate(
-            client_id=client,
-            state=model.communicated_state(),
-            num_samples=datamodule.num_samples(client),
-            train_loss=total / max(count, 1),
-        )
-
-    def _seed_for(self, round_: int, client: int, stream: int = 0) -> int:
-        return int(np.random.default_rng([self.seed, round_, client, stream]).integers(2**62))
 
     # ============================================================ evaluate
     @torch.no_grad()
@@ -469,7 +432,7 @@ class FederatedLoop:
                 # The round's checkpoint under a second name (it may be pruned later).
                 link_or_copy(checkpoint, folder / "global.safetensors")
                 save_state(
-                    flatten_optimizer_states(self.optimizer_states),
+                    flatten_optimizer_states(self.trainer.optimizer_states),
                     folder / "optimizers.safetensors",
                 )
                 write_json({"round": round_, "history": self.history}, folder / "state.json")
@@ -496,7 +459,7 @@ class FederatedLoop:
         checkpoint = self.run_dir / "checkpoints" / f"round_{round_:03d}.safetensors"
         self.model.load_communicated_state(load_state(own if own.exists() else checkpoint))
         flat = load_state(self.run_dir / "resume" / "optimizers.safetensors")
-        self.optimizer_states = unflatten_optimizer_states(flat)
+        self.trainer.optimizer_states = unflatten_optimizer_states(flat)
         self.fabric.print(f"Resuming {self.run_dir} after round {round_}.")
         return round_
 

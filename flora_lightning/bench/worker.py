@@ -22,7 +22,7 @@ def measure_method(cfg: BenchConfig, variant: str) -> dict:
 
     from flora_lightning.callbacks.memory import PeakMemoryMeter, release_free_memory
     from flora_lightning.callbacks.speedup import time_local_steps
-    from flora_lightning.loop import state_bytes
+    from flora_lightning.strategy import state_bytes
 
     load_at_start = os.getloadavg()[0]
     torch.manual_seed(cfg.seed)

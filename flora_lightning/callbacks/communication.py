@@ -10,6 +10,7 @@ logs ``comm/*`` to TensorBoard once.
 from __future__ import annotations
 
 from flora_lightning.callbacks.base import Callback
+from flora_lightning.strategy import state_bytes
 
 MB = 1e6
 """Bytes in a megabyte (decimal, as network traffic is counted)."""
@@ -32,8 +33,6 @@ class CommunicationLogger(Callback):
         self.client_bytes_up = {}
 
     def on_client_fit_end(self, loop, model, update) -> None:
-        from flora_lightning.loop import state_bytes  # the loop imports this module
-
         self.client_bytes_up[update.client_id] = state_bytes(update.state)
 
     def on_round_end(self, loop, round: int, record: dict) -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from flora_lightning.callbacks.base import Callback
+from flora_lightning.trainer import local_step
 
 
 def _sync(device: torch.device) -> None:
@@ -59,8 +60,9 @@ def time_local_steps(
     With ``min_seconds``, fast steps are timed until that much time was timed too (at most
     100 steps), so a median of many short steps is not left to a handful of samples.
 
-    A step is what :meth:`FederatedLoop.client_fit` does per batch: ``training_step`` under
-    the Fabric precision autocast, ``fabric.backward``, Adam step, ``zero_grad``. The module's
+    A step is :func:`flora_lightning.trainer.local_step`, what :meth:`LocalTrainer.fit` runs
+    per batch: ``training_step`` under the Fabric precision autocast, ``fabric.backward``, Adam
+    step, ``zero_grad``. The module's
     parameters change; callers that need them back restore them.
 
     Args:
@@ -82,11 +84,7 @@ def time_local_steps(
         while i < warmup + steps or (sum(times.wall) < min_seconds and i < warmup + 100):
             _sync(fabric.device)
             t0, c0 = time.perf_counter(), time.process_time()
-            with fabric.autocast():
-                loss = module.training_step(batch, i)
-            fabric.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = local_step(fabric, module, optimizer, batch, i)
             loss.item()  # waits for the step, as the loop's loss bookkeeping does
             _sync(fabric.device)
             if i >= warmup:
@@ -154,7 +152,7 @@ class SpeedupVsFFT(Callback):
             raise RuntimeError("SpeedupVsFFT needs the loop's datamodule (loop.datamodule).")
         dataset = data.client_dataset(self.client_id)
         n = min(data.batch_size, len(dataset))
-        pixels = data._collate([dataset[i] for i in range(n)])
+        pixels = data.collate([dataset[i] for i in range(n)])
         if loop.feature_cache is None:
             return pixels, pixels
         features, labels = loop.feature_cache.features[str(self.client_id)]

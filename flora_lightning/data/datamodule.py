@@ -236,6 +236,13 @@ class FederatedDataModule(L.LightningDataModule):
     def num_samples(self, client_id: int) -> int:
         return len(self.client_indices[client_id])
 
+    def fingerprints(self) -> dict[str, str]:
+        """Content hashes of the loaded train and test sets (``train``, ``test``).
+
+        The hashes ``datasets`` keeps for its own cache; this is the one place that reads them.
+        """
+        return {"train": self.train_set._fingerprint, "test": self.test_set._fingerprint}
+
     def label_table(self) -> str:
         return format_label_table(self.counts, self.class_names)
 
@@ -243,7 +250,8 @@ class FederatedDataModule(L.LightningDataModule):
         """The model's own preprocessing (CLIP resize, crop, normalise)."""
         self.image_transform = transform
 
-    def _collate(self, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    def collate(self, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dataset rows -> ``(pixels [B, 3, H, W], labels [B])`` with the model's preprocessing."""
         pixels = torch.stack([self.image_transform(row[self.image_column]) for row in rows])
         labels = torch.tensor([row[self.label_column] for row in rows], dtype=torch.long)
         return pixels, labels
@@ -259,7 +267,7 @@ class FederatedDataModule(L.LightningDataModule):
             shuffle=True,
             generator=generator,
             num_workers=self.num_workers,
-            collate_fn=self._collate,
+            collate_fn=self.collate,
         )
 
     def test_dataloader(self) -> DataLoader:
@@ -268,5 +276,5 @@ class FederatedDataModule(L.LightningDataModule):
             batch_size=self.eval_batch_size,
             shuffle=False,
             num_workers=self.num_workers,
-            collate_fn=self._collate,
+            collate_fn=self.collate,
         )

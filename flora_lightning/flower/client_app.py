@@ -1,8 +1,8 @@
-"""The Flower ``ClientApp``: one flora client, trained by the in-process loop's ``client_fit``.
+"""The Flower ``ClientApp``: one flora client, trained by the in-process loop's ``LocalTrainer``.
 
 A train message carries the global communicated state (``arrays``) and the round
 (``config["server-round"]``). The client loads the state into its model, runs
-:meth:`FederatedLoop.client_fit` for its partition (``node_config["partition-id"]``) under the
+:meth:`LocalTrainer.fit <flora_lightning.trainer.LocalTrainer.fit>` for its partition (``node_config["partition-id"]``) under the
 YAML's Fabric settings and with the loop's seeds per ``(seed, round, client)``, and replies
 with its communicated state, ``num-examples``, ``train-loss``, ``train-seconds`` and
 ``partition-id``. Its Adam state is kept between rounds in ``context.state`` (it never leaves
@@ -17,9 +17,7 @@ simulation worker may serve several rounds and, in simulation, several partition
 
 from __future__ import annotations
 
-import tempfile
 import time
-from pathlib import Path
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -61,11 +59,9 @@ def client_components(run: FlowerRunConfig, context: Context) -> Components:
     key = (run, context.node_config.get("partition-id"))
     if key in _built:
         return _built[key]
-    # Clients write nothing; the loop's (lazy) TensorBoard logger needs a directory name.
-    scratch = str(Path(tempfile.gettempdir()) / "flora-flower-client")
-    parts = build_components(run, run_dir=scratch)
+    parts = build_components(run)
     loop, model, data = parts.loop, parts.model, parts.data
-    loop.launch(model, data)
+    loop.launch(model, data, tensorboard=False)  # a client writes nothing
     partition = partition_of(context, data.num_clients)
     loop.cache_image_features(model, data, clients=[partition], test=False)
     _built[key] = parts
@@ -79,16 +75,17 @@ def fit_message(msg: Message, context: Context, run: FlowerRunConfig) -> Message
     client = partition_of(context, data.num_clients)
     round_ = int(msg.content["config"]["server-round"])
 
+    trainer = loop.trainer
     model.load_communicated_state(to_state(msg.content["arrays"]))
-    loop.optimizer_states = {}
+    trainer.optimizer_states = {}
     if OPTIMIZER_STATE_KEY in context.state.array_records:
         flat = to_state(context.state.array_records[OPTIMIZER_STATE_KEY])
-        loop.optimizer_states = unflatten_optimizer_states(flat)
+        trainer.optimizer_states = unflatten_optimizer_states(flat)
     t0 = time.perf_counter()
-    update = loop.client_fit(model, data, client, round_)
+    update = trainer.fit(model, data, client, round_, loop.feature_cache)
     seconds = time.perf_counter() - t0
-    if loop.keep_client_optimizer_state:
-        flat = flatten_optimizer_states({client: loop.optimizer_states[client]})
+    if trainer.keep_optimizer_state:
+        flat = flatten_optimizer_states({client: trainer.optimizer_states[client]})
         context.state.array_records[OPTIMIZER_STATE_KEY] = ArrayRecord(flat)
 
     metrics = MetricRecord(

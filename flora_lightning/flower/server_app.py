@@ -38,13 +38,11 @@ def serve(grid: Grid, run: FlowerRunConfig, timeout: float = 3600.0) -> dict:
     fabric = loop.fabric
     fabric.call("on_fit_start", loop=loop, model=model)
 
-    started: set[int] = set()
+    def on_round_start(round_: int) -> None:  # before the round's clients train
+        loop.round = round_
+        fabric.call("on_round_start", loop=loop, round=round_, clients=[])
 
     def on_client_update(round_: int, update: ClientUpdate) -> None:
-        if round_ not in started:  # the loop's callbacks see a round start, then each client
-            started.add(round_)
-            loop.round = round_
-            fabric.call("on_round_start", loop=loop, round=round_, clients=[])
         fabric.call("on_client_fit_end", loop=loop, model=model, update=update)
 
     strategy = FloraFedAvg(
@@ -54,6 +52,7 @@ def serve(grid: Grid, run: FlowerRunConfig, timeout: float = 3600.0) -> dict:
         min_train_nodes=loop.clients_per_round(data.num_clients),
         min_available_nodes=data.num_clients,
         on_client_update=on_client_update,
+        on_round_start=on_round_start,
         # With join_ratio < 1, the same seeded clients per round as ``flora fit``.
         select_clients=(
             (lambda round_: loop.sample_clients(round_, data.num_clients))
@@ -61,7 +60,6 @@ def serve(grid: Grid, run: FlowerRunConfig, timeout: float = 3600.0) -> dict:
             else None
         ),
     )
-    clock = {"t": time.perf_counter()}
 
     def evaluate(round_: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_communicated_state(to_state(arrays))
@@ -71,15 +69,13 @@ def serve(grid: Grid, run: FlowerRunConfig, timeout: float = 3600.0) -> dict:
             loop.record_round(0, metrics, seconds=0.0, up=0, down=0, losses={})
         else:
             report = strategy.reports[round_]
-            if round_ not in started:  # no reply decoded: still a round for the callbacks
-                fabric.call("on_round_start", loop=loop, round=round_, clients=[])
             metrics["eval_seconds"] = time.perf_counter() - t_eval
             metrics["train_seconds"] = report.train_seconds
             loop.round = round_
             record = loop.record_round(
                 round_,
                 metrics,
-                time.perf_counter() - clock["t"],
+                time.perf_counter() - report.started,
                 report.bytes_up,
                 report.bytes_down,
                 report.train_loss,
@@ -87,7 +83,6 @@ def serve(grid: Grid, run: FlowerRunConfig, timeout: float = 3600.0) -> dict:
             record["accepted_clients"] = report.accepted
             record["rejected_clients"] = report.rejected
             loop.save_round(round_, model)
-        clock["t"] = time.perf_counter()
         return MetricRecord({"test-acc": metrics["test_acc"], "test-loss": metrics["test_loss"]})
 
     strategy.start(

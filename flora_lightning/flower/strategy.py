@@ -26,6 +26,7 @@ Traffic is measured on what actually travels: ``bytes_down`` is the global Array
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -36,8 +37,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from flora_lightning.strategy import ClientUpdate
-from flora_lightning.strategy import FedAvg as FloraAverage
+from flora_lightning.strategy import ClientUpdate, FedAvg, Strategy
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ class RoundReport:
     accepted: list[int] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)
     aggregated: bool = False
+    started: float = field(default_factory=time.perf_counter)
+    """``time.perf_counter()`` when the round was configured (the round's wall time starts)."""
 
 
 class FloraFedAvg(FlowerFedAvg):
@@ -77,11 +79,14 @@ class FloraFedAvg(FlowerFedAvg):
         fraction_train: share of connected nodes sampled each round (flora's ``join_ratio``).
         min_train_nodes: fewest nodes sampled per round.
         min_available_nodes: wait until this many nodes are connected before sampling.
+        on_round_start: called with the round when its train messages are configured, before
+            any client trains (the server app starts its callbacks' round with it).
         on_client_update: called with ``(round, update)`` for every decoded reply, before
             it is aggregated (the server app feeds its callbacks with it).
         select_clients: ``round -> partition ids`` that train in that round; ``None`` keeps
             Flower's random node sampling.
-        average: the flora aggregation to run (the YAML's ``trainer.strategy``, e.g.
+        average: the flora aggregation to run, any :class:`~flora_lightning.strategy.Strategy`
+            (the YAML's ``trainer.strategy``, e.g.
             :class:`~flora_lightning.strategy.LoraProductAverage`); ``None``: flora's FedAvg.
             Its ``min_clients`` is set to ``min_clients``.
         query_timeout: seconds to wait for the nodes' partition ids.
@@ -94,9 +99,10 @@ class FloraFedAvg(FlowerFedAvg):
         min_train_nodes: int = 1,
         min_available_nodes: int = 1,
         on_client_update: Callable[[int, ClientUpdate], None] | None = None,
+        on_round_start: Callable[[int], None] | None = None,
         select_clients: Callable[[int], list[int]] | None = None,
         query_timeout: float = 600.0,
-        average: FloraAverage | None = None,
+        average: Strategy | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -105,9 +111,10 @@ class FloraFedAvg(FlowerFedAvg):
             min_evaluate_nodes=0,
             min_available_nodes=min_available_nodes,
         )
-        self.average = average if average is not None else FloraAverage()
+        self.average = average if average is not None else FedAvg()
         self.average.min_clients = min_clients
         self.on_client_update = on_client_update
+        self.on_round_start = on_round_start
         self.select_clients = select_clients
         self.query_timeout = query_timeout
         self.partitions: dict[int, int] = {}
@@ -132,6 +139,8 @@ class FloraFedAvg(FlowerFedAvg):
         self.reports[server_round] = RoundReport(
             bytes_down=array_record_bytes(arrays) * len(messages)
         )
+        if self.on_round_start is not None:
+            self.on_round_start(server_round)
         return messages
 
     def _configure_selected(

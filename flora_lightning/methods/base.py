@@ -194,6 +194,10 @@ class FederatedCLIPModule(L.LightningModule):
         """The underlying ``CLIPModel`` (unwrapped from peft if needed)."""
         return self.clip.get_base_model() if hasattr(self.clip, "get_base_model") else self.clip
 
+    cached_features_kind: str | None = None
+    """Names what :meth:`frozen_image_features` returns when it is not the default normalised
+    embedding (e.g. FedAA's raw projection), so a disk feature cache keeps them apart."""
+
     def frozen_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Normalised CLIP image embeddings: what frozen-feature caching stores."""
         return F.normalize(image_features(self.clip_model(), pixel_values), dim=-1)

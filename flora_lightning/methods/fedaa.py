@@ -95,6 +95,8 @@ class FedAA(FederatedCLIPModule):
             )
         return self.text_cache if labels is None else self.text_cache[labels]
 
+    cached_features_kind = "FedAA.frozen_image_features"  # the key disk caches already use
+
     def frozen_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Unnormalised projected CLIP image features :math:`f(x)`, what the adapter reads.
 

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
 
+log = logging.getLogger(__name__)
+
 State = dict[str, torch.Tensor]
+
+
+def state_bytes(state: State) -> int:
+    """Bytes of the tensors as sent: ``numel * element_size`` summed."""
+    return sum(t.numel() * t.element_size() for t in state.values())
 
 
 @dataclass
@@ -25,25 +33,60 @@ class Strategy(ABC):
 
     Streaming keeps memory at two copies of the communicated state (global + accumulator)
     however many clients join, which matters for FedFFT (600 MB per copy at ViT-B/32).
-    Updates with non-finite values are refused with a reason; the global state is untouched.
+    The base class checks every update once (tensor names, shapes, sample count, finite
+    values): a refused update is logged and recorded in :attr:`rejected` with its reason and
+    never reaches the subclass; the global state is untouched. A new strategy implements
+    three hooks: :meth:`start_round`, :meth:`accumulate` (accepted updates only) and
+    :meth:`aggregate` (called with at least ``min_clients`` accepted).
     """
 
     def __init__(self, min_clients: int = 1) -> None:
         if min_clients < 1:
             raise ValueError(f"trainer.strategy.min_clients must be >= 1 (got {min_clients}).")
         self.min_clients = min_clients
+        self.global_state: State = {}
+        self.accepted: list[int] = []
+        """Client ids of this round's accepted updates, in arrival order."""
+        self.rejected: dict[int, str] = {}
+        """Client id -> why its update was refused this round."""
 
-    @abstractmethod
     def begin(self, global_state: State) -> None:
         """Start a round from the current global state."""
+        self.global_state = global_state
+        self.accepted, self.rejected = [], {}
+        self.start_round(global_state)
 
-    @abstractmethod
-    def add(self, update: ClientUpdate) -> None:
-        """Fold one client's update into the round."""
+    def add(self, update: ClientUpdate) -> bool:
+        """Check one client's update and fold it into the round; False when it was refused."""
+        reason = self.rejection_reason(update, self.global_state)
+        if reason is not None:
+            log.warning("client %d excluded from aggregation: %s", update.client_id, reason)
+            self.rejected[update.client_id] = reason
+            return False
+        self.accumulate(update)
+        self.accepted.append(update.client_id)
+        return True
 
-    @abstractmethod
     def result(self) -> State:
         """The new global state (raises if fewer than ``min_clients`` were accepted)."""
+        if len(self.accepted) < self.min_clients:
+            raise RuntimeError(
+                f"only {len(self.accepted)} client update(s) accepted, fewer than "
+                f"trainer.strategy.min_clients={self.min_clients}; rejected: {self.rejected}"
+            )
+        return self.aggregate()
+
+    @abstractmethod
+    def start_round(self, global_state: State) -> None:
+        """Reset the accumulators for a round starting from ``global_state``."""
+
+    @abstractmethod
+    def accumulate(self, update: ClientUpdate) -> None:
+        """Fold one checked update (names, shapes, samples, values are valid) into the round."""
+
+    @abstractmethod
+    def aggregate(self) -> State:
+        """The new global state from the accepted updates (at least ``min_clients``)."""
 
     @staticmethod
     def rejection_reason(update: ClientUpdate, global_state: State) -> str | None:

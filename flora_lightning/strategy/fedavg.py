@@ -11,13 +11,9 @@ Accumulation is in float64 so the order clients arrive in does not change the re
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from flora_lightning.strategy.base import ClientUpdate, State, Strategy
-
-log = logging.getLogger(__name__)
 
 
 class FedAvg(Strategy):
@@ -30,38 +26,22 @@ class FedAvg(Strategy):
 
     def __init__(self, min_clients: int = 1) -> None:
         super().__init__(min_clients=min_clients)
-        self._global: State = {}
         self._sum: State = {}
         self._weight = 0.0
-        self.accepted: list[int] = []
-        self.rejected: dict[int, str] = {}
 
-    def begin(self, global_state: State) -> None:
-        self._global = global_state
+    def start_round(self, global_state: State) -> None:
         self._sum = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in global_state.items()}
         self._weight = 0.0
-        self.accepted, self.rejected = [], {}
 
-    def add(self, update: ClientUpdate) -> None:
-        reason = self.rejection_reason(update, self._global)
-        if reason is not None:
-            log.warning("client %d excluded from aggregation: %s", update.client_id, reason)
-            self.rejected[update.client_id] = reason
-            return
+    def accumulate(self, update: ClientUpdate) -> None:
         for name, tensor in update.state.items():
             self._sum[name].add_(
                 tensor.to(self._sum[name].device, torch.float64), alpha=update.num_samples
             )
         self._weight += update.num_samples
-        self.accepted.append(update.client_id)
 
-    def result(self) -> State:
-        if len(self.accepted) < self.min_clients:
-            raise RuntimeError(
-                f"only {len(self.accepted)} client update(s) accepted, fewer than "
-                f"trainer.strategy.min_clients={self.min_clients}; rejected: {self.rejected}"
-            )
+    def aggregate(self) -> State:
         return {
-            name: (total / self._weight).to(self._global[name].dtype)
+            name: (total / self._weight).to(self.global_state[name].dtype)
             for name, total in self._sum.items()
         }

@@ -85,8 +85,8 @@ class LoraProductAverage(FedAvg):
         self._pairs: dict[str, str] = {}
         self._products: dict[str, torch.Tensor] = {}
 
-    def begin(self, global_state: State) -> None:
-        super().begin(global_state)
+    def start_round(self, global_state: State) -> None:
+        super().start_round(global_state)
         self._pairs = lora_pairs(global_state)
         self._products = {
             a: torch.zeros(
@@ -98,22 +98,19 @@ class LoraProductAverage(FedAvg):
             for a, b in self._pairs.items()
         }
 
-    def add(self, update: ClientUpdate) -> None:
-        accepted = len(self.accepted)
-        super().add(update)  # checks the update and averages every tensor as FedAvg
-        if len(self.accepted) == accepted:
-            return  # rejected (logged and recorded by FedAvg)
+    def accumulate(self, update: ClientUpdate) -> None:
+        super().accumulate(update)  # averages every tensor as FedAvg
         for a, b in self._pairs.items():
             product = update.state[b].double() @ update.state[a].double()
             self._products[a].add_(product.to(self._products[a].device), alpha=update.num_samples)
 
-    def result(self) -> State:
-        state = super().result()  # raises when too few clients were accepted
+    def aggregate(self) -> State:
+        state = super().aggregate()
         for a, b in self._pairs.items():
-            rank = self._global[a].shape[0]
+            rank = self.global_state[a].shape[0]
             u, s, vh = torch.linalg.svd(self._products[a] / self._weight, full_matrices=False)
-            scale = self._global[a].double().norm() / rank**0.5
+            scale = self.global_state[a].double().norm() / rank**0.5
             scale = scale if scale > 0 else torch.ones((), dtype=torch.float64)
-            state[a] = (scale * vh[:rank]).to(self._global[a].dtype)
-            state[b] = (u[:, :rank] * s[:rank] / scale).to(self._global[b].dtype)
+            state[a] = (scale * vh[:rank]).to(self.global_state[a].dtype)
+            state[b] = (u[:, :rank] * s[:rank] / scale).to(self.global_state[b].dtype)
         return state

@@ -363,3 +363,18 @@ def test_partial_participation_trains_the_same_clients_as_flora_fit(tmp_path, fl
     logs = "\n".join(p.read_text()[-2000:] for p in sorted(tmp_path.glob("*.log")))
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n{logs}"
     assert_same_run(out_dir, reference)
+
+
+@pytest.mark.slow
+def test_simulation_with_lora_product_average_matches_flora_fit(tmp_path, flower_env):
+    """Any flora Strategy runs on the Flower path, not just FedAvg: LoraProductAverage gives
+    the same adapter as ``flora fit`` with it."""
+    overrides = f"{OVERRIDES} --trainer.strategy LoraProductAverage"
+    reference = fit_in_process(tmp_path / "in_process", overrides)
+    out_dir = tmp_path / "flower_lora_product_run"
+    with federation(tmp_path, flower_env, simulation=True):
+        result = flwr_run(tmp_path, flower_env, out_dir, overrides)
+    logs = "\n".join(p.read_text()[-2000:] for p in sorted(tmp_path.glob("*.log")))
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n{logs}"
+    assert "LoraProductAverage" in (out_dir / "config.yaml").read_text()
+    assert_same_run(out_dir, reference)

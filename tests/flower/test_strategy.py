@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import pytest
@@ -235,3 +236,37 @@ def test_the_configured_flora_strategy_aggregates():
     result = to_state(arrays)
     for name, tensor in expected.items():
         torch.testing.assert_close(result[name], tensor, rtol=0, atol=0)
+
+
+def test_a_strategy_not_derived_from_fedavg_aggregates_with_rejections():
+    from flora_lightning.strategy import Strategy
+
+    class FirstAccepted(Strategy):
+        def start_round(self, global_state):
+            self.first = None
+
+        def accumulate(self, update):
+            self.first = self.first or update.state
+
+        def aggregate(self):
+            return dict(self.first)
+
+    strategy = FloraFedAvg(min_clients=1, min_available_nodes=2, average=FirstAccepted())
+    sent = train_round(strategy, [1, 2])
+    replies = [
+        reply(sent[0], client_state(float("nan")), 10, 0),
+        reply(sent[1], client_state(3.0), 10, 1),
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    torch.testing.assert_close(to_state(arrays)["a"], client_state(3.0)["a"])
+    assert strategy.reports[1].accepted == [1]
+    assert strategy.reports[1].rejected == {"0": "tensor a holds NaN or Inf"}
+    assert metrics["num-accepted"] == 1 and metrics["num-rejected"] == 1
+
+
+def test_round_start_is_announced_when_the_round_is_configured():
+    started = []
+    strategy = FloraFedAvg(min_available_nodes=2, on_round_start=started.append)
+    train_round(strategy, [1, 2], server_round=3)
+    assert started == [3]
+    assert strategy.reports[3].started <= time.perf_counter()

@@ -1,0 +1,120 @@
+"""``LocalTrainer``: one client's local fit on a Lightning Fabric, and its optimizer state.
+
+The one place a local optimizer step is written. The in-process :class:`FederatedLoop`, the
+Flower ClientApp, :class:`~flora_lightning.callbacks.speedup.SpeedupVsFFT` and the bench
+worker all train (or time) through it, so a step is the same everywhere::
+
+    training_step under fabric.autocast() → fabric.backward → optimizer.step → zero_grad
+
+Every random choice of a client fit is seeded from ``(seed, round, client)``, so a resumed
+run, or a Flower node playing that client, repeats what an uninterrupted in-process run does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from flora_lightning.strategy import ClientUpdate
+
+
+def local_step(fabric, module, optimizer, batch, batch_idx: int) -> torch.Tensor:
+    """One local optimizer step; returns the (still attached) loss.
+
+    ``training_step`` runs under the Fabric precision autocast (Fabric only wraps ``forward``
+    itself), then ``fabric.backward``, the optimizer step and ``zero_grad(set_to_none=True)``.
+    """
+    with fabric.autocast():
+        loss = module.training_step(batch, batch_idx)
+    fabric.backward(loss)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+class LocalTrainer:
+    """Local training of one client at a time from the model's currently loaded state.
+
+    Args:
+        fabric: a launched Fabric (device, precision); the model is set up with it.
+        local_epochs: local epochs per client per round.
+        max_local_steps: stop a client's fit after this many optimizer steps (None: no cap).
+        keep_optimizer_state: each client keeps its optimizer (Adam) state across rounds, in
+            :attr:`optimizer_states`.
+        seed: the run's seed; per-fit seeds derive from ``(seed, round, client)``.
+    """
+
+    def __init__(
+        self,
+        fabric,
+        local_epochs: int = 1,
+        max_local_steps: int | None = None,
+        keep_optimizer_state: bool = True,
+        seed: int = 42,
+    ) -> None:
+        self.fabric = fabric
+        self.local_epochs = local_epochs
+        self.max_local_steps = max_local_steps
+        self.keep_optimizer_state = keep_optimizer_state
+        self.seed = seed
+        self.optimizer_states: dict[int, dict] = {}
+        """Client id -> its optimizer's ``state_dict()["state"]`` (on CPU)."""
+
+    def seed_for(self, round_: int, client: int, stream: int = 0) -> int:
+        """The seed of ``stream`` (0: torch RNG, 1: data order) of a client's fit in a round."""
+        return int(np.random.default_rng([self.seed, round_, client, stream]).integers(2**62))
+
+    def fit(self, model, data, client: int, round_: int, source=None) -> ClientUpdate:
+        """Local training of ``client`` in ``round_``; returns its update.
+
+        Args:
+            model: the method, set up with :attr:`fabric` and holding the global state.
+            data: the federated datamodule (the client's sample count).
+            client: the client id.
+            round_: the round (seeds).
+            source: what yields the client's batches (``client_dataloader(client, generator)``):
+                a :class:`~flora_lightning.feature_cache.FeatureCache`, or ``data`` when None.
+        """
+        fabric = self.fabric
+        torch.manual_seed(self.seed_for(round_, client))  # dropout etc.
+        generator = torch.Generator().manual_seed(self.seed_for(round_, client, 1))
+        source = source or data
+        loader = fabric.setup_dataloaders(
+            source.client_dataloader(client, generator), use_distributed_sampler=False
+        )
+        optimizer = model.configure_optimizers()
+        if self.keep_optimizer_state and client in self.optimizer_states:
+            saved = optimizer.state_dict()
+            saved["state"] = self.optimizer_states[client]
+            optimizer.load_state_dict(saved)
+        optimizer = fabric.setup_optimizers(optimizer)
+        model.train()
+        total, count, steps = 0.0, 0, 0
+        for _ in range(self.local_epochs):
+            for batch_idx, batch in enumerate(loader):
+                loss = local_step(fabric, model, optimizer, batch, batch_idx)
+                total += loss.item() * len(batch[1])
+                count += len(batch[1])
+                steps += 1
+                if self._capped(steps):
+                    break
+            if self._capped(steps):
+                break
+        model.eval()
+        if self.keep_optimizer_state:
+            self.optimizer_states[client] = {
+                i: {
+                    k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v
+                    for k, v in slots.items()
+                }
+                for i, slots in optimizer.state_dict()["state"].items()
+            }
+        return ClientUpdate(
+            client_id=client,
+            state=model.communicated_state(),
+            num_samples=data.num_samples(client),
+            train_loss=total / max(count, 1),
+        )
+
+    def _capped(self, steps: int) -> bool:
+        return self.max_local_steps is not None and steps >= self.max_local_steps
