@@ -34,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from flora_lightning.methods import METHODS
+from flora_lightning.sweep.plots import plot_accuracy as sweep_plot
 
 COLUMNS = {
     "method": "method",
@@ -126,28 +127,9 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def plot_accuracy(summaries: dict[str, dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for summary in summaries.values():
-        rounds = summary["rounds"]
-        ax.plot(
-            [r["round"] for r in rounds],
-            [r["test_acc"] for r in rounds],
-            marker="o",
-            markersize=3,
-            label=summary["method"],
-        )
-    ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy (top-1)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    """Test accuracy per round, one line per method (``flora sweep``'s plot, one seed each)."""
+    runs = {summary["method"]: [summary] for summary in summaries.values()}
+    sweep_plot(runs, path, "test accuracy per round")
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
