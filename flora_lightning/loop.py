@@ -303,7 +303,16 @@ class FederatedLoop:
             metrics = self.evaluate(datamodule)
             metrics["eval_seconds"] = time.perf_counter() - t_eval
             metrics["train_seconds"] = train_seconds
-            record = self.record_round(round_, metrics, time.perf_counter() - t0, up, down, losses)
+            record = self.record_round(
+                round_,
+                metrics,
+                time.perf_counter() - t0,
+                up,
+                down,
+                losses,
+                accepted=self.strategy.accepted,
+                rejected=self.strategy.rejected,
+            )
             bar.set_postfix(acc=f"{record['test_acc']:.4f}", loss=f"{record['test_loss']:.3f}")
             self.save_round(round_, model)
         return self.finish(model, datamodule)
@@ -349,7 +358,9 @@ class FederatedLoop:
         return result
 
     # ========================================================= bookkeeping
-    def record_round(self, round_, metrics, seconds, up, down, losses) -> dict:
+    def record_round(
+        self, round_, metrics, seconds, up, down, losses, accepted=(), rejected=None
+    ) -> dict:
         """Append a round to the history; callbacks, TensorBoard scalars; returns the record.
 
         Args:
@@ -358,6 +369,9 @@ class FederatedLoop:
             seconds: wall time of the round.
             up, down: bytes sent by the clients / to them this round.
             losses: client id -> mean local training loss.
+            accepted: clients whose updates were aggregated.
+            rejected: client -> why its update was left out (NaN/Inf, wrong names or shapes,
+                a failed ClientApp).
         """
         cumulative_up = up + (self.history[-1]["bytes_up_total"] if self.history else 0)
         cumulative_down = down + (self.history[-1]["bytes_down_total"] if self.history else 0)
@@ -375,6 +389,8 @@ class FederatedLoop:
             "train_seconds": metrics.get("train_seconds", 0.0),
             "eval_seconds": metrics.get("eval_seconds", 0.0),
             "client_train_loss": {str(k): v for k, v in losses.items()},
+            "accepted_clients": sorted(accepted),
+            "rejected_clients": {str(k): v for k, v in (rejected or {}).items()},
         }
         self.fabric.call("on_round_end", loop=self, round=round_, record=record)
         scalars = {
@@ -382,6 +398,9 @@ class FederatedLoop:
             "test/loss": record["test_loss"],
             "time/round_seconds": seconds,
         }
+        if round_ > 0:
+            scalars["clients/accepted"] = len(record["accepted_clients"])
+            scalars["clients/rejected"] = len(record["rejected_clients"])
         scalars.update({f"client/{k}/train_loss": v for k, v in losses.items()})
         if losses:
             scalars["train/loss"] = float(np.mean(list(losses.values())))

@@ -12,6 +12,8 @@ run, or a Flower node playing that client, repeats what an uninterrupted in-proc
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -40,7 +42,7 @@ class LocalTrainer:
         local_epochs: local epochs per client per round.
         max_local_steps: stop a client's fit after this many optimizer steps (None: no cap).
         keep_optimizer_state: each client keeps its optimizer (Adam) state across rounds, in
-            :attr:`optimizer_states`.
+            :attr:`optimizer_states`; a fit that diverges (NaN/Inf loss or state) drops it.
         seed: the run's seed; per-fit seeds derive from ``(seed, round, client)``.
     """
 
@@ -101,7 +103,14 @@ class LocalTrainer:
             if self._capped(steps):
                 break
         model.eval()
-        if self.keep_optimizer_state:
+        state = model.communicated_state()
+        train_loss = total / max(count, 1)
+        if not (math.isfinite(train_loss) and all(t.isfinite().all() for t in state.values())):
+            # A diverged fit: its NaN/Inf moments would poison every later round of this
+            # client, so it starts the next one with a fresh optimizer (the strategy refuses
+            # the update itself).
+            self.optimizer_states.pop(client, None)
+        elif self.keep_optimizer_state:
             self.optimizer_states[client] = {
                 i: {
                     k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v
@@ -111,9 +120,9 @@ class LocalTrainer:
             }
         return ClientUpdate(
             client_id=client,
-            state=model.communicated_state(),
+            state=state,
             num_samples=data.num_samples(client),
-            train_loss=total / max(count, 1),
+            train_loss=train_loss,
         )
 
     def _capped(self, steps: int) -> bool:

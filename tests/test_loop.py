@@ -324,3 +324,55 @@ def test_invalid_settings_name_the_field(tmp_path, kwargs, field):
         FederatedLoop(default_root_dir=str(tmp_path), **kwargs)
     assert str(err.value).startswith(field)
     assert not any(tmp_path.iterdir())
+
+
+class Diverge(Callback):
+    """Makes one client's local fit diverge in one round (its loss becomes NaN)."""
+
+    def __init__(self, model, client: int, round_: int) -> None:
+        self.poison = False
+        step = model.training_step
+        model.training_step = lambda *a, **k: step(*a, **k) * (float("nan") if self.poison else 1)
+        self.client, self.round = client, round_
+
+    def on_client_fit_start(self, loop, model, client_id) -> None:
+        self.poison = (loop.round, client_id) == (self.round, self.client)
+
+
+def test_a_diverging_client_is_recorded_and_its_optimizer_state_reset(
+    make_flora, make_datamodule, tmp_path
+):
+    model = make_flora()
+    states = {}
+
+    class Snapshot(Callback):
+        def on_round_end(self, loop, round, record) -> None:
+            states[round] = {c: dict(s) for c, s in loop.trainer.optimizer_states.items()}
+
+    loop = FederatedLoop(
+        rounds=3,
+        max_local_steps=2,
+        accelerator="cpu",
+        default_root_dir=str(tmp_path / "run"),
+        progress=False,
+        callbacks=[Diverge(model, client=1, round_=2), Snapshot()],
+    )
+    summary = loop.fit(model, make_datamodule())
+    rounds = summary["rounds"]
+    assert rounds[0]["accepted_clients"] == [] and rounds[0]["rejected_clients"] == {}
+    assert rounds[1]["accepted_clients"] == [0, 1, 2] and rounds[1]["rejected_clients"] == {}
+    assert rounds[2]["accepted_clients"] == [0, 2]
+    assert list(rounds[2]["rejected_clients"]) == ["1"]
+    assert "holds NaN or Inf" in rounds[2]["rejected_clients"]["1"]
+    # Its NaN Adam moments are dropped, not kept to poison round 3 ...
+    assert set(states[1]) == {0, 1, 2} and set(states[2]) == {0, 2}
+    # ... so in round 3 it trains from a fresh optimizer, is accepted, and all stays finite.
+    assert rounds[3]["accepted_clients"] == [0, 1, 2]
+    for slots in states[3][1].values():
+        assert all(torch.isfinite(v).all() for v in slots.values() if torch.is_tensor(v))
+    assert all(torch.isfinite(t).all() for t in model.communicated_state().values())
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())["rounds"]
+    assert on_disk[2]["rejected_clients"] == rounds[2]["rejected_clients"]
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    rejected = {e.step: e.value for e in events.Scalars("clients/rejected")}
+    assert rejected == {1: 0.0, 2: 1.0, 3: 0.0}

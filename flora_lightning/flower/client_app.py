@@ -84,9 +84,11 @@ def fit_message(msg: Message, context: Context, run: FlowerRunConfig) -> Message
     t0 = time.perf_counter()
     update = trainer.fit(model, data, client, round_, loop.feature_cache)
     seconds = time.perf_counter() - t0
-    if trainer.keep_optimizer_state:
+    if client in trainer.optimizer_states:
         flat = flatten_optimizer_states({client: trainer.optimizer_states[client]})
         context.state.array_records[OPTIMIZER_STATE_KEY] = ArrayRecord(flat)
+    elif OPTIMIZER_STATE_KEY in context.state.array_records:  # diverged: start afresh
+        del context.state.array_records[OPTIMIZER_STATE_KEY]
 
     metrics = MetricRecord(
         {

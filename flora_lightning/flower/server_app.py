@@ -72,16 +72,16 @@ def serve(grid: Grid, run: FlowerRunConfig, timeout: float = 3600.0) -> dict:
             metrics["eval_seconds"] = time.perf_counter() - t_eval
             metrics["train_seconds"] = report.train_seconds
             loop.round = round_
-            record = loop.record_round(
+            loop.record_round(
                 round_,
                 metrics,
                 time.perf_counter() - report.started,
                 report.bytes_up,
                 report.bytes_down,
                 report.train_loss,
+                accepted=report.accepted,
+                rejected=report.rejected,
             )
-            record["accepted_clients"] = report.accepted
-            record["rejected_clients"] = report.rejected
             loop.save_round(round_, model)
         return MetricRecord({"test-acc": metrics["test_acc"], "test-loss": metrics["test_loss"]})
 

@@ -84,6 +84,24 @@ def test_client_trains_its_partition_and_keeps_adam_state(offline_assets):
     assert all(float(v) == 4 for v in steps.values())  # Adam continued across rounds
 
 
+def adam_steps(ctx) -> set[float]:
+    state = to_state(ctx.state[OPTIMIZER_STATE_KEY])
+    return {float(v) for k, v in state.items() if k.endswith("step")}
+
+
+def test_a_diverged_fit_drops_the_nodes_adam_state(offline_assets):
+    ctx = context()
+    start = client_components(RUN, ctx).model.communicated_state()
+    fit_message(train_message(start, 1), ctx, RUN)
+    assert adam_steps(ctx) == {2.0}
+    poisoned = {k: torch.full_like(v, float("nan")) for k, v in start.items()}
+    reply = fit_message(train_message(poisoned, 2), ctx, RUN)
+    assert not all(t.isfinite().all() for t in to_state(reply.content["arrays"]).values())
+    assert OPTIMIZER_STATE_KEY not in ctx.state.array_records  # its NaN moments are gone
+    fit_message(train_message(start, 3), ctx, RUN)
+    assert adam_steps(ctx) == {2.0}  # a fresh Adam, not 6 steps carried over
+
+
 def test_partition_must_fit_the_config(offline_assets):
     ctx = context(num_partitions=3)
     with pytest.raises(ValueError, match="num-partitions=3 does not fit"):
