@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 State = dict[str, torch.Tensor]
@@ -39,6 +40,10 @@ def save_state(state: State, path: Path, metadata: dict[str, str] | None = None)
         tmp.unlink(missing_ok=True)
 
 
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file exists but cannot be read as safetensors (truncated, corrupted)."""
+
+
 def load_state(path: str | Path) -> State:
     """Load a safetensors file (never unpickles)."""
     path = Path(path)
@@ -46,7 +51,18 @@ def load_state(path: str | Path) -> State:
         raise ValueError(f"{path}: only .safetensors checkpoints are loaded (no pickle files).")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return load_file(path)
+    try:
+        return load_file(path)
+    except SafetensorError as err:
+        hint = (
+            f"use another round's checkpoint from {path.parent}/"
+            if path.parent.name == "checkpoints"
+            else "restore it from a copy, or start the run again in a new directory"
+        )
+        raise CorruptCheckpointError(
+            f"{path}: not a readable safetensors file ({err}); it is truncated or corrupted "
+            f"(an interrupted copy, a full disk?): {hint}."
+        ) from err
 
 
 def write_json(data: dict, path: Path) -> None:

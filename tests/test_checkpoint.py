@@ -224,3 +224,44 @@ def test_link_or_copy_survives_the_source_and_falls_back_to_a_copy(tmp_path, mon
     source.unlink()
     for name in ("linked", "copied"):
         assert torch.equal(load_state(tmp_path / f"{name}.safetensors")["w"], torch.arange(4.0))
+
+
+@pytest.mark.parametrize(
+    ("folder", "damage", "hint"),
+    [
+        ("checkpoints", lambda b: b[: len(b) // 2], "use another round's checkpoint from"),
+        ("checkpoints", lambda b: b[:7], "use another round's checkpoint from"),
+        ("resume", lambda b: b"\x00" * len(b), "restore it from a copy"),
+    ],
+    ids=["truncated", "header-only", "zeroed"],
+)
+def test_corrupt_file_is_one_clear_error_naming_it(tmp_path, folder, damage, hint):
+    from flora_lightning.checkpoint import CorruptCheckpointError
+
+    path = tmp_path / folder / "round_002.safetensors"
+    save_state(sample_state(0), path)
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(CorruptCheckpointError) as err:
+        load_state(path)
+    message = str(err.value)
+    assert isinstance(err.value, ValueError)  # `flora` prints it as one line, exit code 2
+    assert message.startswith(f"{path}: not a readable safetensors file")
+    assert "truncated or corrupted" in message and hint in message
+    assert "\n" not in message
+
+
+def test_flora_test_on_a_truncated_checkpoint_exits_2_with_one_line(
+    tmp_path, offline_assets, monkeypatch, capsys
+):
+    from flora_lightning import cli
+
+    path = tmp_path / "checkpoints" / "round_001.safetensors"
+    save_state({"w": torch.zeros(4)}, path)
+    path.write_bytes(path.read_bytes()[:20])
+    args = ["flora", "test", "--config", "configs/quickstart.yaml", "--ckpt_path", str(path)]
+    monkeypatch.setattr("sys.argv", [*args, "--trainer.default_root_dir", str(tmp_path / "t")])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"flora: error: {path}: not a readable safetensors file")
