@@ -39,6 +39,7 @@ from flora_lightning.checkpoint import (
 )
 from flora_lightning.feature_cache import FeatureCache
 from flora_lightning.hub import NotAvailableError
+from flora_lightning.resume_check import check_resumable
 from flora_lightning.strategy import FedAvg, Strategy, state_bytes
 from flora_lightning.trainer import LocalTrainer
 
@@ -229,6 +230,8 @@ class FederatedLoop:
         :meth:`fit` and the Flower ServerApp.
         """
         self._check_run_dir()
+        if self.resume and config_yaml is not None:
+            check_resumable(self.run_dir, config_yaml)
         self.launch(model, datamodule)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if config_yaml is not None:

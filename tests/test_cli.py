@@ -215,3 +215,31 @@ def test_fit_into_existing_run_refused(tmp_path, monkeypatch, capsys, offline_as
     assert "--trainer.resume" in err
     assert (run_dir / "config.yaml").read_text() == config_before
     assert not (run_dir / "config.resumed.yaml").exists()
+
+
+def test_resume_with_another_method_shape_or_data_is_refused(
+    tmp_path, monkeypatch, capsys, offline_assets
+):
+    run_dir = tmp_path / "run"
+    assert run_main(fast_fit(run_dir), monkeypatch, capsys)[0] == 0
+    files = sorted(p.name for p in run_dir.iterdir())
+    changed = [
+        "--trainer.resume",
+        "true",
+        "--model.lora.rank",
+        "4",
+        "--data.partition.beta",
+        "0.5",
+    ]
+    code, err = run_main(fast_fit(run_dir, *changed), monkeypatch, capsys)
+    assert code == 2
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"flora: error: trainer.resume: the run in {run_dir}")
+    assert "model.lora.rank: 2 -> 4" in line and "data.partition.beta: 1.0 -> 0.5" in line
+    assert "trainer.rounds" not in line
+    assert sorted(p.name for p in run_dir.iterdir()) == files  # nothing written
+    # Only what may change (here the rounds): the run continues.
+    more = fast_fit(run_dir, "--trainer.resume", "true", "--trainer.rounds", "2")
+    assert run_main(more, monkeypatch, capsys)[0] == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
