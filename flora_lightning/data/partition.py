@@ -4,8 +4,20 @@ The splitting itself is done by ``flwr_datasets`` partitioners (IID, Dirichlet,
 pathological) plus a small few-shot partitioner; this module turns a label array
 into per-client index arrays and explains bad configurations in terms of the
 ``data.partition.*`` CLI fields.
+
+Any other ``flwr_datasets.partitioner.Partitioner`` subclass is one new class, selected in the
+config without editing this package::
+
+    data:
+      partition:
+        num_clients: 5
+        partitioner:
+          class_path: my_package.MyPartitioner
+          init_args: {alpha: 0.3}
 """
 
+import importlib
+import inspect
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,6 +64,10 @@ class PartitionConfig:
     holds, as the released code with 1), else a clear error."""
     seed: int = 42
     """Seed: same seed and labels give the same partition."""
+    partitioner: dict | None = None
+    """Any flwr-datasets ``Partitioner`` subclass, ``{class_path: ..., init_args: {...}}``, used
+    instead of ``kind``; it gets ``num_partitions=num_clients``, ``partition_by`` (the name of
+    the label column) and ``seed`` (where its signature takes them) plus its ``init_args``."""
 
     def __post_init__(self) -> None:
         """Reject invalid settings with a message naming the CLI field and the fix."""
@@ -79,6 +95,47 @@ class PartitionConfig:
                 f"{p}min_samples must be >= 1 (got {self.min_samples}); "
                 "use 1 to only forbid empty clients"
             )
+        if self.partitioner is not None:
+            partitioner_class(self.partitioner)
+
+
+def partitioner_class(spec: dict) -> type[Partitioner]:
+    """The ``Partitioner`` subclass named by ``data.partition.partitioner``, checked.
+
+    Args:
+        spec: ``{"class_path": "module.Class", "init_args": {...}}`` (``init_args`` optional).
+
+    Raises:
+        ValueError: If the entry is malformed, the class cannot be imported or is not a
+            ``flwr_datasets.partitioner.Partitioner`` subclass; the message names the field.
+    """
+    p = "data.partition.partitioner"
+    if not isinstance(spec, dict) or not isinstance(spec.get("class_path"), str):
+        raise ValueError(
+            f"{p} needs a class_path: {{class_path: my.module.MyPartitioner, init_args: {{}}}} "
+            f"(got {spec!r})"
+        )
+    unknown = sorted(set(spec) - {"class_path", "init_args"})
+    if unknown:
+        raise ValueError(f"{p} takes only class_path and init_args (got {', '.join(unknown)})")
+    init_args = spec.get("init_args") or {}
+    if not isinstance(init_args, dict):
+        raise ValueError(f"{p}.init_args must be a mapping (got {init_args!r})")
+    if "num_partitions" in init_args:
+        raise ValueError(f"{p}.init_args.num_partitions is set from data.partition.num_clients")
+    if "partition_by" in init_args:
+        raise ValueError(f"{p}.init_args.partition_by is set by flora (the label column)")
+    path = spec["class_path"]
+    module_name, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"{p}.class_path {path!r} cannot be imported: {err}") from err
+    if not (isinstance(cls, type) and issubclass(cls, Partitioner)):
+        raise ValueError(
+            f"{p}.class_path {path!r} is not a flwr_datasets.partitioner.Partitioner subclass"
+        )
+    return cls
 
 
 class FewShotPartitioner(Partitioner):
@@ -185,7 +242,8 @@ def partition_indices(
         raise ValueError(
             f"labels must lie in [0, {num_classes}) (got {labels.min()}..{labels.max()})"
         )
-    if config.kind == "pathological":
+    kind = config.kind if config.partitioner is None else config.partitioner["class_path"]
+    if config.partitioner is None and config.kind == "pathological":
         if config.classes_per_client is None and num_classes < k:
             raise ValueError(
                 f"{p}classes_per_client=null deals num_classes // num_clients classes per "
@@ -197,7 +255,7 @@ def partition_indices(
                 f"{p}classes_per_client={config.classes_per_client} but the task has only "
                 f"{num_classes} classes; lower {p}classes_per_client"
             )
-    if config.kind == "fewshot":
+    if config.partitioner is None and config.kind == "fewshot":
         needed = config.shots if config.shots_overlap else k * config.shots
         class_sizes = np.bincount(labels, minlength=num_classes)
         short = np.flatnonzero(class_sizes < needed)
@@ -220,21 +278,22 @@ def partition_indices(
             warnings.simplefilter("ignore")
             parts = [partitioner.load_partition(i)["_idx"][:] for i in range(k)]
     except ValueError as err:
-        if config.kind != "dirichlet":
-            raise ValueError(f"{p}kind={config.kind} could not be partitioned: {err}") from err
+        if kind != "dirichlet":
+            what = f"kind={kind}" if config.partitioner is None else f"partitioner {kind!r}"
+            raise ValueError(f"{p}{what} could not be partitioned: {err}") from err
         raise ValueError(
             f"{p}kind=dirichlet: no draw gave every client >= {p}min_samples={config.min_samples} "
             f"samples ({p}beta={config.beta}, {p}num_clients={k}, {n} samples); "
             f"raise {p}beta, lower {p}num_clients or lower {p}min_samples"
         ) from err
     parts = [np.sort(np.asarray(idx, dtype=np.int64)) for idx in parts]
-    if config.kind == "pathological" and config.shots is not None:
+    if kind == "pathological" and config.shots is not None:
         parts = [_take_shots(idx, labels, config.shots, rng) for idx in parts]
 
     sizes = np.array([idx.size for idx in parts])
     if sizes.min() < config.min_samples:
         client = int(np.argmin(sizes))
-        hint = f"raise {p}beta, " if config.kind == "dirichlet" else ""
+        hint = f"raise {p}beta, " if kind == "dirichlet" else ""
         raise ValueError(
             f"client {client} received {sizes[client]} samples, fewer than "
             f"{p}min_samples={config.min_samples}; "
@@ -246,8 +305,10 @@ def partition_indices(
 def _make_partitioner(
     config: PartitionConfig, labels: np.ndarray, rng: np.random.Generator
 ) -> tuple[Partitioner, np.ndarray]:
-    """The flwr partitioner for ``config.kind`` and the key column it splits on."""
+    """The flwr partitioner for ``config.kind`` (or ``config.partitioner``) and its key column."""
     k = config.num_clients
+    if config.partitioner is not None:
+        return _custom_partitioner(config), labels
     if config.kind == "iid":
         return IidPartitioner(num_partitions=k), labels
     if config.kind == "fewshot":
@@ -298,6 +359,24 @@ def _make_partitioner(
         seed=config.seed,
     )
     return partitioner, block_of_class[labels]
+
+
+def _custom_partitioner(config: PartitionConfig) -> Partitioner:
+    """``config.partitioner`` built with the config's clients, key column and seed."""
+    cls = partitioner_class(config.partitioner)
+    kwargs = dict(config.partitioner.get("init_args") or {})
+    params = inspect.signature(cls).parameters
+    takes_any = any(v.kind is inspect.Parameter.VAR_KEYWORD for v in params.values())
+    for key, value in (("partition_by", "key"), ("seed", config.seed)):
+        if key not in kwargs and (key in params or takes_any):
+            kwargs[key] = value
+    try:
+        return cls(num_partitions=config.num_clients, **kwargs)
+    except TypeError as err:
+        raise ValueError(
+            f"data.partition.partitioner {config.partitioner['class_path']!r}: {err}; "
+            "check data.partition.partitioner.init_args"
+        ) from err
 
 
 def _take_shots(
