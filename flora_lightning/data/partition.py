@@ -1,12 +1,12 @@
 """Federated partitioning of a labelled training set across clients.
 
 The splitting itself is done by ``flwr_datasets`` partitioners (IID, Dirichlet,
-pathological) plus a small few-shot partitioner; this module turns a label array
-into per-client index arrays and explains bad configurations in terms of the
-``data.partition.*`` CLI fields.
+pathological) plus a small few-shot partitioner (:mod:`flora_lightning.data.fewshot`); this
+module turns a label array into per-client index arrays and explains bad configurations in
+terms of the ``data.partition.*`` CLI fields.
 
 Any other ``flwr_datasets.partitioner.Partitioner`` subclass is one new class, selected in the
-config without editing this package::
+config without editing this package (:mod:`flora_lightning.data.custom_partitioner`)::
 
     data:
       partition:
@@ -16,8 +16,6 @@ config without editing this package::
           init_args: {alpha: 0.3}
 """
 
-import importlib
-import inspect
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +29,9 @@ from flwr_datasets.partitioner import (
     Partitioner,
     PathologicalPartitioner,
 )
+
+from flora_lightning.data.custom_partitioner import build_partitioner, partitioner_class
+from flora_lightning.data.fewshot import FewShotPartitioner
 
 _KINDS = ("iid", "dirichlet", "pathological", "fewshot")
 
@@ -97,114 +98,6 @@ class PartitionConfig:
             )
         if self.partitioner is not None:
             partitioner_class(self.partitioner)
-
-
-def partitioner_class(spec: dict) -> type[Partitioner]:
-    """The ``Partitioner`` subclass named by ``data.partition.partitioner``, checked.
-
-    Args:
-        spec: ``{"class_path": "module.Class", "init_args": {...}}`` (``init_args`` optional).
-
-    Raises:
-        ValueError: If the entry is malformed, the class cannot be imported or is not a
-            ``flwr_datasets.partitioner.Partitioner`` subclass; the message names the field.
-    """
-    p = "data.partition.partitioner"
-    if not isinstance(spec, dict) or not isinstance(spec.get("class_path"), str):
-        raise ValueError(
-            f"{p} needs a class_path: {{class_path: my.module.MyPartitioner, init_args: {{}}}} "
-            f"(got {spec!r})"
-        )
-    unknown = sorted(set(spec) - {"class_path", "init_args"})
-    if unknown:
-        raise ValueError(f"{p} takes only class_path and init_args (got {', '.join(unknown)})")
-    init_args = spec.get("init_args") or {}
-    if not isinstance(init_args, dict):
-        raise ValueError(f"{p}.init_args must be a mapping (got {init_args!r})")
-    if "num_partitions" in init_args:
-        raise ValueError(f"{p}.init_args.num_partitions is set from data.partition.num_clients")
-    if "partition_by" in init_args:
-        raise ValueError(f"{p}.init_args.partition_by is set by flora (the label column)")
-    path = spec["class_path"]
-    module_name, _, name = path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ValueError(f"{p}.class_path {path!r} cannot be imported: {err}") from err
-    if not (isinstance(cls, type) and issubclass(cls, Partitioner)):
-        raise ValueError(
-            f"{p}.class_path {path!r} is not a flwr_datasets.partitioner.Partitioner subclass"
-        )
-    return cls
-
-
-class FewShotPartitioner(Partitioner):
-    """IID few-shot partitioner: every partition gets ``shots`` samples of every class.
-
-    With ``overlap`` (the released code's split) each partition draws its ``shots`` rows
-    of each class independently from all rows of that class, so two partitions may share
-    rows and a class needs only ``shots`` rows. Without it the rows of each class are
-    shuffled once and dealt out in consecutive blocks of ``shots``: partitions are disjoint
-    and a class needs ``num_partitions * shots`` rows. Rows not drawn stay unused.
-
-    Args:
-        num_partitions: Number of partitions (clients).
-        shots: Samples of each class per partition.
-        partition_by: Name of the label column.
-        seed: Seed of the shuffle.
-        overlap: Draw each partition's shots independently (partitions may share rows).
-    """
-
-    def __init__(
-        self,
-        num_partitions: int,
-        shots: int,
-        partition_by: str = "label",
-        seed: int | None = 42,
-        overlap: bool = False,
-    ) -> None:
-        super().__init__()
-        if num_partitions < 1 or shots < 1:
-            raise ValueError(
-                f"num_partitions and shots must be >= 1 (got {num_partitions}, {shots})"
-            )
-        self._num_partitions = num_partitions
-        self._shots = shots
-        self._partition_by = partition_by
-        self._seed = seed
-        self._overlap = overlap
-        self._partition_id_to_indices: list[np.ndarray] | None = None
-
-    @property
-    def num_partitions(self) -> int:
-        """Total number of partitions."""
-        return self._num_partitions
-
-    def load_partition(self, partition_id: int) -> Dataset:
-        """Load the partition ``partition_id`` (all partitions are drawn on the first call)."""
-        if self._partition_id_to_indices is None:
-            self._partition_id_to_indices = self._deal_shots()
-        return self.dataset.select(self._partition_id_to_indices[partition_id])
-
-    def _deal_shots(self) -> list[np.ndarray]:
-        rng = np.random.default_rng(self._seed)
-        labels = np.asarray(self.dataset[self._partition_by][:])
-        needed = self._shots if self._overlap else self._num_partitions * self._shots
-        by_class = [np.flatnonzero(labels == label) for label in np.unique(labels)]
-        for label, rows in zip(np.unique(labels), by_class, strict=True):
-            if rows.size < needed:
-                raise ValueError(f"class {label!r} has {rows.size} samples but {needed} are needed")
-        if self._overlap:  # partition by partition, each class drawn afresh (released order)
-            return [
-                np.sort(np.concatenate([rng.permutation(rows)[: self._shots] for rows in by_class]))
-                for _ in range(self._num_partitions)
-            ]
-        blocks: list[list[np.ndarray]] = [[] for _ in range(self._num_partitions)]
-        for rows in by_class:
-            rows = rng.permutation(rows)
-            for pid, block in enumerate(np.split(rows[:needed], self._num_partitions)):
-                blocks[pid].append(block)
-        return [np.sort(np.concatenate(b)) for b in blocks]
 
 
 def partition_indices(
@@ -308,7 +201,7 @@ def _make_partitioner(
     """The flwr partitioner for ``config.kind`` (or ``config.partitioner``) and its key column."""
     k = config.num_clients
     if config.partitioner is not None:
-        return _custom_partitioner(config), labels
+        return build_partitioner(config.partitioner, k, "key", config.seed), labels
     if config.kind == "iid":
         return IidPartitioner(num_partitions=k), labels
     if config.kind == "fewshot":
@@ -361,24 +254,6 @@ def _make_partitioner(
     return partitioner, block_of_class[labels]
 
 
-def _custom_partitioner(config: PartitionConfig) -> Partitioner:
-    """``config.partitioner`` built with the config's clients, key column and seed."""
-    cls = partitioner_class(config.partitioner)
-    kwargs = dict(config.partitioner.get("init_args") or {})
-    params = inspect.signature(cls).parameters
-    takes_any = any(v.kind is inspect.Parameter.VAR_KEYWORD for v in params.values())
-    for key, value in (("partition_by", "key"), ("seed", config.seed)):
-        if key not in kwargs and (key in params or takes_any):
-            kwargs[key] = value
-    try:
-        return cls(num_partitions=config.num_clients, **kwargs)
-    except TypeError as err:
-        raise ValueError(
-            f"data.partition.partitioner {config.partitioner['class_path']!r}: {err}; "
-            "check data.partition.partitioner.init_args"
-        ) from err
-
-
 def _take_shots(
     indices: np.ndarray, labels: np.ndarray, shots: int, rng: np.random.Generator
 ) -> np.ndarray:
@@ -393,69 +268,3 @@ def _take_shots(
             )
         kept.append(rng.choice(rows, size=shots, replace=False))
     return np.sort(np.concatenate(kept)) if kept else indices
-
-
-def label_counts(
-    labels: Sequence[int], partitions: list[np.ndarray], num_classes: int
-) -> np.ndarray:
-    """[num_clients, num_classes] count matrix.
-
-    Args:
-        labels: Class index of every training sample.
-        partitions: Per-client index arrays, as from :func:`partition_indices`.
-        num_classes: Number of classes (columns).
-
-    Returns:
-        Integer matrix whose entry ``[i, c]`` counts client ``i``'s samples of class ``c``.
-    """
-    labels = np.asarray(labels, dtype=np.int64)
-    counts = np.zeros((len(partitions), num_classes), dtype=np.int64)
-    for i, idx in enumerate(partitions):
-        counts[i] = np.bincount(labels[np.asarray(idx, dtype=np.int64)], minlength=num_classes)
-    return counts
-
-
-def format_label_table(
-    counts: np.ndarray, class_names: Sequence[str] | None = None, max_classes: int = 20
-) -> str:
-    """Plain-text table of per-client label counts, for printing and logging.
-
-    One row per client (client id, total, per-class counts); more than ``max_classes``
-    classes are summarised as the number of classes present and the top classes.
-
-    Args:
-        counts: ``[num_clients, num_classes]`` matrix from :func:`label_counts`.
-        class_names: Column names; class indices when ``None``.
-        max_classes: Beyond this many classes, rows show the number of classes present
-            and the three largest classes instead of every count.
-
-    Returns:
-        The table, rows separated by newlines, ending with an ``all`` row of totals.
-    """
-    counts = np.asarray(counts, dtype=np.int64)
-    if class_names is None:
-        class_names = range(counts.shape[1])
-    names = [str(name) for name in class_names]
-    rows = np.vstack([counts, counts.sum(axis=0, keepdims=True)])
-    ids = [str(i) for i in range(counts.shape[0])] + ["all"]
-    if len(names) <= max_classes:
-        header = ["client", "total", *names]
-        body = [[cid, str(r.sum()), *map(str, r)] for cid, r in zip(ids, rows, strict=True)]
-        left = {0}
-    else:
-        header = ["client", "total", "classes", "top classes"]
-        body = []
-        for cid, r in zip(ids, rows, strict=True):
-            top = [f"{names[c]}:{r[c]}" for c in np.argsort(-r, kind="stable")[:3] if r[c]]
-            body.append([cid, str(r.sum()), str(np.count_nonzero(r)), " ".join(top)])
-        left = {0, 3}
-    table = [header, *body]
-    widths = [max(len(line[j]) for line in table) for j in range(len(header))]
-    lines = []
-    for line in table:
-        cells = [
-            cell.ljust(w) if j in left else cell.rjust(w)
-            for j, (cell, w) in enumerate(zip(line, widths, strict=True))
-        ]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
