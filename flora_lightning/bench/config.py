@@ -6,8 +6,21 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-VARIANTS = ("FLoRA", "FLoRA-uncached", "FedFFT", "FedLC", "FedVMLC", "FedAA")
-"""Benchmarked methods; ``-uncached`` runs the vision tower every step (caching off)."""
+from flora_lightning.methods import METHODS
+
+UNCACHED = ("FLoRA",)
+"""Methods also measured as ``<name>-uncached``: the vision tower runs every step (caching off)."""
+
+
+def variants() -> tuple[str, ...]:
+    """Every method of :data:`flora_lightning.methods.METHODS` by class name, in its order, each
+    followed by its ``-uncached`` variant when listed in :data:`UNCACHED`."""
+    names = [cls.__name__ for cls in METHODS.values()]
+    return tuple(v for n in names for v in (n, f"{n}-uncached")[: 2 if n in UNCACHED else 1])
+
+
+VARIANTS = variants()
+"""Benchmarked methods (derived from ``METHODS`` when this module is imported)."""
 CIFAR10_CLASSES = (
     "airplane",
     "automobile",
@@ -30,8 +43,8 @@ LOOP_OVERHEAD_TARGET = 0.05
 class BenchConfig:
     """What to benchmark and at which scale (defaults: the paper's CIFAR-10 setting)."""
 
-    methods: list[str] = field(default_factory=lambda: list(VARIANTS))
-    """Methods to measure: FLoRA, FLoRA-uncached, FedFFT, FedLC, FedVMLC, FedAA."""
+    methods: list[str] = field(default_factory=lambda: list(variants()))
+    """Methods to measure (default: every method in ``METHODS`` plus FLoRA-uncached)."""
     rounds: int = 50
     """Rounds the one-time feature caching is amortised over (paper: 50)."""
     client_samples: int = 5000
@@ -65,12 +78,12 @@ class BenchConfig:
     """Seed for weights, LoRA init and synthetic images."""
 
     def __post_init__(self) -> None:
-        known = {v.lower(): v for v in VARIANTS}
+        known = {v.lower(): v for v in variants()}
         unknown = [m for m in self.methods if m.lower() not in known]
         if not self.methods or unknown:
             raise ValueError(
                 f"bench --methods: unknown or none ({unknown or self.methods}); choose from "
-                f"{', '.join(VARIANTS)}."
+                f"{', '.join(known.values())}."
             )
         self.methods = list(dict.fromkeys(known[m.lower()] for m in self.methods))
         for name in ("rounds", "client_samples", "batch_size", "num_classes", "steps"):

@@ -43,8 +43,8 @@ def build_method(variant: str, arch: str, num_classes: int):
     from flora_lightning.methods import METHODS
     from flora_lightning.methods.base import build_model_from_bundle
 
-    name = variant.removesuffix("-uncached")
-    module = METHODS[name.lower()](name_or_path=f"random-init/{arch}")
+    by_name = {cls.__name__: cls for cls in METHODS.values()}
+    module = by_name[variant.removesuffix("-uncached")](name_or_path=f"random-init/{arch}")
     bundle = build_clip_bundle(arch, caption_words(num_classes))
     module = build_model_from_bundle(module, bundle)
     module.configure_task(class_names(num_classes), TEMPLATE)

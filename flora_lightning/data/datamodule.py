@@ -10,12 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from flora_lightning.data.partition import (
-    PartitionConfig,
-    format_label_table,
-    label_counts,
-    partition_indices,
-)
+from flora_lightning.data.label_table import format_label_table, label_counts
+from flora_lightning.data.partition import PartitionConfig, partition_indices
 from flora_lightning.data.source import load_source
 
 POOLED = "pooled"

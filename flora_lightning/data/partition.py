@@ -1,9 +1,19 @@
 """Federated partitioning of a labelled training set across clients.
 
 The splitting itself is done by ``flwr_datasets`` partitioners (IID, Dirichlet,
-pathological) plus a small few-shot partitioner; this module turns a label array
-into per-client index arrays and explains bad configurations in terms of the
-``data.partition.*`` CLI fields.
+pathological) plus a small few-shot partitioner (:mod:`flora_lightning.data.fewshot`); this
+module turns a label array into per-client index arrays and explains bad configurations in
+terms of the ``data.partition.*`` CLI fields.
+
+Any other ``flwr_datasets.partitioner.Partitioner`` subclass is one new class, selected in the
+config without editing this package (:mod:`flora_lightning.data.custom_partitioner`)::
+
+    data:
+      partition:
+        num_clients: 5
+        partitioner:
+          class_path: my_package.MyPartitioner
+          init_args: {alpha: 0.3}
 """
 
 import warnings
@@ -19,6 +29,9 @@ from flwr_datasets.partitioner import (
     Partitioner,
     PathologicalPartitioner,
 )
+
+from flora_lightning.data.custom_partitioner import build_partitioner, partitioner_class
+from flora_lightning.data.fewshot import FewShotPartitioner
 
 _KINDS = ("iid", "dirichlet", "pathological", "fewshot")
 
@@ -52,6 +65,10 @@ class PartitionConfig:
     holds, as the released code with 1), else a clear error."""
     seed: int = 42
     """Seed: same seed and labels give the same partition."""
+    partitioner: dict | None = None
+    """Any flwr-datasets ``Partitioner`` subclass, ``{class_path: ..., init_args: {...}}``, used
+    instead of ``kind``; it gets ``num_partitions=num_clients``, ``partition_by`` (the name of
+    the label column) and ``seed`` (where its signature takes them) plus its ``init_args``."""
 
     def __post_init__(self) -> None:
         """Reject invalid settings with a message naming the CLI field and the fix."""
@@ -79,75 +96,8 @@ class PartitionConfig:
                 f"{p}min_samples must be >= 1 (got {self.min_samples}); "
                 "use 1 to only forbid empty clients"
             )
-
-
-class FewShotPartitioner(Partitioner):
-    """IID few-shot partitioner: every partition gets ``shots`` samples of every class.
-
-    With ``overlap`` (the released code's split) each partition draws its ``shots`` rows
-    of each class independently from all rows of that class, so two partitions may share
-    rows and a class needs only ``shots`` rows. Without it the rows of each class are
-    shuffled once and dealt out in consecutive blocks of ``shots``: partitions are disjoint
-    and a class needs ``num_partitions * shots`` rows. Rows not drawn stay unused.
-
-    Args:
-        num_partitions: Number of partitions (clients).
-        shots: Samples of each class per partition.
-        partition_by: Name of the label column.
-        seed: Seed of the shuffle.
-        overlap: Draw each partition's shots independently (partitions may share rows).
-    """
-
-    def __init__(
-        self,
-        num_partitions: int,
-        shots: int,
-        partition_by: str = "label",
-        seed: int | None = 42,
-        overlap: bool = False,
-    ) -> None:
-        super().__init__()
-        if num_partitions < 1 or shots < 1:
-            raise ValueError(
-                f"num_partitions and shots must be >= 1 (got {num_partitions}, {shots})"
-            )
-        self._num_partitions = num_partitions
-        self._shots = shots
-        self._partition_by = partition_by
-        self._seed = seed
-        self._overlap = overlap
-        self._partition_id_to_indices: list[np.ndarray] | None = None
-
-    @property
-    def num_partitions(self) -> int:
-        """Total number of partitions."""
-        return self._num_partitions
-
-    def load_partition(self, partition_id: int) -> Dataset:
-        """Load the partition ``partition_id`` (all partitions are drawn on the first call)."""
-        if self._partition_id_to_indices is None:
-            self._partition_id_to_indices = self._deal_shots()
-        return self.dataset.select(self._partition_id_to_indices[partition_id])
-
-    def _deal_shots(self) -> list[np.ndarray]:
-        rng = np.random.default_rng(self._seed)
-        labels = np.asarray(self.dataset[self._partition_by][:])
-        needed = self._shots if self._overlap else self._num_partitions * self._shots
-        by_class = [np.flatnonzero(labels == label) for label in np.unique(labels)]
-        for label, rows in zip(np.unique(labels), by_class, strict=True):
-            if rows.size < needed:
-                raise ValueError(f"class {label!r} has {rows.size} samples but {needed} are needed")
-        if self._overlap:  # partition by partition, each class drawn afresh (released order)
-            return [
-                np.sort(np.concatenate([rng.permutation(rows)[: self._shots] for rows in by_class]))
-                for _ in range(self._num_partitions)
-            ]
-        blocks: list[list[np.ndarray]] = [[] for _ in range(self._num_partitions)]
-        for rows in by_class:
-            rows = rng.permutation(rows)
-            for pid, block in enumerate(np.split(rows[:needed], self._num_partitions)):
-                blocks[pid].append(block)
-        return [np.sort(np.concatenate(b)) for b in blocks]
+        if self.partitioner is not None:
+            partitioner_class(self.partitioner)
 
 
 def partition_indices(
@@ -185,7 +135,8 @@ def partition_indices(
         raise ValueError(
             f"labels must lie in [0, {num_classes}) (got {labels.min()}..{labels.max()})"
         )
-    if config.kind == "pathological":
+    kind = config.kind if config.partitioner is None else config.partitioner["class_path"]
+    if config.partitioner is None and config.kind == "pathological":
         if config.classes_per_client is None and num_classes < k:
             raise ValueError(
                 f"{p}classes_per_client=null deals num_classes // num_clients classes per "
@@ -197,7 +148,7 @@ def partition_indices(
                 f"{p}classes_per_client={config.classes_per_client} but the task has only "
                 f"{num_classes} classes; lower {p}classes_per_client"
             )
-    if config.kind == "fewshot":
+    if config.partitioner is None and config.kind == "fewshot":
         needed = config.shots if config.shots_overlap else k * config.shots
         class_sizes = np.bincount(labels, minlength=num_classes)
         short = np.flatnonzero(class_sizes < needed)
@@ -220,21 +171,22 @@ def partition_indices(
             warnings.simplefilter("ignore")
             parts = [partitioner.load_partition(i)["_idx"][:] for i in range(k)]
     except ValueError as err:
-        if config.kind != "dirichlet":
-            raise ValueError(f"{p}kind={config.kind} could not be partitioned: {err}") from err
+        if kind != "dirichlet":
+            what = f"kind={kind}" if config.partitioner is None else f"partitioner {kind!r}"
+            raise ValueError(f"{p}{what} could not be partitioned: {err}") from err
         raise ValueError(
             f"{p}kind=dirichlet: no draw gave every client >= {p}min_samples={config.min_samples} "
             f"samples ({p}beta={config.beta}, {p}num_clients={k}, {n} samples); "
             f"raise {p}beta, lower {p}num_clients or lower {p}min_samples"
         ) from err
     parts = [np.sort(np.asarray(idx, dtype=np.int64)) for idx in parts]
-    if config.kind == "pathological" and config.shots is not None:
+    if kind == "pathological" and config.shots is not None:
         parts = [_take_shots(idx, labels, config.shots, rng) for idx in parts]
 
     sizes = np.array([idx.size for idx in parts])
     if sizes.min() < config.min_samples:
         client = int(np.argmin(sizes))
-        hint = f"raise {p}beta, " if config.kind == "dirichlet" else ""
+        hint = f"raise {p}beta, " if kind == "dirichlet" else ""
         raise ValueError(
             f"client {client} received {sizes[client]} samples, fewer than "
             f"{p}min_samples={config.min_samples}; "
@@ -246,8 +198,10 @@ def partition_indices(
 def _make_partitioner(
     config: PartitionConfig, labels: np.ndarray, rng: np.random.Generator
 ) -> tuple[Partitioner, np.ndarray]:
-    """The flwr partitioner for ``config.kind`` and the key column it splits on."""
+    """The flwr partitioner for ``config.kind`` (or ``config.partitioner``) and its key column."""
     k = config.num_clients
+    if config.partitioner is not None:
+        return build_partitioner(config.partitioner, k, "key", config.seed), labels
     if config.kind == "iid":
         return IidPartitioner(num_partitions=k), labels
     if config.kind == "fewshot":
@@ -314,69 +268,3 @@ def _take_shots(
             )
         kept.append(rng.choice(rows, size=shots, replace=False))
     return np.sort(np.concatenate(kept)) if kept else indices
-
-
-def label_counts(
-    labels: Sequence[int], partitions: list[np.ndarray], num_classes: int
-) -> np.ndarray:
-    """[num_clients, num_classes] count matrix.
-
-    Args:
-        labels: Class index of every training sample.
-        partitions: Per-client index arrays, as from :func:`partition_indices`.
-        num_classes: Number of classes (columns).
-
-    Returns:
-        Integer matrix whose entry ``[i, c]`` counts client ``i``'s samples of class ``c``.
-    """
-    labels = np.asarray(labels, dtype=np.int64)
-    counts = np.zeros((len(partitions), num_classes), dtype=np.int64)
-    for i, idx in enumerate(partitions):
-        counts[i] = np.bincount(labels[np.asarray(idx, dtype=np.int64)], minlength=num_classes)
-    return counts
-
-
-def format_label_table(
-    counts: np.ndarray, class_names: Sequence[str] | None = None, max_classes: int = 20
-) -> str:
-    """Plain-text table of per-client label counts, for printing and logging.
-
-    One row per client (client id, total, per-class counts); more than ``max_classes``
-    classes are summarised as the number of classes present and the top classes.
-
-    Args:
-        counts: ``[num_clients, num_classes]`` matrix from :func:`label_counts`.
-        class_names: Column names; class indices when ``None``.
-        max_classes: Beyond this many classes, rows show the number of classes present
-            and the three largest classes instead of every count.
-
-    Returns:
-        The table, rows separated by newlines, ending with an ``all`` row of totals.
-    """
-    counts = np.asarray(counts, dtype=np.int64)
-    if class_names is None:
-        class_names = range(counts.shape[1])
-    names = [str(name) for name in class_names]
-    rows = np.vstack([counts, counts.sum(axis=0, keepdims=True)])
-    ids = [str(i) for i in range(counts.shape[0])] + ["all"]
-    if len(names) <= max_classes:
-        header = ["client", "total", *names]
-        body = [[cid, str(r.sum()), *map(str, r)] for cid, r in zip(ids, rows, strict=True)]
-        left = {0}
-    else:
-        header = ["client", "total", "classes", "top classes"]
-        body = []
-        for cid, r in zip(ids, rows, strict=True):
-            top = [f"{names[c]}:{r[c]}" for c in np.argsort(-r, kind="stable")[:3] if r[c]]
-            body.append([cid, str(r.sum()), str(np.count_nonzero(r)), " ".join(top)])
-        left = {0, 3}
-    table = [header, *body]
-    widths = [max(len(line[j]) for line in table) for j in range(len(header))]
-    lines = []
-    for line in table:
-        cells = [
-            cell.ljust(w) if j in left else cell.rjust(w)
-            for j, (cell, w) in enumerate(zip(line, widths, strict=True))
-        ]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)

@@ -24,18 +24,11 @@ from flora_lightning.sweep.command import (
     sweep_parser,
 )
 from flora_lightning.sweep.plots import accuracy_curve, plot_accuracy
-from flora_lightning.sweep.report import (
-    CellRecord,
-    Table,
-    build_report,
-    collect,
-    failures,
-    latex_escape,
-    mean_std,
-)
+from flora_lightning.sweep.report import CellRecord, build_report, collect, failures, mean_std
 from flora_lightning.sweep.rundir import RunState, read_summary, run_state, write_failure
 from flora_lightning.sweep.runner import CellResult, run_cell, run_sweep
 from flora_lightning.sweep.spec import PARTITION_FIELDS, PARTITION_KINDS, SweepSpec, load_spec
+from flora_lightning.sweep.tables import Table, latex_escape
 
 __all__ = [
     "PARTITION_FIELDS",

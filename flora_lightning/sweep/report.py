@@ -24,15 +24,15 @@ Written to ``OUT/report/``:
 
 from __future__ import annotations
 
-import csv
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from flora_lightning.sweep.plots import plot_accuracy
 from flora_lightning.sweep.rundir import RunState, read_failure, read_summary, run_state
+from flora_lightning.sweep.tables import Table, write_table
 
 MISSING = "–"
 """Shown for a table entry without any finished cell."""
@@ -48,63 +48,6 @@ class CellRecord:
     seed: int
     run_dir: Path
     summary: dict
-
-
-@dataclass
-class Table:
-    """A text table rendered as Markdown or a plain LaTeX ``tabular`` (no extra packages)."""
-
-    title: str
-    header: list[str]
-    rows: list[list[str]]
-    bold: set[tuple[int, int]] = field(default_factory=set)
-    """(row, column) entries to set in bold."""
-
-    def markdown(self) -> str:
-        def text(i: int, j: int, value: str) -> str:
-            return f"**{value}**" if (i, j) in self.bold else value
-
-        lines = [
-            self.title,
-            "",
-            "| " + " | ".join(self.header) + " |",
-            "| " + " | ".join(["---"] + ["---:"] * (len(self.header) - 1)) + " |",
-        ]
-        for i, row in enumerate(self.rows):
-            lines.append("| " + " | ".join(text(i, j, v) for j, v in enumerate(row)) + " |")
-        return "\n".join(lines) + "\n"
-
-    def latex(self) -> str:
-        def text(i: int, j: int, value: str) -> str:
-            value = latex_escape(value)
-            return f"\\textbf{{{value}}}" if (i, j) in self.bold else value
-
-        lines = [
-            *(f"% {line}" for line in self.title.splitlines() if line.strip()),
-            "\\begin{tabular}{l" + "r" * (len(self.header) - 1) + "}",
-            "\\hline",
-            " & ".join(latex_escape(h) for h in self.header) + " \\\\",
-            "\\hline",
-        ]
-        for i, row in enumerate(self.rows):
-            lines.append(" & ".join(text(i, j, v) for j, v in enumerate(row)) + " \\\\")
-        lines += ["\\hline", "\\end{tabular}"]
-        return "\n".join(lines) + "\n"
-
-
-def latex_escape(text: str) -> str:
-    """Escape LaTeX specials; ± and – become ``$\\pm$`` and ``--``."""
-    out = []
-    for char in text:
-        if char in "&%$#_{}":
-            out.append("\\" + char)
-        elif char == "\\":
-            out.append("\\textbackslash{}")
-        elif char in "~^":
-            out.append(f"\\{'textasciitilde' if char == '~' else 'textasciicircum'}{{}}")
-        else:
-            out.append({"±": "$\\pm$", "–": "--"}.get(char, char))
-    return "".join(out)
 
 
 def collect(out: str | Path) -> list[CellRecord]:
@@ -281,17 +224,6 @@ def cost_table(records: list[CellRecord], methods, datasets) -> tuple:
     return table, csv_rows
 
 
-def _write(table: Table, csv_rows: list[dict], stem: Path) -> None:
-    # Not with_suffix: names such as results_dir0.1 already hold a dot.
-    stem.parent.joinpath(f"{stem.name}.md").write_text(table.markdown())
-    stem.parent.joinpath(f"{stem.name}.tex").write_text(table.latex())
-    with stem.parent.joinpath(f"{stem.name}.csv").open("w", newline="") as f:
-        fields = list(csv_rows[0]) if csv_rows else table.header
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(csv_rows)
-
-
 def build_report(out: str | Path, order: dict[str, list[str]] | None = None) -> Path:
     """Write every table and plot of the sweep in ``out`` to ``out/report``; returns report.md.
 
@@ -310,7 +242,7 @@ def build_report(out: str | Path, order: dict[str, list[str]] | None = None) -> 
     sections = [f"# Sweep report: `{out}`", "", f"{len(records)} finished cells.", ""]
     for partition in partitions:
         table, rows = accuracy_table(records, partition, methods, datasets)
-        _write(table, rows, report / f"results_{partition}")
+        write_table(table, rows, report / f"results_{partition}")
         sections += [table.markdown()]
         for dataset in datasets:
             runs = {
@@ -326,7 +258,7 @@ def build_report(out: str | Path, order: dict[str, list[str]] | None = None) -> 
                 plot_accuracy(runs, png, f"{dataset}, partition {partition}")
                 sections += [f"![{dataset} {partition}]({png.name})", ""]
     table, rows = cost_table(records, methods, datasets)
-    _write(table, rows, report / "cost")
+    write_table(table, rows, report / "cost")
     sections += [table.markdown()]
     failed = failures(out)
     if failed:

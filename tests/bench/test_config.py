@@ -44,3 +44,21 @@ def test_caching_is_timed_on_four_batches_by_default_and_never_less_than_one():
         "--methods",
         "FedFFT",
     ]
+
+
+def test_the_method_list_is_derived_from_methods(monkeypatch):
+    from flora_lightning.bench.config import variants
+    from flora_lightning.bench.workload import build_method
+    from flora_lightning.methods import METHODS, FedLC
+
+    class FedNew(FedLC):
+        """A method defined here: registering it is all the bench needs."""
+
+    assert variants() == ("FLoRA", "FLoRA-uncached", "FedFFT", "FedLC", "FedVMLC", "FedAA")
+    monkeypatch.setitem(METHODS, "fednew", FedNew)
+    assert BenchConfig().methods[-1] == "FedNew"
+    assert BenchConfig(methods=["fednew", "flora"]).methods == ["FedNew", "FLoRA"]
+    with pytest.raises(ValueError, match="choose from FLoRA, FLoRA-uncached, .*, FedAA, FedNew"):
+        BenchConfig(methods=["FedOld"])
+    module = build_method("FedNew", "tiny", num_classes=3)
+    assert type(module) is FedNew and module.class_names[:3] == ["airplane", "automobile", "bird"]

@@ -3,13 +3,8 @@
 import numpy as np
 import pytest
 
-from flora_lightning.data.partition import (
-    FewShotPartitioner,
-    PartitionConfig,
-    format_label_table,
-    label_counts,
-    partition_indices,
-)
+from flora_lightning.data.label_table import label_counts
+from flora_lightning.data.partition import PartitionConfig, partition_indices
 
 NUM_CLASSES = 10
 # 10 classes x 200 samples, sorted by class so that an unshuffled split would be non-IID.
@@ -195,16 +190,6 @@ def test_dirichlet_default_is_the_released_self_balancing_split(beta, seed):
     assert not all(np.array_equal(a, b) for a, b in zip(unbalanced, expected, strict=True))
 
 
-def test_fewshot_partitioner_on_its_own():
-    from datasets import Dataset
-
-    partitioner = FewShotPartitioner(num_partitions=3, shots=2, seed=0)
-    partitioner.dataset = Dataset.from_dict({"label": [0, 1] * 10})
-    labels = [partitioner.load_partition(i)["label"] for i in range(3)]
-    assert [sorted(x) for x in labels] == [[0, 0, 1, 1]] * 3
-    assert partitioner.num_partitions == 3
-
-
 @pytest.mark.parametrize("name", CONFIGS)
 def test_partitions_are_disjoint(name):  # every kind but the overlapping few-shot draw
     parts = split(CONFIGS[name])
@@ -230,27 +215,6 @@ def test_label_counts_sums():
     assert counts.sum(axis=1).tolist() == [p.size for p in parts]
     np.testing.assert_array_equal(counts.sum(axis=0), np.bincount(LABELS))
     np.testing.assert_array_equal(counts[3], np.bincount(LABELS[parts[3]], minlength=10))
-
-
-def test_format_label_table_rows_and_totals():
-    counts = np.array([[3, 0, 1], [0, 5, 2]])
-    table = format_label_table(counts, ["cat", "dog", "eel"])
-    lines = table.splitlines()
-    assert lines[0].split() == ["client", "total", "cat", "dog", "eel"]
-    assert lines[1].split() == ["0", "4", "3", "0", "1"]
-    assert lines[2].split() == ["1", "7", "0", "5", "2"]
-    assert lines[3].split() == ["all", "11", "3", "5", "3"]
-
-
-def test_format_label_table_summarises_many_classes():
-    counts = np.zeros((2, 30), dtype=int)
-    counts[0, [4, 7]] = [9, 2]
-    counts[1, 20:30] = 1
-    lines = format_label_table(counts, max_classes=20).splitlines()
-    assert lines[0].split() == ["client", "total", "classes", "top", "classes"]
-    assert lines[1].split() == ["0", "11", "2", "4:9", "7:2"]
-    assert lines[2].split()[:3] == ["1", "10", "10"]
-    assert lines[3].split()[:3] == ["all", "21", "12"]
 
 
 @pytest.mark.parametrize(
