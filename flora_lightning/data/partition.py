@@ -222,7 +222,7 @@ def _make_partitioner(
         return partitioner, labels
 
     classes = np.unique(labels)
-    per_client = config.classes_per_client or classes.size // k
+    per_client = config.classes_per_client or max(1, classes.size // k)
     if per_client * k > classes.size:
         # Overlap is unavoidable: client i gets class i % C plus random others.
         partitioner = PathologicalPartitioner(

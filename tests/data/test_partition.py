@@ -281,3 +281,12 @@ def test_error_dirichlet_min_samples_unreachable():
         ValueError, match=r"raise data\.partition\.beta.*data\.partition\.min_samples"
     ):
         split(config)
+
+
+def test_pathological_default_with_fewer_present_classes_than_clients():
+    # 10 declared classes but only 3 present: C // N would be 0; each client gets one class.
+    labels = np.repeat([0, 1, 2], 50)
+    counts = label_counts(
+        labels, split(PartitionConfig(kind="pathological", num_clients=5), labels), NUM_CLASSES
+    )
+    assert (counts > 0).sum(axis=1).tolist() == [1] * 5
