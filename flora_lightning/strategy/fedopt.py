@@ -133,7 +133,7 @@ class FedAvgM(ServerOptimizer):
         min_clients: fewest accepted client updates for a round to count.
     """
 
-    def __init__(self, server_lr: float = 1.0, momentum: float = 0.9, min_clients: int = 1):
+    def __init__(self, server_lr: float = 1.0, momentum: float = 0.9, min_clients: int = 1) -> None:
         super().__init__(server_lr=server_lr, min_clients=min_clients)
         _check_beta("momentum", momentum)
         self.momentum = momentum
