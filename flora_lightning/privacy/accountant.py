@@ -99,7 +99,10 @@ class Accountant:
                     f"the resume state was accounted with {key}={state[key]}, this run has "
                     f"{getattr(self, key)}: resume with the same privacy settings."
                 )
-        self._accountant.load_state_dict(dict(state["accountant"]))
+        inner = dict(state["accountant"])
+        # JSON turns Opacus' (sigma, q, steps) tuples into lists: restore them.
+        inner["history"] = [tuple(entry) for entry in inner["history"]]
+        self._accountant.load_state_dict(inner)
 
 
 class ClientAccountants:
