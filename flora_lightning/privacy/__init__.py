@@ -11,6 +11,7 @@ from flora_lightning.privacy.accountant import (
     ClientAccountants,
     local_steps,
     noise_for_target,
+    resolve_noise_multiplier,
 )
 from flora_lightning.privacy.client_dp import DPFedAvg
 from flora_lightning.privacy.config import PrivacyConfig, check_compatible
@@ -25,4 +26,5 @@ __all__ = [
     "check_compatible",
     "local_steps",
     "noise_for_target",
+    "resolve_noise_multiplier",
 ]

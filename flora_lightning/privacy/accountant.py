@@ -189,3 +189,21 @@ def noise_for_target(
             f"sample rate {sample_rate} and delta {delta} ({err}): raise it, or plan fewer "
             "rounds or a smaller sample rate."
         ) from err
+
+
+def resolve_noise_multiplier(privacy, sample_rate: float, steps: int) -> float:
+    """``privacy.noise_multiplier``, or the one :func:`noise_for_target` picks for
+    ``privacy.target_epsilon`` over the planned ``steps`` at ``sample_rate``.
+
+    Args:
+        privacy: a :class:`~flora_lightning.privacy.config.PrivacyConfig` with a DP level.
+        sample_rate: client level: ``clients_per_round / num_clients``; sample level: the
+            largest ``batch_size / n_k`` over clients.
+        steps: client level: ``rounds``; sample level: ``rounds`` x the largest
+            :func:`local_steps` over clients (as if that client joined every round).
+    """
+    if privacy.noise_multiplier is not None:
+        return float(privacy.noise_multiplier)
+    return noise_for_target(
+        privacy.target_epsilon, min(1.0, sample_rate), steps, privacy.delta, privacy.accountant
+    )

@@ -152,6 +152,29 @@ class DPFedAvg(Strategy):
         """The std of the noise added to the last aggregate."""
         self._sum: dict[str, torch.Tensor] = {}
 
+    @classmethod
+    def from_config(
+        cls,
+        privacy,
+        noise_multiplier: float,
+        num_sampled_clients: int,
+        seed: int = 42,
+        min_clients: int = 1,
+    ) -> DPFedAvg:
+        """The strategy of a :class:`~flora_lightning.privacy.config.PrivacyConfig` at client
+        level, with its noise multiplier resolved (given, or from ``target_epsilon``)."""
+        return cls(
+            noise_multiplier=noise_multiplier,
+            clip_norm=privacy.clip_norm,
+            num_sampled_clients=num_sampled_clients,
+            seed=seed,
+            adaptive=privacy.adaptive_clipping,
+            target_clipped_quantile=privacy.target_clipped_quantile,
+            clip_norm_lr=privacy.clip_norm_lr,
+            clipped_count_stddev=privacy.clipped_count_stddev,
+            min_clients=min_clients,
+        )
+
     def start_round(self, global_state: State) -> None:
         self._sum = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in global_state.items()}
         self.norms = {}

@@ -124,3 +124,12 @@ def test_noise_for_target_is_the_library_search_and_reaches_the_target():
 def test_unreachable_target_names_the_field():
     with pytest.raises(ValueError, match="privacy.target_epsilon=0.001 cannot be reached"):
         noise_for_target(1e-3, 1.0, 1000, 1e-5)
+
+
+def test_resolve_noise_multiplier_uses_the_given_one_or_the_target():
+    from flora_lightning.privacy import PrivacyConfig, resolve_noise_multiplier
+
+    given = PrivacyConfig(level="client", noise_multiplier=0.7)
+    assert resolve_noise_multiplier(given, 0.5, 10) == 0.7
+    target = PrivacyConfig(level="client", target_epsilon=4.0, delta=1e-5)
+    assert resolve_noise_multiplier(target, 0.1, 50) == noise_for_target(4.0, 0.1, 50, 1e-5)

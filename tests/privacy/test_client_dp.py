@@ -183,3 +183,22 @@ def test_bad_arguments_name_the_field():
         DPFedAvg(1.0, 0.0, 2)
     with pytest.raises(ValueError, match="trainer.join_ratio"):
         DPFedAvg(1.0, 1.0, 0)
+
+
+def test_from_config_carries_the_privacy_settings():
+    from flora_lightning.privacy import PrivacyConfig
+
+    privacy = PrivacyConfig(
+        level="client",
+        noise_multiplier=1.0,
+        clip_norm=0.3,
+        adaptive_clipping=True,
+        target_clipped_quantile=0.7,
+        clip_norm_lr=0.1,
+        clipped_count_stddev=2.0,
+    )
+    strategy = DPFedAvg.from_config(privacy, 1.0, num_sampled_clients=5, seed=3, min_clients=2)
+    assert (strategy.clip_norm, strategy.num_sampled_clients, strategy.seed) == (0.3, 5, 3)
+    assert strategy.adaptive and strategy.min_clients == 2
+    assert (strategy.target_clipped_quantile, strategy.clip_norm_lr) == (0.7, 0.1)
+    assert strategy.clipped_count_stddev == 2.0
