@@ -38,30 +38,50 @@ def flora_with_nonzero_b(make_flora):
     return model
 
 
-def fedlc(tiny_clip):
+def baseline(tiny_clip, method: str):
     from flora_lightning.clip_backbone import CLIPBundle
     from flora_lightning.methods.base import build_model_from_bundle
+    from flora_lightning.methods.fedaa import FedAA
     from flora_lightning.methods.fedlc import FedLC
 
     bundle = CLIPBundle(
         copy.deepcopy(tiny_clip.model), tiny_clip.tokenizer, tiny_clip.image_transform
     )
-    model = build_model_from_bundle(FedLC("flora-offline/tiny-clip"), bundle)
+    cls = {"fedlc": FedLC, "fedaa": FedAA}[method]
+    torch.manual_seed(0)
+    model = build_model_from_bundle(
+        cls("flora-offline/tiny-clip", adapter_init="torch")
+        if cls is FedAA
+        else cls("flora-offline/tiny-clip"),
+        bundle,
+    )
     model.configure_task(CLASSES, TEMPLATE)
     return model
 
 
-def features_and_labels(model, n=6, seed=0):
+def features_and_labels(model, n=6, seed=0, pixels=False):
     gen = torch.Generator().manual_seed(seed)
-    dim = model.clip_model().config.projection_dim
-    features = F.normalize(torch.randn(n, dim, generator=gen), dim=-1)
-    return features, torch.randint(0, len(CLASSES), (n,), generator=gen)
+    config = model.clip_model().config
+    if pixels:
+        size = config.vision_config.image_size
+        inputs = torch.randn(n, 3, size, size, generator=gen)
+    else:
+        inputs = F.normalize(torch.randn(n, config.projection_dim, generator=gen), dim=-1)
+    return inputs, torch.randint(0, len(CLASSES), (n,), generator=gen)
 
 
-@pytest.mark.parametrize("method", ["flora", "fedlc"])
-def test_per_example_gradients_equal_one_backward_per_example(method, make_flora, tiny_clip):
-    model = flora_with_nonzero_b(make_flora) if method == "flora" else fedlc(tiny_clip)
-    features, labels = features_and_labels(model)
+@pytest.mark.parametrize(
+    ("method", "pixels"),
+    [("flora", False), ("flora", True), ("fedlc", False), ("fedaa", False)],
+)
+def test_per_example_gradients_equal_one_backward_per_example(
+    method, pixels, make_flora, tiny_clip
+):
+    if method == "flora":
+        model = flora_with_nonzero_b(make_flora)
+    else:
+        model = baseline(tiny_clip, method)
+    features, labels = features_and_labels(model, n=4 if pixels else 6, pixels=pixels)
     grads, losses = per_example_gradients(model, features, labels)
     params = optimized_named_parameters(model)
     assert set(grads) == set(params) and params
