@@ -13,7 +13,9 @@ Both levels compose a subsampled Gaussian mechanism, one step at a time:
 
 Both analyses assume Poisson subsampling at rate ``q``; the loop samples a fixed number of
 clients and the loaders shuffle into fixed-size batches. That is the usual approximation (Opacus
-does the same for shuffled loaders); it is stated, not hidden. The arithmetic is Opacus' own
+does the same for shuffled loaders); it is stated, not hidden. At sample level the server's
+FedAvg weights clients by their example counts ``n_k``: the guarantee takes ``n_k`` (the
+partition sizes) as public. The arithmetic is Opacus' own
 (:class:`opacus.accountants.RDPAccountant` / ``PRVAccountant``); this module only keeps the
 schedule, the per-client bookkeeping and a resumable state.
 """
