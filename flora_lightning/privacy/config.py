@@ -40,6 +40,10 @@ class PrivacyConfig:
     """Opacus accountant: rdp (Renyi DP, the released code's) or prv (tighter, numerical)."""
     max_grad_norm: float = 1.0
     """sample level: the L2 bound of each example's gradient (the released code: 1.0)."""
+    per_example_chunk: int | None = None
+    """sample level: examples whose gradients are computed at once; lower it when a batch's
+    per-example backward (batch x classes captions through a LoRA text tower) runs out of
+    memory (null: the whole batch). The result does not depend on it."""
     clip_norm: float = 1.0
     """client level: the L2 bound of each client's update, over all communicated tensors (with
     adaptive_clipping: its initial value)."""
@@ -79,6 +83,10 @@ class PrivacyConfig:
         if not self.max_grad_norm > 0:
             raise ValueError(
                 f"privacy.max_grad_norm must be > 0 (got {self.max_grad_norm}); e.g. 1.0."
+            )
+        if self.per_example_chunk is not None and self.per_example_chunk < 1:
+            raise ValueError(
+                f"privacy.per_example_chunk must be >= 1 or null (got {self.per_example_chunk})."
             )
         if not self.clip_norm > 0:
             raise ValueError(f"privacy.clip_norm must be > 0 (got {self.clip_norm}); e.g. 1.0.")

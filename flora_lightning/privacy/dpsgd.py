@@ -73,9 +73,17 @@ def optimized_named_parameters(module) -> dict[str, torch.nn.Parameter]:
 
 
 def per_example_gradients(
-    module, inputs: torch.Tensor, labels: torch.Tensor
+    module, inputs: torch.Tensor, labels: torch.Tensor, chunk_size: int | None = None
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Per-example gradients of :func:`class_logits`' cross-entropy, and the losses.
+
+    Args:
+        module: the method (as :class:`~flora_lightning.trainer.LocalTrainer` passes it).
+        inputs: cached features ``[B, D]`` or pixels ``[B, 3, H, W]``.
+        labels: class ids ``[B]``.
+        chunk_size: examples differentiated at once (``vmap``'s ``chunk_size``); the backward
+            through a trainable text tower holds ``chunk x classes`` caption activations, so
+            large batches with many classes need it. None: the whole batch.
 
     Returns:
         name -> gradient ``[B, *param.shape]`` for every optimized parameter, and the
@@ -88,9 +96,13 @@ def per_example_gradients(
         value = functional_call(wrapper, p, (x, y), strict=False)
         return value, value
 
-    grads, losses = vmap(grad(loss, has_aux=True), in_dims=(None, 0, 0), randomness="different")(
-        params, inputs, labels
+    per_example = vmap(
+        grad(loss, has_aux=True),
+        in_dims=(None, 0, 0),
+        randomness="different",
+        chunk_size=chunk_size,
     )
+    grads, losses = per_example(params, inputs, labels)
     return {n.removeprefix("method."): g for n, g in grads.items()}, losses.detach()
 
 
@@ -132,18 +144,31 @@ class DPSGDStep:
     Args:
         noise_multiplier: σ (``privacy.noise_multiplier``, resolved from the target epsilon).
         max_grad_norm: C, each example's gradient bound (``privacy.max_grad_norm``).
+        chunk_size: examples whose gradients are computed at once
+            (``privacy.per_example_chunk``; None: the whole batch).
     """
 
-    def __init__(self, noise_multiplier: float, max_grad_norm: float) -> None:
+    def __init__(
+        self, noise_multiplier: float, max_grad_norm: float, chunk_size: int | None = None
+    ) -> None:
         if noise_multiplier < 0:
             raise ValueError(f"privacy.noise_multiplier must be >= 0 (got {noise_multiplier}).")
         if max_grad_norm <= 0:
             raise ValueError(f"privacy.max_grad_norm must be > 0 (got {max_grad_norm}).")
         self.noise_multiplier = noise_multiplier
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"privacy.per_example_chunk must be >= 1 or null (got {chunk_size}).")
         self.max_grad_norm = max_grad_norm
+        self.chunk_size = chunk_size
         self.generator = torch.Generator()
         self.steps = 0
         """Steps since the last :meth:`start_fit` (what the accountant composes for a fit)."""
+
+    @classmethod
+    def from_config(cls, privacy, noise_multiplier: float) -> DPSGDStep:
+        """The step of a sample-level :class:`~flora_lightning.privacy.config.PrivacyConfig`,
+        with its noise multiplier resolved (given, or from ``target_epsilon``)."""
+        return cls(noise_multiplier, privacy.max_grad_norm, privacy.per_example_chunk)
 
     def start_fit(self, seed: int) -> None:
         """Reset for one client fit: its noise generator (seeded) and step count."""
@@ -161,7 +186,7 @@ class DPSGDStep:
             )
         inputs, labels = batch
         with fabric.autocast():
-            grads, losses = per_example_gradients(module, inputs, labels)
+            grads, losses = per_example_gradients(module, inputs, labels, self.chunk_size)
         noisy = private_gradient(grads, self.max_grad_norm, self.noise_multiplier, self.generator)
         params = optimized_named_parameters(module)
         for name, param in params.items():

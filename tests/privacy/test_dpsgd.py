@@ -93,6 +93,16 @@ def test_per_example_gradients_equal_one_backward_per_example(
         assert any(param.grad.abs().sum() > 0 for param in params.values())
 
 
+def test_chunked_per_example_gradients_equal_the_whole_batch(make_flora):
+    model = flora_with_nonzero_b(make_flora)
+    features, labels = features_and_labels(model, n=5)
+    whole, whole_losses = per_example_gradients(model, features, labels)
+    chunked, chunked_losses = per_example_gradients(model, features, labels, chunk_size=2)
+    torch.testing.assert_close(chunked_losses, whole_losses)
+    for name, grads in whole.items():
+        torch.testing.assert_close(chunked[name], grads, rtol=1e-4, atol=1e-5)
+
+
 def test_clipped_per_example_norms_never_exceed_the_bound():
     gen = torch.Generator().manual_seed(0)
     scales = torch.tensor([1e-4, 0.3, 0.999, 1.0, 2.0, 50.0, 1e4])
@@ -166,3 +176,15 @@ def test_bad_arguments_name_the_field():
         DPSGDStep(-1.0, 1.0)
     with pytest.raises(ValueError, match="privacy.max_grad_norm"):
         DPSGDStep(1.0, 0.0)
+    with pytest.raises(ValueError, match="privacy.per_example_chunk"):
+        DPSGDStep(1.0, 1.0, chunk_size=0)
+
+
+def test_from_config_carries_the_privacy_settings():
+    from flora_lightning.privacy import PrivacyConfig
+
+    privacy = PrivacyConfig(
+        level="sample", target_epsilon=4.0, max_grad_norm=0.3, per_example_chunk=8
+    )
+    step = DPSGDStep.from_config(privacy, noise_multiplier=1.7)
+    assert (step.noise_multiplier, step.max_grad_norm, step.chunk_size) == (1.7, 0.3, 8)

@@ -43,6 +43,10 @@ from flora_lightning.strategy import FedAvg, LoraProductAverage
         ),
         (dict(level="client", noise_multiplier=1.0, clip_norm_lr=0.0), "privacy.clip_norm_lr"),
         (
+            dict(level="sample", noise_multiplier=1.0, per_example_chunk=0),
+            "privacy.per_example_chunk",
+        ),
+        (
             dict(level="client", noise_multiplier=1.0, clipped_count_stddev=-1.0),
             "privacy.clipped_count_stddev",
         ),
