@@ -159,7 +159,9 @@ class FederatedLoop(RoundEngine):
             self.fabric.call("on_client_fit_start", loop=self, model=model, client_id=client)
             t0 = time.perf_counter()
             try:
-                update = self.trainer.fit(model, data, client, round_, self.feature_cache)
+                update = self.trainer.fit(
+                    model, data, client, round_, self.feature_cache, self.strategy.proximal_mu
+                )
             except Exception as err:
                 if self.on_client_error == "raise":
                     raise

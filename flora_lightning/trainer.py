@@ -64,6 +64,9 @@ class LocalTrainer:
         keep_optimizer_state: each client keeps its optimizer (Adam) state across rounds, in
             :attr:`optimizer_states`; a fit that diverges (NaN/Inf loss or state) drops it.
         seed: the run's seed; per-fit seeds derive from ``(seed, round, client)``.
+        step_fn: replaces :func:`local_step` with the same signature, e.g. sample-level DP-SGD
+            (:class:`~flora_lightning.privacy.dpsgd.DPSGDStep`); its ``start_fit(seed)`` runs
+            before each fit with the fit's stream-2 seed. None: the plain step.
     """
 
     def __init__(
@@ -73,17 +76,20 @@ class LocalTrainer:
         max_local_steps: int | None = None,
         keep_optimizer_state: bool = True,
         seed: int = 42,
+        step_fn=None,
     ) -> None:
         self.fabric = fabric
         self.local_epochs = local_epochs
         self.max_local_steps = max_local_steps
         self.keep_optimizer_state = keep_optimizer_state
         self.seed = seed
+        self.step_fn = step_fn
         self.optimizer_states: dict[int, dict] = {}
         """Client id -> its optimizer's ``state_dict()["state"]`` (on CPU)."""
 
     def seed_for(self, round_: int, client: int, stream: int = 0) -> int:
-        """The seed of ``stream`` (0: torch RNG, 1: data order) of a client's fit in a round."""
+        """The seed of ``stream`` (0: torch RNG, 1: data order, 2: ``step_fn``, e.g. DP noise)
+        of a client's fit in a round."""
         return int(np.random.default_rng([self.seed, round_, client, stream]).integers(2**62))
 
     def fit(
@@ -118,11 +124,21 @@ class LocalTrainer:
             optimizer.load_state_dict(saved)
         optimizer = fabric.setup_optimizers(optimizer)
         proximal = ProximalTerm(model, proximal_mu) if proximal_mu > 0 else None
+        if self.step_fn is not None:
+            if proximal is not None:
+                raise ValueError(
+                    "privacy.level=sample does not support FedProx's proximal term; use "
+                    "trainer.strategy FedAvg with DP-SGD."
+                )
+            self.step_fn.start_fit(self.seed_for(round_, client, 2))
         model.train()
         total, count, steps = 0.0, 0, 0
         for _ in range(self.local_epochs):
             for batch_idx, batch in enumerate(loader):
-                loss = local_step(fabric, model, optimizer, batch, batch_idx, proximal)
+                if self.step_fn is None:
+                    loss = local_step(fabric, model, optimizer, batch, batch_idx, proximal)
+                else:
+                    loss = self.step_fn(fabric, model, optimizer, batch, batch_idx)
                 total += loss.item() * len(batch[1])
                 count += len(batch[1])
                 steps += 1
