@@ -100,13 +100,22 @@ class RoundEngine:
         record = self.recorder.record(self.fabric, self, tally, metrics)
         self.fabric.call("on_round_end", loop=self, round=tally.round, record=record)
         if tally.round > 0:
-            states = {"optimizers": flatten_optimizer_states(self.trainer.optimizer_states)}
-            self.recorder.save(tally.round, self.model, states, meta={})
+            self.recorder.save(tally.round, self.model, *self.resume_state())
         return record
+
+    def resume_state(self) -> tuple[dict, dict]:
+        """What a resumed run needs besides the global state and history: the clients'
+        optimizer states, the strategy's server state (e.g. FedAdam's moments) as tensors, and
+        the precision plugin's state (the 16-mixed GradScaler's scale and growth tracker)."""
+        states = {
+            "optimizers": flatten_optimizer_states(self.trainer.optimizer_states),
+            "strategy": self.strategy.state_dict(),
+        }
+        return states, {"precision": self.fabric.strategy.precision.state_dict()}
 
     def restore(self) -> int:
         """Load the last complete round; returns it (0 when there is nothing to resume)."""
-        round_, global_state, states, _ = self.recorder.restore(("optimizers",))
+        round_, global_state, states, meta = self.recorder.restore(("optimizers", "strategy"))
         if round_ == 0:
             self.fabric.print(
                 f"trainer.resume: nothing to resume in {self.run_dir}; starting a new run."
@@ -114,6 +123,9 @@ class RoundEngine:
             return 0
         self.model.load_communicated_state(global_state)
         self.trainer.optimizer_states = unflatten_optimizer_states(states["optimizers"])
+        self.strategy.load_state_dict(states.get("strategy", {}))
+        if meta.get("precision"):
+            self.fabric.strategy.precision.load_state_dict(meta["precision"])
         self.fabric.print(f"Resuming {self.run_dir} after round {round_}.")
         return round_
 
