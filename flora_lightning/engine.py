@@ -24,6 +24,8 @@ from flora_lightning.checkpoint import (
 from flora_lightning.evaluation import evaluate
 from flora_lightning.feature_cache import FeatureCache
 from flora_lightning.launch import launch
+from flora_lightning.privacy.config import PrivacyConfig
+from flora_lightning.privacy.run import PrivacyRun
 from flora_lightning.records import RoundRecord, RoundTally
 from flora_lightning.strategy import ClientUpdate, state_bytes
 
@@ -34,6 +36,16 @@ class RoundEngine:
     Expects ``recorder`` (a :class:`~flora_lightning.recorder.RunRecorder`), ``callbacks``,
     ``strategy`` and the ``trainer.*`` settings :func:`~flora_lightning.launch.launch` reads.
     """
+
+    privacy_run: PrivacyRun | None = None
+    """The run's differential privacy (:meth:`use_privacy`); None: none."""
+
+    def use_privacy(self, privacy: PrivacyConfig) -> None:
+        """Train with ``privacy`` (``--privacy.*``; level none changes nothing). Call before
+        :meth:`launch`: its callback joins the loop's."""
+        self.privacy_run = PrivacyRun(privacy) if privacy.enabled else None
+        if self.privacy_run is not None:
+            self.callbacks.append(self.privacy_run)
 
     @property
     def run_dir(self):
@@ -46,9 +58,14 @@ class RoundEngine:
     # ================================================================ setup
     def launch(self, model, data, tensorboard: bool = True) -> None:
         """Fabric, data, model and :attr:`trainer`, in the order that fails fastest on bad input
-        (a Flower client passes ``tensorboard=False``: it writes nothing)."""
+        (a Flower client passes ``tensorboard=False``: it writes nothing). With privacy, its
+        level is checked first and set up last (strategy or local step, accountant)."""
+        if self.privacy_run is not None:
+            self.privacy_run.check(self, model)
         launch(self, model, data, [self.recorder.tensorboard()] if tensorboard else [])
         self.recorder.callbacks = self.callbacks
+        if self.privacy_run is not None:
+            self.privacy_run.setup(self)
 
     def open_run(self, model, datamodule, config_yaml: str | None = None) -> None:
         """Check the run directory, set everything up, then write config and label table.
@@ -111,7 +128,10 @@ class RoundEngine:
             "optimizers": flatten_optimizer_states(self.trainer.optimizer_states),
             "strategy": self.strategy.state_dict(),
         }
-        return states, {"precision": self.fabric.strategy.precision.state_dict()}
+        meta = {"precision": self.fabric.strategy.precision.state_dict()}
+        if self.privacy_run is not None:
+            meta["privacy"] = self.privacy_run.state_dict()
+        return states, meta
 
     def restore(self) -> int:
         """Load the last complete round; returns it (0 when there is nothing to resume)."""
@@ -126,6 +146,8 @@ class RoundEngine:
         self.strategy.load_state_dict(states.get("strategy", {}))
         if meta.get("precision"):
             self.fabric.strategy.precision.load_state_dict(meta["precision"])
+        if self.privacy_run is not None:
+            self.privacy_run.load_state_dict(meta["privacy"])
         self.fabric.print(f"Resuming {self.run_dir} after round {round_}.")
         return round_
 

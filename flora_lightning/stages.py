@@ -12,6 +12,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from flora_lightning.data.datamodule import FederatedDataModule
 from flora_lightning.loop import FederatedLoop
 from flora_lightning.methods.base import FederatedCLIPModule
+from flora_lightning.privacy.config import PrivacyConfig
 
 STAGES = {
     "fit": "Train: federated rounds, per-round evaluation, checkpoints and summary.json.",
@@ -39,6 +40,9 @@ def stage_parser(stage: str) -> ArgumentParser:
     parser.add_class_arguments(
         FederatedLoop, "trainer", help="Federated loop (rounds, clients, precision, outputs)."
     )
+    parser.add_class_arguments(
+        PrivacyConfig, "privacy", help="Differential privacy: sample (DP-SGD) or client level."
+    )
     if stage != "fit":
         parser.add_argument(
             "--ckpt_path",
@@ -53,6 +57,7 @@ def run_stage(stage: str, parser: ArgumentParser, config: Namespace) -> dict:
     """Build model, data and loop from ``config`` (parsed by ``parser``) and run ``stage``."""
     init = parser.instantiate_classes(config)
     loop: FederatedLoop = init.trainer
+    loop.use_privacy(init.privacy)
     if stage == "fit":
         return loop.fit(init.model, init.data, config_yaml=dump_config(parser, config))
     return getattr(loop, stage)(init.model, init.data, ckpt_path=init.ckpt_path)
