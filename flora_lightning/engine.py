@@ -37,6 +37,8 @@ class RoundEngine:
     ``strategy`` and the ``trainer.*`` settings :func:`~flora_lightning.launch.launch` reads.
     """
 
+    availability = None
+    """Simulated unreliable clients (:class:`~flora_lightning.availability.Availability`)."""
     privacy_run: PrivacyRun | None = None
     """The run's differential privacy (:meth:`use_privacy`); None: none."""
 
@@ -96,6 +98,20 @@ class RoundEngine:
         tally = RoundTally(round=round_, clients=list(clients))
         self.fabric.call("on_round_start", loop=self, round=round_, clients=tally.clients)
         return tally
+
+    def client_steps(self, tally: RoundTally, client: int) -> int | None:
+        """The local steps ``client`` runs this round under ``trainer.availability``: 0 when it
+        drops out (recorded), a straggler's share (recorded), None for a full fit."""
+        if self.availability is None:
+            return None
+        full = self.trainer.planned_steps(self.datamodule.num_samples(client),
+                                          self.datamodule.batch_size)  # fmt: skip
+        event = self.availability.draw(self.seed, tally.round, client, full)
+        if event.dropped:
+            tally.dropped[str(client)] = event.reason
+        elif event.kind == "straggler":
+            tally.stragglers[str(client)] = event.steps
+        return event.steps
 
     def client_update(self, tally: RoundTally, update: ClientUpdate, seconds: float) -> None:
         """A client's update arrived: callbacks' ``on_client_fit_end``, traffic and loss."""
