@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from flora_lightning.feature_cache import FeatureCache
 from flora_lightning.personalized import evaluate_clients
 from flora_lightning.trainer import LocalTrainer
 
@@ -115,3 +116,14 @@ def test_bad_arguments_are_rejected(setup, kwargs, message):
     kwargs = {"clients": CLIENTS, **kwargs}
     with pytest.raises(ValueError, match=message):
         evaluate_clients(fabric, model, data, num_classes=10, **kwargs)
+
+
+def test_cached_features_give_the_same_accuracies(setup):
+    fabric, model, trainer, data = setup
+    cache = FeatureCache(fabric, model, data)
+    cache.build(CLIENTS, test=False)
+    kwargs = dict(trainer=trainer, finetune_steps=2, round_=3)
+    cached = evaluate_clients(fabric, model, cache, CLIENTS, 10, **kwargs)
+    uncached = evaluate_clients(fabric, model, data, CLIENTS, 10, **kwargs)
+    for key in ("local_acc", "personalized_acc"):
+        assert cached[key] == pytest.approx(uncached[key])
