@@ -64,12 +64,12 @@ def evaluate_clients(
         raise ValueError("personalised evaluation needs at least one client (got none).")
     if finetune_steps < 0:
         raise ValueError(
-            f"trainer.personalized_finetune_steps must be >= 0 (got {finetune_steps}); 0 "
+            f"PersonalizedEvaluation.finetune_steps must be >= 0 (got {finetune_steps}); 0 "
             "evaluates the global model only."
         )
     if finetune_steps > 0 and trainer is None:
         raise ValueError(
-            "trainer.personalized_finetune_steps > 0 needs the run's LocalTrainer to fine-tune "
+            "PersonalizedEvaluation.finetune_steps > 0 needs the run's LocalTrainer to fine-tune "
             "with; pass trainer=..."
         )
 

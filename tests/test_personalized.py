@@ -107,7 +107,7 @@ def test_personalised_accuracy_is_k_seeded_steps_then_evaluation(setup):
     ("kwargs", "message"),
     [
         ({"clients": []}, "at least one client"),
-        ({"finetune_steps": -1}, "trainer.personalized_finetune_steps must be >= 0"),
+        ({"finetune_steps": -1}, "PersonalizedEvaluation.finetune_steps must be >= 0"),
         ({"finetune_steps": 2}, "needs the run's LocalTrainer"),
     ],
 )
@@ -127,3 +127,36 @@ def test_cached_features_give_the_same_accuracies(setup):
     uncached = evaluate_clients(fabric, model, data, CLIENTS, 10, **kwargs)
     for key in ("local_acc", "personalized_acc"):
         assert cached[key] == pytest.approx(uncached[key])
+
+
+def test_personalized_evaluation_in_a_run_leaves_training_unchanged(
+    make_flora, make_datamodule, make_loop
+):
+    from flora_lightning.callbacks import PersonalizedEvaluation
+
+    plain = make_loop(rounds=2, run="plain").fit(
+        make_flora(), make_datamodule(local_test_fraction=0.2)
+    )
+    loop = make_loop(
+        rounds=2, run="pers", callbacks=[PersonalizedEvaluation(every=2, finetune_steps=2)]
+    )
+    summary = loop.fit(make_flora(), make_datamodule(local_test_fraction=0.2))
+
+    assert [r["test_acc"] for r in summary["rounds"]] == [r["test_acc"] for r in plain["rounds"]]
+    evaluated = [r["round"] for r in summary["rounds"] if "local_acc_mean" in r]
+    assert evaluated == [0, 2]
+    last = summary["rounds"][2]
+    accs = list(last["client_local_acc"].values())
+    assert sorted(last["client_local_acc"]) == ["0", "1", "2"]
+    assert last["local_acc_mean"] == pytest.approx(sum(accs) / 3)
+    assert last["local_acc_min"] == min(accs) and last["local_acc_max"] == max(accs)
+    assert "personalized_acc_std" in last
+    assert summary["personalized_acc_mean"] == last["personalized_acc_mean"]
+
+
+def test_personalized_evaluation_needs_a_local_test_set(make_flora, make_datamodule, make_loop):
+    from flora_lightning.callbacks import PersonalizedEvaluation
+
+    loop = make_loop(rounds=1, callbacks=[PersonalizedEvaluation()])
+    with pytest.raises(ValueError, match="data.local_test_fraction"):
+        loop.fit(make_flora(), make_datamodule())

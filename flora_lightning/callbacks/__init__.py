@@ -8,6 +8,13 @@ Turn them on in the config, e.g. ``--trainer.callbacks '[{class_path: MemoryProf
 from flora_lightning.callbacks.base import Callback
 from flora_lightning.callbacks.communication import CommunicationLogger
 from flora_lightning.callbacks.memory import MemoryProfiler
+from flora_lightning.callbacks.personalized import PersonalizedEvaluation
 from flora_lightning.callbacks.speedup import SpeedupVsFFT
 
-__all__ = ["Callback", "CommunicationLogger", "MemoryProfiler", "SpeedupVsFFT"]
+__all__ = [
+    "Callback",
+    "CommunicationLogger",
+    "MemoryProfiler",
+    "PersonalizedEvaluation",
+    "SpeedupVsFFT",
+]

@@ -13,6 +13,12 @@ from torch.utils.data import DataLoader
 from flora_lightning.data.label_table import format_label_table, label_counts
 from flora_lightning.data.partition import PartitionConfig, partition_indices
 from flora_lightning.data.source import load_source
+from flora_lightning.data.splits import (
+    check_labels,
+    hold_out,
+    resolve_class_names,
+    split_local_test,
+)
 
 POOLED = "pooled"
 """``data.test_split`` value for the released code's protocol: pool, then hold out 20%."""
@@ -138,9 +144,10 @@ class FederatedDataModule(L.LightningDataModule):
         else:
             train = self._split(source, self.train_split, "data.train_split")
             self._check_columns(train)
-        class_names = self._resolve_class_names(train)
+        names = getattr(train.features[self.label_column], "names", None)
+        class_names = resolve_class_names(names, self.class_names, self.label_column)
         if self.test_split == POOLED:
-            train, test = self._hold_out(train)
+            train, test = hold_out(train, self.test_fraction, self.partition.seed)
         elif self.test_split is None:
             held = train.train_test_split(test_size=self.test_fraction, seed=self.partition.seed)
             train, test = held["train"], held["test"]
@@ -150,10 +157,11 @@ class FederatedDataModule(L.LightningDataModule):
         if self.max_test_samples is not None and len(test) > self.max_test_samples:
             test = test.shuffle(seed=self.partition.seed).select(range(self.max_test_samples))
         labels = np.asarray(train[self.label_column], dtype=np.int64)
-        self._check_labels(labels, len(class_names))
+        check_labels(labels, len(class_names), self.label_column)
         partitions = partition_indices(labels, len(class_names), self.partition)
         if self.local_test_fraction is not None:
-            split = [self._split_local_test(client, idx) for client, idx in enumerate(partitions)]
+            fraction, seed = self.local_test_fraction, self.partition.seed
+            split = [split_local_test(idx, fraction, seed, c) for c, idx in enumerate(partitions)]
             self.client_indices = [train_idx for train_idx, _ in split]
             self.client_test_indices = [test_idx for _, test_idx in split]
             self.test_counts = label_counts(labels, self.client_test_indices, len(class_names))
@@ -162,33 +170,6 @@ class FederatedDataModule(L.LightningDataModule):
         self.class_names = class_names
         self.train_set, self.test_set = train, test
         self.counts = label_counts(labels, self.client_indices, len(class_names))
-
-    def _split_local_test(self, client: int, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """A seeded ``int(local_test_fraction * n)`` of a client's partition as its local test set.
-
-        Seeded per ``(data.partition.seed, client)``, so a client's split does not depend on
-        the number of clients after it. Both parts keep the partition's order.
-
-        Returns:
-            ``(train, local_test)`` row indices into ``train_set``.
-        """
-        indices = np.asarray(indices, dtype=np.int64)
-        n = len(indices)
-        rng = np.random.default_rng([self.partition.seed, client, 7])
-        test_pos = np.sort(rng.choice(n, size=int(n * self.local_test_fraction), replace=False))
-        keep = np.ones(n, dtype=bool)
-        keep[test_pos] = False
-        train_idx, test_idx = indices[keep], indices[test_pos]
-        # int(f * n) < n for f < 1, so the training part is never empty (every client has
-        # >= data.partition.min_samples >= 1 samples); the local test set can be.
-        if not len(test_idx):
-            raise ValueError(
-                f"data.local_test_fraction={self.local_test_fraction} leaves client {client} "
-                f"({n} samples) with no local test sample; set data.local_test_fraction >= "
-                f"1/{n} or give every client more samples (data.partition.min_samples, fewer "
-                "data.partition.num_clients)."
-            )
-        return train_idx, test_idx
 
     def _pool(self, source):
         """The ``pool_splits`` of the dataset concatenated (columns checked in each)."""
@@ -205,23 +186,6 @@ class FederatedDataModule(L.LightningDataModule):
                 f"features differ ({err}). Pool fewer splits or set --data.test_split to a "
                 "split name."
             ) from err
-
-    def _hold_out(self, pool):
-        """A seeded random ``int(test_fraction * n)`` of the pool as the test set, as released.
-
-        Returns:
-            ``(train, test)``: the rest of the pool (in pool order) and the held-out rows.
-        """
-        n = len(pool)
-        rng = np.random.default_rng(self.partition.seed)
-        test_rows = np.sort(rng.choice(n, size=int(n * self.test_fraction), replace=False))
-        train_rows = np.setdiff1d(np.arange(n), test_rows)
-        if not len(test_rows) or not len(train_rows):
-            raise ValueError(
-                f"data.test_fraction={self.test_fraction} of the {n} pooled samples leaves an "
-                "empty test or training set; pool more data or change data.test_fraction."
-            )
-        return pool.select(train_rows), pool.select(test_rows)
 
     def _split(self, source, split: str, field: str):
         if split not in source:
@@ -245,32 +209,6 @@ class FederatedDataModule(L.LightningDataModule):
                     f"{field}='{column}' is not a column of the dataset; its columns are "
                     f"{split.column_names}. Set --{field} to one of them."
                 )
-
-    def _resolve_class_names(self, train) -> list[str]:
-        feature = train.features[self.label_column]
-        names = getattr(feature, "names", None)
-        if self.class_names is not None:
-            if names is not None and len(names) != len(self.class_names):
-                raise ValueError(
-                    f"data.class_names has {len(self.class_names)} names but the label column "
-                    f"'{self.label_column}' has {len(names)} classes."
-                )
-            return [n.replace("_", " ") for n in self.class_names]
-        if names is None:
-            raise ValueError(
-                f"data.class_names is required: the label column '{self.label_column}' has no "
-                "class names (not a ClassLabel). Pass them in label order, e.g. "
-                "--data.class_names '[cat, dog]'."
-            )
-        return [n.replace("_", " ") for n in names]
-
-    def _check_labels(self, labels: np.ndarray, num_classes: int) -> None:
-        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(
-                f"data.label_column '{self.label_column}' holds labels in "
-                f"[{labels.min()}, {labels.max()}] but there are {num_classes} class names; "
-                "labels must be 0..num_classes-1 (check data.class_names)."
-            )
 
     # -------------------------------------------------------------- access
     @property
