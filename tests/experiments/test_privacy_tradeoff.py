@@ -1,0 +1,44 @@
+"""experiments/privacy_tradeoff.py on a tiny grid: one epsilon, client level, one round."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "privacy_tradeoff.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("privacy_tradeoff", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_grid_writes_rows_table_and_plot(offline_assets, tmp_path):
+    script = load_script()
+    out = tmp_path / "privacy"
+    extra = ["--data.max_test_samples", "64", "--data.partition.num_clients", "3"]
+    rows = script.main(out=out, epsilons=[4.0, math.inf], levels=["client"], rounds=1,
+                       max_local_steps=1, extra=extra)  # fmt: skip
+
+    assert [(r["variant"], r["target_epsilon"]) for r in rows] == [
+        ("flora", 4.0), ("flora", math.inf), ("flora_freeze_a", 4.0), ("flora_freeze_a", math.inf)
+    ]  # fmt: skip
+    for row in rows:
+        summary = json.loads(
+            (out / (f"client/{row['variant']}/eps4" if math.isfinite(row["target_epsilon"])
+                    else f"{row['variant']}/nonprivate") / "summary.json").read_text()
+        )  # fmt: skip
+        assert row["final_test_acc"] == summary["final_test_acc"]
+        if math.isfinite(row["target_epsilon"]):
+            assert summary["privacy"]["level"] == "client"
+            assert row["epsilon"] == summary["privacy"]["epsilon"] <= 4.0 + 1e-6
+        else:
+            assert "privacy" not in summary
+    table = (out / "results.md").read_text()
+    assert "| client | flora |" in table and "| client | flora_freeze_a |" in table
+    assert (out / "accuracy_vs_epsilon.png").stat().st_size > 0
+    assert json.loads((out / "results.json").read_text())[0]["variant"] == "flora"
