@@ -61,11 +61,11 @@ def run_one(config: Path, run_dir: Path, level: str, epsilon: float, variant: st
 def main(
     out: Path = Path("runs/privacy"),
     config: Path = QUICKSTART,
-    epsilons: list[float] = [1.0, 4.0, 8.0, math.inf],
-    levels: list[str] = ["sample", "client"],
+    epsilons: tuple[float, ...] = (1.0, 4.0, 8.0, math.inf),
+    levels: tuple[str, ...] = ("sample", "client"),
     rounds: int = 5,
     max_local_steps: int = 5,
-    extra: list[str] = [],
+    extra: tuple[str, ...] = (),
 ) -> list[dict]:
     """Run the grid and write results.json, results.md and accuracy_vs_epsilon.png.
 
@@ -95,7 +95,7 @@ def main(
     return rows
 
 
-def table(rows: list[dict], epsilons: list[float]) -> str:
+def table(rows: list[dict], epsilons: tuple[float, ...]) -> str:
     """Markdown: final accuracy per (level, variant) and target epsilon (reached epsilon)."""
     head = ["level", "variant", *(f"eps={e:g}" for e in epsilons)]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
