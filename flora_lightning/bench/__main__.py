@@ -1,4 +1,4 @@
-"""``python -m flora_lightning.bench``: the same as ``flora bench`` (and its ``--worker`` mode)."""
+"""``python -m flora_lightning.bench``: the same as ``flora bench``."""
 
 import sys
 
