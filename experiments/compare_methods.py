@@ -36,6 +36,7 @@ import yaml
 from jsonargparse import ArgumentParser
 
 from flora_lightning.methods import METHODS
+from flora_lightning.sweep.plots import PlotsNotInstalledError, require_pyplot
 from flora_lightning.sweep.plots import plot_accuracy as sweep_plot
 
 COLUMNS = {
@@ -156,6 +157,7 @@ def compare(
     """
     if not config.exists():
         raise ValueError(f"config: {config} does not exist; pass an existing --config YAML.")
+    require_pyplot()  # the plot comes last: without matplotlib, say so before any run
     out.mkdir(parents=True, exist_ok=True)
     summaries = {
         short: run_method(short, config, out / short, rounds, list(fit_args or []))
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     options = parser.parse_args(own)
     try:
         return compare(**options.as_dict(), fit_args=fit_args)
-    except ValueError as err:
+    except (ValueError, PlotsNotInstalledError) as err:
         parser.error(str(err))
 
 
