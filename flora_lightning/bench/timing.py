@@ -20,6 +20,8 @@ class StepTiming:
     """Process CPU seconds per step: CPU time over all the Timer's steps / their number."""
     timed_steps: int
     """Steps in the Timer's measured blocks (block size x blocks)."""
+    timed_seconds: float
+    """Wall-clock seconds of the measured blocks together (at least ``min_seconds``)."""
     block_seconds: list[float]
     """Per-step seconds of each measured block (``Measurement.times``)."""
 
@@ -83,6 +85,7 @@ def time_steps(
         cpu = time.process_time() - cpu_start
         timer_steps = ran - ran_before
         timed = len(measurement.times) * measurement.number_per_run + len(extra)
+        timed_seconds = sum(measurement.raw_times) + sum(m.raw_times[0] for m in extra)
         if extra:
             (measurement,) = Measurement.merge([measurement, *extra])
     finally:
@@ -91,5 +94,6 @@ def time_steps(
         seconds=measurement.median,
         cpu_seconds=cpu / timer_steps,
         timed_steps=timed,
+        timed_seconds=timed_seconds,
         block_seconds=list(measurement.times),
     )
