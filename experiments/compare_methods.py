@@ -4,7 +4,7 @@ Usage::
 
     python experiments/compare_methods.py --config configs/quickstart.yaml --out runs/compare
     python experiments/compare_methods.py --config configs/cifar10_noniid.yaml --rounds 5 \\
-        --methods flora fedlc -- --trainer.precision bf16-mixed
+        --methods '[flora, fedlc]' -- --trainer.precision bf16-mixed
 
 Every method runs through the ``flora fit`` command line (:func:`flora_lightning.cli.run`) with
 the same data and trainer settings, into ``OUT/<method>``. The method's own settings come from
@@ -14,8 +14,10 @@ the same data and trainer settings, into ``OUT/<method>``. The method's own sett
    ``model`` section only, so each method keeps its measured learning rate;
 3. else ``--model <Class>``, which keeps the config's ``name_or_path`` and ``optimizer``.
 
-Arguments after the script's own (or after ``--``) are passed to every run, e.g.
-``--trainer.max_local_steps 5``. Writes ``OUT/results.md`` (Markdown table), ``OUT/results.csv``
+The script's own options are the typed parameters of :func:`compare`, parsed by jsonargparse
+as ``flora fit`` parses its own (``--help`` lists them; ``--methods`` takes a list,
+``--methods '[flora, fedlc]'``). Arguments after ``--`` are passed to every run, e.g.
+``-- --trainer.max_local_steps 5``. Writes ``OUT/results.md`` (Markdown table), ``OUT/results.csv``
 and ``OUT/accuracy.png`` (test accuracy per round, one line per method).
 
 On the offline quickstart (10 rounds, 2 CPU cores) the five runs take about 1.5 minutes when
@@ -23,17 +25,18 @@ the machine is otherwise idle (FedFFT about 20 s, FedAA about 2 s), several time
 busy one. Each run folder must be new: rerun into another ``--out``.
 """
 
-from __future__ import annotations
-
-import argparse
 import csv
 import json
+import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import yaml
+from jsonargparse import ArgumentParser
 
 from flora_lightning.methods import METHODS
+from flora_lightning.sweep.plots import PlotsNotInstalledError, require_pyplot
 from flora_lightning.sweep.plots import plot_accuracy as sweep_plot
 
 COLUMNS = {
@@ -132,52 +135,61 @@ def plot_accuracy(summaries: dict[str, dict], path: Path) -> None:
     sweep_plot(runs, path, "test accuracy per round")
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=Path("configs/quickstart.yaml"),
-        help="Config giving data and trainer settings (and FLoRA's).",
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path("runs/compare"),
-        help="Output folder: one run folder per method plus the results.",
-    )
-    parser.add_argument(
-        "--rounds", type=int, default=None, help="Override trainer.rounds for every method."
-    )
-    parser.add_argument(
-        "--methods",
-        nargs="+",
-        default=list(METHODS),
-        choices=list(METHODS),
-        help="Methods to run, in this order.",
-    )
-    args, extra = parser.parse_known_args(argv)
-    if extra[:1] == ["--"]:
-        extra = extra[1:]
-    if not args.config.exists():
-        parser.error(f"--config {args.config} does not exist.")
-    return args, extra
+Method = Literal[tuple(METHODS)]
+"""A method's short name in :data:`flora_lightning.methods.METHODS` (``flora``, ``fedfft``, ...)."""
+
+
+def compare(
+    config: Path = Path("configs/quickstart.yaml"),
+    out: Path = Path("runs/compare"),
+    rounds: int | None = None,
+    methods: tuple[Method, ...] = tuple(METHODS),
+    fit_args: list[str] | None = None,
+) -> list[dict]:
+    """Run every chosen method, then write the table, CSV and plot; returns the table rows.
+
+    Args:
+        config: Config giving data and trainer settings (and FLoRA's).
+        out: Output folder: one run folder per method plus the results.
+        rounds: Override trainer.rounds for every method.
+        methods: Methods to run, in this order.
+        fit_args: Extra ``flora fit`` arguments for every run (on the command line: after ``--``).
+    """
+    if not config.exists():
+        raise ValueError(f"config: {config} does not exist; pass an existing --config YAML.")
+    require_pyplot()  # the plot comes last: without matplotlib, say so before any run
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = {
+        short: run_method(short, config, out / short, rounds, list(fit_args or []))
+        for short in methods
+    }
+    rows = [result_row(short, summary) for short, summary in summaries.items()]
+    write_markdown(rows, out / "results.md", config)
+    write_csv(rows, out / "results.csv")
+    plot_accuracy(summaries, out / "accuracy.png")
+    print((out / "results.md").read_text())
+    return rows
+
+
+def build_parser() -> ArgumentParser:
+    """The script's options, from :func:`compare`'s signature (``fit_args`` come after ``--``)."""
+    parser = ArgumentParser(prog="compare_methods.py", description=__doc__.splitlines()[0])
+    parser.add_function_arguments(compare, skip={"fit_args"})
+    return parser
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    """Run every chosen method, then write the table, CSV and plot; returns the table rows."""
-    args, extra = parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    summaries = {
-        short: run_method(short, args.config, args.out / short, args.rounds, extra)
-        for short in args.methods
-    }
-    rows = [result_row(short, summary) for short, summary in summaries.items()]
-    write_markdown(rows, args.out / "results.md", args.config)
-    write_csv(rows, args.out / "results.csv")
-    plot_accuracy(summaries, args.out / "accuracy.png")
-    print((args.out / "results.md").read_text())
-    return rows
+    """Parse ``argv`` (default: ``sys.argv``), then :func:`compare`; ``--`` starts ``fit_args``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own, fit_args = (
+        (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    )
+    parser = build_parser()
+    options = parser.parse_args(own)
+    try:
+        return compare(**options.as_dict(), fit_args=fit_args)
+    except (ValueError, PlotsNotInstalledError) as err:
+        parser.error(str(err))
 
 
 if __name__ == "__main__":

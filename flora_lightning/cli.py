@@ -22,7 +22,7 @@ def build_parser() -> ArgumentParser:
     subcommands = parser.add_subcommands(dest="subcommand")
     for stage, help_text in STAGES.items():
         subcommands.add_subcommand(stage, stage_parser(stage), help=help_text)
-    from flora_lightning.bench import bench_parser
+    from flora_lightning.bench.run import bench_parser
 
     subcommands.add_subcommand(
         "bench", bench_parser(), help="Time, memory and bytes of each method vs FedFFT."
@@ -42,9 +42,9 @@ def run(args: list[str] | None = None) -> dict:
     config = parser.parse_args(args)
     stage = config.subcommand
     if stage == "bench":
-        from flora_lightning.bench import config_from, run_bench
+        from flora_lightning.bench.run import config_from, run_bench
 
-        return run_bench(config_from(config.bench)[0])
+        return run_bench(config_from(config.bench))
     if stage == "sweep":
         from flora_lightning.sweep import options_from, run_command
 

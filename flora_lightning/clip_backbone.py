@@ -14,7 +14,7 @@ import torch
 from torchvision.transforms import v2
 
 from flora_lightning.clip_features import build_image_transform, image_features, text_features
-from flora_lightning.hub import NotAvailableError, offline_unless_reachable
+from flora_lightning.hub import NotAvailableError, local_files_only
 
 __all__ = [
     "CLIPBundle",
@@ -65,9 +65,9 @@ def load_clip(name_or_path: str, field: str = "model.name_or_path") -> CLIPBundl
 
     path = resolve_model_path(name_or_path)
     try:
-        with offline_unless_reachable(path):
-            model = CLIPModel.from_pretrained(path)
-            processor = AutoProcessor.from_pretrained(path)
+        local_only = local_files_only(path)
+        model = CLIPModel.from_pretrained(path, local_files_only=local_only)
+        processor = AutoProcessor.from_pretrained(path, local_files_only=local_only)
     except (OSError, ValueError) as err:
         hint = OFFLINE_HINT.format(name=name_or_path)
         if Path(path).exists():

@@ -1,9 +1,16 @@
-"""The package's import graph has no cycles (imports inside functions count too)."""
+"""Every module imports on its own; the import graph has no cycles (imports inside functions
+count too); an optional dependency that is missing is named with its extra."""
 
 from __future__ import annotations
 
 import ast
+import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import flora_lightning
 
@@ -78,3 +85,50 @@ def test_package_has_no_import_cycle():
     assert "flora_lightning.loop" in graph and "flora_lightning.trainer" in graph
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# Each module imported in a fresh state of the package: every flora_lightning module is dropped
+# from sys.modules first, so a module that only imports because another one ran before it (or
+# that sits on an import cycle) fails here. Third-party libraries stay loaded (one process).
+ISOLATED_IMPORTS = """
+import importlib, json, sys, traceback
+failures = {}
+for name in json.loads(sys.argv[1]):
+    for key in [k for k in sys.modules if k.split(".")[0] == "flora_lightning"]:
+        del sys.modules[key]
+    try:
+        importlib.import_module(name)
+    except BaseException:
+        failures[name] = traceback.format_exc(limit=-4)
+print(json.dumps(failures))
+"""
+
+
+def test_every_module_imports_in_isolation():
+    names = sorted(module_names())
+    if importlib.util.find_spec("flwr") is None:  # the `flower` extra is not installed
+        names = [n for n in names if not n.startswith("flora_lightning.flower")]
+    assert "flora_lightning.bench.__main__" in names and "flora_lightning.hub" in names
+    done = subprocess.run(
+        [sys.executable, "-c", ISOLATED_IMPORTS, json.dumps(names)],
+        capture_output=True,
+        text=True,
+        cwd=PACKAGE.parent,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    failures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert failures == {}, "\n".join(f"{name}:\n{tb}" for name, tb in failures.items())
+
+
+def test_plots_without_matplotlib_name_the_extra(monkeypatch, tmp_path):
+    from flora_lightning.sweep.plots import PlotsNotInstalledError, plot_accuracy
+
+    summary = {"rounds": [{"round": 0, "test_acc": 0.5}, {"round": 1, "test_acc": 0.6}]}
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    with pytest.raises(PlotsNotInstalledError, match=r'pip install "flora-lightning\[plots\]"'):
+        plot_accuracy({"FLoRA": [summary]}, tmp_path / "accuracy.png", "test")
+    assert not (tmp_path / "accuracy.png").exists()
+    monkeypatch.undo()  # matplotlib back
+    plot_accuracy({"FLoRA": [summary]}, tmp_path / "accuracy.png", "test")  # installed: works
+    assert (tmp_path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"

@@ -109,9 +109,15 @@ class BenchConfig:
         """Steps on a full batch; a last smaller one follows when the batch does not divide."""
         return self.client_samples // self.batch_size
 
+    @property
+    def encoded_images(self) -> int:
+        """Images timed for feature caching: ``encode_samples`` (at least one batch), default 4
+        batches."""
+        return max(self.encode_samples or 4 * self.batch_size, self.batch_size)
+
     def to_argv(self) -> list[str]:
-        """The command-line options that rebuild this config (for workers and the report)."""
-        argv = ["--methods", *self.methods]
+        """The ``flora bench`` options that rebuild this config (shown in the report)."""
+        argv = ["--methods", f"[{','.join(self.methods)}]"]
         for key, value in asdict(self).items():
             if key != "methods" and value is not None:
                 argv += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]

@@ -1,13 +1,36 @@
-"""Ratios against FedFFT, the markdown report and the target checks, from the workers' results."""
+"""Ratios against FedFFT and the target checks (data), and ``bench.md`` rendered from that data.
+
+The report is data first: :func:`derive` and :func:`check_targets` compute what ``bench.json``
+holds; :func:`markdown` fills ``report_template.md`` (a ``str.format`` template next to this
+module) and the two small templates below from that JSON alone, so ``bench.md`` can be
+re-rendered from a saved ``bench.json``.
+"""
 
 from __future__ import annotations
 
-import os
 import platform
 from pathlib import Path
 
 from flora_lightning.bench.config import LOOP_OVERHEAD_TARGET, TARGETS, BenchConfig
-from flora_lightning.bench.worker import encode_samples
+
+TEMPLATE_FILE = Path(__file__).with_name("report_template.md")
+"""The document; ``{rows}`` is filled with one :data:`ROW` per method, ``{loop}`` with
+:data:`LOOP` (or nothing)."""
+ROW = (
+    "| {name} | {trainable_params:,} | {bytes_per_round_per_client:,} | {step_seconds:.3g} "
+    "| {step_cpu_seconds:.3g} | {epoch_seconds:.4g} | {caching_seconds_per_round:.3g} "
+    "| {round_seconds:.4g} | {peak_mb} | {peak_excl_runtime_mb} | {growth_mb} "
+    "| {tflop_per_round:.3g} | {x_round} | {x_work} | {x_memory} / {x_memory_excl_runtime} "
+    "| {x_bytes} |"
+)
+LOOP = (
+    "\nLoop overhead (real FederatedLoop, {rounds} rounds of cached FLoRA, {clients} clients x "
+    "{samples_per_client} synthetic samples, batch {batch_size}): {overhead_percent:.2f}% of a "
+    "round ((seconds - train_seconds - eval_seconds) / seconds from summary.json); "
+    "{wall_overhead_percent:.2f}% counting TensorBoard logging and checkpoints. Each client runs "
+    "{local_steps} local steps, as a real epoch (5,000 samples at batch 128); a FLoRA step on "
+    "cached features costs the same at either batch size.\n"
+)
 
 
 def derive(cfg: BenchConfig, results: list[dict]) -> list[dict]:
@@ -79,10 +102,6 @@ def _timed_steps(rows: list[dict]) -> str:
     return ", ".join(f"{r['method']} {r.get('timed_steps', '?')}" for r in rows)
 
 
-def _caption_tokens(rows: list[dict]) -> str:
-    return str(max((r["caption_tokens"] for r in rows), default=0))
-
-
 def _load_range(rows: list[dict]) -> str:
     loads = [load for r in rows for load in r["load_average"]]
     return f"{min(loads):.1f}-{max(loads):.1f}" if loads else "-"
@@ -98,95 +117,59 @@ def _mb(value: float) -> str:
     return f"{value / 1e6:,.0f}" if value >= 1e7 else f"{value / 1e6:,.2f}"
 
 
-def markdown(
-    cfg: BenchConfig, rows: list[dict], loop: dict | None, wall: float, machine: str
-) -> str:
-    label = {"vit-b-32": "ViT-B/32", "tiny": "tiny"}[cfg.arch]
-    lines = [
-        f"# flora bench: local-training cost per method, {label} shapes",
-        "",
-        f"`flora bench {' '.join(cfg.to_argv())}`  ",
-        f"{cfg.device}: {machine}; precision {cfg.precision}; wall time {wall:.0f} s.  ",
-        f"Random weights; synthetic {cfg.input_size}x{cfg.input_size} RGB images, CLIP-preprocessed "
-        f"to the model's input size; {cfg.num_classes} classes; batch {cfg.batch_size}; "
-        f"{cfg.client_samples} samples per client = {cfg.steps_per_epoch} local steps per epoch; "
-        f"caching amortised over {cfg.rounds} rounds.  ",
-        f"Load average (1 min) while the methods ran: {_load_range(rows)} on "
-        f"{os.cpu_count()} cores; above the core count, other jobs shared the CPU and stretched "
-        "wall times unevenly between methods: CPU s / step (process CPU time, all threads) is "
-        "less sensitive to that.",
-        "",
-        "| method | trainable params | bytes / round / client | s / step | CPU s / step "
-        "| s / epoch (extrap.) "
-        "| caching s / round (amortised) | s / round (extrap.) | peak MB | peak excl. runtime MB "
-        "| growth in training MB | TFLOP / round | faster / round vs FedFFT | fewer FLOPs / round "
-        "vs FedFFT | less memory vs FedFFT (peak / excl. runtime) | fewer bytes vs FedFFT |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
-    ]
-    for r in rows:
-        name = f"{r['method']} (cached)" if r["cached"] else r["method"]
-        lines.append(
-            f"| {name} | {r['trainable_params']:,} | {r['bytes_per_round_per_client']:,} "
-            f"| {r['step_seconds']:.3g} | {r['step_cpu_seconds']:.3g} | {r['epoch_seconds']:.4g} "
-            f"| {r['caching_seconds_per_round']:.3g} | {r['round_seconds']:.4g} "
-            f"| {_mb(r['peak_memory_bytes'])} | {_mb(r['peak_memory_excl_runtime_bytes'])} "
-            f"| {_mb(r['memory_growth_bytes'])} | {r['flops_per_round'] / 1e12:.3g} "
-            f"| {_x(r['round_speedup_vs_fft'])} | {_x(r['work_reduction_vs_fft'])} "
-            f"| {_x(r['memory_reduction_vs_fft'])} / {_x(r['memory_excl_runtime_reduction_vs_fft'])} "
-            f"| {_x(r['bytes_reduction_vs_fft'])} |"
-        )
-    measure = rows[0]["memory_measure"] if rows else ""
-    runtime = rows[0]["runtime_memory_bytes"] if rows else 0
-    lines += [
-        "",
-        f"- s / step: median of the timed local optimizer steps (forward, backward, Adam; "
-        f"{_timed_steps(rows)} per method: at least {cfg.steps}, fast methods until "
-        f"{cfg.min_timed_seconds:g} s were timed) after {cfg.warmup} warm-up, wall clock, on a "
-        "ready batch (data loading excluded); pixels, or the "
-        "cached image features where the loop caches them (cached).",
-        f"- s / epoch is *extrapolated*: {cfg.full_steps_per_epoch} full-batch steps x s / step"
-        + (
-            f" + one timed step on the last batch of {cfg.client_samples % cfg.batch_size}"
-            if cfg.client_samples % cfg.batch_size
-            else ""
-        )
-        + ", plus, when training from "
-        "pixels, CLIP preprocessing of every client image (timed on the step's batch; the loop "
-        "preprocesses in the training process, num_workers=0). Caching s / round is "
-        "*extrapolated*: the time per image to preprocess and encode a sample of "
-        f"{encode_samples(cfg)} images after one untimed warm-up batch, times "
-        f"{cfg.client_samples} images, divided by {cfg.rounds} rounds. s / round = the two summed.",
-        f"- Memory ({measure}), each method in a fresh process; with caching the vision tower is "
-        "released first. Peak: during local training (model, gradients, optimizer state, "
-        f"activations, plus the runtime). Excl. runtime: minus what the process held before "
-        f"building any model ({_mb(runtime)} MB here: interpreter and libraries). Growth: minus "
-        "what it held when training started (runtime and weights).",
-        "- FLOPs: matmuls, convolutions and attention of one local step (forward and backward) "
-        "and of encoding, counted by torch.utils.flop_counter.FlopCounterMode, combined as the "
-        "round time is (elementwise ops and Adam are not counted). At equal efficiency the "
-        "speed-up per round equals the FLOP ratio.",
-        "- Bytes: the communicated state (trainable parameters, fp32), sent up by each client "
-        "and the same amount down, per round. Ratios: FedFFT's value / the method's.",
-        f"- Captions: {_caption_tokens(rows)} tokens each (padded), from the offline byte-level "
-        "tokenizer with BPE merges for the caption words, as CLIP's vocabulary has them "
-        "(CLIP's own tokenizer gives 8 for 'a photo of a airplane.').",
-    ]
-    if loop is not None:
-        lines += [
-            "",
-            f"Loop overhead (real FederatedLoop, {loop['rounds']} rounds of cached FLoRA, "
-            f"{loop['clients']} clients x {loop['samples_per_client']} synthetic samples, batch "
-            f"{loop['batch_size']}): {100 * loop['overhead_fraction']:.2f}% of a round "
-            "((seconds - train_seconds - eval_seconds) / seconds from summary.json); "
-            f"{100 * loop['wall_overhead_fraction']:.2f}% counting TensorBoard logging and "
-            "checkpoints. Each client runs "
-            f"{loop['samples_per_client'] // loop['batch_size']} local steps, as a real epoch "
-            "(5,000 samples at batch 128); a FLoRA step on cached features costs the same at "
-            "either batch size.",
-        ]
-    lines += ["", "Targets (FLoRA with caching vs FedFFT):", ""]
-    lines += [f"- {line}" for line in check_targets(rows, loop)]
-    return "\n".join(lines) + "\n"
+def _row(r: dict) -> str:
+    return ROW.format(
+        **r,
+        name=f"{r['method']} (cached)" if r["cached"] else r["method"],
+        peak_mb=_mb(r["peak_memory_bytes"]),
+        peak_excl_runtime_mb=_mb(r["peak_memory_excl_runtime_bytes"]),
+        growth_mb=_mb(r["memory_growth_bytes"]),
+        tflop_per_round=r["flops_per_round"] / 1e12,
+        x_round=_x(r["round_speedup_vs_fft"]),
+        x_work=_x(r["work_reduction_vs_fft"]),
+        x_memory=_x(r["memory_reduction_vs_fft"]),
+        x_memory_excl_runtime=_x(r["memory_excl_runtime_reduction_vs_fft"]),
+        x_bytes=_x(r["bytes_reduction_vs_fft"]),
+    )
+
+
+def _loop(loop: dict | None) -> str:
+    if loop is None:
+        return ""
+    return LOOP.format(
+        **loop,
+        overhead_percent=100 * loop["overhead_fraction"],
+        wall_overhead_percent=100 * loop["wall_overhead_fraction"],
+        local_steps=loop["samples_per_client"] // loop["batch_size"],
+    )
+
+
+def markdown(report: dict) -> str:
+    """``bench.md`` from ``bench.json``'s data (what :func:`~flora_lightning.bench.run_bench`
+    returns): :data:`TEMPLATE_FILE` filled with the config, the rows and the checks."""
+    cfg = BenchConfig(**report["config"])
+    rows = report["methods"]
+    remainder = cfg.client_samples % cfg.batch_size
+    return TEMPLATE_FILE.read_text().format(
+        **report["config"],
+        arch_label={"vit-b-32": "ViT-B/32", "tiny": "tiny"}[cfg.arch],
+        command=" ".join(cfg.to_argv()),
+        machine=report["machine"],
+        wall_seconds=report["wall_seconds"],
+        cpu_count=report["cpu_count"],
+        load_range=_load_range(rows),
+        steps_per_epoch=cfg.steps_per_epoch,
+        full_steps_per_epoch=cfg.full_steps_per_epoch,
+        encoded_images=cfg.encoded_images,
+        rows="\n".join(_row(r) for r in rows),
+        timed_steps=_timed_steps(rows),
+        last_batch=f" + one timed step on the last batch of {remainder}" if remainder else "",
+        memory_measure=rows[0]["memory_measure"] if rows else "",
+        runtime_mb=_mb(rows[0]["runtime_memory_bytes"] if rows else 0),
+        caption_tokens=max((r["caption_tokens"] for r in rows), default=0),
+        loop=_loop(report["loop_overhead"]),
+        targets="\n".join(f"- {line}" for line in report["targets"]),
+    )
 
 
 def check_targets(rows: list[dict], loop: dict | None) -> list[str]:

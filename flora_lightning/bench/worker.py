@@ -1,15 +1,19 @@
-"""One method's local-training cost, measured in a fresh process (so memory peaks never mix)."""
+"""One method's local-training cost, measured in a fresh process (so memory peaks never mix).
+
+``python -m flora_lightning.bench.worker --cfg JSON --variant METHOD`` measures one method and
+writes ``<cfg.out>/workers/<METHOD>.json``; its options come from :func:`write_result`'s typed
+signature (jsonargparse). ``flora bench`` starts it once per method.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from flora_lightning.bench.config import BenchConfig
+from flora_lightning.bench.timing import time_steps
 from flora_lightning.bench.workload import build_method, preprocess, synthetic_images
 
 
@@ -21,7 +25,6 @@ def measure_method(cfg: BenchConfig, variant: str) -> dict:
     from transformers import CLIPModel  # noqa: F401
 
     from flora_lightning.callbacks.memory import PeakMemoryMeter, release_free_memory
-    from flora_lightning.callbacks.speedup import time_local_steps
     from flora_lightning.strategy import state_bytes
 
     load_at_start = os.getloadavg()[0]
@@ -47,7 +50,7 @@ def measure_method(cfg: BenchConfig, variant: str) -> dict:
         # steady state: caching encodes every client's partition batch after batch, so the
         # first batch's one-off cost (allocator, kernel set-up) is paid once per process and
         # is excluded here as the steps' warm-up is; the first features are the training batch.
-        encoded = encode_samples(cfg)
+        encoded = cfg.encoded_images
         images = synthetic_images(encoded, cfg.input_size, cfg.seed)
         warm_up = preprocess(module.image_transform, images[:n])
         encode_flops_per_image = counted_flops(lambda: _encode(fabric, module, warm_up)) / n
@@ -77,7 +80,7 @@ def measure_method(cfg: BenchConfig, variant: str) -> dict:
     release_free_memory()
 
     meter.start()
-    times = time_local_steps(fabric, module, batch, cfg.steps, cfg.warmup, cfg.min_timed_seconds)
+    times = time_steps(fabric, module, batch, cfg.steps, cfg.warmup, cfg.min_timed_seconds)
     memory = meter.stop()
     # An epoch ends with a smaller batch when the batch size does not divide the client's
     # samples (5,000 = 39 x 128 + 8): its step is timed too, not assumed to cost a full one.
@@ -85,10 +88,10 @@ def measure_method(cfg: BenchConfig, variant: str) -> dict:
     last, part = None, None
     if remainder:
         part = (batch[0][:remainder], batch[1][:remainder])
-        last = time_local_steps(fabric, module, part, cfg.steps, cfg.warmup, cfg.min_timed_seconds)
+        last = time_steps(fabric, module, part, cfg.steps, cfg.warmup, cfg.min_timed_seconds)
     # The work itself, counted by torch's FlopCounterMode on one more step of each kind.
-    step_flops = counted_flops(lambda: time_local_steps(fabric, module, batch, 1, 0))
-    last_flops = counted_flops(lambda: time_local_steps(fabric, module, part, 1, 0)) if part else 0
+    step_flops = counted_flops(lambda: _step_once(fabric, module, batch))
+    last_flops = counted_flops(lambda: _step_once(fabric, module, part)) if part else 0
     state = module.communicated_state()
     return {
         "method": variant,
@@ -97,17 +100,16 @@ def measure_method(cfg: BenchConfig, variant: str) -> dict:
         "trainable_params": module.num_trainable_parameters(),
         "communicated_params": sum(t.numel() for t in state.values()),
         "bytes_per_round_per_client": state_bytes(state),
-        "step_seconds": times.median_wall,
-        "timed_steps": len(times.wall),
-        "step_seconds_all": times.wall,
-        "step_cpu_seconds": times.median_cpu,
+        "step_seconds": times.seconds,
+        "timed_steps": times.timed_steps,
+        "step_seconds_all": times.block_seconds,
+        "step_cpu_seconds": times.cpu_seconds,
         "step_flops": step_flops,
         "last_step_flops": last_flops,
         "encode_flops_per_image": encode_flops_per_image,
         "last_batch_size": remainder,
-        "last_step_seconds": last.median_wall if last else 0.0,
-        "last_step_cpu_seconds": last.median_cpu if last else 0.0,
-        "step_cpu_seconds_all": times.cpu,
+        "last_step_seconds": last.seconds if last else 0.0,
+        "last_step_cpu_seconds": last.cpu_seconds if last else 0.0,
         "encode_seconds_per_image": encode_per_image,
         "load_seconds_per_image": load_per_image,
         "load_cpu_seconds_per_image": load_cpu_per_image,
@@ -135,11 +137,6 @@ def counted_flops(run) -> int:
     return counter.get_total_flops()
 
 
-def encode_samples(cfg: BenchConfig) -> int:
-    """Images timed for feature caching: ``encode_samples`` (at least one batch), default 4 batches."""
-    return max(cfg.encode_samples or 4 * cfg.batch_size, cfg.batch_size)
-
-
 def _encode(fabric, module, pixels):
     import torch
 
@@ -150,23 +147,36 @@ def _encode(fabric, module, pixels):
     return features
 
 
-def run_worker(cfg: BenchConfig, variant: str) -> dict:
-    """``measure_method`` in a fresh Python process; its result file is kept in ``out``."""
-    result = Path(cfg.out) / "workers" / f"{variant}.json"
-    result.parent.mkdir(parents=True, exist_ok=True)
-    result.unlink(missing_ok=True)
-    command = [
-        sys.executable,
-        "-m",
-        "flora_lightning.bench",
-        *cfg.to_argv(),
-        "--worker",
-        variant,
-    ]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0 or not result.exists():
-        raise RuntimeError(
-            f"bench worker for {variant} failed (exit {done.returncode}):\n"
-            + "\n".join((done.stdout + done.stderr).splitlines()[-30:])
-        )
-    return json.loads(result.read_text())
+def _step_once(fabric, module, batch) -> None:
+    """One local step with a fresh optimizer, as the timed ones (for the FLOP count)."""
+    from flora_lightning.trainer import local_step
+
+    optimizer = fabric.setup_optimizers(module.configure_optimizers())
+    module.train()
+    try:
+        local_step(fabric, module, optimizer, fabric.to_device(batch), 0).item()
+    finally:
+        module.eval()
+
+
+def write_result(cfg: BenchConfig, variant: str) -> Path:
+    """Measure ``variant`` in this process and write its result file; returns the file.
+
+    Args:
+        cfg: The bench's config (on the command line: JSON).
+        variant: The method to measure (a name of ``cfg.methods``).
+    """
+    path = Path(cfg.out) / "workers" / f"{variant}.json"
+    result = measure_method(cfg, variant)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
+
+
+if __name__ == "__main__":
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m flora_lightning.bench.worker")
+    parser.add_function_arguments(write_result)
+    options = parser.instantiate(parser.parse_args())
+    write_result(options.cfg, options.variant)

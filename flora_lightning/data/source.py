@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flora_lightning.hub import NotAvailableError, offline_unless_reachable
+from flora_lightning.hub import NotAvailableError, dataset_path
 
 OFFLINE_HINT = (
     "No access to the Hugging Face hub here? Download it once where you have internet "
@@ -44,10 +44,9 @@ def load_source(
     if dataset == OFFLINE_DIGITS:
         dataset, data_files = "parquet", digits_data_files()
     try:
-        with offline_unless_reachable(dataset):
-            loaded = datasets.load_dataset(
-                dataset, subset, data_dir=data_dir, data_files=data_files
-            )
+        loaded = datasets.load_dataset(
+            dataset_path(dataset), subset, data_dir=data_dir, data_files=data_files
+        )
     except Exception as err:  # datasets raises many types (FileNotFound, ConnectionError, ...)
         hint = OFFLINE_HINT.format(name=dataset)
         if Path(dataset).exists() or data_dir or data_files:

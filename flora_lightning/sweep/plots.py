@@ -1,10 +1,40 @@
-"""Accuracy-per-round plots of a sweep (matplotlib, headless)."""
+"""Accuracy-per-round plots of a sweep (matplotlib, headless).
+
+matplotlib is an optional dependency (the ``plots`` extra, in ``dev`` too): ``flora fit`` does
+not need it. Without it, :func:`plot_accuracy` raises :class:`PlotsNotInstalledError` naming
+the extra to install.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+
+PLOTS_EXTRA = 'pip install "flora-lightning[plots]"'
+
+
+class PlotsNotInstalledError(ModuleNotFoundError):
+    """matplotlib, needed for plots, is not installed."""
+
+
+def require_pyplot():
+    """``matplotlib.pyplot`` on the headless Agg backend, or a clear error naming the extra.
+
+    Raises:
+        PlotsNotInstalledError: matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise PlotsNotInstalledError(
+            f"Plots need matplotlib, an optional dependency of flora-lightning: {PLOTS_EXTRA} "
+            f"(or pip install matplotlib). ({err})"
+        ) from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def accuracy_curve(summaries: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -21,10 +51,7 @@ def accuracy_curve(summaries: list[dict]) -> tuple[np.ndarray, np.ndarray, np.nd
 
 def plot_accuracy(runs: dict[str, list[dict]], path: Path, title: str) -> None:
     """One line per method (mean over its seeds' summaries), ± one std shaded; saves a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = require_pyplot()
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -6,14 +6,15 @@ import json
 
 import pytest
 
-from flora_lightning.bench import main
+from flora_lightning.bench.report import markdown
+from flora_lightning.bench.run import main
 
 
 def test_tiny_bench_end_to_end(tmp_path):
     out = tmp_path / "bench"
     report = main(
         ["--arch", "tiny", "--batch_size", "8", "--steps", "1", "--client_samples", "36"]
-        + ["--methods", "FLoRA", "FedFFT", "--out", str(out)]
+        + ["--methods", "[FLoRA, FedFFT]", "--min_timed_seconds", "0.5", "--out", str(out)]
     )
     saved = json.loads((out / "bench.json").read_text())
     assert saved["methods"] == report["methods"]
@@ -73,3 +74,10 @@ def test_tiny_bench_end_to_end(tmp_path):
     assert "extrapolated" in md and "Loop overhead" in md
     # A tiny model cannot reach the ViT-B/32 target: the check says so.
     assert ">= 6,000x fewer bytes per round: 365x (NOT met; 512 vs 186,753 params)" in md
+    # The report is the saved data rendered with the template: bench.json alone rebuilds it.
+    assert markdown(saved) == md
+    assert "`flora bench --methods [FLoRA,FedFFT] --rounds 50 --client_samples 36 " in md
+    # Steps timed with torch.utils.benchmark: at least `steps`, each block's per-step time kept.
+    assert flora["timed_steps"] >= 1 and len(flora["step_seconds_all"]) >= 1
+    assert min(flora["step_seconds_all"]) <= flora["step_seconds"] <= max(flora["step_seconds_all"])
+    assert flora["step_cpu_seconds"] > 0

@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flora_lightning.bench import VARIANTS, BenchConfig, build_clip_bundle, measure_method
+from flora_lightning.bench import BenchConfig
+from flora_lightning.bench.config import VARIANTS
+from flora_lightning.bench.worker import measure_method
+from flora_lightning.bench.workload import build_clip_bundle
 
 
 def test_vit_b_32_parameter_counts_are_the_papers():
@@ -22,7 +25,9 @@ def test_vit_b_32_parameter_counts_are_the_papers():
 
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if v not in ("FLoRA", "FedFFT")])
 def test_each_method_is_measured(variant, tmp_path):
-    cfg = BenchConfig(arch="tiny", batch_size=4, steps=1, warmup=0, out=str(tmp_path))
+    cfg = BenchConfig(
+        arch="tiny", batch_size=4, steps=1, warmup=0, min_timed_seconds=0.2, out=str(tmp_path)
+    )
     result = measure_method(cfg, variant)
     assert result["method"] == variant
     # Cached exactly when the loop would cache: a frozen image encoder, caching not turned off.

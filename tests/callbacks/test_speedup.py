@@ -6,7 +6,7 @@ import pytest
 import tiny_run
 import torch
 
-from flora_lightning.bench import build_clip_bundle
+from flora_lightning.bench.workload import build_clip_bundle
 from flora_lightning.callbacks import SpeedupVsFFT
 from flora_lightning.callbacks.speedup import full_finetuning_copy, time_local_steps
 from flora_lightning.methods import FedFFT, FLoRA

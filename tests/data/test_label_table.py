@@ -1,8 +1,27 @@
-"""Tests for the plain-text per-client label table."""
+"""Tests for the per-client label counts and their plain-text table."""
+
+from collections import Counter
 
 import numpy as np
 
-from flora_lightning.data.label_table import format_label_table
+from flora_lightning.data.label_table import format_label_table, label_counts
+
+
+def test_label_counts_equal_an_independent_count():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 6, size=300).tolist()  # class 6 of 7 never occurs
+    partitions = [
+        rng.choice(300, size=80, replace=False),
+        rng.choice(300, size=50, replace=False),  # may overlap the first (few-shot overlap)
+        np.array([], dtype=np.int64),  # an empty client
+        np.arange(300),
+    ]
+    counts = label_counts(labels, partitions, num_classes=7)
+    expected = [[Counter(labels[i] for i in idx)[c] for c in range(7)] for idx in partitions]
+    assert counts.dtype == np.int64 and counts.shape == (4, 7)
+    assert counts.tolist() == expected
+    assert counts[2].sum() == 0 and counts[:, 6].sum() == 0 and counts[3].sum() == 300
+    assert label_counts(labels, [], num_classes=7).shape == (0, 7)
 
 
 def test_format_label_table_rows_and_totals():

@@ -34,6 +34,19 @@ def test_model_args_pick_the_method_settings(compare, tmp_path):
     assert compare.model_args("fedaa", lone) == ["--model", "FedAA"]  # no sibling config
 
 
+def test_options_come_from_the_typed_signature(compare, tmp_path, capsys):
+    options = compare.build_parser().parse_args(["--methods", "[fedaa, flora]", "--rounds", "3"])
+    assert options.methods == ("fedaa", "flora") and options.rounds == 3
+    assert options.config == Path("configs/quickstart.yaml")  # the signature's default
+    with pytest.raises(SystemExit):
+        compare.build_parser().parse_args(["--methods", "[flora, lora]"])
+    assert "Expected a typing.Literal['flora', 'fedfft'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        compare.main(["--config", str(tmp_path / "missing.yaml"), "--", "--trainer.rounds", "1"])
+    err = capsys.readouterr().err
+    assert "config: " in err and "missing.yaml does not exist" in err
+
+
 def test_runs_methods_and_writes_results(compare, tmp_path, offline_assets):
     out = tmp_path / "compare"
     rows = compare.main(
@@ -45,8 +58,7 @@ def test_runs_methods_and_writes_results(compare, tmp_path, offline_assets):
             "--rounds",
             "1",
             "--methods",
-            "flora",
-            "fedlc",
+            "[flora, fedlc]",
             "--",
             "--trainer.max_local_steps",
             "2",
