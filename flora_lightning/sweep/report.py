@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from flora_lightning.sweep.plots import plot_accuracy
+from flora_lightning.sweep.plots import PlotsNotInstalledError, plot_accuracy, require_pyplot
 from flora_lightning.sweep.rundir import RunState, read_failure, read_summary, run_state
 from flora_lightning.sweep.tables import Table, write_table
 
@@ -240,6 +240,12 @@ def build_report(out: str | Path, order: dict[str, list[str]] | None = None) -> 
     partitions = _ordered([r.partition for r in records], order.get("partitions"))
     methods = _ordered([r.method for r in records], order.get("methods"))
     sections = [f"# Sweep report: `{out}`", "", f"{len(records)} finished cells.", ""]
+    try:  # the tables need nothing more; the plots need the plots extra
+        require_pyplot()
+        plots = True
+    except PlotsNotInstalledError as err:
+        plots = False
+        sections += [f"Plots skipped: {err}", ""]
     for partition in partitions:
         table, rows = accuracy_table(records, partition, methods, datasets)
         write_table(table, rows, report / f"results_{partition}")
@@ -253,7 +259,7 @@ def build_report(out: str | Path, order: dict[str, list[str]] | None = None) -> 
                 ]
                 for m in methods
             }
-            if any(runs.values()):
+            if any(runs.values()) and plots:
                 png = report / f"accuracy_{dataset}_{partition}.png"
                 plot_accuracy(runs, png, f"{dataset}, partition {partition}")
                 sections += [f"![{dataset} {partition}]({png.name})", ""]

@@ -165,3 +165,13 @@ def test_latex_escape():
     assert table.latex().splitlines()[:3] == ["% t", "% second", "\\begin{tabular}{lr}"]
     assert "x & \\textbf{1} \\\\" in table.latex()
     assert table.markdown().splitlines()[-1] == "| x | **1** |"
+
+
+def test_report_without_matplotlib_writes_the_tables_and_says_why_no_plots(out, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    text = build_report(out).read_text()
+    assert "Plots skipped: " in text and "flora-lightning[plots]" in text
+    assert not list((out / "report").glob("*.png"))
+    assert (out / "report" / "cost.csv").exists()
