@@ -1,108 +1,420 @@
-"""Run-directory files written atomically: safetensors states, JSON, folders.
+"""Run-directory files written atomically and verified on load: safetensors, JSON, folders.
 
-Everything is written to a temporary name in the same folder, flushed, then renamed over the
-target, so an interrupted run never leaves a half-written checkpoint behind. Weights are loaded
-with safetensors only (no pickle).
+Everything is written to a temporary name next to the target, flushed, then renamed over it, so
+an interrupted run never leaves a half-written file or folder behind. Weights are loaded with
+safetensors only (no pickle).
+
+Integrity: :func:`save_state` returns the file's sha256; :func:`write_manifest` records sha256
+and size of files in a folder's ``manifest.json``, and every folder :func:`write_folder` builds
+carries one. :func:`load_state` checks a file against a given sha256 or against its folder's
+manifest, :func:`verify_folder` checks a whole folder, so silent corruption (a flipped byte, a
+truncated copy) is one clear :class:`CorruptCheckpointError` naming the file. Folders and files
+written before manifests existed load as before, unverified.
+
+Fallback: ``write_folder(target, fill, keep_previous=True)`` keeps the replaced folder at
+``<target>.prev``; at every moment of the swap a complete ``target`` or ``target.prev`` exists,
+and :func:`newest_valid_folder` picks the newest one that verifies.
+
+Disk full / unwritable: an ``OSError`` while writing (``ENOSPC``, ``EDQUOT``, ``EROFS``,
+``EACCES``, ...) becomes a :class:`RunDirWriteError` naming the path, the reason and the fix;
+the temporary files are removed and the previous file or folder stays as it was.
+
+``torch`` is imported inside the functions that need it, so the error classes can be imported
+by the command line before the heavy imports.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-State = dict[str, torch.Tensor]
+if TYPE_CHECKING:
+    import torch
 
+    State = dict[str, torch.Tensor]
 
-def _replace(tmp: Path, target: Path) -> None:
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, target)
+log = logging.getLogger(__name__)
 
+MANIFEST = "manifest.json"
+"""Name of the checksum manifest inside a folder."""
 
-def save_state(state: State, path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Save tensors as safetensors, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp, metadata=metadata
-        )
-        _replace(tmp, path)
-    finally:  # a failed write (disk full, ...) leaves neither a torn file nor a stray .tmp
-        tmp.unlink(missing_ok=True)
+# errno -> (reason, fix) for failures that mean "this disk / folder cannot take the write".
+_WRITE_FAILURES = {
+    errno.ENOSPC: ("no space left on device", "free space on that disk"),
+    errno.EDQUOT: ("disk quota exceeded", "free space or raise the quota"),
+    errno.EFBIG: ("file too large for the filesystem", "write to another filesystem"),
+    errno.EROFS: ("read-only file system", "make it writable or choose another folder"),
+    errno.EACCES: ("permission denied", "make the folder writable or choose another folder"),
+    errno.EPERM: ("operation not permitted", "make the folder writable or choose another folder"),
+    errno.EIO: ("I/O error", "check the disk"),
+}
 
 
 class CorruptCheckpointError(ValueError):
-    """A checkpoint file exists but cannot be read as safetensors (truncated, corrupted)."""
+    """A checkpoint file or folder exists but is unreadable, truncated or fails its checksum."""
 
 
-def load_state(path: str | Path) -> State:
-    """Load a safetensors file (never unpickles)."""
+class RunDirWriteError(OSError):
+    """A run-directory (or cache) write failed: disk full, quota, read-only, permissions.
+
+    Keeps the original ``errno`` and the original error as ``__cause__``; ``str()`` is one line
+    naming the path, the reason and the fix.
+    """
+
+    def __init__(self, path: Path, cause: OSError):
+        reason, fix = _WRITE_FAILURES.get(cause.errno, (cause.strerror or str(cause), "fix it"))
+        message = (
+            f"could not write {path}: {reason} ({cause}). Nothing half-written was left and the "
+            f"previous version is intact: {fix}, then rerun (`--trainer.resume true` continues "
+            "a run from its last complete round)."
+        )
+        super().__init__(cause.errno, message, str(path))
+        self.path = Path(path)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn a disk-full / unwritable ``OSError`` raised inside into a :class:`RunDirWriteError`."""
+    try:
+        yield
+    except RunDirWriteError:
+        raise
+    except OSError as err:
+        if err.errno in _WRITE_FAILURES:
+            raise RunDirWriteError(path, err) from err
+        raise
+
+
+def _fsync_and_hash(path: Path) -> str:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 hex digest of a file's bytes."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _replace(tmp: Path, target: Path) -> str:
+    """fsync ``tmp``, rename it over ``target``; returns its sha256."""
+    digest = _fsync_and_hash(tmp)
+    os.replace(tmp, target)
+    return digest
+
+
+def _remove(tmp: Path) -> None:
+    with suppress(OSError):  # never let the cleanup hide the error that made it necessary
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def save_state(state: State, path: Path, metadata: dict[str, str] | None = None) -> str:
+    """Save tensors as safetensors, atomically.
+
+    Returns:
+        The file's sha256 hex digest (for :func:`load_state` or a manifest).
+
+    Raises:
+        RunDirWriteError: the disk is full or the folder not writable; ``path`` is unchanged.
+    """
+    from safetensors import torch as safetensors_torch
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with _writing(path):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+            safetensors_torch.save_file(tensors, tmp, metadata=metadata)
+            return _replace(tmp, path)
+        finally:  # a failed write leaves neither a torn file nor a stray .tmp
+            _remove(tmp)
+
+
+def _corrupt_hint(path: Path) -> str:
+    if path.parent.name == "checkpoints":
+        return f"use another round's checkpoint from {path.parent}/"
+    return "restore it from a copy, or start the run again in a new directory"
+
+
+def load_state(path: str | Path, sha256: str | None = None) -> State:
+    """Load a safetensors file (never unpickles), verifying its checksum when one is known.
+
+    Args:
+        path: a ``.safetensors`` file.
+        sha256: expected digest; when None, the entry of the file's folder ``manifest.json`` is
+            used if there is one (else the file is loaded unverified, as older runs are).
+
+    Raises:
+        CorruptCheckpointError: truncated, wrong checksum, or not readable as safetensors.
+    """
+    from safetensors.torch import load_file
+
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: only .safetensors checkpoints are loaded (no pickle files).")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    expected = {"sha256": sha256} if sha256 else _manifest_entry(path)
+    if expected:
+        _check_file(path, expected, _corrupt_hint(path))
     try:
         return load_file(path)
     except SafetensorError as err:
-        hint = (
-            f"use another round's checkpoint from {path.parent}/"
-            if path.parent.name == "checkpoints"
-            else "restore it from a copy, or start the run again in a new directory"
-        )
         raise CorruptCheckpointError(
             f"{path}: not a readable safetensors file ({err}); it is truncated or corrupted "
-            f"(an interrupted copy, a full disk?): {hint}."
+            f"(an interrupted copy, a full disk?): {_corrupt_hint(path)}."
         ) from err
 
 
-def write_json(data: dict, path: Path) -> None:
-    """Write JSON atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_json(data: dict, path: Path) -> str:
+    """Write JSON atomically; returns the file's sha256."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        _replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with _writing(path):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(data, indent=2) + "\n")
+            return _replace(tmp, path)
+        finally:
+            _remove(tmp)
 
 
 def link_or_copy(source: Path, target: Path) -> None:
-    """``target`` holds ``source``'s bytes: a hard link (nothing written twice), or a copy on
-    filesystems without links. Later removing ``source`` leaves ``target`` intact."""
+    """``target`` holds ``source``'s bytes: a hard link (nothing written twice), or an atomic
+    copy on filesystems without links. Later removing ``source`` leaves ``target`` intact."""
+    target = Path(target)
     try:
         os.link(source, target)
+        return
     except OSError:
-        shutil.copyfile(source, target)
+        pass
+    tmp = target.with_name(f".{target.name}.tmp")
+    with _writing(target):
+        try:
+            shutil.copyfile(source, tmp)
+            _replace(tmp, target)
+        finally:
+            _remove(tmp)
 
 
-def write_folder(target: Path, fill: Callable[[Path], None]) -> None:
-    """Create ``target`` by ``fill(tmp_dir)`` then swap it in, replacing any older version."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+# ------------------------------------------------------------------ manifests
+def _folder_files(folder: Path) -> list[str]:
+    """Relative POSIX paths of every regular file below ``folder`` except the manifest."""
+    return sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST
+    )
+
+
+def _read_manifest(folder: Path) -> dict[str, dict] | None:
+    """``{relative name: {"sha256", "size"}}``, or None when the folder has no manifest."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
     try:
-        fill(tmp)
-        old = target.with_name(f".{target.name}.old")
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(target, old)
-        os.rename(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        files = json.loads(path.read_text())["files"]
+        if not isinstance(files, dict):
+            raise TypeError("'files' is not a mapping")
+        return files
+    except (ValueError, KeyError, TypeError) as err:
+        raise CorruptCheckpointError(
+            f"{path}: unreadable checksum manifest ({type(err).__name__}: {err}); the folder "
+            f"{folder} cannot be verified: restore it from a copy, or start a new run directory."
+        ) from err
+
+
+def _manifest_entry(path: Path) -> dict | None:
+    files = _read_manifest(path.parent)
+    return None if files is None else files.get(path.name)
+
+
+def write_manifest(folder: Path, names: Iterable[str] | None = None) -> dict[str, dict]:
+    """Record sha256 and size of files in ``folder/manifest.json`` (atomically).
+
+    Args:
+        folder: the folder.
+        names: files (relative to ``folder``) to (re)record; entries of other files still on
+            disk are kept, entries of removed files dropped. None: every file below ``folder``.
+
+    Returns:
+        The recorded ``{name: {"sha256": ..., "size": ...}}``.
+    """
+    folder = Path(folder)
+    if names is None:
+        files: dict[str, dict] = {}
+        names = _folder_files(folder)
+    else:
+        old = _read_manifest(folder) or {}
+        files = {name: entry for name, entry in old.items() if (folder / name).is_file()}
+    for name in names:
+        path = folder / name
+        files[name] = {"sha256": file_sha256(path), "size": path.stat().st_size}
+    write_json({"format": 1, "files": dict(sorted(files.items()))}, folder / MANIFEST)
+    return files
+
+
+def _check_file(path: Path, expected: dict, hint: str) -> None:
+    if not path.is_file():
+        raise CorruptCheckpointError(
+            f"{path}: missing (listed in {MANIFEST}); the folder is incomplete: {hint}."
+        )
+    size = path.stat().st_size
+    if "size" in expected and size != expected["size"]:
+        what = "truncated" if size < expected["size"] else "longer than written"
+        raise CorruptCheckpointError(
+            f"{path}: {what} ({size} bytes, {expected['size']} were written): {hint}."
+        )
+    actual = file_sha256(path)
+    if actual != expected["sha256"]:
+        raise CorruptCheckpointError(
+            f"{path}: checksum mismatch (sha256 {actual[:16]}..., {expected['sha256'][:16]}... "
+            f"was written): the file was corrupted after it was written: {hint}."
+        )
+
+
+def verify_folder(folder: Path) -> None:
+    """Check every file listed in ``folder/manifest.json`` (presence, size, sha256).
+
+    A folder without a manifest (written before manifests existed) passes unverified.
+
+    Raises:
+        FileNotFoundError: ``folder`` does not exist.
+        CorruptCheckpointError: naming the first file that is missing, truncated or altered.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist")
+    files = _read_manifest(folder)
+    hint = (
+        f"restore {folder.name} from a copy, or use {_prev(folder).name} if it verifies"
+        if not folder.name.endswith(".prev")
+        else "restore it from a copy, or start a new run directory"
+    )
+    for name, entry in (files or {}).items():
+        _check_file(folder / name, entry, hint)
+
+
+def _prev(target: Path) -> Path:
+    return target.with_name(f"{target.name}.prev")
+
+
+def newest_valid_folder(target: Path) -> Path | None:
+    """``target`` if it verifies, else ``<target>.prev`` if that does (with a warning), else None.
+
+    Logs a warning naming what was wrong with each folder passed over.
+    """
+    target = Path(target)
+    problems = []
+    for folder in (target, _prev(target)):
+        if not folder.is_dir():
+            problems.append(f"{folder} does not exist")
+            continue
+        try:
+            verify_folder(folder)
+        except CorruptCheckpointError as err:
+            problems.append(str(err))
+            continue
+        if folder != target:
+            log.warning("%s; using the previous complete copy %s.", problems[0], folder)
+        return folder
+    if target.exists() or _prev(target).exists():
+        log.warning("no valid copy of %s: %s", target, "; ".join(problems))
+    return None
+
+
+# ------------------------------------------------------------------ folders
+def write_folder(
+    target: Path,
+    fill: Callable[[Path], None],
+    *,
+    keep_previous: bool = False,
+    replace: bool = True,
+) -> Path:
+    """Create ``target`` by ``fill(tmp_dir)`` plus a ``manifest.json``, then swap it in.
+
+    Args:
+        target: the folder to (re)write.
+        fill: writes the folder's files into the temporary folder it is given.
+        keep_previous: move the replaced folder to ``<target>.prev`` (replacing an older one)
+            instead of deleting it. The order (old ``.prev`` aside, ``target`` → ``.prev``, new →
+            ``target``) keeps a complete ``target`` or ``.prev`` at every moment.
+        replace: when False and ``target`` exists by the time the new folder is ready (another
+            process built it meanwhile), keep that one and discard ours.
+
+    Returns:
+        ``target``.
+
+    Raises:
+        RunDirWriteError: disk full / unwritable; ``target`` (and ``.prev``) stay as they were.
+    """
+    target = Path(target)
+    prev, old = _prev(target), target.with_name(f".{target.name}.old")
+    with _writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            fill(tmp)
+            write_manifest(tmp)
+            if target.exists() and not replace:
+                return target
+            _remove(old)
+            try:
+                if target.exists():
+                    if keep_previous:
+                        if prev.exists():
+                            os.rename(prev, old)  # target is still complete
+                        os.rename(target, prev)  # prev is complete
+                    else:
+                        os.rename(target, old)
+                os.rename(tmp, target)
+            except OSError:
+                if not replace and target.is_dir():  # another process won the race
+                    return target
+                _restore_swap(target, prev, old, keep_previous)
+                raise
+            _remove(old)
+        finally:
+            _remove(tmp)
+    return target
+
+
+def _restore_swap(target: Path, prev: Path, old: Path, keep_previous: bool) -> None:
+    """Undo a half-done swap: the folders go back to their names before it."""
+    with suppress(OSError):
+        if keep_previous:
+            if not target.exists() and prev.exists():
+                os.rename(prev, target)
+            if not prev.exists() and old.exists():
+                os.rename(old, prev)
+        elif not target.exists() and old.exists():
+            os.rename(old, target)
 
 
 def flatten_optimizer_states(states: dict[int, dict]) -> State:
     """Per-client ``optimizer.state_dict()['state']`` → flat ``"client.param.key"`` tensors."""
+    import torch
+
     flat = {}
     for client, state in states.items():
         for index, slots in state.items():

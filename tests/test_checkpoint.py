@@ -80,7 +80,7 @@ def test_failing_write_keeps_previous_file(tmp_path, monkeypatch):
             handle.write(b"\x00" * 17)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_file", crash_midway)
+    monkeypatch.setattr(safetensors.torch, "save_file", crash_midway)
     with pytest.raises(OSError, match="No space left"):
         save_state(sample_state(1), path)
     assert path.read_bytes() == before
