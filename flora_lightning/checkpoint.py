@@ -374,8 +374,15 @@ def write_folder(
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
-            fill(tmp)
-            write_manifest(tmp)
+            try:
+                fill(tmp)
+                write_manifest(tmp)
+            except RunDirWriteError as err:  # name the file where it was going, not the tmp
+                if tmp not in err.path.parents:
+                    raise
+                raise RunDirWriteError(target / err.path.relative_to(tmp), err.__cause__) from (
+                    err.__cause__
+                )
             if target.exists() and not replace:
                 return target
             _remove(old)
