@@ -11,11 +11,14 @@ before that (a missing config file, a YAML syntax error) at once.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from flora_lightning.error_report import ConfigError, run_log
+
+log = logging.getLogger(__name__)
 
 STAGES = {
     "fit": "Train: federated rounds, per-round evaluation, checkpoints and summary.json.",
@@ -89,8 +92,11 @@ def run_stage(stage: str, parser: ArgumentParser, config: Namespace) -> dict:
         init = parser.instantiate_classes(config)
         loop = init.trainer
         if stage == "fit":
-            return loop.fit(init.model, init.data, config_yaml=dump_config(parser, config))
-        return getattr(loop, stage)(init.model, init.data, ckpt_path=init.ckpt_path)
+            result = loop.fit(init.model, init.data, config_yaml=dump_config(parser, config))
+        else:
+            result = getattr(loop, stage)(init.model, init.data, ckpt_path=init.ckpt_path)
+        log.info("flora %s finished; outputs in %s.", stage, run_dir)
+        return result
 
 
 def fit(args: list[str]) -> dict:
