@@ -20,15 +20,35 @@ import torch
 from flora_lightning.strategy import ClientUpdate
 
 
-def local_step(fabric, module, optimizer, batch, batch_idx: int) -> torch.Tensor:
+class ProximalTerm:
+    """FedProx's ``mu/2 * sum ||w - w0||^2`` over a module's trainable parameters.
+
+    ``w0`` is a detached copy of the trainable parameters when the term is made (at the start of
+    a client's fit: the global state), so its gradient is ``mu * (w - w0)``.
+    """
+
+    def __init__(self, module: torch.nn.Module, mu: float) -> None:
+        self.mu = mu
+        self.anchors = [(p, p.detach().clone()) for p in module.parameters() if p.requires_grad]
+
+    def __call__(self) -> torch.Tensor:
+        """The term's value, attached to the parameters' graph."""
+        return self.mu / 2 * sum((p - p0).pow(2).sum() for p, p0 in self.anchors)
+
+
+def local_step(
+    fabric, module, optimizer, batch, batch_idx: int, proximal: ProximalTerm | None = None
+) -> torch.Tensor:
     """One local optimizer step; returns the (still attached) loss.
 
     ``training_step`` runs under the Fabric precision autocast (Fabric only wraps ``forward``
     itself), then ``fabric.backward``, the optimizer step and ``zero_grad(set_to_none=True)``.
+    With ``proximal`` (FedProx) the step minimises ``loss + proximal()``; the returned loss is
+    the training loss alone.
     """
     with fabric.autocast():
         loss = module.training_step(batch, batch_idx)
-    fabric.backward(loss)
+    fabric.backward(loss if proximal is None else loss + proximal())
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss
@@ -44,6 +64,9 @@ class LocalTrainer:
         keep_optimizer_state: each client keeps its optimizer (Adam) state across rounds, in
             :attr:`optimizer_states`; a fit that diverges (NaN/Inf loss or state) drops it.
         seed: the run's seed; per-fit seeds derive from ``(seed, round, client)``.
+        step_fn: replaces :func:`local_step` with the same signature, e.g. sample-level DP-SGD
+            (:class:`~flora_lightning.privacy.dpsgd.DPSGDStep`); its ``start_fit(seed)`` runs
+            before each fit with the fit's stream-2 seed. None: the plain step.
     """
 
     def __init__(
@@ -53,20 +76,25 @@ class LocalTrainer:
         max_local_steps: int | None = None,
         keep_optimizer_state: bool = True,
         seed: int = 42,
+        step_fn=None,
     ) -> None:
         self.fabric = fabric
         self.local_epochs = local_epochs
         self.max_local_steps = max_local_steps
         self.keep_optimizer_state = keep_optimizer_state
         self.seed = seed
+        self.step_fn = step_fn
         self.optimizer_states: dict[int, dict] = {}
         """Client id -> its optimizer's ``state_dict()["state"]`` (on CPU)."""
 
     def seed_for(self, round_: int, client: int, stream: int = 0) -> int:
-        """The seed of ``stream`` (0: torch RNG, 1: data order) of a client's fit in a round."""
+        """The seed of ``stream`` (0: torch RNG, 1: data order, 2: ``step_fn``, e.g. DP noise)
+        of a client's fit in a round."""
         return int(np.random.default_rng([self.seed, round_, client, stream]).integers(2**62))
 
-    def fit(self, model, data, client: int, round_: int, source=None) -> ClientUpdate:
+    def fit(
+        self, model, data, client: int, round_: int, source=None, proximal_mu: float = 0.0
+    ) -> ClientUpdate:
         """Local training of ``client`` in ``round_``; returns its update.
 
         Args:
@@ -76,7 +104,12 @@ class LocalTrainer:
             round_: the round (seeds).
             source: what yields the client's batches (``client_dataloader(client, generator)``):
                 a :class:`~flora_lightning.feature_cache.FeatureCache`, or ``data`` when None.
+            proximal_mu: FedProx's ``mu`` (the strategy's ``proximal_mu``): each step adds
+                ``mu/2 * ||w - w_global||^2`` over the trainable parameters, ``w_global`` their
+                values now; 0 adds nothing.
         """
+        if not proximal_mu >= 0:
+            raise ValueError(f"trainer.strategy.mu must be >= 0 (got {proximal_mu}).")
         fabric = self.fabric
         torch.manual_seed(self.seed_for(round_, client))  # dropout etc.
         generator = torch.Generator().manual_seed(self.seed_for(round_, client, 1))
@@ -90,11 +123,22 @@ class LocalTrainer:
             saved["state"] = self.optimizer_states[client]
             optimizer.load_state_dict(saved)
         optimizer = fabric.setup_optimizers(optimizer)
+        proximal = ProximalTerm(model, proximal_mu) if proximal_mu > 0 else None
+        if self.step_fn is not None:
+            if proximal is not None:
+                raise ValueError(
+                    "privacy.level=sample does not support FedProx's proximal term; use "
+                    "trainer.strategy FedAvg with DP-SGD."
+                )
+            self.step_fn.start_fit(self.seed_for(round_, client, 2))
         model.train()
         total, count, steps = 0.0, 0, 0
         for _ in range(self.local_epochs):
             for batch_idx, batch in enumerate(loader):
-                loss = local_step(fabric, model, optimizer, batch, batch_idx)
+                if self.step_fn is None:
+                    loss = local_step(fabric, model, optimizer, batch, batch_idx, proximal)
+                else:
+                    loss = self.step_fn(fabric, model, optimizer, batch, batch_idx)
                 total += loss.item() * len(batch[1])
                 count += len(batch[1])
                 steps += 1

@@ -13,6 +13,7 @@ from flora_lightning.callbacks import Callback
 from flora_lightning.checkpoint import load_state
 from flora_lightning.loop import FederatedLoop
 from flora_lightning.methods import LoraSettings
+from flora_lightning.records import RoundRecord
 
 ROUNDS = 3
 RANK = 4
@@ -105,10 +106,10 @@ def test_summary_keys_and_consistency(finished):
 def test_summary_best_includes_round_zero(finished, tmp_path):
     """A run whose every round is worse than zero-shot reports round 0 as best."""
     loop = FederatedLoop(default_root_dir=str(tmp_path), progress=False)
-    loop.history = [
-        {"round": 0, "test_acc": 0.9},
-        {"round": 1, "test_acc": 0.5},
-        {"round": 2, "test_acc": 0.7},
+    loop.history[:] = [
+        RoundRecord(round=0, test_acc=0.9, test_loss=1.0),
+        RoundRecord(round=1, test_acc=0.5, test_loss=1.0),
+        RoundRecord(round=2, test_acc=0.7, test_loss=1.0),
     ]
     summary = loop.summary(finished.model)
     assert summary["best_test_acc"] == 0.9

@@ -35,32 +35,29 @@ class CommunicationLogger(Callback):
     def on_client_fit_end(self, loop, model, update) -> None:
         self.client_bytes_up[update.client_id] = state_bytes(update.state)
 
-    def on_round_end(self, loop, round: int, record: dict) -> None:
-        record["mb_up_total"] = record["bytes_up_total"] / MB
-        record["mb_down_total"] = record["bytes_down_total"] / MB
-        record["client_bytes_up"] = {str(c): b for c, b in sorted(self.client_bytes_up.items())}
-        scalars = {
-            f"comm/{key}": record[key]
-            for key in (
-                "bytes_up",
-                "bytes_down",
-                "bytes_up_total",
-                "bytes_down_total",
-                "mb_up_total",
-                "mb_down_total",
-            )
+    def round_fields(self, loop, record) -> dict:
+        return {
+            "mb_up_total": record.bytes_up_total / MB,
+            "mb_down_total": record.bytes_down_total / MB,
+            "client_bytes_up": {str(c): b for c, b in sorted(self.client_bytes_up.items())},
         }
+
+    def on_round_end(self, loop, round: int, record) -> None:
+        keys = ("bytes_up", "bytes_down", "bytes_up_total", "bytes_down_total")
+        scalars = {f"comm/{key}": record[key] for key in (*keys, "mb_up_total", "mb_down_total")}
         scalars.update(
             {f"comm/client_{c}_bytes_up": b for c, b in sorted(self.client_bytes_up.items())}
         )
         loop.fabric.log_dict(scalars, step=round)
         self.client_bytes_up = {}
 
-    def on_fit_end(self, loop, model, summary: dict) -> None:
+    def summary_fields(self, loop, summary: dict) -> dict:
         if not loop.history:
-            return
+            return {}
         last = loop.history[-1]
-        summary["bytes_up_total"] = last["bytes_up_total"]
-        summary["bytes_down_total"] = last["bytes_down_total"]
-        summary["mb_up_total"] = last["bytes_up_total"] / MB
-        summary["mb_down_total"] = last["bytes_down_total"] / MB
+        return {
+            "bytes_up_total": last.bytes_up_total,
+            "bytes_down_total": last.bytes_down_total,
+            "mb_up_total": last.bytes_up_total / MB,
+            "mb_down_total": last.bytes_down_total / MB,
+        }

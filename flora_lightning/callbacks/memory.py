@@ -182,19 +182,23 @@ class MemoryProfiler(Callback):
             step=loop.round,
         )
 
-    def on_round_end(self, loop, round: int, record: dict) -> None:
+    def round_fields(self, loop, record) -> dict:
         if not self.readings:  # round 0 is evaluation only
-            return
-        record["peak_memory_bytes"] = max(r.peak_bytes for r in self.readings.values())
-        record["peak_memory_growth_bytes"] = max(r.growth_bytes for r in self.readings.values())
-        record["client_peak_memory_bytes"] = {
-            str(c): r.peak_bytes for c, r in sorted(self.readings.items())
+            return {}
+        return {
+            "peak_memory_bytes": max(r.peak_bytes for r in self.readings.values()),
+            "peak_memory_growth_bytes": max(r.growth_bytes for r in self.readings.values()),
+            "client_peak_memory_bytes": {
+                str(c): r.peak_bytes for c, r in sorted(self.readings.items())
+            },
         }
 
-    def on_fit_end(self, loop, model, summary: dict) -> None:
-        rows = [r for r in summary.get("rounds", loop.history) if "peak_memory_bytes" in r]
+    def summary_fields(self, loop, summary: dict) -> dict:
+        rows = [r for r in summary["rounds"] if "peak_memory_bytes" in r]
         if not rows:
-            return
-        summary["peak_memory_bytes"] = max(r["peak_memory_bytes"] for r in rows)
-        summary["peak_memory_growth_bytes"] = max(r["peak_memory_growth_bytes"] for r in rows)
-        summary["memory_measure"] = self.meter.measure if self.meter else "unknown"
+            return {}
+        return {
+            "peak_memory_bytes": max(r["peak_memory_bytes"] for r in rows),
+            "peak_memory_growth_bytes": max(r["peak_memory_growth_bytes"] for r in rows),
+            "memory_measure": self.meter.measure if self.meter else "unknown",
+        }

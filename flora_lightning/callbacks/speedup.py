@@ -186,5 +186,5 @@ class SpeedupVsFFT(Callback):
             f"({self.result['speedup_vs_fft']:.1f}x)."
         )
 
-    def on_fit_end(self, loop, model, summary: dict) -> None:
-        summary.update(self.result)
+    def summary_fields(self, loop, summary: dict) -> dict:
+        return dict(self.result)

@@ -5,7 +5,8 @@ A train message carries the global communicated state (``arrays``) and the round
 :meth:`LocalTrainer.fit <flora_lightning.trainer.LocalTrainer.fit>` for its partition (``node_config["partition-id"]``) under the
 YAML's Fabric settings and with the loop's seeds per ``(seed, round, client)``, and replies
 with its communicated state, ``num-examples``, ``train-loss``, ``train-seconds`` and
-``partition-id``. Its Adam state is kept between rounds in ``context.state`` (it never leaves
+``partition-id``. A FedProx ``trainer.strategy`` in the (shared) YAML gives the fit its
+proximal ``mu``. Its Adam state is kept between rounds in ``context.state`` (it never leaves
 the node), as the in-process loop keeps it per client.
 
 A query message (sent once per node when ``join_ratio < 1``) is answered with the node's
@@ -82,7 +83,9 @@ def fit_message(msg: Message, context: Context, run: FlowerRunConfig) -> Message
         flat = to_state(context.state.array_records[OPTIMIZER_STATE_KEY])
         trainer.optimizer_states = unflatten_optimizer_states(flat)
     t0 = time.perf_counter()
-    update = trainer.fit(model, data, client, round_, loop.feature_cache)
+    update = trainer.fit(
+        model, data, client, round_, loop.feature_cache, proximal_mu=loop.strategy.proximal_mu
+    )
     seconds = time.perf_counter() - t0
     if client in trainer.optimizer_states:
         flat = flatten_optimizer_states({client: trainer.optimizer_states[client]})

@@ -20,15 +20,15 @@ samples). With at least ``min_clients`` accepted the round completes; with fewer
 returns no arrays and Flower keeps the previous global state, which is never modified in place.
 
 Traffic is measured on what actually travels: ``bytes_down`` is the global ArrayRecord's
-``nbytes`` times the messages sent, ``bytes_up`` the ``nbytes`` of every ArrayRecord received.
+``nbytes`` times the messages sent, ``bytes_up`` the bytes of every update received (its
+decoded tensors' ``numel * element_size``, which is the ArrayRecord's ``nbytes``).
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -37,7 +37,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from flora_lightning.strategy import ClientUpdate, FedAvg, Strategy
+from flora_lightning.records import RoundTally
+from flora_lightning.strategy import ClientUpdate, FedAvg, Strategy, state_bytes
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +56,12 @@ def to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(np.array(a.numpy(), copy=True)) for name, a in record.items()}
 
 
-@dataclass
-class RoundReport:
-    """What one training round saw: traffic, losses, who was aggregated and who was not."""
+class RoundEngine(Protocol):
+    """The round steps the strategy drives (:class:`flora_lightning.engine.RoundEngine`)."""
 
-    bytes_down: int = 0
-    bytes_up: int = 0
-    client_bytes_up: dict[int, int] = field(default_factory=dict)
-    train_loss: dict[int, float] = field(default_factory=dict)
-    train_seconds: float = 0.0
-    accepted: list[int] = field(default_factory=list)
-    rejected: dict[str, str] = field(default_factory=dict)
-    aggregated: bool = False
-    started: float = field(default_factory=time.perf_counter)
-    """``time.perf_counter()`` when the round was configured (the round's wall time starts)."""
+    def begin_round(self, round_: int, clients: list[int]) -> RoundTally: ...
+
+    def client_update(self, tally: RoundTally, update: ClientUpdate, seconds: float) -> None: ...
 
 
 class FloraFedAvg(FlowerFedAvg):
@@ -79,10 +72,11 @@ class FloraFedAvg(FlowerFedAvg):
         fraction_train: share of connected nodes sampled each round (flora's ``join_ratio``).
         min_train_nodes: fewest nodes sampled per round.
         min_available_nodes: wait until this many nodes are connected before sampling.
-        on_round_start: called with the round when its train messages are configured, before
-            any client trains (the server app starts its callbacks' round with it).
-        on_client_update: called with ``(round, update)`` for every decoded reply, before
-            it is aggregated (the server app feeds its callbacks with it).
+        engine: the round engine (the ServerApp's loop): its ``begin_round`` starts each
+            round's tally when the train messages are configured, before any client trains,
+            and its ``client_update`` sees every decoded reply before it is aggregated (so
+            callbacks, traffic and losses are counted as in ``flora fit``). ``None``: the
+            strategy keeps plain tallies itself.
         select_clients: ``round -> partition ids`` that train in that round; ``None`` keeps
             Flower's random node sampling.
         average: the flora aggregation to run, any :class:`~flora_lightning.strategy.Strategy`
@@ -98,8 +92,7 @@ class FloraFedAvg(FlowerFedAvg):
         fraction_train: float = 1.0,
         min_train_nodes: int = 1,
         min_available_nodes: int = 1,
-        on_client_update: Callable[[int, ClientUpdate], None] | None = None,
-        on_round_start: Callable[[int], None] | None = None,
+        engine: RoundEngine | None = None,
         select_clients: Callable[[int], list[int]] | None = None,
         query_timeout: float = 600.0,
         average: Strategy | None = None,
@@ -113,13 +106,13 @@ class FloraFedAvg(FlowerFedAvg):
         )
         self.average = average if average is not None else FedAvg()
         self.average.min_clients = min_clients
-        self.on_client_update = on_client_update
-        self.on_round_start = on_round_start
+        self.engine = engine
         self.select_clients = select_clients
         self.query_timeout = query_timeout
         self.partitions: dict[int, int] = {}
         """Node id -> partition id, learnt from the nodes' answers to a query message."""
-        self.reports: dict[int, RoundReport] = {}
+        self.reports: dict[int, RoundTally] = {}
+        """Round -> its tally (traffic, losses, accepted and rejected clients)."""
         self._global: dict[str, torch.Tensor] = {}
 
     @property
@@ -133,20 +126,23 @@ class FloraFedAvg(FlowerFedAvg):
         counts the bytes down."""
         if self.select_clients is None:
             messages = list(super().configure_train(server_round, arrays, config, grid))
+            clients = []  # partition ids are known only from the replies
         else:
-            messages = self._configure_selected(server_round, arrays, config, grid)
+            messages, clients = self._configure_selected(server_round, arrays, config, grid)
         self._global = to_state(arrays)
-        self.reports[server_round] = RoundReport(
-            bytes_down=array_record_bytes(arrays) * len(messages)
-        )
-        if self.on_round_start is not None:
-            self.on_round_start(server_round)
+        if self.engine is not None:
+            tally = self.engine.begin_round(server_round, clients)
+        else:
+            tally = RoundTally(round=server_round, clients=clients)
+        tally.bytes_down = array_record_bytes(arrays) * len(messages)
+        self.reports[server_round] = tally
         return messages
 
     def _configure_selected(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> list[Message]:
-        """Train messages to the nodes holding the partitions ``select_clients`` names."""
+    ) -> tuple[list[Message], list[int]]:
+        """Train messages to the nodes holding the partitions ``select_clients`` names, and
+        the partitions that train."""
         # Waits until min_available_nodes are connected; every connected node is a candidate.
         _, nodes = sample_nodes(grid, self.min_available_nodes, self.min_available_nodes)
         unknown = [node for node in nodes if node not in self.partitions]
@@ -179,7 +175,8 @@ class FloraFedAvg(FlowerFedAvg):
         log.info("configure_train: partitions %s (seeded, as flora fit)", wanted)
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return list(self._construct_messages(record, chosen, MessageType.TRAIN))
+        trained = [p for p in wanted if p in holder]
+        return list(self._construct_messages(record, chosen, MessageType.TRAIN)), trained
 
     def _ask_partitions(self, grid: Grid, nodes: list[int]) -> dict[int, int]:
         """Each node's ``partition-id``, from its answer to a query message."""
@@ -202,14 +199,17 @@ class FloraFedAvg(FlowerFedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Stream the accepted replies into flora's FedAvg; ``(None, metrics)`` when too few."""
-        report = self.reports.setdefault(server_round, RoundReport())
+        report = self.reports.setdefault(server_round, RoundTally(round=server_round))
         self.average.begin(self._global)
         for message in replies:
-            update = self._decode(message, report)
-            if update is None:
+            decoded = self._decode(message, report)
+            if decoded is None:
                 continue
-            if self.on_client_update is not None:
-                self.on_client_update(server_round, update)
+            update, seconds = decoded
+            if self.engine is not None:
+                self.engine.client_update(report, update, seconds)
+            else:
+                self._count(report, update, seconds)
             self.average.add(update)  # logs and records its own rejections
         report.accepted = sorted(self.average.accepted)  # arrival order varies
         report.rejected.update({str(c): r for c, r in self.average.rejected.items()})
@@ -233,8 +233,9 @@ class FloraFedAvg(FlowerFedAvg):
         report.aggregated = True
         return ArrayRecord(self.average.result()), metrics
 
-    def _decode(self, message: Message, report: RoundReport) -> ClientUpdate | None:
-        """A reply as a ClientUpdate, or ``None`` (logged, recorded) when it cannot be one."""
+    def _decode(self, message: Message, report: RoundTally) -> tuple[ClientUpdate, float] | None:
+        """A reply as ``(ClientUpdate, train seconds)``, or ``None`` (logged, recorded) when it
+        cannot be one."""
         node = message.metadata.src_node_id
         if message.has_error():
             return self._reject(
@@ -249,27 +250,30 @@ class FloraFedAvg(FlowerFedAvg):
                 report, f"node {node}", f"its reply has no {self.weighted_by_key!r}"
             )
         record = content.array_records[self.arrayrecord_key]
-        sent = array_record_bytes(record)
-        client = int(metrics.get("partition-id", node))
-        report.bytes_up += sent
-        report.client_bytes_up[client] = sent
-        loss = float(metrics.get("train-loss", float("nan")))
-        report.train_loss[client] = loss
-        report.train_seconds += float(metrics.get("train-seconds", 0.0))
-        return ClientUpdate(
-            client_id=client,
+        update = ClientUpdate(
+            client_id=int(metrics.get(PARTITION_KEY, node)),
             state=to_state(record),
             num_samples=int(metrics[self.weighted_by_key]),
-            train_loss=loss,
+            train_loss=float(metrics.get("train-loss", float("nan"))),
         )
+        return update, float(metrics.get("train-seconds", 0.0))
 
     @staticmethod
-    def _reject(report: RoundReport, who: str, reason: str) -> None:
+    def _count(report: RoundTally, update: ClientUpdate, seconds: float) -> None:
+        """Traffic and loss of an update, when no engine counts them."""
+        sent = state_bytes(update.state)
+        report.bytes_up += sent
+        report.client_bytes_up[update.client_id] = sent
+        report.train_loss[update.client_id] = update.train_loss
+        report.train_seconds += seconds
+
+    @staticmethod
+    def _reject(report: RoundTally, who: str, reason: str) -> None:
         log.warning("%s excluded from aggregation: %s", who, reason)
         report.rejected[who] = reason
         return None
 
-    def _mean_loss(self, report: RoundReport) -> float:
+    def _mean_loss(self, report: RoundTally) -> float:
         losses = {c: report.train_loss[c] for c in report.accepted}
         return float(np.mean(list(losses.values()))) if losses else float("nan")
 

@@ -2,6 +2,31 @@
 
 from flora_lightning.strategy.base import ClientUpdate, State, Strategy, state_bytes
 from flora_lightning.strategy.fedavg import FedAvg
+from flora_lightning.strategy.fedopt import (
+    FedAdagrad,
+    FedAdam,
+    FedAvgM,
+    FedYogi,
+    ServerOptimizer,
+)
+from flora_lightning.strategy.fedprox import FedProx
+from flora_lightning.strategy.hetero_rank import SvdRedistribution, ZeroPaddingAverage, for_rank
 from flora_lightning.strategy.lora_product import LoraProductAverage
 
-__all__ = ["ClientUpdate", "FedAvg", "LoraProductAverage", "State", "Strategy", "state_bytes"]
+__all__ = [
+    "ClientUpdate",
+    "FedAdagrad",
+    "FedAdam",
+    "FedAvg",
+    "FedAvgM",
+    "FedProx",
+    "FedYogi",
+    "LoraProductAverage",
+    "ServerOptimizer",
+    "State",
+    "Strategy",
+    "SvdRedistribution",
+    "ZeroPaddingAverage",
+    "for_rank",
+    "state_bytes",
+]

@@ -38,7 +38,16 @@ class Strategy(ABC):
     never reaches the subclass; the global state is untouched. A new strategy implements
     three hooks: :meth:`start_round`, :meth:`accumulate` (accepted updates only) and
     :meth:`aggregate` (called with at least ``min_clients`` accepted).
+
+    Two optional extensions: a strategy that keeps server state across rounds (a server
+    optimiser's moments) returns it from :meth:`state_dict` for resume, and a strategy with a
+    client-side term (FedProx) sets :attr:`proximal_mu`, which the runtimes pass to the local fit.
     """
+
+    proximal_mu: float = 0.0
+    """Weight ``mu`` of the client's proximal term ``mu/2 * ||w - w_global||^2`` (0: none);
+    the loop and the ClientApp pass it to :meth:`LocalTrainer.fit
+    <flora_lightning.trainer.LocalTrainer.fit>`."""
 
     def __init__(self, min_clients: int = 1) -> None:
         if min_clients < 1:
@@ -75,6 +84,22 @@ class Strategy(ABC):
                 f"trainer.strategy.min_clients={self.min_clients}; rejected: {self.rejected}"
             )
         return self.aggregate()
+
+    def state_dict(self) -> State:
+        """Server state kept across rounds, as tensors (for resume); empty for stateless ones."""
+        return {}
+
+    def load_state_dict(self, state: State) -> None:
+        """Restore :meth:`state_dict`'s output (before the first :meth:`begin` of a resumed run).
+
+        Raises:
+            ValueError: ``state`` is not empty (this strategy keeps no state).
+        """
+        if state:
+            raise ValueError(
+                f"{type(self).__name__} keeps no server state but was given {sorted(state)[:3]}; "
+                "the resume state comes from a run with another trainer.strategy."
+            )
 
     @abstractmethod
     def start_round(self, global_state: State) -> None:

@@ -68,14 +68,13 @@ def test_profiler_logs_each_client_and_the_round_max():
     }
     assert growth[1] >= growth[0] + 0.9 * BIG
     peaks = {c: fabric.logged[c][0][f"memory/client_{c}_peak_bytes"] for c in (0, 1)}
-    record = {"round": 1}
-    profiler.on_round_end(loop, round=1, record=record)
+    record = {"round": 1, **profiler.round_fields(loop, record={"round": 1})}
     assert record["peak_memory_bytes"] == max(peaks.values())
     assert record["peak_memory_growth_bytes"] == max(growth.values())
     assert record["client_peak_memory_bytes"] == {"0": peaks[0], "1": peaks[1]}
 
     summary = {"rounds": [{"round": 0}, record]}
-    profiler.on_fit_end(loop, model=None, summary=summary)
+    summary.update(profiler.summary_fields(loop, summary))
     assert summary["peak_memory_bytes"] == record["peak_memory_bytes"]
     assert summary["memory_measure"] == "cpu_peak_rss"
 

@@ -22,6 +22,7 @@ from flwr.app import (  # noqa: E402
 )
 
 from flora_lightning.flower.strategy import FloraFedAvg, array_record_bytes, to_state  # noqa: E402
+from flora_lightning.records import RoundTally
 
 
 @pytest.fixture(autouse=True)
@@ -266,7 +267,13 @@ def test_a_strategy_not_derived_from_fedavg_aggregates_with_rejections():
 
 def test_round_start_is_announced_when_the_round_is_configured():
     started = []
-    strategy = FloraFedAvg(min_available_nodes=2, on_round_start=started.append)
+
+    class Engine:  # the loop's round engine, as the ServerApp passes it
+        def begin_round(self, round_, clients):
+            started.append(round_)
+            return RoundTally(round=round_, clients=clients)
+
+    strategy = FloraFedAvg(min_available_nodes=2, engine=Engine())
     train_round(strategy, [1, 2], server_round=3)
     assert started == [3]
     assert strategy.reports[3].started <= time.perf_counter()

@@ -1,0 +1,152 @@
+"""``RoundEngine``: the round steps every runtime shares, on top of a launched Fabric.
+
+A federated round, whoever drives it::
+
+    begin_round(round, clients) → client_update(...) per arriving update
+    → (the strategy aggregates) → end_round: evaluate, RunRecorder.record, checkpoint
+
+:class:`~flora_lightning.loop.FederatedLoop` drives it in-process (clients one after another);
+the Flower ServerApp's :class:`~flora_lightning.flower.strategy.FloraFedAvg` drives it from the
+replies of the nodes. Both therefore fire the same callbacks, evaluate the same way and write
+the same run directory.
+"""
+
+from __future__ import annotations
+
+import time
+
+from flora_lightning.checkpoint import (
+    flatten_optimizer_states,
+    load_state,
+    unflatten_optimizer_states,
+    write_json,
+)
+from flora_lightning.evaluation import evaluate
+from flora_lightning.feature_cache import FeatureCache
+from flora_lightning.launch import launch
+from flora_lightning.records import RoundRecord, RoundTally
+from flora_lightning.strategy import ClientUpdate, state_bytes
+
+
+class RoundEngine:
+    """Set-up, the per-round steps and the run's end; subclasses hold the settings.
+
+    Expects ``recorder`` (a :class:`~flora_lightning.recorder.RunRecorder`), ``callbacks``,
+    ``strategy`` and the ``trainer.*`` settings :func:`~flora_lightning.launch.launch` reads.
+    """
+
+    @property
+    def run_dir(self):
+        return self.recorder.run_dir
+
+    @property
+    def history(self) -> list[RoundRecord]:
+        return self.recorder.history
+
+    # ================================================================ setup
+    def launch(self, model, data, tensorboard: bool = True) -> None:
+        """Fabric, data, model and :attr:`trainer`, in the order that fails fastest on bad input
+        (a Flower client passes ``tensorboard=False``: it writes nothing)."""
+        launch(self, model, data, [self.recorder.tensorboard()] if tensorboard else [])
+        self.recorder.callbacks = self.callbacks
+
+    def open_run(self, model, datamodule, config_yaml: str | None = None) -> None:
+        """Check the run directory, set everything up, then write config and label table.
+
+        Everything that can fail on bad input runs before the first file is written.
+        """
+        self.recorder.check(config_yaml)
+        self.launch(model, datamodule)
+        self.recorder.open(config_yaml, datamodule.label_table())
+
+    def cache_image_features(self, model, datamodule, clients: list[int], test: bool = True):
+        """Frozen-feature caching of ``clients`` (and the test set), when the method allows it
+        (a ClientApp caches only its partition, the ServerApp only the test set)."""
+        if not (self.cache_features and model.image_encoder_frozen):
+            return
+        t0 = time.perf_counter()
+        self.feature_cache = FeatureCache(self.fabric, model, datamodule, self.feature_cache_dir)
+        self.feature_cache.build(clients, test=test)
+        if self.release_image_encoder:
+            model.release_image_encoder()
+        self.recorder.caching_seconds = time.perf_counter() - t0
+        self.fabric.print(f"Cached image features in {self.recorder.caching_seconds:.1f}s.")
+
+    # ======================================================== round engine
+    def begin_round(self, round_: int, clients: list[int]) -> RoundTally:
+        """Start a round's tally and the callbacks' ``on_round_start``."""
+        self.round = round_
+        tally = RoundTally(round=round_, clients=list(clients))
+        self.fabric.call("on_round_start", loop=self, round=round_, clients=tally.clients)
+        return tally
+
+    def client_update(self, tally: RoundTally, update: ClientUpdate, seconds: float) -> None:
+        """A client's update arrived: callbacks' ``on_client_fit_end``, traffic and loss."""
+        self.fabric.call("on_client_fit_end", loop=self, model=self.model, update=update)
+        sent = state_bytes(update.state)
+        tally.bytes_up += sent
+        tally.client_bytes_up[update.client_id] = sent
+        tally.train_loss[update.client_id] = update.train_loss
+        tally.train_seconds += seconds
+
+    def end_round(self, tally: RoundTally) -> RoundRecord:
+        """Evaluate the global model; record the round; save it (rounds after 0)."""
+        t0 = time.perf_counter()
+        metrics = evaluate(self.fabric, self.model, self.feature_cache or self.datamodule,
+                           len(self.datamodule.class_names))  # fmt: skip
+        if tally.round > 0:
+            metrics["eval_seconds"] = time.perf_counter() - t0
+            metrics["seconds"] = time.perf_counter() - tally.started
+        record = self.recorder.record(self.fabric, self, tally, metrics)
+        self.fabric.call("on_round_end", loop=self, round=tally.round, record=record)
+        if tally.round > 0:
+            states = {"optimizers": flatten_optimizer_states(self.trainer.optimizer_states)}
+            self.recorder.save(tally.round, self.model, states, meta={})
+        return record
+
+    def restore(self) -> int:
+        """Load the last complete round; returns it (0 when there is nothing to resume)."""
+        round_, global_state, states, _ = self.recorder.restore(("optimizers",))
+        if round_ == 0:
+            self.fabric.print(
+                f"trainer.resume: nothing to resume in {self.run_dir}; starting a new run."
+            )
+            return 0
+        self.model.load_communicated_state(global_state)
+        self.trainer.optimizer_states = unflatten_optimizer_states(states["optimizers"])
+        self.fabric.print(f"Resuming {self.run_dir} after round {round_}.")
+        return round_
+
+    def summary(self, model=None) -> dict:
+        return self.recorder.summary(model or self.model, loop=self)
+
+    def finish(self) -> dict:
+        """Callbacks' ``on_fit_end``, the exported final model, summary.json; returns it."""
+        summary = self.summary()
+        self.fabric.call("on_fit_end", loop=self, model=self.model, summary=summary)
+        self.recorder.finish(self.model, summary)
+        for logger in self.fabric.loggers:
+            logger.finalize("success")
+        self.fabric.print(
+            f"Done: final test acc {summary['final_test_acc']:.4f}, best "
+            f"{summary['best_test_acc']:.4f} (round {summary['best_round']}); outputs in "
+            f"{self.run_dir}"
+        )
+        return summary
+
+    # ===================================================== evaluate only
+    def validate(self, model, datamodule, ckpt_path: str | None = None) -> dict:
+        return self._evaluate_only(model, datamodule, ckpt_path, "validate")
+
+    def test(self, model, datamodule, ckpt_path: str | None = None) -> dict:
+        return self._evaluate_only(model, datamodule, ckpt_path, "test")
+
+    def _evaluate_only(self, model, datamodule, ckpt_path, stage: str) -> dict:
+        self.launch(model, datamodule)
+        if ckpt_path:
+            model.load_communicated_state(load_state(ckpt_path))
+        metrics = evaluate(self.fabric, model, datamodule, len(datamodule.class_names))
+        result = {"stage": stage, "method": model.method_name, "ckpt_path": ckpt_path, **metrics}
+        write_json(result, self.run_dir / f"{stage}.json")
+        self.fabric.print(result)
+        return result

@@ -1,0 +1,233 @@
+"""DPFedAvg: client-level differential privacy on the server (McMahan et al., 2018).
+
+With global state ``w`` sent to the ``m`` clients sampled this round and client ``k`` returning
+``w_k``, every client's update, taken over all communicated tensors together, is clipped to L2
+norm ``C`` (Flower's ``FlatClip``):
+
+    Δ_k = w_k − w,     Δ'_k = Δ_k · min(1, C / ||Δ_k||₂)
+
+and the new global state is their unweighted mean plus Gaussian noise, drawn once per round:
+
+    w' = w + (Σ_k Δ'_k) / m + N(0, (σ C / m)² I)
+
+One client changes the sum by at most ``C``, so the mean's sensitivity is ``C / m`` and the noise
+std ``σ C / m`` (Flower's ``compute_stdv``) makes each round a Gaussian mechanism with noise
+multiplier ``σ``; the accountant composes rounds with client sampling rate ``m / N``.
+
+The mean is **unweighted** (``num_samples`` is ignored), the standard for client-level DP: a
+sample-weighted mean lets a large client move it by ``n_k C / Σ n`` > ``C / m``. Flower's
+``DifferentialPrivacyServerSideFixedClipping`` clips, hands the clipped replies to the wrapped
+strategy (sample-weighted FedAvg unless the weights are equal) and adds ``σ C / m`` noise; with
+its accountant enabled it refuses unequal weights, i.e. it requires this unweighted mean. The
+denominator is the fixed ``m`` (McMahan et al.'s fixed-denominator estimator): a rejected update
+contributes zero rather than shrinking ``m``, so the sensitivity stays ``C / m``.
+
+**Adaptive clipping** (Andrew et al., 2021; Flower's ``DifferentialPrivacy*AdaptiveClipping``):
+the server also counts the clients that were clipped (``b_k = 1`` when ``||Δ_k|| > C``), noises
+the count with std ``σ_b`` and moves ``C`` geometrically towards the ``γ`` quantile of the norms:
+
+    C ← C · exp(−η (((Σ b_k) + N(0, σ_b²)) / m − γ))
+
+The count is a second Gaussian query, so the update's noise multiplier becomes
+``σ_Δ = (σ⁻² − (2 σ_b)⁻²)^(−1/2)`` and the pair spends exactly what ``σ`` alone would
+(Flower's ``compute_adaptive_noise_params``, ``σ_b`` defaulting to ``m / 20``). The round's noise
+is scaled by the ``C`` its updates were clipped to; Flower 1.42 scales it by the already updated
+``C``, which does not match the sensitivity of that round.
+
+The math follows ``flwr.supercore.differential_privacy`` (the tests check it against those
+functions); it is written in torch here because Flower is an optional extra and its noise comes
+from numpy's global generator, whereas this noise comes from a generator seeded by ``(seed,
+round)``, so a resumed run and the Flower ServerApp (whose ``FloraFedAvg`` drives this same
+strategy) draw what the in-process loop draws.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from flora_lightning.strategy.base import ClientUpdate, State, Strategy
+
+
+def update_norm(update: State) -> float:
+    """L2 norm of all tensors of ``update`` flattened together (Flower's ``get_norm``)."""
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in update.values()))
+
+
+def clip_factor(norm: float, clip_norm: float) -> float:
+    """``min(1, C / norm)``: the FlatClip scale (1 for a zero update)."""
+    return 1.0 if norm <= clip_norm else clip_norm / norm
+
+
+def noise_stddev(noise_multiplier: float, clip_norm: float, num_sampled_clients: int) -> float:
+    """``σ C / m``: the std of the noise on the round's mean (Flower's ``compute_stdv``)."""
+    return noise_multiplier * clip_norm / num_sampled_clients
+
+
+def adaptive_noise_params(
+    noise_multiplier: float, num_sampled_clients: int, clipped_count_stddev: float | None
+) -> tuple[float, float]:
+    """``(σ_b, σ_Δ)`` for adaptive clipping at total noise multiplier ``σ``.
+
+    As Flower's ``compute_adaptive_noise_params``: ``σ_b`` defaults to ``m / 20``, and
+    ``σ_Δ = (σ⁻² − (2 σ_b)⁻²)^(−1/2)`` so the update and the count together spend what ``σ``
+    does. With ``σ = 0`` both are 0 (no privacy, the count is exact).
+
+    Raises:
+        ValueError: naming ``privacy.clipped_count_stddev`` when ``σ >= 2 σ_b`` (no ``σ_Δ``).
+    """
+    if noise_multiplier == 0:
+        return (clipped_count_stddev or 0.0), 0.0
+    if clipped_count_stddev is None:
+        clipped_count_stddev = num_sampled_clients / 20
+    if noise_multiplier >= 2 * clipped_count_stddev:
+        raise ValueError(
+            f"privacy.clipped_count_stddev={clipped_count_stddev} (default: clients per round "
+            f"/ 20) is too small for privacy.noise_multiplier={noise_multiplier}: it must "
+            "exceed noise_multiplier / 2; raise it or sample more clients per round."
+        )
+    update_sigma = (noise_multiplier**-2 - (2 * clipped_count_stddev) ** -2) ** -0.5
+    return clipped_count_stddev, update_sigma
+
+
+class DPFedAvg(Strategy):
+    """Client-level DP-FedAvg: clipped client updates, unweighted mean, Gaussian noise.
+
+    Args:
+        noise_multiplier: σ (``privacy.noise_multiplier``).
+        clip_norm: C, the bound on each client's update norm (with ``adaptive``: its start).
+        num_sampled_clients: m, the clients sampled per round (the noise divisor).
+        seed: the run's seed; round ``r``'s noise comes from a generator seeded by
+            ``(seed, r)``.
+        adaptive: adapt ``clip_norm`` by the quantile method.
+        target_clipped_quantile: γ, the share of clients to clip (adaptive).
+        clip_norm_lr: η, the geometric step of ``clip_norm`` (adaptive).
+        clipped_count_stddev: σ_b (adaptive; None: ``m / 20``).
+        min_clients: fewest accepted updates for a round to count.
+    """
+
+    def __init__(
+        self,
+        noise_multiplier: float,
+        clip_norm: float,
+        num_sampled_clients: int,
+        seed: int = 42,
+        adaptive: bool = False,
+        target_clipped_quantile: float = 0.5,
+        clip_norm_lr: float = 0.2,
+        clipped_count_stddev: float | None = None,
+        min_clients: int = 1,
+    ) -> None:
+        super().__init__(min_clients=min_clients)
+        if noise_multiplier < 0:
+            raise ValueError(f"privacy.noise_multiplier must be >= 0 (got {noise_multiplier}).")
+        if clip_norm <= 0:
+            raise ValueError(f"privacy.clip_norm must be > 0 (got {clip_norm}).")
+        if num_sampled_clients < 1:
+            raise ValueError(
+                f"DPFedAvg needs num_sampled_clients >= 1 (got {num_sampled_clients}): pass "
+                "the loop's clients per round (trainer.join_ratio x data.num_clients)."
+            )
+        self.noise_multiplier = noise_multiplier
+        self.clip_norm = clip_norm
+        self.num_sampled_clients = num_sampled_clients
+        self.seed = seed
+        self.adaptive = adaptive
+        self.target_clipped_quantile = target_clipped_quantile
+        self.clip_norm_lr = clip_norm_lr
+        self.clipped_count_stddev, self.update_noise_multiplier = (
+            adaptive_noise_params(noise_multiplier, num_sampled_clients, clipped_count_stddev)
+            if adaptive
+            else (0.0, noise_multiplier)
+        )
+        self.rounds_done = 0
+        """Rounds aggregated so far; round ``rounds_done + 1`` is the next (noise seed)."""
+        self.norms: dict[int, float] = {}
+        """Client id -> its update's norm before clipping, this round."""
+        self.round_clip_norm = clip_norm
+        """The clip bound this round's updates were clipped to (adaptive: before the update)."""
+        self.round_noise_std = 0.0
+        """The std of the noise added to the last aggregate."""
+        self._sum: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_config(
+        cls,
+        privacy,
+        noise_multiplier: float,
+        num_sampled_clients: int,
+        seed: int = 42,
+        min_clients: int = 1,
+    ) -> DPFedAvg:
+        """The strategy of a :class:`~flora_lightning.privacy.config.PrivacyConfig` at client
+        level, with its noise multiplier resolved (given, or from ``target_epsilon``)."""
+        return cls(
+            noise_multiplier=noise_multiplier,
+            clip_norm=privacy.clip_norm,
+            num_sampled_clients=num_sampled_clients,
+            seed=seed,
+            adaptive=privacy.adaptive_clipping,
+            target_clipped_quantile=privacy.target_clipped_quantile,
+            clip_norm_lr=privacy.clip_norm_lr,
+            clipped_count_stddev=privacy.clipped_count_stddev,
+            min_clients=min_clients,
+        )
+
+    def start_round(self, global_state: State) -> None:
+        self._sum = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in global_state.items()}
+        self.norms = {}
+        self.round_clip_norm = self.clip_norm
+
+    def accumulate(self, update: ClientUpdate) -> None:
+        delta = {
+            name: tensor.to(self._sum[name].device, torch.float64)
+            - self.global_state[name].to(self._sum[name].device, torch.float64)
+            for name, tensor in update.state.items()
+        }
+        norm = update_norm(delta)
+        self.norms[update.client_id] = norm
+        factor = clip_factor(norm, self.round_clip_norm)
+        for name, d in delta.items():
+            self._sum[name].add_(d, alpha=factor)
+
+    def aggregate(self) -> State:
+        round_ = self.rounds_done + 1
+        m = self.num_sampled_clients
+        std = noise_stddev(self.update_noise_multiplier, self.round_clip_norm, m)
+        generator = torch.Generator().manual_seed(self.noise_seed(round_, 0))
+        new_state = {}
+        for name, total in self._sum.items():  # insertion order: the global state's
+            noise = torch.randn(total.shape, generator=generator, dtype=torch.float64)
+            mean = total / m + std * noise.to(total.device)
+            reference = self.global_state[name]
+            new_state[name] = (reference.to(mean.device, torch.float64) + mean).to(
+                device=reference.device, dtype=reference.dtype
+            )
+        self.round_noise_std = std
+        if self.adaptive:
+            self._adapt_clip_norm(round_)
+        self.rounds_done = round_
+        return new_state
+
+    def _adapt_clip_norm(self, round_: int) -> None:
+        clipped = sum(norm > self.round_clip_norm for norm in self.norms.values())
+        generator = torch.Generator().manual_seed(self.noise_seed(round_, 1))
+        noise = float(torch.randn((), generator=generator, dtype=torch.float64))
+        fraction = (clipped + self.clipped_count_stddev * noise) / self.num_sampled_clients
+        self.clip_norm = self.round_clip_norm * math.exp(
+            -self.clip_norm_lr * (fraction - self.target_clipped_quantile)
+        )
+
+    def noise_seed(self, round_: int, stream: int) -> int:
+        """Seed of ``stream`` (0: the update noise, 1: the clipped-count noise) of a round."""
+        return int(np.random.default_rng([self.seed, round_, stream]).integers(2**62))
+
+    def state_dict(self) -> dict:
+        """What a resume needs: the rounds done (noise seeds) and the current clip bound."""
+        return {"rounds_done": self.rounds_done, "clip_norm": self.clip_norm}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rounds_done = int(state["rounds_done"])
+        self.clip_norm = float(state["clip_norm"])

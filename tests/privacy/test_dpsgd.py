@@ -1,0 +1,190 @@
+"""DP-SGD: exact per-example gradients, the clip bound, the noise std, a seeded private fit."""
+
+from __future__ import annotations
+
+import copy
+import math
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flora_lightning.feature_cache import FeatureCache
+from flora_lightning.privacy import DPSGDStep, local_steps
+from flora_lightning.privacy.dpsgd import (
+    class_logits,
+    clip_factors,
+    optimized_named_parameters,
+    per_example_gradients,
+    per_example_norms,
+    private_gradient,
+)
+from flora_lightning.trainer import LocalTrainer
+
+CLASSES = [str(i) for i in range(10)]
+TEMPLATE = "a photo of the digit {}."
+
+
+def flora_with_nonzero_b(make_flora):
+    model = make_flora()
+    model.configure_task(CLASSES, TEMPLATE)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # B = 0 at init would make every text-side gradient of A zero
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=gen))
+    return model
+
+
+def baseline(tiny_clip, method: str):
+    from flora_lightning.clip_backbone import CLIPBundle
+    from flora_lightning.methods.base import build_model_from_bundle
+    from flora_lightning.methods.fedaa import FedAA
+    from flora_lightning.methods.fedlc import FedLC
+
+    bundle = CLIPBundle(
+        copy.deepcopy(tiny_clip.model), tiny_clip.tokenizer, tiny_clip.image_transform
+    )
+    name = "flora-offline/tiny-clip"
+    # FedAA's random adapter init (not the identity): a generic point to differentiate at.
+    module = FedAA(name, adapter_init="torch") if method == "fedaa" else FedLC(name)
+    torch.manual_seed(0)
+    model = build_model_from_bundle(module, bundle)
+    model.configure_task(CLASSES, TEMPLATE)
+    return model
+
+
+def features_and_labels(model, n=6, seed=0, pixels=False):
+    gen = torch.Generator().manual_seed(seed)
+    config = model.clip_model().config
+    if pixels:
+        size = config.vision_config.image_size
+        inputs = torch.randn(n, 3, size, size, generator=gen)
+    else:
+        inputs = F.normalize(torch.randn(n, config.projection_dim, generator=gen), dim=-1)
+    return inputs, torch.randint(0, len(CLASSES), (n,), generator=gen)
+
+
+@pytest.mark.parametrize(
+    ("method", "pixels"),
+    [("flora", False), ("flora", True), ("fedlc", False), ("fedaa", False)],
+)
+def test_per_example_gradients_equal_one_backward_per_example(
+    method, pixels, make_flora, tiny_clip
+):
+    if method == "flora":
+        model = flora_with_nonzero_b(make_flora)
+    else:
+        model = baseline(tiny_clip, method)
+    features, labels = features_and_labels(model, n=4 if pixels else 6, pixels=pixels)
+    grads, losses = per_example_gradients(model, features, labels)
+    params = optimized_named_parameters(model)
+    assert set(grads) == set(params) and params
+    for i in range(len(labels)):
+        model.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(class_logits(model, features[i : i + 1]), labels[i : i + 1])
+        loss.backward()
+        assert losses[i].item() == pytest.approx(loss.item(), rel=1e-5)
+        for name, param in params.items():
+            assert grads[name].shape == (len(labels), *param.shape)
+            torch.testing.assert_close(grads[name][i], param.grad, rtol=1e-4, atol=1e-4)
+        assert any(param.grad.abs().sum() > 0 for param in params.values())
+
+
+def test_chunked_per_example_gradients_equal_the_whole_batch(make_flora):
+    model = flora_with_nonzero_b(make_flora)
+    features, labels = features_and_labels(model, n=5)
+    whole, whole_losses = per_example_gradients(model, features, labels)
+    chunked, chunked_losses = per_example_gradients(model, features, labels, chunk_size=2)
+    torch.testing.assert_close(chunked_losses, whole_losses)
+    for name, grads in whole.items():
+        torch.testing.assert_close(chunked[name], grads, rtol=1e-4, atol=1e-5)
+
+
+def test_clipped_per_example_norms_never_exceed_the_bound():
+    gen = torch.Generator().manual_seed(0)
+    scales = torch.tensor([1e-4, 0.3, 0.999, 1.0, 2.0, 50.0, 1e4])
+    grads = {
+        "a": torch.randn(7, 3, 4, generator=gen),
+        "b": torch.randn(7, 5, generator=gen),
+    }
+    norms = per_example_norms(grads)
+    grads = {k: g * (scales / norms).view(-1, *[1] * (g.dim() - 1)) for k, g in grads.items()}
+    torch.testing.assert_close(per_example_norms(grads), scales)
+    factors = clip_factors(per_example_norms(grads), max_grad_norm=1.0)
+    assert ((factors * scales) <= 1.0 + 1e-6).all()  # float32 rounding
+    assert factors[0] == 1.0 and factors[-1] == pytest.approx(1e-4, rel=1e-6)
+    # One example at a time, no noise: the private gradient is that example's clipped one.
+    for i in range(len(scales)):
+        single = {k: g[i : i + 1] for k, g in grads.items()}
+        out = private_gradient(single, 1.0, 0.0, torch.Generator())
+        assert per_example_norms({k: v[None] for k, v in out.items()}).item() <= 1.0 + 1e-6
+
+
+def test_noise_std_is_sigma_clip_over_batch():
+    batch, sigma, clip = 4, 1.2, 0.5
+    grads = {"w": torch.zeros(batch, 100_000), "v": torch.zeros(batch, 50, 20)}
+    out = private_gradient(grads, clip, sigma, torch.Generator().manual_seed(1))
+    noise = torch.cat([t.flatten() for t in out.values()])
+    assert noise.std().item() == pytest.approx(sigma * clip / batch, rel=0.02)
+    assert abs(noise.mean().item()) < 4 * sigma * clip / batch / math.sqrt(noise.numel())
+    again = private_gradient(grads, clip, sigma, torch.Generator().manual_seed(1))
+    assert all(torch.equal(out[k], again[k]) for k in out)
+
+
+def private_trainer(make_flora, datamodule, seed=42):
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    datamodule.setup("fit")
+    model = flora_with_nonzero_b(make_flora)
+    model.configure_task(datamodule.class_names, datamodule.template)
+    datamodule.set_image_transform(model.image_transform)
+    fabric.setup_module(model)
+    cache = FeatureCache(fabric, model, datamodule)
+    cache.build([0], test=False)
+    step = DPSGDStep(noise_multiplier=1.0, max_grad_norm=0.5)
+    trainer = LocalTrainer(fabric, max_local_steps=3, seed=seed, step_fn=step)
+    return trainer, model, cache, step
+
+
+def test_private_fit_on_cached_features_is_reproducible_by_seed(make_flora, datamodule):
+    trainer, model, cache, step = private_trainer(make_flora, datamodule)
+    start = {k: v.clone() for k, v in model.communicated_state().items()}
+    update = trainer.fit(model, datamodule, client=0, round_=1, source=cache)
+    assert step.steps == local_steps(datamodule.num_samples(0), datamodule.batch_size, 1, 3)
+    assert math.isfinite(update.train_loss) and update.train_loss > 0
+    assert any(not torch.equal(start[k], update.state[k]) for k in start)
+
+    again_trainer, again_model, again_cache, _ = private_trainer(make_flora, datamodule)
+    again = again_trainer.fit(again_model, datamodule, client=0, round_=1, source=again_cache)
+    assert all(torch.equal(update.state[k], again.state[k]) for k in start)
+
+    other_trainer, other_model, other_cache, _ = private_trainer(make_flora, datamodule, seed=7)
+    other = other_trainer.fit(other_model, datamodule, client=0, round_=1, source=other_cache)
+    assert any(not torch.equal(update.state[k], other.state[k]) for k in start)
+
+
+def test_a_gradient_scaler_is_refused():
+    fabric = SimpleNamespace(strategy=SimpleNamespace(precision=SimpleNamespace(scaler=object())))
+    with pytest.raises(ValueError, match="trainer.precision bf16-mixed or 32-true"):
+        DPSGDStep(1.0, 1.0)(fabric, None, None, (None, None), 0)
+
+
+def test_bad_arguments_name_the_field():
+    with pytest.raises(ValueError, match="privacy.noise_multiplier"):
+        DPSGDStep(-1.0, 1.0)
+    with pytest.raises(ValueError, match="privacy.max_grad_norm"):
+        DPSGDStep(1.0, 0.0)
+    with pytest.raises(ValueError, match="privacy.per_example_chunk"):
+        DPSGDStep(1.0, 1.0, chunk_size=0)
+
+
+def test_from_config_carries_the_privacy_settings():
+    from flora_lightning.privacy import PrivacyConfig
+
+    privacy = PrivacyConfig(
+        level="sample", target_epsilon=4.0, max_grad_norm=0.3, per_example_chunk=8
+    )
+    step = DPSGDStep.from_config(privacy, noise_multiplier=1.7)
+    assert (step.noise_multiplier, step.max_grad_norm, step.chunk_size) == (1.7, 0.3, 8)
