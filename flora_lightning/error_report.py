@@ -4,9 +4,9 @@ Every exception that ends a command is sorted into one of four kinds (:func:`cla
 
 - ``config`` (exit 2): the command or its config is wrong — a jsonargparse parse error, a
   :class:`ConfigError` found before the heavy imports, or a ``ValueError`` / ``TypeError`` /
-  ``KeyError`` / ``FileExistsError`` / ``FileNotFoundError`` raised on purpose by our own
-  validation (a ``raise`` statement in this package), or a model/dataset that cannot be loaded
-  here (:class:`~flora_lightning.hub.NotAvailableError`). Fix: the arguments.
+  ``KeyError`` / ``FileExistsError`` / ``FileNotFoundError`` / ``NotADirectoryError`` raised on
+  purpose by our own validation (a ``raise`` statement in this package), or a model/dataset that
+  cannot be loaded here (:class:`~flora_lightning.hub.NotAvailableError`). Fix: the arguments.
 - ``runtime`` (exit 1): the run failed for a reason outside the config — a full or read-only
   disk (:class:`~flora_lightning.checkpoint.RunDirWriteError`), a damaged file
   (:class:`~flora_lightning.checkpoint.CorruptCheckpointError`), or another error our code
@@ -35,7 +35,14 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 LOG_NAME = "flora.log"
 CONFIG_EXIT, RUNTIME_EXIT = 2, 1
 
-_ON_PURPOSE_CONFIG = (ValueError, TypeError, KeyError, FileExistsError, FileNotFoundError)
+_ON_PURPOSE_CONFIG = (
+    ValueError,
+    TypeError,
+    KeyError,
+    FileExistsError,
+    FileNotFoundError,
+    NotADirectoryError,
+)
 
 
 class ConfigError(ValueError):

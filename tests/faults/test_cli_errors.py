@@ -162,9 +162,10 @@ def cuda_oom(*args, **kwargs):
 def test_bugs_and_oom_never_read_as_config_errors(
     tmp_path, monkeypatch, capsys, offline_assets, failure, message
 ):
-    from flora_lightning.loop import FederatedLoop
+    from flora_lightning.methods.base import FederatedCLIPModule
 
-    monkeypatch.setattr(FederatedLoop, "evaluate", failure)  # after the run directory exists
+    # Round 0's evaluation runs after the run directory exists.
+    monkeypatch.setattr(FederatedCLIPModule, "evaluate_batch", failure)
     run_dir = tmp_path / "run"
     code, err = run_main(fit_args(run_dir), monkeypatch, capsys)
     assert code == 1
