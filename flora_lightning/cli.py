@@ -149,6 +149,13 @@ def main() -> None:
     args = [arg for arg in args if arg != DEBUG_FLAG]
     try:
         run(args)
+    except KeyboardInterrupt:
+        print(
+            "flora: interrupted; files written so far are complete (`--trainer.resume true` "
+            "continues a fit run from its last resume state).",
+            file=sys.stderr,
+        )
+        sys.exit(130)
     except Exception as err:
         report = classify(err)
         if debug:
