@@ -285,3 +285,57 @@ def test_classify_separates_our_raises_from_accidents(line, kind, code, monkeypa
 def test_classify_library_errors_and_out_of_memory(err, kind):
     assert classify(err).kind == kind
     assert classify(err).exit_code == 1
+
+
+def test_ctrl_c_is_one_line_exit_130(monkeypatch, capsys):
+    def interrupted(args=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run", interrupted)
+    code, err = run_main(["fit"], monkeypatch, capsys)
+    assert code == 130
+    assert err.strip().splitlines() == [
+        "flora: interrupted; files written so far are complete (`--trainer.resume true` "
+        "continues a fit run from its last resume state)."
+    ]
+
+
+def test_run_log_holds_lines_until_the_run_directory_exists(tmp_path):
+    import logging
+
+    from flora_lightning.error_report import run_log
+
+    log = logging.getLogger("flora_lightning.test_run_log")
+    log.setLevel(logging.INFO)
+    run_dir = tmp_path / "run"
+    handlers = list(logging.getLogger().handlers)
+    with run_log(run_dir, "flora fit") as path:
+        log.info("before the folder exists")
+        run_dir.mkdir()
+        log.warning("after")
+    assert path == run_dir / "flora.log"
+    lines = path.read_text().splitlines()
+    assert [line.split(": ", 1)[1] for line in lines] == ["before the folder exists", "after"]
+    assert "INFO flora_lightning.test_run_log" in lines[0]
+
+    never = tmp_path / "never"
+    with pytest.raises(ValueError), run_log(never, "flora fit"):
+        log.info("a config error follows")
+        raise ValueError("trainer.rounds must be >= 0")
+    assert not never.exists()  # a failed config writes nothing
+    assert logging.getLogger().handlers == handlers  # the handler is removed each time
+
+
+def test_run_log_gets_the_traceback_of_a_runtime_failure_only(tmp_path):
+    from flora_lightning.error_report import ConfigError, run_log
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with pytest.raises(ConfigError), run_log(run_dir, "flora fit"):
+        raise ConfigError("trainer.default_root_dir=... cannot be a run directory")
+    assert not (run_dir / "flora.log").exists()
+    with pytest.raises(ZeroDivisionError), run_log(run_dir, "flora fit"):
+        1 / 0  # noqa: B018
+    text = (run_dir / "flora.log").read_text()
+    assert "ERROR flora_lightning: flora fit failed:" in text
+    assert "Traceback (most recent call last)" in text and "ZeroDivisionError" in text
