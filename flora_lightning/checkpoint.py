@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -100,6 +101,12 @@ def _writing(path: Path) -> Iterator[None]:
         raise
 
 
+def _os_error_code(err: Exception) -> int | None:
+    """The errno inside a safetensors error message ("... (os error 28)"), if any."""
+    match = re.search(r"\(os error (\d+)\)", str(err))
+    return int(match.group(1)) if match else None
+
+
 def _fsync_and_hash(path: Path) -> str:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
@@ -144,7 +151,13 @@ def save_state(state: State, path: Path, metadata: dict[str, str] | None = None)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-            safetensors_torch.save_file(tensors, tmp, metadata=metadata)
+            try:
+                safetensors_torch.save_file(tensors, tmp, metadata=metadata)
+            except SafetensorError as err:  # a real full disk surfaces as this, not OSError
+                code = _os_error_code(err)
+                if code is None:
+                    raise
+                raise OSError(code, os.strerror(code)) from err
             return _replace(tmp, path)
         finally:  # a failed write leaves neither a torn file nor a stray .tmp
             _remove(tmp)

@@ -94,6 +94,16 @@ def partial_save_file(tensors, filename, metadata=None):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
+def safetensors_disk_full(tensors, filename, metadata=None):
+    """What safetensors really raises on a full disk (seen on a 256 KiB tmpfs): not an OSError."""
+    from safetensors import SafetensorError
+
+    Path(filename).write_bytes(b"\x00" * 17)
+    raise SafetensorError(
+        "Error while serializing: I/O error: No space left on device (os error 28)"
+    )
+
+
 def is_tmp_dir(src, dst):
     """The last step of a folder swap: the new folder (``.resume.XXXX``) renamed to ``resume``."""
     name = Path(src).name
@@ -104,6 +114,8 @@ CASES = [
     # (id, site, patched object, attribute, replacement factory, errno, reason)
     ("save_state/save_file", state_file, safetensors.torch, "save_file",
      lambda real: partial_save_file, errno.ENOSPC, "no space left on device"),
+    ("save_state/save_file(SafetensorError)", state_file, safetensors.torch, "save_file",
+     lambda real: safetensors_disk_full, errno.ENOSPC, "no space left on device"),
     ("save_state/os.replace", state_file, checkpoint.os, "replace",
      lambda real: fail_with(errno.ENOSPC, real), errno.ENOSPC, "no space left on device"),
     ("write_json/write_text", json_file, Path, "write_text",
@@ -184,3 +196,68 @@ def test_other_os_errors_are_not_relabelled(tmp_path, monkeypatch):
         write_json({"round": 1}, path)
     assert not isinstance(info.value, RunDirWriteError)
     assert info.value.errno == errno.ENAMETOOLONG
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 256 KiB tmpfs (a real disk that fills up); skipped where mounting is not allowed."""
+    import subprocess
+
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
+        capture_output=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN)")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def fill_up(folder: Path) -> Path:
+    """Write a filler file until the disk is full; returns it (delete it to free space)."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as handle:  # unbuffered: nothing left to flush
+        try:
+            while True:
+                handle.write(b"\x00" * 4096)
+        except OSError as err:
+            assert err.errno == errno.ENOSPC
+    return filler
+
+
+def test_a_really_full_disk_keeps_the_last_complete_state_and_recovers(small_tmpfs):
+    run_dir = small_tmpfs / "run"
+    big = {"w": torch.arange(8192.0)}  # 32 KiB
+    save_state(big, run_dir / "checkpoints" / "round_001.safetensors")
+    write_folder(run_dir / "resume", fill_with(OLD), keep_previous=True)
+    write_json({"round": 1}, run_dir / "summary.json")
+    filler = fill_up(small_tmpfs)
+
+    attempts = [
+        lambda: save_state(big, run_dir / "checkpoints" / "round_002.safetensors"),
+        lambda: write_folder(run_dir / "resume", fill_with(NEW), keep_previous=True),
+        lambda: write_json({"round": 2, "pad": "x" * 8192}, run_dir / "summary.json"),
+    ]
+    for attempt in attempts:
+        with pytest.raises(RunDirWriteError, match="no space left on device") as info:
+            attempt()
+        assert info.value.errno == errno.ENOSPC
+    # Round 1's files are intact, nothing temporary is left.
+    assert torch.equal(load_state(run_dir / "checkpoints" / "round_001.safetensors")["w"], big["w"])
+    verify_folder(run_dir / "resume")
+    assert torch.equal(load_state(run_dir / "resume" / "optimizers.safetensors")["w"], OLD["w"])
+    assert json.loads((run_dir / "summary.json").read_text()) == {"round": 1}
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round_001.safetensors"]
+    assert hidden(run_dir) == [] and hidden(run_dir / "resume") == []
+
+    filler.unlink()  # space freed: the same writes now succeed
+    for attempt in attempts:
+        attempt()
+    assert torch.equal(load_state(run_dir / "resume" / "optimizers.safetensors")["w"], NEW["w"])
+    assert torch.equal(
+        load_state(run_dir / "resume.prev" / "optimizers.safetensors")["w"], OLD["w"]
+    )
