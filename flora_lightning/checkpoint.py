@@ -70,15 +70,19 @@ class RunDirWriteError(OSError):
     """A run-directory (or cache) write failed: disk full, quota, read-only, permissions.
 
     Keeps the original ``errno`` and the original error as ``__cause__``; ``str()`` is one line
-    naming the path, the reason and the fix.
+    naming the path, the reason and the fix. ``atomic``: the write was one of this module's
+    (temporary file removed, previous version intact), which the message then says.
     """
 
-    def __init__(self, path: Path, cause: OSError):
+    def __init__(self, path: Path, cause: OSError, atomic: bool = True):
         reason, fix = _WRITE_FAILURES.get(cause.errno, (cause.strerror or str(cause), "fix it"))
+        if atomic:  # written by this module: temporary file removed, target untouched
+            fix = f"Nothing half-written was left and the previous version is intact: {fix}"
+        else:
+            fix = fix[0].upper() + fix[1:]
         message = (
-            f"could not write {path}: {reason} ({cause}). Nothing half-written was left and the "
-            f"previous version is intact: {fix}, then rerun (`--trainer.resume true` continues "
-            "a run from its last complete round)."
+            f"could not write {path}: {reason} ({cause}). {fix}, then rerun "
+            "(`--trainer.resume true` continues a run from its last complete round)."
         )
         super().__init__(cause.errno, message, str(path))
         self.path = Path(path)
@@ -86,6 +90,11 @@ class RunDirWriteError(OSError):
 
     def __str__(self) -> str:
         return self.message
+
+
+def is_write_failure(err: OSError) -> bool:
+    """Whether ``err`` means the disk or folder cannot take a write (full, read-only, ...)."""
+    return err.errno in _WRITE_FAILURES
 
 
 @contextmanager
@@ -96,7 +105,7 @@ def _writing(path: Path) -> Iterator[None]:
     except RunDirWriteError:
         raise
     except OSError as err:
-        if err.errno in _WRITE_FAILURES:
+        if is_write_failure(err):
             raise RunDirWriteError(path, err) from err
         raise
 

@@ -22,6 +22,7 @@ The traceback of a runtime, out-of-memory or internal error is written to the ru
 from __future__ import annotations
 
 import argparse
+import errno
 import linecache
 import logging
 import sys
@@ -35,6 +36,8 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 LOG_NAME = "flora.log"
 CONFIG_EXIT, RUNTIME_EXIT = 2, 1
 
+# errnos that only a write produces: disk full, quota, read-only, file too large
+_ONLY_ON_WRITE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 _ON_PURPOSE_CONFIG = (
     ValueError,
     TypeError,
@@ -121,6 +124,9 @@ def classify(err: BaseException) -> Report:
 
     if isinstance(err, RunDirWriteError | CorruptCheckpointError):
         return Report("runtime", str(err), RUNTIME_EXIT)
+    if isinstance(err, OSError) and err.errno in _ONLY_ON_WRITE:  # a write elsewhere (TensorBoard)
+        path = Path(err.filename or "(a file in the run directory)")
+        return Report("runtime", str(RunDirWriteError(path, err, atomic=False)), RUNTIME_EXIT)
     if isinstance(err, NotAvailableError):
         return Report("config", str(err), CONFIG_EXIT)
     if raised_on_purpose(err):

@@ -287,6 +287,18 @@ def test_classify_library_errors_and_out_of_memory(err, kind):
     assert classify(err).exit_code == 1
 
 
+def test_a_full_disk_outside_checkpoint_py_is_a_disk_error_not_a_bug():
+    """E.g. TensorBoard's event file or a plain write_text on a full disk."""
+    err = OSError(errno.ENOSPC, "No space left on device", "/runs/q/tensorboard/events.out")
+    report = classify(err)
+    assert (report.kind, report.exit_code) == ("runtime", 1)
+    assert report.message.startswith(
+        "could not write /runs/q/tensorboard/events.out: no space left on device"
+    )
+    assert "previous version is intact" not in report.message  # not one of our atomic writes
+    assert "Free space on that disk, then rerun (`--trainer.resume true`" in report.message
+
+
 def test_ctrl_c_is_one_line_exit_130(monkeypatch, capsys):
     def interrupted(args=None):
         raise KeyboardInterrupt
