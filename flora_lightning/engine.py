@@ -24,6 +24,8 @@ from flora_lightning.checkpoint import (
 from flora_lightning.evaluation import evaluate
 from flora_lightning.feature_cache import FeatureCache
 from flora_lightning.launch import launch
+from flora_lightning.privacy.config import PrivacyConfig
+from flora_lightning.privacy.run import PrivacyRun
 from flora_lightning.records import RoundRecord, RoundTally
 from flora_lightning.strategy import ClientUpdate, state_bytes
 
@@ -34,6 +36,18 @@ class RoundEngine:
     Expects ``recorder`` (a :class:`~flora_lightning.recorder.RunRecorder`), ``callbacks``,
     ``strategy`` and the ``trainer.*`` settings :func:`~flora_lightning.launch.launch` reads.
     """
+
+    availability = None
+    """Simulated unreliable clients (:class:`~flora_lightning.availability.Availability`)."""
+    privacy_run: PrivacyRun | None = None
+    """The run's differential privacy (:meth:`use_privacy`); None: none."""
+
+    def use_privacy(self, privacy: PrivacyConfig) -> None:
+        """Train with ``privacy`` (``--privacy.*``; level none changes nothing). Call before
+        :meth:`launch`: its callback joins the loop's."""
+        self.privacy_run = PrivacyRun(privacy) if privacy.enabled else None
+        if self.privacy_run is not None:
+            self.callbacks.append(self.privacy_run)
 
     @property
     def run_dir(self):
@@ -46,9 +60,14 @@ class RoundEngine:
     # ================================================================ setup
     def launch(self, model, data, tensorboard: bool = True) -> None:
         """Fabric, data, model and :attr:`trainer`, in the order that fails fastest on bad input
-        (a Flower client passes ``tensorboard=False``: it writes nothing)."""
+        (a Flower client passes ``tensorboard=False``: it writes nothing). With privacy, its
+        level is checked first and set up last (strategy or local step, accountant)."""
+        if self.privacy_run is not None:
+            self.privacy_run.check(self, model)
         launch(self, model, data, [self.recorder.tensorboard()] if tensorboard else [])
         self.recorder.callbacks = self.callbacks
+        if self.privacy_run is not None:
+            self.privacy_run.setup(self)
 
     def open_run(self, model, datamodule, config_yaml: str | None = None) -> None:
         """Check the run directory, set everything up, then write config and label table.
@@ -80,6 +99,20 @@ class RoundEngine:
         self.fabric.call("on_round_start", loop=self, round=round_, clients=tally.clients)
         return tally
 
+    def client_steps(self, tally: RoundTally, client: int) -> int | None:
+        """The local steps ``client`` runs this round under ``trainer.availability``: 0 when it
+        drops out (recorded), a straggler's share (recorded), None for a full fit."""
+        if self.availability is None:
+            return None
+        full = self.trainer.planned_steps(self.datamodule.num_samples(client),
+                                          self.datamodule.batch_size)  # fmt: skip
+        event = self.availability.draw(self.seed, tally.round, client, full)
+        if event.dropped:
+            tally.dropped[str(client)] = event.reason
+        elif event.kind == "straggler":
+            tally.stragglers[str(client)] = event.steps
+        return event.steps
+
     def client_update(self, tally: RoundTally, update: ClientUpdate, seconds: float) -> None:
         """A client's update arrived: callbacks' ``on_client_fit_end``, traffic and loss."""
         self.fabric.call("on_client_fit_end", loop=self, model=self.model, update=update)
@@ -100,13 +133,25 @@ class RoundEngine:
         record = self.recorder.record(self.fabric, self, tally, metrics)
         self.fabric.call("on_round_end", loop=self, round=tally.round, record=record)
         if tally.round > 0:
-            states = {"optimizers": flatten_optimizer_states(self.trainer.optimizer_states)}
-            self.recorder.save(tally.round, self.model, states, meta={})
+            self.recorder.save(tally.round, self.model, *self.resume_state())
         return record
+
+    def resume_state(self) -> tuple[dict, dict]:
+        """What a resumed run needs besides the global state and history: the clients'
+        optimizer states, the strategy's server state (e.g. FedAdam's moments) as tensors, and
+        the precision plugin's state (the 16-mixed GradScaler's scale and growth tracker)."""
+        states = {
+            "optimizers": flatten_optimizer_states(self.trainer.optimizer_states),
+            "strategy": self.strategy.state_dict(),
+        }
+        meta = {"precision": self.fabric.strategy.precision.state_dict()}
+        if self.privacy_run is not None:
+            meta["privacy"] = self.privacy_run.state_dict()
+        return states, meta
 
     def restore(self) -> int:
         """Load the last complete round; returns it (0 when there is nothing to resume)."""
-        round_, global_state, states, _ = self.recorder.restore(("optimizers",))
+        round_, global_state, states, meta = self.recorder.restore(("optimizers", "strategy"))
         if round_ == 0:
             self.fabric.print(
                 f"trainer.resume: nothing to resume in {self.run_dir}; starting a new run."
@@ -114,6 +159,11 @@ class RoundEngine:
             return 0
         self.model.load_communicated_state(global_state)
         self.trainer.optimizer_states = unflatten_optimizer_states(states["optimizers"])
+        self.strategy.load_state_dict(states.get("strategy", {}))
+        if meta.get("precision"):
+            self.fabric.strategy.precision.load_state_dict(meta["precision"])
+        if self.privacy_run is not None:
+            self.privacy_run.load_state_dict(meta["privacy"])
         self.fabric.print(f"Resuming {self.run_dir} after round {round_}.")
         return round_
 

@@ -13,7 +13,6 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 
-@torch.no_grad()
 def evaluate(fabric, model, source, num_classes: int) -> dict[str, float]:
     """``test_acc`` (micro: correct / total) and mean ``test_loss`` over ``source``'s test set.
 
@@ -24,10 +23,17 @@ def evaluate(fabric, model, source, num_classes: int) -> dict[str, float]:
             feature cache.
         num_classes: classes of the task.
     """
+    return evaluate_loader(fabric, model, source.test_dataloader(), num_classes)
+
+
+@torch.no_grad()
+def evaluate_loader(fabric, model, loader, num_classes: int) -> dict[str, float]:
+    """``test_acc`` (micro) and mean ``test_loss`` of ``model`` over the batches of ``loader``
+    (the global test set, or a client's local test set in personalised evaluation)."""
     model.eval()
     accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro").to(fabric.device)
     loss = MeanMetric().set_dtype(torch.float64).to(fabric.device)
-    loader = fabric.setup_dataloaders(source.test_dataloader(), use_distributed_sampler=False)
+    loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)
     with fabric.autocast():
         classes = model.class_embeddings()
         for pixel_values, labels in loader:

@@ -25,6 +25,9 @@ from flora_lightning.checkpoint import load_state, save_state
 class FeatureCache:
     """Normalised image features per client partition and for the global test set.
 
+    With ``data.local_test_fraction`` set, each built client's local test set is encoded too
+    (:meth:`client_test_dataloader`), under the key ``local_test/<client>``.
+
     Args:
         fabric: the loop's Fabric (device and precision).
         model: a method whose ``image_encoder_frozen`` is true.
@@ -59,6 +62,10 @@ class FeatureCache:
             "precision": str(self.fabric.strategy.precision.__class__.__name__),
             "parts": parts,
         }
+        if self.data.has_local_test:  # absent otherwise: older disk caches stay valid
+            key["local_test"] = [
+                hashlib.sha256(i.tobytes()).hexdigest() for i in self.data.client_test_indices
+            ]
         # A method that caches other features than the default normalised ones (FedAA: the
         # raw projection) must not share a disk cache with the others.
         if self.model.cached_features_kind is not None:
@@ -66,8 +73,8 @@ class FeatureCache:
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
     def build(self, clients: list[int], test: bool = True) -> None:
-        """Encode the given clients' partitions and (with ``test``) the test set, or read them
-        from disk."""
+        """Encode the given clients' partitions (and local test sets, when the data has them)
+        and (with ``test``) the test set, or read them from disk."""
         parts = [str(c) for c in clients] + (["test"] if test else [])
         path = self.disk_dir / f"{self.fingerprint(parts)}.safetensors" if self.disk_dir else None
         if path is not None and path.exists():
@@ -78,6 +85,10 @@ class FeatureCache:
             return
         for client in clients:
             self.features[str(client)] = self._encode(self.data.client_dataset(client))
+            if self.data.has_local_test:
+                self.features[self.local_test_key(client)] = self._encode(
+                    self.data.client_test_dataset(client)
+                )
         if test:
             self.features["test"] = self._encode(self.data.test_set)
         if path is not None:
@@ -109,6 +120,22 @@ class FeatureCache:
         return DataLoader(
             TensorDataset(x, y), batch_size=self.data.batch_size, shuffle=True, generator=generator
         )
+
+    @staticmethod
+    def local_test_key(client: int) -> str:
+        """The :attr:`features` key of a client's local test set."""
+        return f"local_test/{client}"
+
+    def client_test_dataloader(self, client: int) -> DataLoader:
+        """A client's cached local test features, in order (for evaluation)."""
+        key = self.local_test_key(client)
+        if key not in self.features:
+            raise KeyError(
+                f"client {client}'s local test set is not cached: set data.local_test_fraction "
+                "and build the cache with this client."
+            )
+        x, y = self.features[key]
+        return DataLoader(TensorDataset(x, y), batch_size=self.data.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
         x, y = self.features["test"]

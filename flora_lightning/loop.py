@@ -23,6 +23,7 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
+from flora_lightning.availability import Availability
 from flora_lightning.callbacks.base import Callback
 from flora_lightning.callbacks.communication import CommunicationLogger
 from flora_lightning.engine import RoundEngine
@@ -57,6 +58,9 @@ class FederatedLoop(RoundEngine):
         release_image_encoder: with cached features, free the vision tower's memory for the
             rest of the run (the model then cannot encode pixels until it is reloaded).
         strategy: aggregation strategy (sample-weighted FedAvg by default).
+        availability: simulated unreliable clients: per-round dropout, stragglers that run
+            only part of their local steps, a round deadline (seeded per round and client; see
+            :mod:`flora_lightning.availability`). null: every sampled client trains fully.
         on_client_error: a client whose local fit raises (e.g. out of memory) is left out of
             the round with the error as its reason (``skip``, as a failed Flower ClientApp),
             or stops the run (``raise``). Either way, a round with fewer than
@@ -88,6 +92,7 @@ class FederatedLoop(RoundEngine):
         feature_cache_dir: str | None = None,
         release_image_encoder: bool = True,
         strategy: Strategy | None = None,
+        availability: Availability | None = None,
         on_client_error: OnClientError = "skip",
         callbacks: list[Callback] | None = None,
         default_root_dir: str = "runs/flora",
@@ -104,6 +109,7 @@ class FederatedLoop(RoundEngine):
         self.cache_features, self.feature_cache_dir = cache_features, feature_cache_dir
         self.release_image_encoder = release_image_encoder
         self.strategy = strategy or FedAvg()
+        self.availability = availability
         self.on_client_error = on_client_error
         self.callbacks = list(callbacks or [])
         if not any(isinstance(c, CommunicationLogger) for c in self.callbacks):
@@ -155,13 +161,15 @@ class FederatedLoop(RoundEngine):
         self.strategy.begin(global_state)
         for client in tqdm(tally.clients, desc=f"round {round_} clients", leave=False,
                            disable=not self.progress):  # fmt: skip
+            steps = self.client_steps(tally, client)
+            if steps == 0:
+                continue  # dropped: it sends nothing
             model.load_communicated_state(global_state)
             self.fabric.call("on_client_fit_start", loop=self, model=model, client_id=client)
             t0 = time.perf_counter()
             try:
-                update = self.trainer.fit(
-                    model, data, client, round_, self.feature_cache, self.strategy.proximal_mu
-                )
+                update = self.trainer.fit(model, data, client, round_, self.feature_cache,
+                                          self.strategy.proximal_mu, steps)  # fmt: skip
             except Exception as err:
                 if self.on_client_error == "raise":
                     raise
@@ -176,6 +184,10 @@ class FederatedLoop(RoundEngine):
         tally.rejected.update({str(c): r for c, r in self.strategy.rejected.items()})
         if len(tally.accepted) < self.strategy.min_clients:
             model.load_communicated_state(global_state)
+            if tally.dropped:  # simulated availability: the round passes, as on Flower
+                log.warning("round %d not aggregated: %d update(s), %d client(s) dropped",
+                            round_, len(tally.accepted), len(tally.dropped))  # fmt: skip
+                return self.end_round(tally)
             raise RoundFailedError(
                 f"round {round_}: {len(tally.accepted)} client update(s) accepted, fewer than "
                 f"trainer.strategy.min_clients={self.strategy.min_clients}; rejected: "

@@ -114,6 +114,8 @@ class RunRecorder:
             client_train_loss={str(k): v for k, v in tally.train_loss.items()},
             accepted_clients=sorted(tally.accepted),
             rejected_clients={str(k): v for k, v in tally.rejected.items()},
+            dropped_clients=dict(tally.dropped),
+            straggler_clients=dict(tally.stragglers),
         )
         record.extra.update(self._contributions("round_fields", loop, record))
         scalars = {
@@ -124,6 +126,8 @@ class RunRecorder:
         if record.round > 0:
             scalars["clients/accepted"] = len(record.accepted_clients)
             scalars["clients/rejected"] = len(record.rejected_clients)
+            scalars["clients/dropped"] = len(record.dropped_clients)
+            scalars["clients/stragglers"] = len(record.straggler_clients)
         scalars.update({f"client/{k}/train_loss": v for k, v in tally.train_loss.items()})
         if tally.train_loss:
             scalars["train/loss"] = float(np.mean(list(tally.train_loss.values())))

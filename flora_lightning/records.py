@@ -30,6 +30,9 @@ class RoundTally:
         accepted: clients whose updates were aggregated.
         rejected: client (or ``"node N"``) -> why its update was left out.
         aggregated: the strategy produced a new global state (enough updates accepted).
+        dropped: client -> why it sent nothing (``dropout``, ``deadline``: see
+            :mod:`flora_lightning.availability`).
+        stragglers: client -> the local steps it completed (fewer than a full fit).
     """
 
     round: int
@@ -43,6 +46,8 @@ class RoundTally:
     accepted: list[int] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)
     aggregated: bool = False
+    dropped: dict[str, str] = field(default_factory=dict)
+    stragglers: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -69,6 +74,10 @@ class RoundRecord:
     client_train_loss: dict[str, float] = field(default_factory=dict)
     accepted_clients: list[int] = field(default_factory=list)
     rejected_clients: dict[str, str] = field(default_factory=dict)
+    dropped_clients: dict[str, str] = field(default_factory=dict)
+    """Client -> why it sent nothing this round (``trainer.availability``)."""
+    straggler_clients: dict[str, int] = field(default_factory=dict)
+    """Client -> the local steps it completed, when fewer than a full fit."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

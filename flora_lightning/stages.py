@@ -33,6 +33,7 @@ def stage_parser(stage: str) -> ArgumentParser:
     from flora_lightning.data.datamodule import FederatedDataModule
     from flora_lightning.loop import FederatedLoop
     from flora_lightning.methods.base import FederatedCLIPModule
+    from flora_lightning.privacy.config import PrivacyConfig
 
     parser = ArgumentParser(description=STAGES[stage], exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config file(s).")
@@ -48,6 +49,9 @@ def stage_parser(stage: str) -> ArgumentParser:
     parser.add_class_arguments(FederatedDataModule, "data", help="Dataset and client partitions.")
     parser.add_class_arguments(
         FederatedLoop, "trainer", help="Federated loop (rounds, clients, precision, outputs)."
+    )
+    parser.add_class_arguments(
+        PrivacyConfig, "privacy", help="Differential privacy: sample (DP-SGD) or client level."
     )
     if stage != "fit":
         parser.add_argument(
@@ -91,6 +95,7 @@ def run_stage(stage: str, parser: ArgumentParser, config: Namespace) -> dict:
     with run_log(run_dir, f"flora {stage}"):
         init = parser.instantiate_classes(config)
         loop = init.trainer
+        loop.use_privacy(init.privacy)
         if stage == "fit":
             result = loop.fit(init.model, init.data, config_yaml=dump_config(parser, config))
         else:

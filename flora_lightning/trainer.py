@@ -16,6 +16,7 @@ import math
 
 import numpy as np
 import torch
+from torchmetrics import MeanMetric
 
 from flora_lightning.strategy import ClientUpdate
 
@@ -52,6 +53,15 @@ def local_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss
+
+
+def local_steps(
+    num_samples: int, batch_size: int, local_epochs: int, max_local_steps: int | None
+) -> int:
+    """Optimizer steps of one full client fit: ``ceil(n / batch)`` per epoch (no
+    ``drop_last``), capped by ``max_local_steps``."""
+    steps = local_epochs * math.ceil(num_samples / batch_size)
+    return steps if max_local_steps is None else min(steps, max_local_steps)
 
 
 class LocalTrainer:
@@ -92,8 +102,19 @@ class LocalTrainer:
         of a client's fit in a round."""
         return int(np.random.default_rng([self.seed, round_, client, stream]).integers(2**62))
 
+    def planned_steps(self, num_samples: int, batch_size: int) -> int:
+        """Optimizer steps of a full fit on ``num_samples`` (see :func:`local_steps`)."""
+        return local_steps(num_samples, batch_size, self.local_epochs, self.max_local_steps)
+
     def fit(
-        self, model, data, client: int, round_: int, source=None, proximal_mu: float = 0.0
+        self,
+        model,
+        data,
+        client: int,
+        round_: int,
+        source=None,
+        proximal_mu: float = 0.0,
+        max_steps: int | None = None,
     ) -> ClientUpdate:
         """Local training of ``client`` in ``round_``; returns its update.
 
@@ -107,6 +128,7 @@ class LocalTrainer:
             proximal_mu: FedProx's ``mu`` (the strategy's ``proximal_mu``): each step adds
                 ``mu/2 * ||w - w_global||^2`` over the trainable parameters, ``w_global`` their
                 values now; 0 adds nothing.
+            max_steps: stop after this many steps (a straggler's share); None: a full fit.
         """
         if not proximal_mu >= 0:
             raise ValueError(f"trainer.strategy.mu must be >= 0 (got {proximal_mu}).")
@@ -131,24 +153,26 @@ class LocalTrainer:
                     "trainer.strategy FedAvg with DP-SGD."
                 )
             self.step_fn.start_fit(self.seed_for(round_, client, 2))
+        cap = min(max_steps or math.inf, self.max_local_steps or math.inf)
         model.train()
-        total, count, steps = 0.0, 0, 0
+        mean_loss = MeanMetric(nan_strategy="disable").set_dtype(torch.float64)
+        mean_loss = mean_loss.to(fabric.device)
+        steps = 0
         for _ in range(self.local_epochs):
             for batch_idx, batch in enumerate(loader):
                 if self.step_fn is None:
                     loss = local_step(fabric, model, optimizer, batch, batch_idx, proximal)
                 else:
                     loss = self.step_fn(fabric, model, optimizer, batch, batch_idx)
-                total += loss.item() * len(batch[1])
-                count += len(batch[1])
+                mean_loss.update(loss.detach(), weight=len(batch[1]))
                 steps += 1
-                if self._capped(steps):
+                if steps >= cap:
                     break
-            if self._capped(steps):
+            if steps >= cap:
                 break
         model.eval()
         state = model.communicated_state()
-        train_loss = total / max(count, 1)
+        train_loss = float(mean_loss.compute())
         if not (math.isfinite(train_loss) and all(t.isfinite().all() for t in state.values())):
             # A diverged fit: its NaN/Inf moments would poison every later round of this
             # client, so it starts the next one with a fresh optimizer (the strategy refuses
@@ -168,6 +192,3 @@ class LocalTrainer:
             num_samples=data.num_samples(client),
             train_loss=train_loss,
         )
-
-    def _capped(self, steps: int) -> bool:
-        return self.max_local_steps is not None and steps >= self.max_local_steps

@@ -45,6 +45,9 @@ class FederatedDataModule(L.LightningDataModule):
         eval_batch_size: batch size for evaluation.
         num_workers: DataLoader worker processes.
         partition: how the training set is split across clients.
+        local_test_fraction: each client keeps this seeded share of its partition as a local
+            test set (personalised evaluation), taken out of its training data; ``null``: no
+            local test sets, clients train on their whole partition.
     """
 
     def __init__(
@@ -66,6 +69,7 @@ class FederatedDataModule(L.LightningDataModule):
         eval_batch_size: int = 256,
         num_workers: int = 0,
         partition: PartitionConfig = PartitionConfig(),
+        local_test_fraction: float | None = None,
     ) -> None:
         super().__init__()
         if "{}" not in template:
@@ -83,6 +87,12 @@ class FederatedDataModule(L.LightningDataModule):
         if max_test_samples is not None and max_test_samples < 1:
             raise ValueError(
                 f"data.max_test_samples must be >= 1 or null (got {max_test_samples})."
+            )
+        if local_test_fraction is not None and not 0 < local_test_fraction < 1:
+            raise ValueError(
+                f"data.local_test_fraction must be in (0, 1) or null (got "
+                f"{local_test_fraction}); e.g. 0.2 keeps a fifth of each client's partition "
+                "for its local test set."
             )
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0 (got {num_workers}).")
@@ -108,10 +118,14 @@ class FederatedDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.partition = partition
+        self.local_test_fraction = local_test_fraction
         self.image_transform: Callable | None = None
         self.train_set = None
         self.test_set = None
         self.client_indices: list[np.ndarray] = []
+        """Per client: the rows of ``train_set`` it trains on."""
+        self.client_test_indices: list[np.ndarray] = []
+        """Per client: the rows of ``train_set`` of its local test set (empty list: none)."""
 
     # ---------------------------------------------------------------- setup
     def setup(self, stage: str | None = None) -> None:
@@ -137,10 +151,44 @@ class FederatedDataModule(L.LightningDataModule):
             test = test.shuffle(seed=self.partition.seed).select(range(self.max_test_samples))
         labels = np.asarray(train[self.label_column], dtype=np.int64)
         self._check_labels(labels, len(class_names))
-        self.client_indices = partition_indices(labels, len(class_names), self.partition)
+        partitions = partition_indices(labels, len(class_names), self.partition)
+        if self.local_test_fraction is not None:
+            split = [self._split_local_test(client, idx) for client, idx in enumerate(partitions)]
+            self.client_indices = [train_idx for train_idx, _ in split]
+            self.client_test_indices = [test_idx for _, test_idx in split]
+            self.test_counts = label_counts(labels, self.client_test_indices, len(class_names))
+        else:
+            self.client_indices = partitions
         self.class_names = class_names
         self.train_set, self.test_set = train, test
         self.counts = label_counts(labels, self.client_indices, len(class_names))
+
+    def _split_local_test(self, client: int, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A seeded ``int(local_test_fraction * n)`` of a client's partition as its local test set.
+
+        Seeded per ``(data.partition.seed, client)``, so a client's split does not depend on
+        the number of clients after it. Both parts keep the partition's order.
+
+        Returns:
+            ``(train, local_test)`` row indices into ``train_set``.
+        """
+        indices = np.asarray(indices, dtype=np.int64)
+        n = len(indices)
+        rng = np.random.default_rng([self.partition.seed, client, 7])
+        test_pos = np.sort(rng.choice(n, size=int(n * self.local_test_fraction), replace=False))
+        keep = np.ones(n, dtype=bool)
+        keep[test_pos] = False
+        train_idx, test_idx = indices[keep], indices[test_pos]
+        # int(f * n) < n for f < 1, so the training part is never empty (every client has
+        # >= data.partition.min_samples >= 1 samples); the local test set can be.
+        if not len(test_idx):
+            raise ValueError(
+                f"data.local_test_fraction={self.local_test_fraction} leaves client {client} "
+                f"({n} samples) with no local test sample; set data.local_test_fraction >= "
+                f"1/{n} or give every client more samples (data.partition.min_samples, fewer "
+                "data.partition.num_clients)."
+            )
+        return train_idx, test_idx
 
     def _pool(self, source):
         """The ``pool_splits`` of the dataset concatenated (columns checked in each)."""
@@ -230,7 +278,13 @@ class FederatedDataModule(L.LightningDataModule):
         return self.partition.num_clients
 
     def num_samples(self, client_id: int) -> int:
+        """The client's training samples (its local test set not counted): its FedAvg weight."""
         return len(self.client_indices[client_id])
+
+    @property
+    def has_local_test(self) -> bool:
+        """Whether every client holds a local test set (``data.local_test_fraction`` set)."""
+        return self.local_test_fraction is not None
 
     def fingerprints(self) -> dict[str, str]:
         """Content hashes of the loaded train and test sets (``train``, ``test``).
@@ -240,7 +294,15 @@ class FederatedDataModule(L.LightningDataModule):
         return {"train": self.train_set._fingerprint, "test": self.test_set._fingerprint}
 
     def label_table(self) -> str:
-        return format_label_table(self.counts, self.class_names)
+        """Per-client label counts; with local test sets, a training and a local-test block."""
+        table = format_label_table(self.counts, self.class_names)
+        if not self.has_local_test:
+            return table
+        local = format_label_table(self.test_counts, self.class_names)
+        return (
+            f"train\n{table}\n\n"
+            f"local test (data.local_test_fraction={self.local_test_fraction})\n{local}"
+        )
 
     def set_image_transform(self, transform: Callable) -> None:
         """The model's own preprocessing (CLIP resize, crop, normalise)."""
@@ -262,6 +324,25 @@ class FederatedDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             shuffle=True,
             generator=generator,
+            num_workers=self.num_workers,
+            collate_fn=self.collate,
+        )
+
+    def client_test_dataset(self, client_id: int):
+        """One client's local test set (``data.local_test_fraction`` of its partition)."""
+        if not self.has_local_test:
+            raise ValueError(
+                "data.local_test_fraction is null: clients hold no local test sets. Set it, "
+                "e.g. --data.local_test_fraction 0.2, for personalised evaluation."
+            )
+        return self.train_set.select(self.client_test_indices[client_id])
+
+    def client_test_dataloader(self, client_id: int) -> DataLoader:
+        """Loader over one client's local test set, in order (for evaluation)."""
+        return DataLoader(
+            self.client_test_dataset(client_id),
+            batch_size=self.eval_batch_size,
+            shuffle=False,
             num_workers=self.num_workers,
             collate_fn=self.collate,
         )

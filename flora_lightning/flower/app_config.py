@@ -104,6 +104,7 @@ def build_components(run: FlowerRunConfig, run_dir: str | None = None) -> Compon
     dump = config.clone()
     dump.pop("config", None)
     loop: FederatedLoop = init.trainer
+    loop.use_privacy(init.privacy)
     return Components(
         model=init.model,
         data=init.data,

@@ -27,14 +27,7 @@ import math
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
-
-def local_steps(
-    num_samples: int, batch_size: int, local_epochs: int, max_local_steps: int | None
-) -> int:
-    """Optimizer steps of one client fit, as :class:`~flora_lightning.trainer.LocalTrainer`
-    takes them (``ceil(n / batch)`` per epoch, no ``drop_last``, capped by ``max_local_steps``)."""
-    steps = local_epochs * math.ceil(num_samples / batch_size)
-    return steps if max_local_steps is None else min(steps, max_local_steps)
+from flora_lightning.trainer import local_steps  # noqa: F401  (re-exported: steps accounted)
 
 
 class Accountant:

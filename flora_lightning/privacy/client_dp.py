@@ -224,10 +224,14 @@ class DPFedAvg(Strategy):
         """Seed of ``stream`` (0: the update noise, 1: the clipped-count noise) of a round."""
         return int(np.random.default_rng([self.seed, round_, stream]).integers(2**62))
 
-    def state_dict(self) -> dict:
-        """What a resume needs: the rounds done (noise seeds) and the current clip bound."""
-        return {"rounds_done": self.rounds_done, "clip_norm": self.clip_norm}
+    def state_dict(self) -> State:
+        """What a resume needs, as tensors (saved with the resume state): the rounds done
+        (noise seeds) and the current clip bound."""
+        return {
+            "rounds_done": torch.tensor(self.rounds_done, dtype=torch.int64),
+            "clip_norm": torch.tensor(self.clip_norm, dtype=torch.float64),
+        }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: State) -> None:
         self.rounds_done = int(state["rounds_done"])
         self.clip_norm = float(state["clip_norm"])

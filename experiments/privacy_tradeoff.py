@@ -1,0 +1,146 @@
+"""Accuracy against epsilon: FLoRA and FLoRA with a frozen A (FFA-LoRA) under DP.
+
+Usage::
+
+    python experiments/privacy_tradeoff.py --out runs/privacy
+    python experiments/privacy_tradeoff.py --out runs/privacy --epsilons [1, 8] --rounds 3
+
+For every level (``sample``: DP-SGD in each local fit; ``client``: DP-FedAvg), every variant
+(``flora``; ``flora_freeze_a``: ``--model.lora.freeze_a true``) and every epsilon, one
+``flora fit`` run of ``--config`` (the offline quickstart by default) with
+``--privacy.target_epsilon`` (the noise multiplier is picked for the planned rounds) writes to
+``OUT/<level>/<variant>/eps<epsilon>``; epsilon ``inf`` is the non-private run of the variant
+(shared by both levels). Writes ``OUT/results.json``, ``OUT/results.md`` (one row per level and
+variant, one column per epsilon: final test accuracy, and the epsilon actually reached) and
+``OUT/accuracy_vs_epsilon.png``.
+
+Client-level DP needs many clients per round to add little noise per client (sigma * C / m);
+the quickstart has 5, so expect a large accuracy cost there: that is the measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from flora_lightning.stages import fit
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+VARIANTS = {"flora": [], "flora_freeze_a": ["--model.lora.freeze_a", "true"]}
+
+
+def run_one(config: Path, run_dir: Path, level: str, epsilon: float, variant: str,
+            common: list[str]) -> dict:  # fmt: skip
+    """One fit; returns its row (reuses a finished run folder)."""
+    if (run_dir / "summary.json").exists():
+        summary = json.loads((run_dir / "summary.json").read_text())
+        seconds = None
+    else:
+        args = ["--config", str(config), "--trainer.default_root_dir", str(run_dir), *common]
+        args += VARIANTS[variant]
+        if math.isfinite(epsilon):
+            args += ["--privacy.level", level, "--privacy.target_epsilon", str(epsilon)]
+        start = time.perf_counter()
+        summary = fit(args)
+        seconds = time.perf_counter() - start
+    privacy = summary.get("privacy", {})
+    return {
+        "level": level,
+        "variant": variant,
+        "target_epsilon": epsilon,
+        "epsilon": privacy.get("epsilon", math.inf),
+        "noise_multiplier": privacy.get("noise_multiplier", 0.0),
+        "final_test_acc": summary["final_test_acc"],
+        "best_test_acc": summary["best_test_acc"],
+        "seconds": seconds,
+    }
+
+
+def main(
+    out: Path = Path("runs/privacy"),
+    config: Path = QUICKSTART,
+    epsilons: list[float] = [1.0, 4.0, 8.0, math.inf],
+    levels: list[str] = ["sample", "client"],
+    rounds: int = 5,
+    max_local_steps: int = 5,
+    extra: list[str] = [],
+) -> list[dict]:
+    """Run the grid and write results.json, results.md and accuracy_vs_epsilon.png.
+
+    Args:
+        out: output folder (finished runs in it are reused).
+        config: the ``flora fit`` config every run starts from.
+        epsilons: target epsilons; ``inf`` is the non-private run.
+        levels: privacy levels (``sample``, ``client``).
+        rounds: communication rounds of every run.
+        max_local_steps: local steps per client per round.
+        extra: more ``flora fit`` arguments for every run.
+    """
+    common = ["--trainer.rounds", str(rounds), "--trainer.max_local_steps",
+              str(max_local_steps), "--trainer.progress", "false", *extra]  # fmt: skip
+    rows = []
+    for level in levels:
+        for variant in VARIANTS:
+            for epsilon in epsilons:
+                name = f"eps{epsilon:g}" if math.isfinite(epsilon) else "nonprivate"
+                folder = out / (variant if not math.isfinite(epsilon) else f"{level}/{variant}")
+                rows.append(run_one(config, folder / name, level, epsilon, variant, common))
+                print(json.dumps(rows[-1]))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    (out / "results.md").write_text(table(rows, epsilons))
+    plot(rows, out / "accuracy_vs_epsilon.png")
+    return rows
+
+
+def table(rows: list[dict], epsilons: list[float]) -> str:
+    """Markdown: final accuracy per (level, variant) and target epsilon (reached epsilon)."""
+    head = ["level", "variant", *(f"eps={e:g}" for e in epsilons)]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for level in dict.fromkeys(r["level"] for r in rows):
+        for variant in VARIANTS:
+            cells = []
+            for epsilon in epsilons:
+                row = next(r for r in rows if (r["level"], r["variant"], r["target_epsilon"])
+                           == (level, variant, epsilon))  # fmt: skip
+                reached = "" if not math.isfinite(epsilon) else f" (eps {row['epsilon']:.2f})"
+                cells.append(f"{row['final_test_acc']:.3f}{reached}")
+            lines.append(f"| {level} | {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Final accuracy against epsilon (non-private drawn as a dashed line per variant)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for level in dict.fromkeys(r["level"] for r in rows):
+        for variant in VARIANTS:
+            points = sorted((r["target_epsilon"], r["final_test_acc"]) for r in rows
+                            if (r["level"], r["variant"]) == (level, variant)
+                            and math.isfinite(r["target_epsilon"]))  # fmt: skip
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=f"{level} / {variant}")
+    for variant in VARIANTS:
+        base = [r["final_test_acc"] for r in rows
+                if r["variant"] == variant and not math.isfinite(r["target_epsilon"])]  # fmt: skip
+        if base:
+            ax.axhline(base[0], linestyle="--", linewidth=1, label=f"non-private / {variant}")
+    ax.set_xscale("log")
+    ax.set_xlabel("epsilon (delta = 1e-5)")
+    ax.set_ylabel("final test accuracy")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    from jsonargparse import auto_cli
+
+    auto_cli(main)
