@@ -4,12 +4,12 @@ Everything is written to a temporary name next to the target, flushed, then rena
 an interrupted run never leaves a half-written file or folder behind. Weights are loaded with
 safetensors only (no pickle).
 
-Integrity: :func:`save_state` returns the file's sha256; :func:`write_manifest` records sha256
-and size of files in a folder's ``manifest.json``, and every folder :func:`write_folder` builds
-carries one. :func:`load_state` checks a file against a given sha256 or against its folder's
-manifest, :func:`verify_folder` checks a whole folder, so silent corruption (a flipped byte, a
-truncated copy) is one clear :class:`CorruptCheckpointError` naming the file. Folders and files
-written before manifests existed load as before, unverified.
+Integrity (:mod:`flora_lightning.integrity`): :func:`save_state` returns the file's sha256;
+:func:`write_manifest` records sha256 and size of files in a folder's ``manifest.json``, and
+every folder :func:`write_folder` builds carries one. :func:`load_state` checks a file against a
+given sha256 or its folder's manifest, :func:`verify_folder` a whole folder, so silent
+corruption (a flipped byte, a truncated copy) is one clear :class:`CorruptCheckpointError`
+naming the file. Files and folders written before manifests existed load as before, unverified.
 
 Fallback: ``write_folder(target, fill, keep_previous=True)`` keeps the replaced folder at
 ``<target>.prev``; at every moment of the swap a complete ``target`` or ``target.prev`` exists,
@@ -28,7 +28,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import logging
 import os
 import re
 import shutil
@@ -40,15 +39,39 @@ from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError
 
+from flora_lightning.integrity import (
+    MANIFEST,
+    CorruptCheckpointError,
+    build_manifest,
+    check_file,
+    file_sha256,
+    manifest_entry,
+    newest_valid_folder,
+    prev_folder,
+    verify_folder,
+)
+
+__all__ = [
+    "CorruptCheckpointError",
+    "RunDirWriteError",
+    "file_sha256",
+    "flatten_optimizer_states",
+    "link_or_copy",
+    "load_state",
+    "newest_valid_folder",
+    "save_state",
+    "unflatten_optimizer_states",
+    "verify_folder",
+    "write_folder",
+    "write_json",
+    "write_manifest",
+]
+
 if TYPE_CHECKING:
     import torch
 
     State = dict[str, torch.Tensor]
 
-log = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
-"""Name of the checksum manifest inside a folder."""
 
 # errno -> (reason, fix) for failures that mean "this disk / folder cannot take the write".
 _WRITE_FAILURES = {
@@ -60,10 +83,6 @@ _WRITE_FAILURES = {
     errno.EPERM: ("operation not permitted", "make the folder writable or choose another folder"),
     errno.EIO: ("I/O error", "check the disk"),
 }
-
-
-class CorruptCheckpointError(ValueError):
-    """A checkpoint file or folder exists but is unreadable, truncated or fails its checksum."""
 
 
 class RunDirWriteError(OSError):
@@ -119,12 +138,6 @@ def _os_error_code(err: Exception) -> int | None:
 def _fsync_and_hash(path: Path) -> str:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 hex digest of a file's bytes."""
-    with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
@@ -196,9 +209,9 @@ def load_state(path: str | Path, sha256: str | None = None) -> State:
         raise ValueError(f"{path}: only .safetensors checkpoints are loaded (no pickle files).")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    expected = {"sha256": sha256} if sha256 else _manifest_entry(path)
+    expected = {"sha256": sha256} if sha256 else manifest_entry(path)
     if expected:
-        _check_file(path, expected, _corrupt_hint(path))
+        check_file(path, expected, _corrupt_hint(path))
     try:
         return load_file(path)
     except SafetensorError as err:
@@ -240,37 +253,6 @@ def link_or_copy(source: Path, target: Path) -> None:
 
 
 # ------------------------------------------------------------------ manifests
-def _folder_files(folder: Path) -> list[str]:
-    """Relative POSIX paths of every regular file below ``folder`` except the manifest."""
-    return sorted(
-        p.relative_to(folder).as_posix()
-        for p in folder.rglob("*")
-        if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST
-    )
-
-
-def _read_manifest(folder: Path) -> dict[str, dict] | None:
-    """``{relative name: {"sha256", "size"}}``, or None when the folder has no manifest."""
-    path = folder / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        files = json.loads(path.read_text())["files"]
-        if not isinstance(files, dict):
-            raise TypeError("'files' is not a mapping")
-        return files
-    except (ValueError, KeyError, TypeError) as err:
-        raise CorruptCheckpointError(
-            f"{path}: unreadable checksum manifest ({type(err).__name__}: {err}); the folder "
-            f"{folder} cannot be verified: restore it from a copy, or start a new run directory."
-        ) from err
-
-
-def _manifest_entry(path: Path) -> dict | None:
-    files = _read_manifest(path.parent)
-    return None if files is None else files.get(path.name)
-
-
 def write_manifest(folder: Path, names: Iterable[str] | None = None) -> dict[str, dict]:
     """Record sha256 and size of files in ``folder/manifest.json`` (atomically).
 
@@ -282,87 +264,9 @@ def write_manifest(folder: Path, names: Iterable[str] | None = None) -> dict[str
     Returns:
         The recorded ``{name: {"sha256": ..., "size": ...}}``.
     """
-    folder = Path(folder)
-    if names is None:
-        files: dict[str, dict] = {}
-        names = _folder_files(folder)
-    else:
-        old = _read_manifest(folder) or {}
-        files = {name: entry for name, entry in old.items() if (folder / name).is_file()}
-    for name in names:
-        path = folder / name
-        files[name] = {"sha256": file_sha256(path), "size": path.stat().st_size}
-    write_json({"format": 1, "files": dict(sorted(files.items()))}, folder / MANIFEST)
-    return files
-
-
-def _check_file(path: Path, expected: dict, hint: str) -> None:
-    if not path.is_file():
-        raise CorruptCheckpointError(
-            f"{path}: missing (listed in {MANIFEST}); the folder is incomplete: {hint}."
-        )
-    size = path.stat().st_size
-    if "size" in expected and size != expected["size"]:
-        what = "truncated" if size < expected["size"] else "longer than written"
-        raise CorruptCheckpointError(
-            f"{path}: {what} ({size} bytes, {expected['size']} were written): {hint}."
-        )
-    actual = file_sha256(path)
-    if actual != expected["sha256"]:
-        raise CorruptCheckpointError(
-            f"{path}: checksum mismatch (sha256 {actual[:16]}..., {expected['sha256'][:16]}... "
-            f"was written): the file was corrupted after it was written: {hint}."
-        )
-
-
-def verify_folder(folder: Path) -> None:
-    """Check every file listed in ``folder/manifest.json`` (presence, size, sha256).
-
-    A folder without a manifest (written before manifests existed) passes unverified.
-
-    Raises:
-        FileNotFoundError: ``folder`` does not exist.
-        CorruptCheckpointError: naming the first file that is missing, truncated or altered.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} does not exist")
-    files = _read_manifest(folder)
-    hint = (
-        f"restore {folder.name} from a copy, or use {_prev(folder).name} if it verifies"
-        if not folder.name.endswith(".prev")
-        else "restore it from a copy, or start a new run directory"
-    )
-    for name, entry in (files or {}).items():
-        _check_file(folder / name, entry, hint)
-
-
-def _prev(target: Path) -> Path:
-    return target.with_name(f"{target.name}.prev")
-
-
-def newest_valid_folder(target: Path) -> Path | None:
-    """``target`` if it verifies, else ``<target>.prev`` if that does (with a warning), else None.
-
-    Logs a warning naming what was wrong with each folder passed over.
-    """
-    target = Path(target)
-    problems = []
-    for folder in (target, _prev(target)):
-        if not folder.is_dir():
-            problems.append(f"{folder} does not exist")
-            continue
-        try:
-            verify_folder(folder)
-        except CorruptCheckpointError as err:
-            problems.append(str(err))
-            continue
-        if folder != target:
-            log.warning("%s; using the previous complete copy %s.", problems[0], folder)
-        return folder
-    if target.exists() or _prev(target).exists():
-        log.warning("no valid copy of %s: %s", target, "; ".join(problems))
-    return None
+    manifest = build_manifest(folder, names)
+    write_json(manifest, Path(folder) / MANIFEST)
+    return manifest["files"]
 
 
 # ------------------------------------------------------------------ folders
@@ -391,7 +295,7 @@ def write_folder(
         RunDirWriteError: disk full / unwritable; ``target`` (and ``.prev``) stay as they were.
     """
     target = Path(target)
-    prev, old = _prev(target), target.with_name(f".{target.name}.old")
+    prev, old = prev_folder(target), target.with_name(f".{target.name}.old")
     with _writing(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))

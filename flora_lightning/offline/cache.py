@@ -7,7 +7,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from flora_lightning.checkpoint import CorruptCheckpointError, verify_folder, write_folder
+from flora_lightning.checkpoint import write_folder
+from flora_lightning.integrity import CorruptCheckpointError, verify_folder
 
 log = logging.getLogger(__name__)
 
