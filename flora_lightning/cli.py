@@ -119,7 +119,8 @@ def precheck(args: list[str]) -> None:
         if isinstance(trainer, dict) and isinstance(trainer.get("default_root_dir"), str):
             settings.append((position, trainer["default_root_dir"]))
     settings += _option_values(rest, "--trainer.default_root_dir")
-    if settings:
+    printing = any(arg == "--print_config" or arg.startswith("--print_config=") for arg in rest)
+    if settings and not printing:  # --print_config only prints: no run directory is used
         check_run_dir(max(settings)[1])
 
 

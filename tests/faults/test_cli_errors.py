@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from flora_lightning import cli
-from flora_lightning.error_report import PACKAGE_DIR, classify
+from flora_lightning.error_report import PACKAGE_DIR, ConfigError, classify
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
@@ -351,3 +351,11 @@ def test_run_log_gets_the_traceback_of_a_runtime_failure_only(tmp_path):
     text = (run_dir / "flora.log").read_text()
     assert "ERROR flora_lightning: flora fit failed:" in text
     assert "Traceback (most recent call last)" in text and "ZeroDivisionError" in text
+
+
+def test_print_config_does_not_check_the_run_directory(tmp_path, capsys):
+    (tmp_path / "run").write_text("a file")
+    args = ["fit", "--config", QUICKSTART, "--trainer.default_root_dir", str(tmp_path / "run")]
+    cli.precheck([*args, "--print_config"])  # prints only: nothing to refuse
+    with pytest.raises(ConfigError, match="cannot be a run directory"):
+        cli.precheck(args)
