@@ -3,16 +3,22 @@
 Shared by the ``flora`` command line (:mod:`flora_lightning.cli`) and by anything that runs
 stages itself (:mod:`flora_lightning.sweep` runs ``fit`` once per cell), so that neither has to
 import the other. Every knob comes from a typed signature with a one-line docstring.
+
+The model, data and loop classes (torch, Lightning, transformers: seconds to import) are
+imported when a parser is built, not with this module, so ``flora`` can report errors found
+before that (a missing config file, a YAML syntax error) at once.
 """
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
-from flora_lightning.data.datamodule import FederatedDataModule
-from flora_lightning.loop import FederatedLoop
-from flora_lightning.methods.base import FederatedCLIPModule
-from flora_lightning.privacy.config import PrivacyConfig
+from flora_lightning.error_report import ConfigError, run_log
+
+log = logging.getLogger(__name__)
 
 STAGES = {
     "fit": "Train: federated rounds, per-round evaluation, checkpoints and summary.json.",
@@ -24,6 +30,10 @@ STAGES = {
 def stage_parser(stage: str) -> ArgumentParser:
     """The parser of one stage: model, data and trainer groups plus --config."""
     import flora_lightning.methods  # noqa: F401  (registers the method classes for --model)
+    from flora_lightning.data.datamodule import FederatedDataModule
+    from flora_lightning.loop import FederatedLoop
+    from flora_lightning.methods.base import FederatedCLIPModule
+    from flora_lightning.privacy.config import PrivacyConfig
 
     parser = ArgumentParser(description=STAGES[stage], exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config file(s).")
@@ -53,14 +63,45 @@ def stage_parser(stage: str) -> ArgumentParser:
     return parser
 
 
+def check_run_dir(run_dir: str | Path | None, field: str = "trainer.default_root_dir") -> None:
+    """Refuse a run directory that cannot be a folder (it, or a parent, is a file).
+
+    Raises:
+        ConfigError: naming ``field``, the file in the way and the fix.
+    """
+    if not run_dir:
+        return
+    path = Path(run_dir)
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                what = "it is" if folder == path else f"{folder} is"
+                raise ConfigError(
+                    f"{field}={run_dir} cannot be a run directory: {what} an existing file; "
+                    "pass a folder path (created if missing), e.g. "
+                    f"--{field} {path.with_name(path.name + '_run')}."
+                )
+            return
+
+
 def run_stage(stage: str, parser: ArgumentParser, config: Namespace) -> dict:
-    """Build model, data and loop from ``config`` (parsed by ``parser``) and run ``stage``."""
-    init = parser.instantiate_classes(config)
-    loop: FederatedLoop = init.trainer
-    loop.use_privacy(init.privacy)
-    if stage == "fit":
-        return loop.fit(init.model, init.data, config_yaml=dump_config(parser, config))
-    return getattr(loop, stage)(init.model, init.data, ckpt_path=init.ckpt_path)
+    """Build model, data and loop from ``config`` (parsed by ``parser``) and run ``stage``.
+
+    The run's log lines, and the traceback of a failure that is not a config error, go to
+    ``<trainer.default_root_dir>/flora.log`` (see :func:`flora_lightning.error_report.run_log`).
+    """
+    run_dir = config.trainer.default_root_dir
+    check_run_dir(run_dir)
+    with run_log(run_dir, f"flora {stage}"):
+        init = parser.instantiate_classes(config)
+        loop = init.trainer
+        loop.use_privacy(init.privacy)
+        if stage == "fit":
+            result = loop.fit(init.model, init.data, config_yaml=dump_config(parser, config))
+        else:
+            result = getattr(loop, stage)(init.model, init.data, ckpt_path=init.ckpt_path)
+        log.info("flora %s finished; outputs in %s.", stage, run_dir)
+        return result
 
 
 def fit(args: list[str]) -> dict:

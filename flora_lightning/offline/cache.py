@@ -1,12 +1,16 @@
-"""Where offline assets live, and how they are written without leaving half-built folders."""
+"""Where offline assets live, and how they are built once without leaving half-built folders."""
 
 from __future__ import annotations
 
+import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from flora_lightning.checkpoint import write_folder
+from flora_lightning.integrity import CorruptCheckpointError, verify_folder
+
+log = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
@@ -15,22 +19,20 @@ def cache_dir() -> Path:
 
 
 def build_once(target: Path, build: Callable[[Path], None]) -> Path:
-    """Build ``target`` with ``build(tmp_dir)`` unless it exists; the rename makes it atomic.
+    """Build ``target`` with ``build(tmp_dir)`` unless a complete copy exists.
 
-    A crash mid-build leaves only a temporary folder next to ``target``, never a partial
-    ``target``, so the next call simply builds again.
+    Written by :func:`flora_lightning.checkpoint.write_folder` (the same atomic writer as run
+    directories), so a crash mid-build leaves only a temporary folder next to ``target``, never a
+    partial ``target``, and the folder carries a checksum manifest. A cached copy that fails its
+    manifest (a damaged disk, a hand-edited file) is rebuilt, with a warning; copies built before
+    manifests existed are used as they are. When two processes build at once, the first complete
+    folder wins.
     """
     if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        build(tmp)
         try:
-            os.rename(tmp, target)
-        except OSError:
-            if not target.is_dir():  # another process won the race only if target now exists
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+            verify_folder(target)
+            return target
+        except CorruptCheckpointError as err:
+            log.warning("offline asset cache: %s; rebuilding %s.", err, target)
+            return write_folder(target, build)
+    return write_folder(target, build, replace=False)
