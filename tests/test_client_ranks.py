@@ -30,6 +30,11 @@ from flora_lightning.strategy.lora_product import lora_pairs
 TINY_CLIP = "flora-offline/tiny-clip"
 
 
+def first_lora_a(state) -> str:
+    """The first lora_A name of ``state``."""
+    return next(iter(lora_pairs(state)))
+
+
 # ------------------------------------------------------------------ assignment
 def test_a_list_gives_each_client_its_rank():
     assert assign_ranks([4, 2, 1], num_clients=3, seed=0) == [4, 2, 1]
@@ -183,8 +188,14 @@ def test_a_low_rank_client_trains_as_a_real_rank_2_lora(make_flora, make_datamod
     real.launch(make_flora(LoraSettings(rank=2)), make_datamodule(), tensorboard=False)
     global_state = sim.model.communicated_state()
     real.model.load_communicated_state(for_rank(global_state, 2))
+    sim.prepare_client(for_rank(global_state, 2), 0)  # a runtime may send the slice only
+    from_slice = sim.model.communicated_state()
+    assert sim.state_for_client(global_state, 0)[first_lora_a(global_state)].shape[0] == 2
     for round_ in (1, 2):  # the second fit reuses the kept Adam state
         sim.prepare_client(global_state, 0)
+        if round_ == 1:
+            for name, tensor in sim.model.communicated_state().items():
+                assert torch.equal(tensor, from_slice[name])
         got = sim.client_state_to_send(sim.trainer.fit(sim.model, data, 0, round_))
         want = real.trainer.fit(real.model, real.datamodule, 0, round_)
         assert got.state.keys() == want.state.keys()
