@@ -147,6 +147,8 @@ class FederatedLoop(RoundEngine):
         """Run (or resume) the federated training; returns the summary written to summary.json."""
         self.open_run(model, datamodule, config_yaml)
         self.fabric.print(f"Client label counts:\n{datamodule.label_table()}")
+        if self.ranks is not None:
+            self.fabric.print(f"Client LoRA ranks: {self.ranks}")
         start = self.restore() if self.resume else 0
         self.cache_image_features(model, datamodule, list(range(datamodule.num_clients)))
         self.fabric.call("on_fit_start", loop=self, model=model)

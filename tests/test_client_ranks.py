@@ -226,11 +226,12 @@ class Watch(Callback):
 
 
 @pytest.mark.parametrize("strategy", [ZeroPaddingAverage, SvdRedistribution])
-def test_a_run_with_ranks_4_2_1(make_flora, make_datamodule, make_loop, strategy):
+def test_a_run_with_ranks_4_2_1(make_flora, make_datamodule, make_loop, strategy, capsys):
     watch = Watch()
     loop = make_loop(rounds=2, client_ranks=[4, 2, 1], strategy=strategy(), callbacks=[watch])
     model = make_flora(LoraSettings(rank=4))
     summary = loop.fit(model, make_datamodule())
+    assert "Client LoRA ranks: [4, 2, 1]" in capsys.readouterr().out
     final = model.communicated_state()
     pairs = lora_pairs(final)
     assert pairs and all(final[a].shape[0] == 4 for a in pairs)  # the global model stays rank 4
