@@ -21,13 +21,20 @@ from flora_lightning.checkpoint import (
     unflatten_optimizer_states,
     write_json,
 )
+from flora_lightning.client_ranks import (
+    RankMask,
+    assign_ranks,
+    check_rank_run,
+    padded_state,
+    sliced_update,
+)
 from flora_lightning.evaluation import evaluate
 from flora_lightning.feature_cache import FeatureCache
 from flora_lightning.launch import launch
 from flora_lightning.privacy.config import PrivacyConfig
 from flora_lightning.privacy.run import PrivacyRun
 from flora_lightning.records import RoundRecord, RoundTally
-from flora_lightning.strategy import ClientUpdate, state_bytes
+from flora_lightning.strategy import ClientUpdate, State, for_rank, state_bytes
 
 
 class RoundEngine:
@@ -41,6 +48,11 @@ class RoundEngine:
     """Simulated unreliable clients (:class:`~flora_lightning.availability.Availability`)."""
     privacy_run: PrivacyRun | None = None
     """The run's differential privacy (:meth:`use_privacy`); None: none."""
+    client_ranks = None
+    """``trainer.client_ranks`` (:mod:`flora_lightning.client_ranks`); None: one rank."""
+    ranks: list[int] | None = None
+    """Each client's LoRA rank, resolved at :meth:`launch`; None: all at the model's."""
+    _rank_mask: RankMask | None = None
 
     def use_privacy(self, privacy: PrivacyConfig) -> None:
         """Train with ``privacy`` (``--privacy.*``; level none changes nothing). Call before
@@ -64,6 +76,9 @@ class RoundEngine:
         level is checked first and set up last (strategy or local step, accountant)."""
         if self.privacy_run is not None:
             self.privacy_run.check(self, model)
+        self.ranks = assign_ranks(self.client_ranks, data.num_clients, self.seed)
+        if self.ranks is not None:
+            check_rank_run(self.ranks, model, self.strategy, self.privacy_run is not None)
         launch(self, model, data, [self.recorder.tensorboard()] if tensorboard else [])
         self.recorder.callbacks = self.callbacks
         if self.privacy_run is not None:
@@ -112,6 +127,42 @@ class RoundEngine:
         elif event.kind == "straggler":
             tally.stragglers[str(client)] = event.steps
         return event.steps
+
+    def client_rank(self, client: int) -> int | None:
+        """``client``'s LoRA rank when it differs from the global model's, else None."""
+        if self.ranks is None or self.ranks[client] == self.model.lora.rank:
+            return None
+        return self.ranks[client]
+
+    def prepare_client(self, global_state: State, client: int) -> None:
+        """Load what ``client`` starts its fit from into the model: ``global_state`` (the
+        global state, or a rank-``r_k`` slice of it), for a lower-rank client zero-padded
+        beyond its rank with those slots' gradients masked until :meth:`client_state_to_send`
+        (see :mod:`flora_lightning.client_ranks`)."""
+        if self._rank_mask is not None:
+            self._rank_mask.remove()
+            self._rank_mask = None
+        rank = self.client_rank(client)
+        if rank is None:
+            self.model.load_communicated_state(global_state)
+            return
+        params = dict(self.model.trainable_named_parameters())
+        self.model.load_communicated_state(padded_state(global_state, rank, params))
+        self._rank_mask = RankMask(params, rank)
+
+    def client_state_to_send(self, update: ClientUpdate) -> ClientUpdate:
+        """What the client sends after its fit: ``update`` cut to its rank (whole at the
+        global rank); takes the gradient mask of :meth:`prepare_client` off."""
+        if self._rank_mask is not None:
+            self._rank_mask.remove()
+            self._rank_mask = None
+        rank = self.client_rank(update.client_id)
+        return update if rank is None else sliced_update(update, rank)
+
+    def state_for_client(self, global_state: State, client: int) -> State:
+        """The part of ``global_state`` ``client`` receives: its rank's slice (views)."""
+        rank = self.client_rank(client)
+        return global_state if rank is None else for_rank(global_state, rank)
 
     def client_update(self, tally: RoundTally, update: ClientUpdate, seconds: float) -> None:
         """A client's update arrived: callbacks' ``on_client_fit_end``, traffic and loss."""

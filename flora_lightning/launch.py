@@ -12,6 +12,7 @@ from typing import Literal
 import lightning as L
 import torch
 
+from flora_lightning.client_ranks import ClientRanks, check_client_ranks
 from flora_lightning.hub import NotAvailableError
 from flora_lightning.trainer import LocalTrainer
 
@@ -28,6 +29,7 @@ def check_settings(
     resume_every_n_rounds: int,
     keep_last_checkpoints: int | None,
     on_client_error: str,
+    client_ranks: ClientRanks = None,
     **_: object,
 ) -> None:
     """Refuse bad ``trainer.*`` values, naming the field and the fix."""
@@ -58,6 +60,7 @@ def check_settings(
         raise ValueError(
             f"trainer.on_client_error must be skip or raise (got {on_client_error!r})."
         )
+    check_client_ranks(client_ranks)
 
 
 def launch(loop, model, data, loggers: list) -> None:

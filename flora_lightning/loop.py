@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from flora_lightning.availability import Availability
 from flora_lightning.callbacks.base import Callback
 from flora_lightning.callbacks.communication import CommunicationLogger
+from flora_lightning.client_ranks import ClientRanks
 from flora_lightning.engine import RoundEngine
 from flora_lightning.feature_cache import FeatureCache
 from flora_lightning.launch import OnClientError, Precision, check_settings
@@ -61,6 +62,10 @@ class FederatedLoop(RoundEngine):
         availability: simulated unreliable clients: per-round dropout, stragglers that run
             only part of their local steps, a round deadline (seeded per round and client; see
             :mod:`flora_lightning.availability`). null: every sampled client trains fully.
+        client_ranks: each client's LoRA rank (at most ``model.lora.rank``): a list with one
+            rank per client, or tiers ``[{rank: 4, share: 0.5}, ...]`` assigned by seed; mixed
+            ranks need ``ZeroPaddingAverage`` or ``SvdRedistribution`` (see
+            :mod:`flora_lightning.client_ranks`). null: every client at ``model.lora.rank``.
         on_client_error: a client whose local fit raises (e.g. out of memory) is left out of
             the round with the error as its reason (``skip``, as a failed Flower ClientApp),
             or stops the run (``raise``). Either way, a round with fewer than
@@ -93,6 +98,7 @@ class FederatedLoop(RoundEngine):
         release_image_encoder: bool = True,
         strategy: Strategy | None = None,
         availability: Availability | None = None,
+        client_ranks: ClientRanks = None,
         on_client_error: OnClientError = "skip",
         callbacks: list[Callback] | None = None,
         default_root_dir: str = "runs/flora",
@@ -109,7 +115,7 @@ class FederatedLoop(RoundEngine):
         self.cache_features, self.feature_cache_dir = cache_features, feature_cache_dir
         self.release_image_encoder = release_image_encoder
         self.strategy = strategy or FedAvg()
-        self.availability = availability
+        self.availability, self.client_ranks = availability, client_ranks
         self.on_client_error = on_client_error
         self.callbacks = list(callbacks or [])
         if not any(isinstance(c, CommunicationLogger) for c in self.callbacks):
@@ -141,6 +147,8 @@ class FederatedLoop(RoundEngine):
         """Run (or resume) the federated training; returns the summary written to summary.json."""
         self.open_run(model, datamodule, config_yaml)
         self.fabric.print(f"Client label counts:\n{datamodule.label_table()}")
+        if self.ranks is not None:
+            self.fabric.print(f"Client LoRA ranks: {self.ranks}")
         start = self.restore() if self.resume else 0
         self.cache_image_features(model, datamodule, list(range(datamodule.num_clients)))
         self.fabric.call("on_fit_start", loop=self, model=model)
@@ -164,12 +172,13 @@ class FederatedLoop(RoundEngine):
             steps = self.client_steps(tally, client)
             if steps == 0:
                 continue  # dropped: it sends nothing
-            model.load_communicated_state(global_state)
+            self.prepare_client(global_state, client)
             self.fabric.call("on_client_fit_start", loop=self, model=model, client_id=client)
             t0 = time.perf_counter()
             try:
                 update = self.trainer.fit(model, data, client, round_, self.feature_cache,
                                           self.strategy.proximal_mu, steps)  # fmt: skip
+                update = self.client_state_to_send(update)
             except Exception as err:
                 if self.on_client_error == "raise":
                     raise
@@ -179,7 +188,8 @@ class FederatedLoop(RoundEngine):
                 continue
             self.client_update(tally, update, time.perf_counter() - t0)
             self.strategy.add(update)
-        tally.bytes_down = state_bytes(global_state) * len(tally.clients)
+        tally.bytes_down = sum(state_bytes(self.state_for_client(global_state, c))
+                               for c in tally.clients)  # fmt: skip
         tally.accepted = sorted(self.strategy.accepted)
         tally.rejected.update({str(c): r for c, r in self.strategy.rejected.items()})
         if len(tally.accepted) < self.strategy.min_clients:
