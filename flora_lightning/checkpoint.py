@@ -25,11 +25,9 @@ by the command line before the heavy imports.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -50,6 +48,11 @@ from flora_lightning.integrity import (
     prev_folder,
     verify_folder,
 )
+from flora_lightning.optimizer_states import (
+    flatten_optimizer_states,
+    unflatten_optimizer_states,
+)
+from flora_lightning.write_errors import RunDirWriteError, is_write_failure, os_error_code
 
 __all__ = [
     "CorruptCheckpointError",
@@ -73,49 +76,6 @@ if TYPE_CHECKING:
     State = dict[str, torch.Tensor]
 
 
-# errno -> (reason, fix) for failures that mean "this disk / folder cannot take the write".
-_WRITE_FAILURES = {
-    errno.ENOSPC: ("no space left on device", "free space on that disk"),
-    errno.EDQUOT: ("disk quota exceeded", "free space or raise the quota"),
-    errno.EFBIG: ("file too large for the filesystem", "write to another filesystem"),
-    errno.EROFS: ("read-only file system", "make it writable or choose another folder"),
-    errno.EACCES: ("permission denied", "make the folder writable or choose another folder"),
-    errno.EPERM: ("operation not permitted", "make the folder writable or choose another folder"),
-    errno.EIO: ("I/O error", "check the disk"),
-}
-
-
-class RunDirWriteError(OSError):
-    """A run-directory (or cache) write failed: disk full, quota, read-only, permissions.
-
-    Keeps the original ``errno`` and the original error as ``__cause__``; ``str()`` is one line
-    naming the path, the reason and the fix. ``atomic``: the write was one of this module's
-    (temporary file removed, previous version intact), which the message then says.
-    """
-
-    def __init__(self, path: Path, cause: OSError, atomic: bool = True):
-        reason, fix = _WRITE_FAILURES.get(cause.errno, (cause.strerror or str(cause), "fix it"))
-        if atomic:  # written by this module: temporary file removed, target untouched
-            fix = f"Nothing half-written was left and the previous version is intact: {fix}"
-        else:
-            fix = fix[0].upper() + fix[1:]
-        message = (
-            f"could not write {path}: {reason} ({cause}). {fix}, then rerun "
-            "(`--trainer.resume true` continues a run from its last complete round)."
-        )
-        super().__init__(cause.errno, message, str(path))
-        self.path = Path(path)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-
-def is_write_failure(err: OSError) -> bool:
-    """Whether ``err`` means the disk or folder cannot take a write (full, read-only, ...)."""
-    return err.errno in _WRITE_FAILURES
-
-
 @contextmanager
 def _writing(path: Path) -> Iterator[None]:
     """Turn a disk-full / unwritable ``OSError`` raised inside into a :class:`RunDirWriteError`."""
@@ -127,12 +87,6 @@ def _writing(path: Path) -> Iterator[None]:
         if is_write_failure(err):
             raise RunDirWriteError(path, err) from err
         raise
-
-
-def _os_error_code(err: Exception) -> int | None:
-    """The errno inside a safetensors error message ("... (os error 28)"), if any."""
-    match = re.search(r"\(os error (\d+)\)", str(err))
-    return int(match.group(1)) if match else None
 
 
 def _fsync_and_hash(path: Path) -> str:
@@ -176,7 +130,7 @@ def save_state(state: State, path: Path, metadata: dict[str, str] | None = None)
             try:
                 safetensors_torch.save_file(tensors, tmp, metadata=metadata)
             except SafetensorError as err:  # a real full disk surfaces as this, not OSError
-                code = _os_error_code(err)
+                code = os_error_code(err)
                 if code is None:
                     raise
                 raise OSError(code, os.strerror(code)) from err
@@ -342,24 +296,3 @@ def _restore_swap(target: Path, prev: Path, old: Path, keep_previous: bool) -> N
                 os.rename(old, prev)
         elif not target.exists() and old.exists():
             os.rename(old, target)
-
-
-def flatten_optimizer_states(states: dict[int, dict]) -> State:
-    """Per-client ``optimizer.state_dict()['state']`` → flat ``"client.param.key"`` tensors."""
-    import torch
-
-    flat = {}
-    for client, state in states.items():
-        for index, slots in state.items():
-            for key, value in slots.items():
-                flat[f"{client}.{index}.{key}"] = torch.as_tensor(value)
-    return flat
-
-
-def unflatten_optimizer_states(flat: State) -> dict[int, dict]:
-    """Inverse of :func:`flatten_optimizer_states`."""
-    states: dict[int, dict] = {}
-    for name, value in flat.items():
-        client, index, key = name.split(".", 2)
-        states.setdefault(int(client), {}).setdefault(int(index), {})[key] = value
-    return states

@@ -24,12 +24,16 @@ from typing import Any
 import numpy as np
 
 from flora_lightning.checkpoint import (
+    CorruptCheckpointError,
     link_or_copy,
     load_state,
     save_state,
+    verify_folder,
     write_folder,
     write_json,
+    write_manifest,
 )
+from flora_lightning.integrity import newest_valid_folder, prev_folder
 from flora_lightning.records import RoundRecord, RoundTally
 from flora_lightning.resume_check import check_resumable
 from flora_lightning.strategy import State, state_bytes
@@ -167,6 +171,7 @@ class RunRecorder:
             old = sorted(checkpoints.glob("round_*.safetensors"))[: -self.keep_last_checkpoints]
             for path in old:
                 path.unlink()
+        write_manifest(checkpoints, [checkpoint.name])  # verified by load_state
         if round_ % self.resume_every_n_rounds == 0 or round_ == self.rounds:
 
             def fill(folder: Path) -> None:
@@ -177,17 +182,26 @@ class RunRecorder:
                 history = [r.to_dict() for r in self.history]
                 write_json({"round": round_, "history": history, **meta}, folder / "state.json")
 
-            write_folder(self.run_dir / "resume", fill)
+            write_folder(self.run_dir / "resume", fill, keep_previous=True)
         write_json(self.summary(model), self.run_dir / "summary.json")
 
     def restore(self, names: tuple[str, ...]) -> tuple[int, State, dict[str, State], dict]:
         """The last complete round: ``(round, global state, named states, meta)``.
 
-        Round 0 and empty states when there is nothing to resume.
+        Reads ``resume/`` if its manifest verifies, else the previous resume state kept at
+        ``resume.prev/`` (one resume point earlier; a warning names what was wrong). Round 0
+        and empty states when there is nothing to resume.
+
+        Raises:
+            CorruptCheckpointError: both copies are damaged (naming the files).
         """
-        folder = self.run_dir / "resume"
-        if not (folder / "state.json").exists():
+        target = self.run_dir / "resume"
+        if not target.exists() and not prev_folder(target).exists():
             return 0, {}, {}, {}
+        folder = newest_valid_folder(target)
+        if folder is None:
+            verify_folder(target if target.exists() else prev_folder(target))  # names the file
+            raise CorruptCheckpointError(f"{target}: no complete resume state")
         saved = json.loads((folder / "state.json").read_text())
         round_ = saved.pop("round")
         self.history = [RoundRecord.from_dict(row) for row in saved.pop("history")]

@@ -77,7 +77,7 @@ def test_a_client_whose_fit_raises(
     # The last complete round stays saved and resumable.
     state = json.loads((loop.run_dir / "resume" / "state.json").read_text())
     assert state["round"] == 1
-    assert sorted(p.name for p in (loop.run_dir / "checkpoints").iterdir()) == [
+    assert sorted(p.name for p in (loop.run_dir / "checkpoints").glob("round_*")) == [
         "round_001.safetensors"
     ]
 

@@ -148,7 +148,7 @@ def test_tensorboard_scalars(finished):
 
 
 def test_per_round_checkpoints(finished):
-    checkpoints = sorted(p.name for p in (finished.run_dir / "checkpoints").iterdir())
+    checkpoints = sorted(p.name for p in (finished.run_dir / "checkpoints").glob("round_*"))
     assert checkpoints == [f"round_{r:03d}.safetensors" for r in range(1, ROUNDS + 1)]
     last = load_state(finished.run_dir / "checkpoints" / f"round_{ROUNDS:03d}.safetensors")
     state = finished.model.communicated_state()
@@ -167,7 +167,7 @@ def test_per_round_checkpoints(finished):
 def test_keep_last_checkpoints_prunes(make_flora, make_datamodule, make_loop):
     loop = make_loop(rounds=3, max_local_steps=1, keep_last_checkpoints=2, cache_features=False)
     loop.fit(make_flora(), make_datamodule(max_test_samples=64))
-    names = sorted(p.name for p in (loop.run_dir / "checkpoints").iterdir())
+    names = sorted(p.name for p in (loop.run_dir / "checkpoints").glob("round_*"))
     assert names == ["round_002.safetensors", "round_003.safetensors"]
 
 
@@ -278,7 +278,7 @@ def test_sparse_resume_state_restarts_from_the_last_one_written(
     state = json.loads((crashed.run_dir / "resume" / "state.json").read_text())
     assert state["round"] == 2  # written after round 2, not after 1, 3 or the unfinished 4
     # The global state travels with the resume state: round 2's checkpoint was pruned.
-    checkpoints = sorted(p.name for p in (crashed.run_dir / "checkpoints").iterdir())
+    checkpoints = sorted(p.name for p in (crashed.run_dir / "checkpoints").glob("round_*"))
     assert checkpoints == ["round_003.safetensors"]
 
     resumed = make_loop(rounds=4, run="b", resume=True, resume_every_n_rounds=2)
@@ -377,3 +377,35 @@ def test_a_diverging_client_is_recorded_and_its_optimizer_state_reset(
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
     rejected = {e.step: e.value for e in events.Scalars("clients/rejected")}
     assert rejected == {1: 0.0, 2: 1.0, 3: 0.0}
+
+
+def test_checkpoints_are_verified_and_a_damaged_resume_state_falls_back_one_round(
+    make_flora, make_datamodule, make_loop
+):
+    from flora_lightning.checkpoint import CorruptCheckpointError
+
+    full = make_loop(rounds=3, run="a")
+    full.fit(make_flora(), make_datamodule())
+    first = make_loop(rounds=2, run="b")
+    first.fit(make_flora(), make_datamodule())
+    manifest = json.loads((first.run_dir / "checkpoints" / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == ["round_001.safetensors", "round_002.safetensors"]
+    # A flipped byte in round 2's checkpoint: loading it names the file.
+    checkpoint = first.run_dir / "checkpoints" / "round_002.safetensors"
+    damaged = bytearray(checkpoint.read_bytes())
+    damaged[-1] ^= 0xFF
+    (first.run_dir / "copy.safetensors").write_bytes(checkpoint.read_bytes())
+    checkpoint.write_bytes(bytes(damaged))
+    with pytest.raises(CorruptCheckpointError, match="round_002.safetensors"):
+        load_state(checkpoint)
+    (first.run_dir / "copy.safetensors").replace(checkpoint)
+    # The newest resume state is truncated: resume falls back to round 1's (kept as .prev).
+    optimizers = first.run_dir / "resume" / "optimizers.safetensors"
+    optimizers.write_bytes(optimizers.read_bytes()[:100])
+    resumed = make_loop(rounds=3, run="b", resume=True)
+    summary = resumed.fit(make_flora(seed=9), make_datamodule())
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2, 3]
+    a = load_state(full.run_dir / "checkpoints" / "round_003.safetensors")
+    b = load_state(resumed.run_dir / "checkpoints" / "round_003.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
