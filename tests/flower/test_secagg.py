@@ -66,6 +66,8 @@ REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 OVERRIDES = "--data.partition.num_clients 3 --trainer.max_local_steps 1"
 NODE = 7
+ROUND_1 = Path("checkpoints") / "round_001.safetensors"
+"""The global trainable state after round 1, by communicated-tensor name."""
 F32_EPS = float(torch.finfo(torch.float32).eps)
 
 
@@ -333,8 +335,8 @@ def test_secagg_matches_flora_fit_within_the_quantisation_bound(tmp_path):
     cli.run(["fit", "--config", str(QUICKSTART), "--trainer.rounds", "1",
              "--trainer.default_root_dir", str(reference), "--trainer.progress", "false",
              *OVERRIDES.split()])  # fmt: skip
-    expected = load_file(reference / "final" / "adapter_model.safetensors")
-    adapter = load_file(tmp_path / "secagg" / "final" / "adapter_model.safetensors")
+    expected = load_file(reference / ROUND_1)
+    adapter = load_file(tmp_path / "secagg" / ROUND_1)
     assert set(adapter) == set(expected)
     updates = client_updates(tmp_path / "spy")
     assert sorted(updates) == [0, 1, 2]
@@ -357,7 +359,7 @@ def test_secagg_survives_a_client_dropping_out_mid_round(tmp_path):
     summary = simulate_secagg(
         tmp_path / "secagg", tmp_path / "spy", fail_partition=1, **{"secagg-max-weight": 1000.0}
     )
-    adapter = load_file(tmp_path / "secagg" / "final" / "adapter_model.safetensors")
+    adapter = load_file(tmp_path / "secagg" / ROUND_1)
     updates = client_updates(tmp_path / "spy")
     assert sorted(updates) == [0, 2]  # partition 1 never finished its fit
     assert all(n <= 1000 for _, n in updates.values())  # max_weight above every partition
