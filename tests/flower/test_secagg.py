@@ -17,6 +17,7 @@ float32 storage adds two ulps of the largest value.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -368,3 +369,40 @@ def test_secagg_survives_a_client_dropping_out_mid_round(tmp_path):
     assert record["accepted_clients"] == [0, 2]
     assert len(record["rejected_clients"]) == 1
     assert "partition 1 drops out mid-round" in next(iter(record["rejected_clients"].values()))
+
+
+@pytest.fixture
+def flower_env(tmp_path, offline_assets) -> dict:
+    """The environment of the Flower processes (as in ``test_deployment.py``)."""
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "FLWR_HOME": str(tmp_path / "flwr_home"),
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+    }
+
+
+@pytest.mark.slow
+def test_flwr_run_of_the_secagg_app(tmp_path, flower_env):
+    """``flwr run flower_app_secagg`` on a simulation SuperLink: its components load and its
+    declared ``secagg-*`` keys are accepted (``flwr`` refuses undeclared ones)."""
+    from test_deployment import federation, flwr  # the deployment tests' process helpers
+
+    out_dir = tmp_path / "secagg_run"
+    run_config = (
+        f'config="{QUICKSTART}" out-dir="{out_dir}" num-server-rounds=1 '
+        f'overrides="{OVERRIDES}" secagg-max-weight=1000.0 secagg-timeout=300.0'
+    )
+    with federation(tmp_path, flower_env, num_nodes=3, simulation=True):
+        result = flwr(
+            flower_env, "run", str(REPO / "flower_app_secagg"), "--stream",
+            "--run-config", run_config, cwd=tmp_path,
+        )  # fmt: skip
+    logs = "\n".join(p.read_text()[-2000:] for p in sorted(tmp_path.glob("*.log")))
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n{logs}"
+    assert (out_dir / "final").is_dir(), f"{result.stdout[-4000:]}\n{logs}"
+    record = json.loads((out_dir / "summary.json").read_text())["rounds"][1]
+    assert record["accepted_clients"] == [0, 1, 2] and record["client_train_loss"] == {}
+    values = sum(t.numel() for t in load_file(out_dir / ROUND_1).values())
+    assert record["bytes_up"] == 3 * 8 * (values + 1)
