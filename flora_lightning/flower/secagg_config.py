@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from flwr.server.workflow import SecAggPlusWorkflow
+
 PREFIX = "secagg-"
 """Run-config keys with this prefix belong to :class:`SecAggConfig`."""
 
@@ -65,6 +67,25 @@ class SecAggConfig:
             raise ValueError(f"secagg-timeout must be >= 0 (got {self.timeout}); 0: no limit.")
         if not self.clipping_range > 0:
             raise ValueError(f"secagg-clipping-range must be > 0 (got {self.clipping_range}).")
+        try:  # Flower's own checks of shares, threshold and ranges, before anything runs
+            self.workflow(self.max_weight or 1.0)
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"SecAgg+ run config: {err} (set it with the run-config key secagg-<name>, "
+                "dashes for underscores, e.g. secagg-num-shares)."
+            ) from err
+
+    def workflow(self, max_weight: float) -> SecAggPlusWorkflow:
+        """Flower's SecAgg+ workflow with these settings and the resolved ``max_weight``."""
+        return SecAggPlusWorkflow(
+            num_shares=self.num_shares,
+            reconstruction_threshold=self.reconstruction_threshold,
+            max_weight=max_weight,
+            clipping_range=self.clipping_range,
+            quantization_range=self.quantization_range,
+            modulus_range=self.modulus_range,
+            timeout=self.timeout or None,
+        )
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> SecAggConfig:

@@ -47,7 +47,7 @@ from flwr.server import LegacyContext, ServerConfig
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg as LegacyFedAvg
-from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid, ServerApp
 
 from flora_lightning.flower.app_config import FlowerRunConfig, build_components
@@ -139,7 +139,7 @@ class SecAggFedAvg(LegacyFedAvg):
         if not self.everyone:
             tally.clients = list(tally.accepted)
         metrics: dict[str, Scalar] = {"num-accepted": len(results), "num-failures": len(failures)}
-        if len(results) < self.min_clients:
+        if not results or len(results) < self.min_clients:
             log.error(
                 "round %d not aggregated: %d client(s) in the sum, fewer than min_clients=%d; "
                 "the global state stays as it was.",
@@ -189,19 +189,6 @@ def check_supported(loop: FederatedLoop, num_clients: int) -> None:
         )
 
 
-def workflow_for(config: SecAggConfig, max_weight: float) -> SecAggPlusWorkflow:
-    """Flower's SecAgg+ workflow with ``config`` (``max_weight`` resolved)."""
-    return SecAggPlusWorkflow(
-        num_shares=config.num_shares,
-        reconstruction_threshold=config.reconstruction_threshold,
-        max_weight=max_weight,
-        clipping_range=config.clipping_range,
-        quantization_range=config.quantization_range,
-        modulus_range=config.modulus_range,
-        timeout=config.timeout or None,
-    )
-
-
 def serve(grid: Grid, context: Context, run: FlowerRunConfig, secagg: SecAggConfig) -> dict:
     """Run the federated rounds of ``run`` with SecAgg+ on ``grid``; returns the summary."""
     parts = build_components(run)
@@ -210,16 +197,20 @@ def serve(grid: Grid, context: Context, run: FlowerRunConfig, secagg: SecAggConf
     loop.open_run(model, data, parts.config_yaml)  # same seeded init as ``flora fit``
     loop.cache_image_features(model, data, clients=[])  # the test set only: clients train
     loop.fabric.call("on_fit_start", loop=loop, model=model)
-    max_weight = secagg.max_weight or float(
-        max(data.num_samples(c) for c in range(data.num_clients))
-    )
+    largest = max(data.num_samples(c) for c in range(data.num_clients))
+    if secagg.max_weight and secagg.max_weight < largest:
+        raise ValueError(
+            f"secagg-max-weight={secagg.max_weight} is below the largest partition ({largest} "
+            "samples): its weight would exceed 1 and may overflow; raise it or set 0 (auto)."
+        )
+    max_weight = secagg.max_weight or float(largest)
     strategy = SecAggFedAvg(
         loop, list(model.communicated_state()), data.num_clients, parts.min_clients
     )
     legacy = LegacyContext(
         context=context, config=ServerConfig(num_rounds=loop.rounds), strategy=strategy
     )
-    workflow = DefaultWorkflow(fit_workflow=workflow_for(secagg, max_weight))
+    workflow = DefaultWorkflow(fit_workflow=secagg.workflow(max_weight))
     log.info("SecAgg+ with max_weight=%s (%s)", max_weight, secagg)
     workflow(grid, legacy)
     return loop.finish()

@@ -26,7 +26,14 @@ import torch
 
 pytest.importorskip("flwr")
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict  # noqa: E402
+from flwr.app import (  # noqa: E402
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    RecordDict,
+)
 from flwr.client.mod import secaggplus_mod  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.common import (  # noqa: E402
@@ -94,6 +101,11 @@ def test_secagg_keys_are_split_from_the_flora_keys_and_checked():
         SecAggConfig(max_weight=-1.0)
     with pytest.raises(ValueError, match="secagg-clipping-range must be > 0"):
         SecAggConfig(clipping_range=0.0)
+    with pytest.raises(ValueError, match="num_shares` as an integer must be greater than 2.*"
+                       "secagg-num-shares"):  # fmt: skip
+        SecAggConfig(num_shares=2)
+    with pytest.raises(ValueError, match="modulus_range` must be a power of 2"):
+        SecAggConfig(modulus_range=3 * 2**22)
     context = Context(run_id=1, node_id=NODE, node_config={}, state=RecordDict(),
                       run_config={"secagg-max-weight": 5.0})  # fmt: skip
     assert run_config_of(context, {"overrides": "x"}) == FlowerRunConfig(overrides="x")
