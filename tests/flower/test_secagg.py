@@ -66,6 +66,7 @@ from flora_lightning.flower.secagg_server import (  # noqa: E402
     check_supported,
     make_secagg_server_app,
     masked_bytes,
+    serve,
 )
 from flora_lightning.flower.strategy import to_state  # noqa: E402
 from flora_lightning.records import RoundTally  # noqa: E402
@@ -261,6 +262,12 @@ def test_what_secagg_cannot_aggregate_is_refused(offline_assets, overrides, mess
     parts = build_components(run)
     with pytest.raises(ValueError, match=message):
         check_supported(parts.loop, parts.data.num_clients)
+
+
+def test_a_max_weight_below_the_largest_partition_is_refused(offline_assets, tmp_path):
+    run = FlowerRunConfig(config=str(QUICKSTART), out_dir=str(tmp_path), overrides=OVERRIDES)
+    with pytest.raises(ValueError, match="secagg-max-weight=10.0 is below the largest partition"):
+        serve(None, None, run, SecAggConfig(max_weight=10.0))  # fails before any message
 
 
 def test_secagg_workflow_refuses_a_plain_context():
