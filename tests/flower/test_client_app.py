@@ -20,11 +20,11 @@ from flwr.app import (  # noqa: E402
 
 from flora_lightning.flower.app_config import FlowerRunConfig  # noqa: E402
 from flora_lightning.flower.client_app import (  # noqa: E402
-    OPTIMIZER_STATE_KEY,
     client_components,
     fit_message,
     partition_message,
 )
+from flora_lightning.flower.optimizer_store import OPTIMIZER_STATE_KEY  # noqa: E402
 from flora_lightning.flower.strategy import array_record_bytes, to_state  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
