@@ -3,7 +3,7 @@
 The in-process loop keeps each client's Adam state across rounds (the paper's protocol); on
 Flower that state never leaves the node. Where it is kept:
 
-- ``node_config["state-dir"]`` set (``--node-config "... state-dir=/path"``): on disk, one
+- ``node_config["state-dir"]`` set (``--node-config '... state-dir="/path"'``): on disk, one
   safetensors file per round the client trained,
   ``<state-dir>/partition-<id>/round_XXX.safetensors`` (written atomically, the last
   ``keep`` kept). It survives a SuperNode restart and a new ``flwr run`` (a resumed
