@@ -127,6 +127,7 @@ class FloraFedAvg(FlowerFedAvg):
         self.reports: dict[int, RoundTally] = {}
         """Round (of the run) -> its tally (traffic, losses, accepted and rejected clients)."""
         self._global: dict[str, torch.Tensor] = {}
+        self._sent: list[Message] = []  # the round's train messages (the Grid sets their ids)
 
     @property
     def min_clients(self) -> int:
@@ -150,6 +151,7 @@ class FloraFedAvg(FlowerFedAvg):
         else:
             messages, clients, missing = self._configure_selected(round_, arrays, config, grid)
         self._global = to_state(arrays)
+        self._sent = messages
         if self.engine is not None:
             tally = self.engine.begin_round(round_, clients)
         else:
@@ -223,6 +225,7 @@ class FloraFedAvg(FlowerFedAvg):
         cannot be one."""
         node = message.metadata.src_node_id
         if message.has_error():  # keyed by the node's partition where it is known
+            node = self._addressee(message)
             partition = self.partitions.get(node)
             who, where = (
                 (f"node {node}", "") if partition is None else (str(partition), f" (node {node})")
@@ -244,6 +247,16 @@ class FloraFedAvg(FlowerFedAvg):
             train_loss=float(metrics.get("train-loss", float("nan"))),
         )
         return update, float(metrics.get("train-seconds", 0.0))
+
+    def _addressee(self, reply: Message) -> int:
+        """The node a reply answers for: its sender, or, for an error the SuperLink wrote
+        itself (a node that stopped sending heartbeats), the node the message went to."""
+        for sent in self._sent:
+            if sent.metadata.message_id and (
+                sent.metadata.message_id == reply.metadata.reply_to_message_id
+            ):
+                return sent.metadata.dst_node_id
+        return reply.metadata.src_node_id
 
     @staticmethod
     def _count(report: RoundTally, update: ClientUpdate, seconds: float) -> None:

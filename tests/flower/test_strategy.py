@@ -340,7 +340,13 @@ def test_a_restarted_node_rejoins_and_a_dead_nodes_error_names_its_partition():
     # Round 1: both nodes; node 12 dies while training (Flower answers with an error).
     grid = ChangingGrid({11: 0, 12: 1, 13: 1}, [[11, 12]])
     sent = sorted(configure(strategy, grid), key=lambda m: m.metadata.dst_node_id)
+    for i, message in enumerate(sent):  # what a Grid does when it pushes them
+        message.metadata.__dict__["_message_id"] = f"id{i}"
+    # The SuperLink answers for a node that stopped sending heartbeats: the error comes from
+    # the SuperLink (node id 1), replying to the message sent to node 12.
     dead = Message(Error(code=0, reason="node went offline (heartbeat)"), reply_to=sent[1])
+    dead.metadata.__dict__["_src_node_id"] = 1  # Metadata has no setter for it
+    assert dead.metadata.reply_to_message_id == "id1"
     strategy.aggregate_train(1, [reply(sent[0], client_state(1.0), 10, 0), dead])
     assert strategy.reports[1].rejected == {
         "1": "its ClientApp failed (node 12): node went offline (heartbeat)"
