@@ -5,6 +5,9 @@ Each runs two rounds of FLoRA on the offline tiny CLIP and digits (2 clients, 2 
 the same config in-process (``flora fit``): the final adapters must agree. Arrays travel as
 float32 bytes (exact) and both sides aggregate with the same float64 FedAvg, so the only room
 for a difference is summation order; the tolerance 1e-6 covers that (observed: identical).
+
+Faults: a SuperNode killed mid-run (the run finishes, the node rejoins after a restart), and a
+ServerApp resumed on its run directory (ends as the uninterrupted run).
 """
 
 from __future__ import annotations
