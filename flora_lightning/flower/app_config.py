@@ -10,6 +10,8 @@ points at that YAML and overrides a few loop settings::
     out-dir = ""                         # run directory; "" keeps trainer.default_root_dir
     min-clients = 0                      # fewest accepted updates per round; 0 keeps the YAML's
     overrides = ""                       # extra flora CLI arguments, e.g. "--trainer.max_local_steps 2"
+    node-wait-seconds = 60               # a round waits at most this long for missing nodes
+    resume = false                       # continue the run in out-dir (--trainer.resume true)
 """
 
 from __future__ import annotations
@@ -39,12 +41,22 @@ class FlowerRunConfig:
     """Fewest accepted client updates for a round to count; 0 keeps the YAML's strategy value."""
     overrides: str = ""
     """Extra ``flora fit`` arguments applied after the YAML (shell-quoted string)."""
+    node_wait_seconds: float = 60.0
+    """How long a round waits, at most, for the SuperNodes of its partitions to (re)connect;
+    after that it trains those connected and records the others as "node not connected"."""
+    resume: bool = False
+    """Continue the run in the run directory from its last complete round (as
+    ``--trainer.resume true``, which ``overrides`` may also give)."""
 
     def __post_init__(self) -> None:
         if self.num_server_rounds < 0:
             raise ValueError(f"num-server-rounds must be >= 0 (got {self.num_server_rounds}).")
         if self.min_clients < 0:
             raise ValueError(f"min-clients must be >= 0 (got {self.min_clients}).")
+        if self.node_wait_seconds < 0:
+            raise ValueError(
+                f"node-wait-seconds must be >= 0 (got {self.node_wait_seconds}); 0 does not wait."
+            )
 
     @classmethod
     def from_run_config(cls, run_config: dict, defaults: dict | None = None) -> FlowerRunConfig:
@@ -81,7 +93,10 @@ class FlowerRunConfig:
         out_dir = run_dir if run_dir is not None else self.out_dir
         if out_dir:
             args += ["--trainer.default_root_dir", out_dir]
-        args += ["--trainer.progress", "false", *shlex.split(self.overrides)]
+        args += ["--trainer.progress", "false"]
+        if self.resume:
+            args += ["--trainer.resume", "true"]
+        args += shlex.split(self.overrides)
         return args
 
 

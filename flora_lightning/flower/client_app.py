@@ -6,8 +6,10 @@ A train message carries the global communicated state (``arrays``) and the round
 YAML's Fabric settings and with the loop's seeds per ``(seed, round, client)``, and replies
 with its communicated state, ``num-examples``, ``train-loss``, ``train-seconds`` and
 ``partition-id``. A FedProx ``trainer.strategy`` in the (shared) YAML gives the fit its
-proximal ``mu``. Its Adam state is kept between rounds in ``context.state`` (it never leaves
-the node), as the in-process loop keeps it per client.
+proximal ``mu``. Its Adam state is kept between rounds on the node (it never leaves it), as
+the in-process loop keeps it per client: on disk under ``node_config["state-dir"]`` when set
+(it then survives SuperNode restarts and resumed ServerApps), else in ``context.state``
+(:mod:`~flora_lightning.flower.optimizer_store`).
 
 A query message (sent once per node when ``join_ratio < 1``) is answered with the node's
 ``partition-id`` only, so the ServerApp can train the partitions ``flora fit`` would sample.
@@ -23,12 +25,10 @@ import time
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from flora_lightning.checkpoint import flatten_optimizer_states, unflatten_optimizer_states
 from flora_lightning.flower.app_config import Components, FlowerRunConfig, build_components
-from flora_lightning.flower.strategy import PARTITION_KEY, to_state
-
-OPTIMIZER_STATE_KEY = "flora-optimizer"
-"""``context.state`` key of the client's Adam state (an ArrayRecord)."""
+from flora_lightning.flower.nodes import PARTITION_KEY
+from flora_lightning.flower.optimizer_store import OptimizerStore
+from flora_lightning.flower.strategy import to_state
 
 _built: dict[tuple, Components] = {}
 
@@ -78,20 +78,15 @@ def fit_message(msg: Message, context: Context, run: FlowerRunConfig) -> Message
 
     trainer = loop.trainer
     model.load_communicated_state(to_state(msg.content["arrays"]))
-    trainer.optimizer_states = {}
-    if OPTIMIZER_STATE_KEY in context.state.array_records:
-        flat = to_state(context.state.array_records[OPTIMIZER_STATE_KEY])
-        trainer.optimizer_states = unflatten_optimizer_states(flat)
+    # The server may resume from an earlier round: keep states back to its last resume point.
+    store = OptimizerStore(context, client, keep=loop.recorder.resume_every_n_rounds + 1)
+    trainer.optimizer_states = store.load(round_)
     t0 = time.perf_counter()
     update = trainer.fit(
         model, data, client, round_, loop.feature_cache, proximal_mu=loop.strategy.proximal_mu
     )
     seconds = time.perf_counter() - t0
-    if client in trainer.optimizer_states:
-        flat = flatten_optimizer_states({client: trainer.optimizer_states[client]})
-        context.state.array_records[OPTIMIZER_STATE_KEY] = ArrayRecord(flat)
-    elif OPTIMIZER_STATE_KEY in context.state.array_records:  # diverged: start afresh
-        del context.state.array_records[OPTIMIZER_STATE_KEY]
+    store.save(round_, trainer.optimizer_states)  # none after a divergence: afresh next time
 
     metrics = MetricRecord(
         {

@@ -5,16 +5,29 @@ Reads the same YAML as ``flora fit`` and drives the same round engine (the YAML'
 
     FederatedLoop.open_run (seeded setup, run directory) → initial arrays =
     model.communicated_state() → end_round(0): evaluate, record
-    → per round: FloraFedAvg.configure_train → engine.begin_round; the sampled nodes train
-      (all of them, or with join_ratio < 1 those holding the partitions the loop's seeded
-      sampler picks) → every reply: engine.client_update, trainer.strategy.add
+    → per round: FloraFedAvg.configure_train → engine.begin_round; the connected nodes
+      holding the partitions the loop's seeded sampler picks train (all partitions at
+      join_ratio 1) → every reply: engine.client_update, trainer.strategy.add
       → the aggregate → end_round: evaluate on the global test set, RunRecorder
       (TensorBoard, summary.json, checkpoints/round_XXX.safetensors) → final/ adapter
 
 Any :class:`~flora_lightning.strategy.Strategy` in ``trainer.strategy`` aggregates, through
 its public methods (``begin``, ``add``, ``result``, ``accepted``, ``rejected``). The run
 directory has the in-process loop's layout and keys (``bytes_up``/``bytes_down`` come from the
-ArrayRecords actually sent and received). Resuming is not supported here.
+ArrayRecords actually sent and received).
+
+Dead SuperNodes: a round waits at most ``node-wait-seconds`` (run config) for the nodes of its
+partitions, then trains with those connected; the others are recorded per round in
+``rejected_clients`` ("node not connected: ..."), and a restarted SuperNode trains again from
+the next round on. A round with fewer than ``min-clients`` accepted updates is recorded but not
+aggregated: the global state stays that of the round before, and the run goes on.
+
+Resume: with ``resume = true`` (or ``--trainer.resume true`` in ``overrides``) a ServerApp
+started on the run directory of an interrupted run restores its last complete round
+(:meth:`RoundEngine.restore <flora_lightning.engine.RoundEngine.restore>`) and runs the rounds
+after it, numbered as in the uninterrupted run (Flower's rounds are offset by the rounds done),
+so the clients' seeds per ``(seed, round, client)`` are the same. The clients' optimizer
+states live on the nodes (:mod:`~flora_lightning.flower.optimizer_store`).
 """
 
 from __future__ import annotations
@@ -34,13 +47,21 @@ log = logging.getLogger(__name__)
 
 
 class GlobalEvaluation:
-    """Flower's ``evaluate_fn``: the loop's ``end_round`` on the global arrays of a round."""
+    """Flower's ``evaluate_fn``: the loop's ``end_round`` on the global arrays of a round.
+
+    Flower counts a resumed run's rounds from 1 again; ``strategy.round_offset`` maps them
+    back to the run's rounds, and Flower's initial evaluation ("round 0") of a resumed run is
+    skipped: that round is already in the restored history.
+    """
 
     def __init__(self, loop: FederatedLoop, strategy: FloraFedAvg) -> None:
         self.loop = loop
         self.strategy = strategy
 
-    def __call__(self, round_: int, arrays: ArrayRecord) -> MetricRecord:
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0 and self.strategy.round_offset > 0:
+            return None
+        round_ = server_round + self.strategy.round_offset
         self.loop.model.load_communicated_state(to_state(arrays))
         tally = self.strategy.reports.get(round_, RoundTally(round=round_))
         record = self.loop.end_round(tally)
@@ -48,26 +69,27 @@ class GlobalEvaluation:
 
 
 def serve(grid: Grid, run: FlowerRunConfig, timeout: float = 3600.0) -> dict:
-    """Run the federated rounds of ``run`` on ``grid``; returns the summary (as summary.json)."""
+    """Run (or, with ``trainer.resume``, continue) the federated rounds of ``run`` on ``grid``;
+    returns the summary (as summary.json)."""
     parts = build_components(run)
     loop, model, data = parts.loop, parts.model, parts.data
     loop.open_run(model, data, parts.config_yaml)  # same seeded init as ``flora fit``
+    done = loop.restore() if loop.resume else 0  # the last complete round's global state
     loop.cache_image_features(model, data, clients=[])  # the test set only: clients train
     loop.fabric.call("on_fit_start", loop=loop, model=model)
     strategy = FloraFedAvg(
         min_clients=parts.min_clients,
         average=copy.copy(loop.strategy),  # the YAML's trainer.strategy, as flora fit runs it
-        fraction_train=loop.join_ratio,
-        min_train_nodes=loop.clients_per_round(data.num_clients),
-        min_available_nodes=data.num_clients,
         engine=loop,
-        # With join_ratio < 1, the same seeded clients per round as ``flora fit``.
-        select_clients=loop.round_clients if loop.join_ratio < 1 else None,
+        # The same seeded clients per round as ``flora fit`` (all of them at join_ratio 1).
+        select_clients=loop.round_clients,
+        node_wait_seconds=run.node_wait_seconds,
+        round_offset=done,
     )
     strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(model.communicated_state()),
-        num_rounds=loop.rounds,
+        num_rounds=max(0, loop.rounds - done),
         timeout=timeout,
         evaluate_fn=GlobalEvaluation(loop, strategy),
     )

@@ -21,6 +21,8 @@ def simulate(
     min_clients: int = 0,
     overrides: str = "",
     num_cpus_per_client: float = 1.0,
+    node_wait_seconds: float = 60.0,
+    resume: bool = False,
 ) -> None:
     """Run ``config`` with ``flwr.simulation.run_simulation`` (Ray backend); outputs in out_dir."""
     from flwr.simulation import run_simulation
@@ -31,6 +33,8 @@ def simulate(
         "num-server-rounds": num_server_rounds,
         "min-clients": min_clients,
         "overrides": overrides,
+        "node-wait-seconds": node_wait_seconds,
+        "resume": resume,
     }
     num_clients = build_components(FlowerRunConfig.from_run_config(defaults)).data.num_clients
     run_simulation(

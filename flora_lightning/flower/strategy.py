@@ -2,9 +2,16 @@
 
 Message construction is Flower's (:class:`flwr.serverapp.strategy.FedAvg`). Sampling is
 Flower's too, unless ``select_clients`` is given (the ServerApp passes the loop's seeded
-``sample_clients`` when ``join_ratio < 1``): then the clients (partition ids) it names for the
-round train, exactly as in ``flora fit``; each node's partition id is learnt once with a
-``query`` message (the ClientApp answers with its ``partition-id``).
+``sample_clients``): then the clients (partition ids) it names for the round train, exactly as
+in ``flora fit``; each node's partition id is learnt once with a ``query`` message (the
+ClientApp answers with its ``partition-id``; :class:`~flora_lightning.flower.nodes.NodeRoster`).
+
+Dead nodes do not stall the run: a round waits at most ``node_wait_seconds`` for the nodes of
+its partitions, then trains those that are connected; each missing partition is recorded in
+the round's ``rejected`` (reason "node not connected: ..."), and a node that dies while it
+trains comes back as an error reply (Flower's heartbeat reason), also recorded. If fewer than
+``min_clients`` updates are accepted, the round is not aggregated (see below) and the run goes
+on with the next round; a SuperNode that (re)connects trains again from the next round on.
 
 Aggregation is flora's, the same code the in-process loop runs: the YAML's
 ``trainer.strategy``, by default :class:`flora_lightning.strategy.FedAvg`, which with client
@@ -35,15 +42,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from flora_lightning.flower.nodes import NOT_CONNECTED, PARTITION_KEY, NodeRoster
 from flora_lightning.records import RoundTally
 from flora_lightning.strategy import ClientUpdate, FedAvg, Strategy, state_bytes
 
 log = logging.getLogger(__name__)
-
-PARTITION_KEY = "partition-id"
-"""Metric that names a client's partition, in train replies and query answers."""
 
 
 def array_record_bytes(record: ArrayRecord) -> int:
@@ -69,21 +73,29 @@ class FloraFedAvg(FlowerFedAvg):
 
     Args:
         min_clients: fewest accepted updates for a round to change the global state.
-        fraction_train: share of connected nodes sampled each round (flora's ``join_ratio``).
-        min_train_nodes: fewest nodes sampled per round.
-        min_available_nodes: wait until this many nodes are connected before sampling.
+        fraction_train: share of connected nodes sampled each round (flora's ``join_ratio``;
+            Flower's sampling only, without ``select_clients``).
+        min_train_nodes: fewest nodes sampled per round (Flower's sampling only).
+        min_available_nodes: Flower's sampling waits until this many nodes are connected
+            (without limit; with ``select_clients`` the wait is ``node_wait_seconds``).
         engine: the round engine (the ServerApp's loop): its ``begin_round`` starts each
             round's tally when the train messages are configured, before any client trains,
             and its ``client_update`` sees every decoded reply before it is aggregated (so
             callbacks, traffic and losses are counted as in ``flora fit``). ``None``: the
             strategy keeps plain tallies itself.
-        select_clients: ``round -> partition ids`` that train in that round; ``None`` keeps
-            Flower's random node sampling.
+        select_clients: ``round -> partition ids`` that train in that round (the ServerApp
+            passes the loop's seeded sampler); ``None`` keeps Flower's random node sampling.
+        query_timeout: seconds to wait for the nodes' partition ids.
         average: the flora aggregation to run, any :class:`~flora_lightning.strategy.Strategy`
             (the YAML's ``trainer.strategy``, e.g.
             :class:`~flora_lightning.strategy.LoraProductAverage`); ``None``: flora's FedAvg.
             Its ``min_clients`` is set to ``min_clients``.
-        query_timeout: seconds to wait for the nodes' partition ids.
+        node_wait_seconds: with ``select_clients``, how long a round waits at most for the
+            nodes holding its partitions to (re)connect; then it trains those connected, and
+            each missing partition is rejected with a reason starting "node not connected".
+        round_offset: rounds already done (a resumed run): Flower's round ``r`` is the run's
+            round ``r + round_offset`` in the train messages (so the clients' seeds), the
+            sampler and the tallies.
     """
 
     def __init__(
@@ -96,6 +108,8 @@ class FloraFedAvg(FlowerFedAvg):
         select_clients: Callable[[int], list[int]] | None = None,
         query_timeout: float = 600.0,
         average: Strategy | None = None,
+        node_wait_seconds: float = 60.0,
+        round_offset: int = 0,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -108,97 +122,70 @@ class FloraFedAvg(FlowerFedAvg):
         self.average.min_clients = min_clients
         self.engine = engine
         self.select_clients = select_clients
-        self.query_timeout = query_timeout
-        self.partitions: dict[int, int] = {}
-        """Node id -> partition id, learnt from the nodes' answers to a query message."""
+        self.roster = NodeRoster(wait_seconds=node_wait_seconds, query_timeout=query_timeout)
+        self.round_offset = round_offset
         self.reports: dict[int, RoundTally] = {}
-        """Round -> its tally (traffic, losses, accepted and rejected clients)."""
+        """Round (of the run) -> its tally (traffic, losses, accepted and rejected clients)."""
         self._global: dict[str, torch.Tensor] = {}
+        self._sent: list[Message] = []  # the round's train messages (the Grid sets their ids)
 
     @property
     def min_clients(self) -> int:
         return self.average.min_clients
+
+    @property
+    def partitions(self) -> dict[int, int]:
+        """Node id -> partition id, learnt from the nodes' answers to a query message."""
+        return self.roster.partitions
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sampling (Flower's, or ``select_clients``); remembers the global state sent and
         counts the bytes down."""
+        round_ = server_round + self.round_offset
+        missing: list[int] = []
         if self.select_clients is None:
-            messages = list(super().configure_train(server_round, arrays, config, grid))
+            messages = list(super().configure_train(round_, arrays, config, grid))
             clients = []  # partition ids are known only from the replies
         else:
-            messages, clients = self._configure_selected(server_round, arrays, config, grid)
+            messages, clients, missing = self._configure_selected(round_, arrays, config, grid)
         self._global = to_state(arrays)
+        self._sent = messages
         if self.engine is not None:
-            tally = self.engine.begin_round(server_round, clients)
+            tally = self.engine.begin_round(round_, clients)
         else:
-            tally = RoundTally(round=server_round, clients=clients)
+            tally = RoundTally(round=round_, clients=clients)
+        for partition in missing:
+            tally.rejected[str(partition)] = (
+                f"{NOT_CONNECTED}: no connected SuperNode held partition {partition} within "
+                f"node-wait-seconds={self.roster.wait_seconds:g}"
+            )
         tally.bytes_down = array_record_bytes(arrays) * len(messages)
-        self.reports[server_round] = tally
+        self.reports[round_] = tally
         return messages
 
     def _configure_selected(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> tuple[list[Message], list[int]]:
-        """Train messages to the nodes holding the partitions ``select_clients`` names, and
-        the partitions that train."""
-        # Waits until min_available_nodes are connected; every connected node is a candidate.
-        _, nodes = sample_nodes(grid, self.min_available_nodes, self.min_available_nodes)
-        unknown = [node for node in nodes if node not in self.partitions]
-        if unknown:
-            self.partitions.update(self._ask_partitions(grid, unknown))
-        holder: dict[int, int] = {}  # partition -> the node that trains it (lowest id)
-        for node in sorted(nodes):
-            partition = self.partitions.get(node)
-            if partition is None:
-                continue
-            if partition in holder:
-                log.warning(
-                    "nodes %d and %d both hold partition %d; only node %d trains it.",
-                    holder[partition],
-                    node,
-                    partition,
-                    holder[partition],
-                )
-                continue
-            holder[partition] = node
-        wanted = sorted(self.select_clients(server_round))
-        chosen = [holder[p] for p in wanted if p in holder]
-        missing = [p for p in wanted if p not in holder]
-        if missing:
-            log.warning(
-                "round %d: no connected node holds partition(s) %s; they do not train.",
-                server_round,
-                missing,
-            )
-        log.info("configure_train: partitions %s (seeded, as flora fit)", wanted)
-        config["server-round"] = server_round
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        self, round_: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> tuple[list[Message], list[int], list[int]]:
+        """Train messages to the connected nodes holding the partitions ``select_clients``
+        names; the partitions that train and those whose node is missing."""
+        wanted = sorted(self.select_clients(round_))
+        holder = self.roster.wait_for(grid, wanted, round_)
         trained = [p for p in wanted if p in holder]
-        return list(self._construct_messages(record, chosen, MessageType.TRAIN)), trained
-
-    def _ask_partitions(self, grid: Grid, nodes: list[int]) -> dict[int, int]:
-        """Each node's ``partition-id``, from its answer to a query message."""
-        record = RecordDict({self.configrecord_key: ConfigRecord({"ask": PARTITION_KEY})})
-        messages = self._construct_messages(record, nodes, MessageType.QUERY)
-        found = {}
-        for answer in grid.send_and_receive(messages, timeout=self.query_timeout):
-            node = answer.metadata.src_node_id
-            metrics = None if answer.has_error() else answer.content.metric_records.get("metrics")
-            if metrics is None or PARTITION_KEY not in metrics:
-                reason = answer.error.reason if answer.has_error() else "no partition-id"
-                log.warning(
-                    "node %d did not tell its partition (%s); it is not sampled.", node, reason
-                )
-                continue
-            found[node] = int(metrics[PARTITION_KEY])
-        return found
+        missing = [p for p in wanted if p not in holder]
+        log.info("configure_train: round %d, partitions %s (seeded, as flora fit)", round_, wanted)
+        config["server-round"] = round_
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        chosen = [holder[p] for p in trained]
+        return list(self._construct_messages(record, chosen, MessageType.TRAIN)), trained, missing
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Stream the accepted replies into flora's FedAvg; ``(None, metrics)`` when too few."""
+        """Stream the accepted replies into flora's FedAvg; ``(None, metrics)`` when too few
+        (then Flower keeps the previous global arrays: the round changes nothing)."""
+        server_round += self.round_offset
         report = self.reports.setdefault(server_round, RoundTally(round=server_round))
         self.average.begin(self._global)
         for message in replies:
@@ -237,10 +224,13 @@ class FloraFedAvg(FlowerFedAvg):
         """A reply as ``(ClientUpdate, train seconds)``, or ``None`` (logged, recorded) when it
         cannot be one."""
         node = message.metadata.src_node_id
-        if message.has_error():
-            return self._reject(
-                report, f"node {node}", f"its ClientApp failed: {message.error.reason}"
+        if message.has_error():  # keyed by the node's partition where it is known
+            node = self._addressee(message)
+            partition = self.partitions.get(node)
+            who, where = (
+                (f"node {node}", "") if partition is None else (str(partition), f" (node {node})")
             )
+            return self._reject(report, who, f"its ClientApp failed{where}: {message.error.reason}")
         content = message.content
         if self.arrayrecord_key not in content.array_records:
             return self._reject(report, f"node {node}", "its reply carries no arrays")
@@ -257,6 +247,16 @@ class FloraFedAvg(FlowerFedAvg):
             train_loss=float(metrics.get("train-loss", float("nan"))),
         )
         return update, float(metrics.get("train-seconds", 0.0))
+
+    def _addressee(self, reply: Message) -> int:
+        """The node a reply answers for: its sender, or, for an error the SuperLink wrote
+        itself (a node that stopped sending heartbeats), the node the message went to."""
+        for sent in self._sent:
+            if sent.metadata.message_id and (
+                sent.metadata.message_id == reply.metadata.reply_to_message_id
+            ):
+                return sent.metadata.dst_node_id
+        return reply.metadata.src_node_id
 
     @staticmethod
     def _count(report: RoundTally, update: ClientUpdate, seconds: float) -> None:

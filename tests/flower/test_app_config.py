@@ -52,3 +52,13 @@ def test_run_config_overrides_and_errors():
         FlowerRunConfig(num_server_rounds=-1)
     with pytest.raises(FileNotFoundError, match="absolute path"):
         FlowerRunConfig(config="nowhere.yaml").config_path()
+
+
+def test_resume_and_node_wait_seconds():
+    run = FlowerRunConfig.from_run_config({"resume": True, "node-wait-seconds": 5})
+    assert run.node_wait_seconds == 5
+    args = run.cli_args()
+    assert args[args.index("--trainer.resume") + 1] == "true"
+    assert "--trainer.resume" not in FlowerRunConfig().cli_args()
+    with pytest.raises(ValueError, match="node-wait-seconds must be >= 0"):
+        FlowerRunConfig(node_wait_seconds=-1)

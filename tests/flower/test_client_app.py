@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -18,13 +19,14 @@ from flwr.app import (  # noqa: E402
     RecordDict,
 )
 
+from flora_lightning.checkpoint import load_state  # noqa: E402
 from flora_lightning.flower.app_config import FlowerRunConfig  # noqa: E402
 from flora_lightning.flower.client_app import (  # noqa: E402
-    OPTIMIZER_STATE_KEY,
     client_components,
     fit_message,
     partition_message,
 )
+from flora_lightning.flower.optimizer_store import OPTIMIZER_STATE_KEY  # noqa: E402
 from flora_lightning.flower.strategy import array_record_bytes, to_state  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,11 +46,14 @@ def task_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, name, value)
 
 
-def context(num_partitions: int = 2) -> Context:
+def context(num_partitions: int = 2, state_dir: Path | None = None) -> Context:
+    node_config = {"partition-id": 0, "num-partitions": num_partitions}
+    if state_dir is not None:
+        node_config["state-dir"] = str(state_dir)
     return Context(
         run_id=1,
         node_id=NODE,
-        node_config={"partition-id": 0, "num-partitions": num_partitions},
+        node_config=node_config,
         state=RecordDict(),
         run_config={},
     )
@@ -123,3 +128,48 @@ def test_query_answers_the_partition_without_building_anything():
     )
     with pytest.raises(ValueError, match="node_config has no partition-id"):
         partition_message(question, no_partition)
+
+
+def saved_steps(path: Path) -> set[float]:
+    return {float(v) for k, v in load_state(path).items() if k.endswith("step")}
+
+
+def test_state_dir_keeps_adam_state_across_restarts_and_resumes(offline_assets, tmp_path):
+    """With node_config state-dir, a new context (restarted SuperNode, or a new run of a
+    resumed ServerApp) continues from the state saved after the round before."""
+    start = client_components(RUN, context()).model.communicated_state()
+    fit_message(train_message(start, 1), context(state_dir=tmp_path), RUN)
+    folder = tmp_path / "partition-0"
+    assert saved_steps(folder / "round_001.safetensors") == {2.0}
+    fit_message(train_message(start, 2), context(state_dir=tmp_path), RUN)  # a fresh context
+    assert saved_steps(folder / "round_002.safetensors") == {4.0}  # continued, not afresh
+    # The ServerApp resumed from round 1: round 2 again starts from round 1's state.
+    fit_message(train_message(start, 2), context(state_dir=tmp_path), RUN)
+    assert saved_steps(folder / "round_002.safetensors") == {4.0}  # not 6
+    fit_message(train_message(start, 3), context(state_dir=tmp_path), RUN)
+    # keep = resume_every_n_rounds + 1 = 2 files
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "round_002.safetensors",
+        "round_003.safetensors",
+    ]
+
+
+def test_a_diverged_fit_leaves_an_empty_state_file(offline_assets, tmp_path):
+    start = client_components(RUN, context()).model.communicated_state()
+    fit_message(train_message(start, 1), context(state_dir=tmp_path), RUN)
+    poisoned = {k: torch.full_like(v, float("nan")) for k, v in start.items()}
+    fit_message(train_message(poisoned, 2), context(state_dir=tmp_path), RUN)
+    assert load_state(tmp_path / "partition-0" / "round_002.safetensors") == {}
+    fit_message(train_message(start, 3), context(state_dir=tmp_path), RUN)
+    assert saved_steps(tmp_path / "partition-0" / "round_003.safetensors") == {2.0}  # afresh
+
+
+def test_without_state_dir_a_restart_resets_the_state_with_a_warning(offline_assets, caplog):
+    start = client_components(RUN, context()).model.communicated_state()
+    fit_message(train_message(start, 1), context(), RUN)
+    restarted = context()  # context.state is memory: a restarted SuperNode has none
+    with caplog.at_level(logging.WARNING):
+        fit_message(train_message(start, 2), restarted, RUN)
+    assert adam_steps(restarted) == {2.0}  # a fresh Adam
+    assert "partition 0, round 2: no optimizer state from an earlier round" in caplog.text
+    assert "no node_config state-dir" in caplog.text

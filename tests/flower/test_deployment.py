@@ -5,6 +5,9 @@ Each runs two rounds of FLoRA on the offline tiny CLIP and digits (2 clients, 2 
 the same config in-process (``flora fit``): the final adapters must agree. Arrays travel as
 float32 bytes (exact) and both sides aggregate with the same float64 FedAvg, so the only room
 for a difference is summation order; the tolerance 1e-6 covers that (observed: identical).
+
+Faults: a SuperNode killed mid-run (the run finishes, the node rejoins after a restart), and a
+ServerApp resumed on its run directory (ends as the uninterrupted run).
 """
 
 from __future__ import annotations
@@ -84,11 +87,14 @@ def federation(
     tls: dict | None = None,
     simulation: bool = False,
     node_keys: list[str] | None = None,
+    state_dir: Path | None = None,
 ):
     """A SuperLink plus ``num_nodes`` SuperNodes, or a simulation SuperLink (its virtual
     SuperNodes come from the connection's ``options.num-supernodes``). With ``node_keys``
     (needs ``tls``), SuperNode authentication is on and node ``i`` registers and uses
-    ``node_keys[i]``. Yields ``start`` (to launch more processes); always stops every process
+    ``node_keys[i]``; with ``state_dir`` the nodes keep their optimizer states there
+    (``node_config`` ``state-dir``). Yields ``start_node`` (to launch more SuperNodes; its
+    ``nodes`` attribute lists the SuperNode processes started); always stops every process
     group it started."""
     processes: list[subprocess.Popen] = []
 
@@ -128,7 +134,10 @@ def federation(
             node_port = free_port()
             auth = ["--auth-supernode-private-key", key] if key else []
             more = ["--max-retries", str(retries)] if retries is not None else []
-            return start(
+            node_config = f"partition-id={i} num-partitions={num_nodes}"
+            if state_dir is not None:
+                node_config += f' state-dir="{state_dir}"'
+            started = start(
                 [
                     bin_path("flower-supernode"),
                     *node_security,
@@ -139,10 +148,14 @@ def federation(
                     "--port",
                     str(node_port),
                     "--node-config",
-                    f"partition-id={i} num-partitions={num_nodes}",
+                    node_config,
                 ],
                 name or f"supernode{i}",
-            ), node_port
+            )
+            start_node.nodes.append(started[0])
+            return started, node_port
+
+        start_node.nodes = []
 
         for i in range(0 if simulation else num_nodes):
             key = node_keys[i] if node_keys else None
@@ -166,16 +179,26 @@ def federation(
                 process.wait(timeout=15)
 
 
+def run_config(out_dir: Path, overrides: str = OVERRIDES, rounds: int = ROUNDS, more: str = ""):
+    """The ``--run-config`` of ``flwr run flower_app`` (``more``: extra ``key=value`` pairs)."""
+    return (
+        f'config="{QUICKSTART}" out-dir="{out_dir}" num-server-rounds={rounds} '
+        f'overrides="{overrides}" {more}'
+    ).strip()
+
+
 def flwr_run(
-    tmp: Path, env: dict, out_dir: Path, overrides: str = OVERRIDES
+    tmp: Path, env: dict, out_dir: Path, overrides: str = OVERRIDES, **config
 ) -> subprocess.CompletedProcess:
     """``flwr run flower_app`` (2 rounds, 2 clients) on the connection ``federation`` wrote."""
-    run_config = (
-        f'config="{QUICKSTART}" out-dir="{out_dir}" num-server-rounds={ROUNDS} '
-        f'overrides="{overrides}"'
-    )
     return flwr(
-        env, "run", str(REPO / "flower_app"), "--stream", "--run-config", run_config, cwd=tmp
+        env,
+        "run",
+        str(REPO / "flower_app"),
+        "--stream",
+        "--run-config",
+        run_config(out_dir, overrides, **config),
+        cwd=tmp,
     )
 
 
@@ -187,6 +210,8 @@ def flower_env(tmp_path_factory, offline_assets) -> dict:
         "HF_DATASETS_OFFLINE": "1",
         "FLWR_HOME": str(tmp_path_factory.mktemp("flwr_home")),
         "FLWR_DISABLE_UPDATE_CHECK": "1",
+        # The apps import flora_lightning from this checkout, whatever is installed.
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
 
 
@@ -378,3 +403,88 @@ def test_simulation_with_lora_product_average_matches_flora_fit(tmp_path, flower
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n{logs}"
     assert "LoraProductAverage" in (out_dir / "config.yaml").read_text()
     assert_same_run(out_dir, reference)
+
+
+def recorded_rounds(out_dir: Path) -> list[dict]:
+    """The rounds summary.json holds so far (the ServerApp rewrites it after every round)."""
+    try:
+        return json.loads((out_dir / "summary.json").read_text())["rounds"]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+
+
+def wait_until(condition, what: str, run: subprocess.Popen, log: Path, seconds: float = 300):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if run.poll() is not None:
+            pytest.fail(f"flwr run ended before {what}:\n{log.read_text()[-4000:]}")
+        time.sleep(0.2)
+    pytest.fail(f"no {what} after {seconds}s:\n{log.read_text()[-4000:]}")
+
+
+@pytest.mark.slow
+def test_a_killed_supernode_does_not_stall_the_run_and_rejoins(tmp_path, flower_env):
+    """SIGKILL a SuperNode after round 1: the run goes on with the other one (the missing
+    partition recorded per round), and the restarted SuperNode trains again."""
+    rounds, out_dir = 5, tmp_path / "flower_fault_run"
+    config = run_config(out_dir, rounds=rounds, more="node-wait-seconds=20")
+    log = tmp_path / "flwr_run.log"
+    with federation(tmp_path, flower_env) as start_node, open(log, "w") as out:
+        run = subprocess.Popen(
+            [bin_path("flwr"), "run", str(REPO / "flower_app"), "--stream", "--run-config",
+             config],  # fmt: skip
+            env=flower_env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            wait_until(lambda: len(recorded_rounds(out_dir)) >= 2, "round 1", run, log)
+            os.killpg(start_node.nodes[1].pid, signal.SIGKILL)  # the node and its ClientApp
+
+            def not_connected() -> bool:
+                return any(
+                    r["rejected_clients"].get("1", "").startswith("node not connected")
+                    for r in recorded_rounds(out_dir)
+                )
+
+            wait_until(not_connected, "round without partition 1", run, log)
+            restarted_after = len(recorded_rounds(out_dir)) - 1
+            (node, node_log), port = start_node(1, name="supernode1_restarted")
+            wait_for_port(port, node, node_log)
+            assert run.wait(timeout=600) == 0, log.read_text()[-4000:]
+        finally:
+            if run.poll() is None:
+                run.kill()
+    records = recorded_rounds(out_dir)
+    assert [r["round"] for r in records] == list(range(rounds + 1))  # every round, none stalled
+    assert (out_dir / "final" / "adapter_model.safetensors").is_file()
+    after_kill = records[2:]
+    assert all(r["accepted_clients"][:1] == [0] for r in records[1:])  # node 0 always trained
+    missing = [r["round"] for r in after_kill if "1" in r["rejected_clients"]]
+    assert missing and restarted_after in missing  # recorded, with a reason, per round
+    # Keyed by partition, also the SuperLink's heartbeat error of the round it died in.
+    assert all(set(r["rejected_clients"]) <= {"1"} for r in records)
+    rejoined = [r["round"] for r in records if r["round"] > restarted_after and
+                r["accepted_clients"] == [0, 1]]  # fmt: skip
+    assert rejoined, [(r["round"], r["accepted_clients"]) for r in records]
+
+
+@pytest.mark.slow
+def test_a_resumed_serverapp_ends_as_an_uninterrupted_run(tmp_path, flower_env, in_process):
+    """The ServerApp stops after round 1, then a new ``flwr run`` with resume=true on the same
+    run directory does round 2: the final adapter equals ``flora fit``'s uninterrupted run.
+    The SuperNodes keep the clients' Adam states under their ``state-dir`` (a new run has a
+    fresh ``context.state``), so round 2 continues from round 1's moments."""
+    out_dir, state_dir = tmp_path / "flower_resumed_run", tmp_path / "node_states"
+    with federation(tmp_path, flower_env, state_dir=state_dir):
+        first = flwr_run(tmp_path, flower_env, out_dir, rounds=1)
+        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+        assert [r["round"] for r in recorded_rounds(out_dir)] == [0, 1]
+        second = flwr_run(tmp_path, flower_env, out_dir, rounds=ROUNDS, more="resume=true")
+    logs = "\n".join(p.read_text()[-2000:] for p in sorted(tmp_path.glob("*.log")))
+    assert second.returncode == 0, f"{second.stdout[-3000:]}\n{second.stderr[-3000:]}\n{logs}"
+    assert (out_dir / "config.resumed.yaml").is_file()
+    for partition in (0, 1):
+        saved = sorted(p.name for p in (state_dir / f"partition-{partition}").iterdir())
+        assert saved == ["round_001.safetensors", "round_002.safetensors"]
+    assert_same_run(out_dir, in_process)

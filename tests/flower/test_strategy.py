@@ -277,3 +277,107 @@ def test_round_start_is_announced_when_the_round_is_configured():
     train_round(strategy, [1, 2], server_round=3)
     assert started == [3]
     assert strategy.reports[3].started <= time.perf_counter()
+
+
+class ChangingGrid(AnsweringGrid):
+    """Nodes come and go: ``timeline[i]`` is the node list of the i-th look (the last one
+    stays); ``partitions`` answers the queries of every node that ever appears."""
+
+    def __init__(self, partitions: dict[int, int], timeline: list[list[int]]) -> None:
+        super().__init__(partitions)
+        self.timeline = timeline
+        self.looks = 0
+
+    def get_node_ids(self) -> list[int]:
+        nodes = self.timeline[min(self.looks, len(self.timeline) - 1)]
+        self.looks += 1
+        return list(nodes)
+
+
+def configure(strategy: FloraFedAvg, grid, server_round: int = 1) -> list[Message]:
+    return list(strategy.configure_train(server_round, ArrayRecord(GLOBAL), ConfigRecord(), grid))
+
+
+def test_a_missing_node_does_not_stall_the_round_and_is_recorded():
+    strategy = FloraFedAvg(min_clients=1, select_clients=lambda r: [0, 1], node_wait_seconds=0)
+    grid = ChangingGrid({11: 0, 12: 1}, [[11]])  # node 12 (partition 1) is gone
+    sent = configure(strategy, grid)
+    assert [m.metadata.dst_node_id for m in sent] == [11]
+    report = strategy.reports[1]
+    assert report.clients == [0]
+    assert report.rejected["1"].startswith("node not connected: no connected SuperNode held "
+                                           "partition 1 within node-wait-seconds=0")  # fmt: skip
+    arrays, metrics = strategy.aggregate_train(1, [reply(sent[0], client_state(2.0), 10, 0)])
+    torch.testing.assert_close(to_state(arrays)["a"], client_state(2.0)["a"])
+    assert report.aggregated and report.accepted == [0]
+    assert set(report.rejected) == {"1"} and metrics["num-rejected"] == 1
+    assert report.bytes_down == 1 * (6 + 4) * 4  # one message sent
+
+
+def test_a_round_waits_for_a_node_that_connects():
+    strategy = FloraFedAvg(select_clients=lambda r: [0, 1], node_wait_seconds=3600)
+    strategy.roster.poll_seconds = 0  # no sleeping in a unit test; the wait ends on arrival
+    grid = ChangingGrid({11: 0, 12: 1}, [[11], [11], [11, 12]])
+    sent = configure(strategy, grid)
+    assert sorted(m.metadata.dst_node_id for m in sent) == [11, 12]
+    assert strategy.reports[1].rejected == {} and grid.looks == 3
+
+
+def test_too_few_nodes_alive_leaves_the_round_unaggregated(caplog):
+    strategy = FloraFedAvg(min_clients=2, select_clients=lambda r: [0, 1], node_wait_seconds=0)
+    sent = configure(strategy, ChangingGrid({11: 0, 12: 1}, [[11]]))
+    with caplog.at_level(logging.ERROR):
+        arrays, _ = strategy.aggregate_train(1, [reply(sent[0], client_state(2.0), 10, 0)])
+    assert arrays is None  # Flower keeps the previous global arrays
+    report = strategy.reports[1]
+    assert not report.aggregated and report.accepted == [0]
+    assert report.rejected["1"].startswith("node not connected")
+    assert "round 1 not aggregated" in caplog.text
+
+
+def test_a_restarted_node_rejoins_and_a_dead_nodes_error_names_its_partition():
+    strategy = FloraFedAvg(select_clients=lambda r: [0, 1], node_wait_seconds=0)
+    # Round 1: both nodes; node 12 dies while training (Flower answers with an error).
+    grid = ChangingGrid({11: 0, 12: 1, 13: 1}, [[11, 12]])
+    sent = sorted(configure(strategy, grid), key=lambda m: m.metadata.dst_node_id)
+    for i, message in enumerate(sent):  # what a Grid does when it pushes them
+        message.metadata.__dict__["_message_id"] = f"id{i}"
+    # The SuperLink answers for a node that stopped sending heartbeats: the error comes from
+    # the SuperLink (node id 1), replying to the message sent to node 12.
+    dead = Message(Error(code=0, reason="node went offline (heartbeat)"), reply_to=sent[1])
+    dead.metadata.__dict__["_src_node_id"] = 1  # Metadata has no setter for it
+    assert dead.metadata.reply_to_message_id == "id1"
+    strategy.aggregate_train(1, [reply(sent[0], client_state(1.0), 10, 0), dead])
+    assert strategy.reports[1].rejected == {
+        "1": "its ClientApp failed (node 12): node went offline (heartbeat)"
+    }
+    # Round 2: node 12 is gone. Round 3: partition 1 is back as node 13 (a new id).
+    grid.timeline, grid.looks = [[11]], 0
+    assert [m.metadata.dst_node_id for m in configure(strategy, grid, 2)] == [11]
+    assert strategy.reports[2].rejected["1"].startswith("node not connected")
+    grid.timeline, grid.looks = [[11, 13]], 0
+    sent = configure(strategy, grid, 3)
+    assert sorted(m.metadata.dst_node_id for m in sent) == [11, 13]
+    assert strategy.reports[3].clients == [0, 1] and strategy.reports[3].rejected == {}
+    assert strategy.partitions == {11: 0, 12: 1, 13: 1}
+
+
+def test_round_offset_numbers_rounds_as_the_run_does():
+    """A resumed run: Flower counts from 1 again, the run (seeds, sampler, records) does not."""
+    asked = []
+
+    def select(round_):
+        asked.append(round_)
+        return [0]
+
+    strategy = FloraFedAvg(select_clients=select, round_offset=3)
+    sent = configure(strategy, ChangingGrid({11: 0}, [[11]]), server_round=1)
+    assert asked == [4] and sent[0].content["config"]["server-round"] == 4
+    assert set(strategy.reports) == {4}
+    strategy.aggregate_train(1, [reply(sent[0], client_state(1.0), 10, 0)])
+    assert strategy.reports[4].accepted == [0] and set(strategy.reports) == {4}
+
+
+def test_node_wait_seconds_must_not_be_negative():
+    with pytest.raises(ValueError, match="node-wait-seconds must be >= 0"):
+        FloraFedAvg(node_wait_seconds=-1)

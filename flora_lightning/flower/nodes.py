@@ -1,0 +1,123 @@
+"""``NodeRoster``: which connected SuperNode holds which partition, and a bounded wait for them.
+
+Flower's own sampling (``sample_nodes``) waits, without limit, until ``min_available_nodes``
+are connected: one dead SuperNode then stalls the whole federation. The roster instead waits
+at most ``wait_seconds`` for the nodes holding the partitions a round wants, then lets the
+round go on with those that are connected; the strategy records the others as missing (a
+reason starting with :data:`NOT_CONNECTED`).
+
+A node's partition is learnt once, from its answer to a ``query`` message (the ClientApp
+answers with its ``node_config["partition-id"]``). A restarted SuperNode comes back with a new
+node id: it is asked, and trains its partition again from the next round on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+log = logging.getLogger(__name__)
+
+PARTITION_KEY = "partition-id"
+"""Metric that names a client's partition, in train replies and query answers."""
+
+NOT_CONNECTED = "node not connected"
+"""Start of the rejection reason of a partition whose node did not connect in time."""
+
+
+class NodeRoster:
+    """Node id → partition id of the connected SuperNodes, learnt by asking each node once.
+
+    Args:
+        wait_seconds: how long a round waits, at most, for the nodes holding the partitions
+            it wants to be connected (0: not at all). Polls every ``poll_seconds``.
+        query_timeout: seconds to wait for the nodes' answers to the partition query.
+        poll_seconds: pause between two looks at the connected nodes while waiting.
+    """
+
+    def __init__(
+        self, wait_seconds: float = 60.0, query_timeout: float = 600.0, poll_seconds: float = 1.0
+    ) -> None:
+        if wait_seconds < 0:
+            raise ValueError(f"node-wait-seconds must be >= 0 (got {wait_seconds}).")
+        self.wait_seconds = wait_seconds
+        self.query_timeout = query_timeout
+        self.poll_seconds = poll_seconds
+        self.partitions: dict[int, int] = {}
+        """Node id -> partition id (nodes that have left stay listed; only the connected
+        ones are looked up)."""
+        self._warned: set[tuple[int, int]] = set()
+
+    def holders(self, grid: Grid) -> dict[int, int]:
+        """Partition id -> the connected node that trains it (asking new nodes first)."""
+        nodes = sorted(grid.get_node_ids())
+        unknown = [node for node in nodes if node not in self.partitions]
+        if unknown:
+            self.partitions.update(self._ask(grid, unknown))
+        holder: dict[int, int] = {}  # the lowest node id of a partition trains it
+        for node in nodes:
+            partition = self.partitions.get(node)
+            if partition is None:
+                continue
+            if partition in holder:
+                if (holder[partition], node) not in self._warned:
+                    self._warned.add((holder[partition], node))
+                    log.warning(
+                        "nodes %d and %d both hold partition %d; only node %d trains it.",
+                        holder[partition],
+                        node,
+                        partition,
+                        holder[partition],
+                    )
+                continue
+            holder[partition] = node
+        return holder
+
+    def wait_for(self, grid: Grid, wanted: list[int], round_: int) -> dict[int, int]:
+        """Partition -> node for the ``wanted`` partitions whose node is connected, after
+        waiting at most :attr:`wait_seconds` for the missing ones."""
+        deadline = time.monotonic() + self.wait_seconds
+        while True:
+            holder = self.holders(grid)
+            missing = [p for p in wanted if p not in holder]
+            if not missing or time.monotonic() >= deadline:
+                break
+            log.info(
+                "round %d: waiting up to %.0fs for the nodes of partition(s) %s to connect.",
+                round_,
+                max(0.0, deadline - time.monotonic()),
+                missing,
+            )
+            time.sleep(self.poll_seconds)
+        if missing:
+            log.warning(
+                "round %d: no connected node holds partition(s) %s after waiting %.0fs; the "
+                "round goes on without them.",
+                round_,
+                missing,
+                self.wait_seconds,
+            )
+        return {p: holder[p] for p in wanted if p in holder}
+
+    def _ask(self, grid: Grid, nodes: list[int]) -> dict[int, int]:
+        """Each node's ``partition-id``, from its answer to a query message."""
+        record = RecordDict({"config": ConfigRecord({"ask": PARTITION_KEY})})
+        messages = [
+            Message(content=record, message_type=MessageType.QUERY, dst_node_id=node)
+            for node in nodes
+        ]
+        found = {}
+        for answer in grid.send_and_receive(messages, timeout=self.query_timeout):
+            node = answer.metadata.src_node_id
+            metrics = None if answer.has_error() else answer.content.metric_records.get("metrics")
+            if metrics is None or PARTITION_KEY not in metrics:
+                reason = answer.error.reason if answer.has_error() else "no partition-id"
+                log.warning(
+                    "node %d did not tell its partition (%s); it is not sampled.", node, reason
+                )
+                continue
+            found[node] = int(metrics[PARTITION_KEY])
+        return found

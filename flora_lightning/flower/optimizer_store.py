@@ -1,0 +1,122 @@
+"""``OptimizerStore``: a node's client optimizer state between the rounds it trains.
+
+The in-process loop keeps each client's Adam state across rounds (the paper's protocol); on
+Flower that state never leaves the node. Where it is kept:
+
+- ``node_config["state-dir"]`` set (``--node-config '... state-dir="/path"'``): on disk, one
+  safetensors file per round the client trained,
+  ``<state-dir>/partition-<id>/round_XXX.safetensors`` (written atomically, the last
+  ``keep`` kept). It survives a SuperNode restart and a new ``flwr run`` (a resumed
+  ServerApp): a fit of round ``r`` loads the newest file of a round before ``r``, so a
+  ServerApp resumed from round ``k`` continues from the state the client had after round
+  ``k``, exactly as an uninterrupted run (the state of a round the server never completed is
+  never used).
+- no ``state-dir``: in the node's ``context.state`` (memory, this run only). After a SuperNode
+  restart or in a new run (a resumed ServerApp) the client's optimizer starts afresh, with a
+  logged warning; the run then differs from an uninterrupted one.
+
+A client whose fit diverged has no state afterwards (the trainer drops it): an empty file (or
+no record) is stored, so its next fit starts a fresh optimizer, as in ``flora fit``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context
+
+from flora_lightning.checkpoint import (
+    flatten_optimizer_states,
+    load_state,
+    save_state,
+    unflatten_optimizer_states,
+)
+from flora_lightning.flower.strategy import to_state
+
+log = logging.getLogger(__name__)
+
+STATE_DIR_KEY = "state-dir"
+"""``node_config`` key of the folder where the node keeps its clients' optimizer states."""
+OPTIMIZER_STATE_KEY = "flora-optimizer"
+"""``context.state`` key of the client's Adam state (an ArrayRecord), without ``state-dir``."""
+ROUND_KEY = "flora-optimizer-round"
+"""``context.state`` key of the round that state was saved after (a ConfigRecord)."""
+_FILE = re.compile(r"round_(\d+)\.safetensors")
+
+
+class OptimizerStore:
+    """Load before and save after a client's fit, on disk or in ``context.state``.
+
+    Args:
+        context: the node's Flower context (its ``node_config`` and ``state``).
+        partition: the client (partition id) this node plays.
+        keep: files kept per partition (the server may resume from an earlier round than
+            the last one the client trained: keep ``resume_every_n_rounds + 1``).
+    """
+
+    def __init__(self, context: Context, partition: int, keep: int = 2) -> None:
+        self.context = context
+        self.partition = partition
+        self.keep = max(1, keep)
+        folder = context.node_config.get(STATE_DIR_KEY)
+        self.folder = Path(str(folder)) / f"partition-{partition}" if folder else None
+
+    def load(self, round_: int) -> dict[int, dict]:
+        """The client's optimizer states (``{partition: state}``) saved after the newest round
+        before ``round_``; ``{}`` when there is none (a warning after round 1)."""
+        if self.folder is not None:
+            earlier = [(r, path) for r, path in self._files() if r < round_]
+            if earlier:
+                return unflatten_optimizer_states(load_state(earlier[-1][1]))
+        else:
+            state = self.context.state
+            saved = state.config_records.get(ROUND_KEY)
+            if OPTIMIZER_STATE_KEY in state.array_records and saved and saved["round"] < round_:
+                record = state.array_records[OPTIMIZER_STATE_KEY]
+                return unflatten_optimizer_states(to_state(record))
+        if round_ > 1:
+            where = (
+                f"in {self.folder}"
+                if self.folder is not None
+                else "(no node_config state-dir: states live in this SuperNode's memory for one "
+                "run only; a restarted SuperNode or a resumed ServerApp loses them)"
+            )
+            log.warning(
+                "partition %d, round %d: no optimizer state from an earlier round %s; its "
+                "optimizer starts afresh (expected only if it never trained before).",
+                self.partition,
+                round_,
+                where,
+            )
+        return {}
+
+    def save(self, round_: int, states: dict[int, dict]) -> None:
+        """Keep the client's state after its fit of ``round_`` (none: it starts afresh next)."""
+        mine = {self.partition: states[self.partition]} if self.partition in states else {}
+        flat = flatten_optimizer_states(mine)
+        if self.folder is not None:
+            path = self.folder / f"round_{round_:03d}.safetensors"
+            save_state(flat, path, metadata={"round": str(round_)})
+            for _, old in self._files()[: -self.keep]:
+                old.unlink(missing_ok=True)
+            return
+        state = self.context.state
+        if flat:
+            state.array_records[OPTIMIZER_STATE_KEY] = ArrayRecord(flat)
+            state.config_records[ROUND_KEY] = ConfigRecord({"round": round_})
+        else:  # diverged: its NaN moments must not come back
+            for records, key in (
+                (state.array_records, OPTIMIZER_STATE_KEY),
+                (state.config_records, ROUND_KEY),
+            ):
+                if key in records:
+                    del records[key]
+
+    def _files(self) -> list[tuple[int, Path]]:
+        """``(round, path)`` of the saved files, oldest first."""
+        if not self.folder.is_dir():
+            return []
+        found = [(_FILE.fullmatch(p.name), p) for p in self.folder.iterdir()]
+        return sorted((int(m.group(1)), p) for m, p in found if m)
