@@ -33,6 +33,10 @@ class PersonalizedEvaluation(Callback):
         finetune_steps: local steps before the personalised evaluation; 0: local accuracy only.
     """
 
+    needs_client_data = True
+    """The Flower ServerApp then caches every client's data (it holds the dataset to build
+    the global test set; on Flower, clients' local test sets are evaluated there)."""
+
     def __init__(self, every: int = 1, finetune_steps: int = 0) -> None:
         if every < 1:
             raise ValueError(f"PersonalizedEvaluation.every must be >= 1 (got {every}).")

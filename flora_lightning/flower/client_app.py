@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import time
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from flora_lightning.flower.app_config import Components, FlowerRunConfig, build_components
-from flora_lightning.flower.nodes import PARTITION_KEY
+from flora_lightning.flower.nodes import DROPPED_KEY, PARTITION_KEY, STRAGGLER_KEY
 from flora_lightning.flower.optimizer_store import OptimizerStore
 from flora_lightning.flower.strategy import to_state
+from flora_lightning.records import RoundTally
 
 _built: dict[tuple, Components] = {}
 
@@ -77,26 +78,34 @@ def fit_message(msg: Message, context: Context, run: FlowerRunConfig) -> Message
     round_ = int(msg.content["config"]["server-round"])
 
     trainer = loop.trainer
-    model.load_communicated_state(to_state(msg.content["arrays"]))
+    # trainer.availability: the same seeded draw as flora fit; a dropped client sends nothing
+    tally = RoundTally(round=round_)
+    steps = loop.client_steps(tally, client)
+    if steps == 0:
+        config = ConfigRecord({DROPPED_KEY: tally.dropped[str(client)]})
+        metrics = MetricRecord({PARTITION_KEY: client})
+        return Message(RecordDict({"config": config, "metrics": metrics}), reply_to=msg)
+    # trainer.client_ranks: a lower-rank client starts from its slice, zero-padded and masked
+    loop.prepare_client(to_state(msg.content["arrays"]), client)
     # The server may resume from an earlier round: keep states back to its last resume point.
     store = OptimizerStore(context, client, keep=loop.recorder.resume_every_n_rounds + 1)
     trainer.optimizer_states = store.load(round_)
     t0 = time.perf_counter()
-    update = trainer.fit(
-        model, data, client, round_, loop.feature_cache, proximal_mu=loop.strategy.proximal_mu
-    )
+    update = trainer.fit(model, data, client, round_, loop.feature_cache,
+                         loop.strategy.proximal_mu, steps)  # fmt: skip
     seconds = time.perf_counter() - t0
     store.save(round_, trainer.optimizer_states)  # none after a divergence: afresh next time
+    update = loop.client_state_to_send(update)  # its own rank's slice
 
-    metrics = MetricRecord(
-        {
-            "num-examples": update.num_samples,
-            "train-loss": update.train_loss,
-            "train-seconds": seconds,
-            PARTITION_KEY: client,
-        }
-    )
-    content = RecordDict({"arrays": ArrayRecord(update.state), "metrics": metrics})
+    values = {
+        "num-examples": update.num_samples,
+        "train-loss": update.train_loss,
+        "train-seconds": seconds,
+        PARTITION_KEY: client,
+    }
+    if str(client) in tally.stragglers:
+        values[STRAGGLER_KEY] = tally.stragglers[str(client)]
+    content = RecordDict({"arrays": ArrayRecord(update.state), "metrics": MetricRecord(values)})
     return Message(content=content, reply_to=msg)
 
 

@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 
 PARTITION_KEY = "partition-id"
 """Metric that names a client's partition, in train replies and query answers."""
+DROPPED_KEY = "dropped"
+"""Config key of the reply of a client that dropped out (``trainer.availability``): why."""
+STRAGGLER_KEY = "straggler-steps"
+"""Metric of a straggler's reply: the local steps it completed."""
 
 NOT_CONNECTED = "node not connected"
 """Start of the rejection reason of a partition whose node did not connect in time."""

@@ -32,7 +32,6 @@ states live on the nodes (:mod:`~flora_lightning.flower.optimizer_store`).
 
 from __future__ import annotations
 
-import copy
 import logging
 
 from flwr.app import ArrayRecord, Context, MetricRecord
@@ -75,11 +74,14 @@ def serve(grid: Grid, run: FlowerRunConfig, timeout: float = 3600.0) -> dict:
     loop, model, data = parts.loop, parts.model, parts.data
     loop.open_run(model, data, parts.config_yaml)  # same seeded init as ``flora fit``
     done = loop.restore() if loop.resume else 0  # the last complete round's global state
-    loop.cache_image_features(model, data, clients=[])  # the test set only: clients train
+    # The test set only (clients train), unless a callback evaluates clients' own data here
+    # (PersonalizedEvaluation: from the same dataset the server holds for the global test set).
+    needed = any(getattr(c, "needs_client_data", False) for c in loop.callbacks)
+    loop.cache_image_features(model, data, clients=list(range(data.num_clients)) if needed else [])
     loop.fabric.call("on_fit_start", loop=loop, model=model)
     strategy = FloraFedAvg(
         min_clients=parts.min_clients,
-        average=copy.copy(loop.strategy),  # the YAML's trainer.strategy, as flora fit runs it
+        average=loop.strategy,  # the YAML's trainer.strategy: its state is what resume saves
         engine=loop,
         # The same seeded clients per round as ``flora fit`` (all of them at join_ratio 1).
         select_clients=loop.round_clients,

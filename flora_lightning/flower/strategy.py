@@ -43,7 +43,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
-from flora_lightning.flower.nodes import NOT_CONNECTED, PARTITION_KEY, NodeRoster
+from flora_lightning.flower.nodes import (
+    DROPPED_KEY,
+    NOT_CONNECTED,
+    PARTITION_KEY,
+    STRAGGLER_KEY,
+    NodeRoster,
+)
 from flora_lightning.records import RoundTally
 from flora_lightning.strategy import ClientUpdate, FedAvg, Strategy, state_bytes
 
@@ -232,6 +238,11 @@ class FloraFedAvg(FlowerFedAvg):
             )
             return self._reject(report, who, f"its ClientApp failed{where}: {message.error.reason}")
         content = message.content
+        config = content.config_records.get("config")
+        if config is not None and DROPPED_KEY in config:  # trainer.availability: sent nothing
+            metrics = content.metric_records["metrics"]
+            report.dropped[str(int(metrics[PARTITION_KEY]))] = str(config[DROPPED_KEY])
+            return None
         if self.arrayrecord_key not in content.array_records:
             return self._reject(report, f"node {node}", "its reply carries no arrays")
         metrics = content.metric_records.get("metrics")
@@ -240,6 +251,8 @@ class FloraFedAvg(FlowerFedAvg):
                 report, f"node {node}", f"its reply has no {self.weighted_by_key!r}"
             )
         record = content.array_records[self.arrayrecord_key]
+        if STRAGGLER_KEY in metrics:
+            report.stragglers[str(int(metrics[PARTITION_KEY]))] = int(metrics[STRAGGLER_KEY])
         update = ClientUpdate(
             client_id=int(metrics.get(PARTITION_KEY, node)),
             state=to_state(record),
