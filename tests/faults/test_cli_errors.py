@@ -223,7 +223,9 @@ def test_disk_full_mid_run_stops_clearly_and_resume_matches_an_uninterrupted_run
         .startswith(f"flora: error: could not write {target}: no space left on device")
     )
     assert "--trainer.resume true" in err
-    assert sorted(p.name for p in (cut_dir / "checkpoints").glob("round_*")) == ["round_001.safetensors"]
+    assert sorted(p.name for p in (cut_dir / "checkpoints").glob("round_*")) == [
+        "round_001.safetensors"
+    ]
     load_state(cut_dir / "checkpoints" / "round_001.safetensors")  # intact
     assert "RunDirWriteError" in (cut_dir / "flora.log").read_text()
 

@@ -251,7 +251,9 @@ def test_a_really_full_disk_keeps_the_last_complete_state_and_recovers(small_tmp
     verify_folder(run_dir / "resume")
     assert torch.equal(load_state(run_dir / "resume" / "optimizers.safetensors")["w"], OLD["w"])
     assert json.loads((run_dir / "summary.json").read_text()) == {"round": 1}
-    assert sorted(p.name for p in (run_dir / "checkpoints").glob("round_*")) == ["round_001.safetensors"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("round_*")) == [
+        "round_001.safetensors"
+    ]
     assert hidden(run_dir) == [] and hidden(run_dir / "resume") == []
 
     filler.unlink()  # space freed: the same writes now succeed
