@@ -10,7 +10,8 @@ For every level (``sample``: DP-SGD in each local fit; ``client``: DP-FedAvg), e
 ``flora fit`` run of ``--config`` (the offline quickstart by default) with
 ``--privacy.target_epsilon`` (the noise multiplier is picked for the planned rounds) writes to
 ``OUT/<level>/<variant>/eps<epsilon>``; epsilon ``inf`` is the non-private run of the variant
-(shared by both levels). Writes ``OUT/results.json``, ``OUT/results.md`` (one row per level and
+(shared by both levels), and ``OUT/<level>/<variant>/clip_only`` the level with noise
+multiplier 0 (its clipping, and at sample level DP-SGD's per-example loss, without noise). Writes ``OUT/results.json``, ``OUT/results.md`` (one row per level and
 variant, one column per epsilon: final test accuracy, and the epsilon actually reached) and
 ``OUT/accuracy_vs_epsilon.png``.
 
@@ -32,15 +33,18 @@ VARIANTS = {"flora": [], "flora_freeze_a": ["--model.lora.freeze_a", "true"]}
 
 
 def run_one(config: Path, run_dir: Path, level: str, epsilon: float, variant: str,
-            common: list[str]) -> dict:  # fmt: skip
-    """One fit; returns its row (reuses a finished run folder)."""
+            common: list[str], clip_only: bool = False) -> dict:  # fmt: skip
+    """One fit; returns its row (reuses a finished run folder). ``clip_only``: the level's
+    clipping (and, at sample level, its per-example loss) with noise multiplier 0."""
     if (run_dir / "summary.json").exists():
         summary = json.loads((run_dir / "summary.json").read_text())
         seconds = None
     else:
         args = ["--config", str(config), "--trainer.default_root_dir", str(run_dir), *common]
         args += VARIANTS[variant]
-        if math.isfinite(epsilon):
+        if clip_only:
+            args += ["--privacy.level", level, "--privacy.noise_multiplier", "0"]
+        elif math.isfinite(epsilon):
             args += ["--privacy.level", level, "--privacy.target_epsilon", str(epsilon)]
         start = time.perf_counter()
         summary = fit(args)
@@ -50,6 +54,7 @@ def run_one(config: Path, run_dir: Path, level: str, epsilon: float, variant: st
         "level": level,
         "variant": variant,
         "target_epsilon": epsilon,
+        "clip_only": clip_only,
         "epsilon": privacy.get("epsilon", math.inf),
         "noise_multiplier": privacy.get("noise_multiplier", 0.0),
         "final_test_acc": summary["final_test_acc"],
@@ -66,6 +71,7 @@ def main(
     rounds: int = 5,
     max_local_steps: int = 5,
     extra: tuple[str, ...] = (),
+    clip_only: bool = True,
 ) -> list[dict]:
     """Run the grid and write results.json, results.md and accuracy_vs_epsilon.png.
 
@@ -77,6 +83,9 @@ def main(
         rounds: communication rounds of every run.
         max_local_steps: local steps per client per round.
         extra: more ``flora fit`` arguments for every run.
+        clip_only: also run each level with noise multiplier 0: its clipping (and, at sample
+            level, DP-SGD's per-example loss) without noise, which separates the cost of the
+            noise from the change of loss and clipping.
     """
     common = ["--trainer.rounds", str(rounds), "--trainer.max_local_steps",
               str(max_local_steps), "--trainer.progress", "false", *extra]  # fmt: skip
@@ -88,6 +97,10 @@ def main(
                 folder = out / (variant if not math.isfinite(epsilon) else f"{level}/{variant}")
                 rows.append(run_one(config, folder / name, level, epsilon, variant, common))
                 print(json.dumps(rows[-1]))
+            if clip_only:
+                folder = out / level / variant / "clip_only"
+                rows.append(run_one(config, folder, level, math.inf, variant, common, True))
+                print(json.dumps(rows[-1]))
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     (out / "results.md").write_text(table(rows, epsilons))
@@ -97,16 +110,23 @@ def main(
 
 def table(rows: list[dict], epsilons: tuple[float, ...]) -> str:
     """Markdown: final accuracy per (level, variant) and target epsilon (reached epsilon)."""
-    head = ["level", "variant", *(f"eps={e:g}" for e in epsilons)]
+    clipped = any(r["clip_only"] for r in rows)
+    head = ["level", "variant", *(f"eps={e:g}" for e in epsilons)] + (
+        ["clip only (sigma=0)"] if clipped else []
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for level in dict.fromkeys(r["level"] for r in rows):
         for variant in VARIANTS:
             cells = []
             for epsilon in epsilons:
                 row = next(r for r in rows if (r["level"], r["variant"], r["target_epsilon"])
-                           == (level, variant, epsilon))  # fmt: skip
+                           == (level, variant, epsilon) and not r["clip_only"])  # fmt: skip
                 reached = "" if not math.isfinite(epsilon) else f" (eps {row['epsilon']:.2f})"
                 cells.append(f"{row['final_test_acc']:.3f}{reached}")
+            if clipped:
+                row = next(r for r in rows if (r["level"], r["variant"]) == (level, variant)
+                           and r["clip_only"])  # fmt: skip
+                cells.append(f"{row['final_test_acc']:.3f}")
             lines.append(f"| {level} | {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -124,11 +144,17 @@ def plot(rows: list[dict], path: Path) -> None:
             points = sorted((r["target_epsilon"], r["final_test_acc"]) for r in rows
                             if (r["level"], r["variant"]) == (level, variant)
                             and math.isfinite(r["target_epsilon"]))  # fmt: skip
+            clip = [r["final_test_acc"] for r in rows if r["clip_only"]
+                    and (r["level"], r["variant"]) == (level, variant)]  # fmt: skip
+            if clip:
+                ax.axhline(clip[0], linestyle=":", linewidth=1,
+                           label=f"{level} / {variant}, sigma=0")  # fmt: skip
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", label=f"{level} / {variant}")
     for variant in VARIANTS:
         base = [r["final_test_acc"] for r in rows
-                if r["variant"] == variant and not math.isfinite(r["target_epsilon"])]  # fmt: skip
+                if r["variant"] == variant and not math.isfinite(r["target_epsilon"])
+                and not r["clip_only"]]  # fmt: skip
         if base:
             ax.axhline(base[0], linestyle="--", linewidth=1, label=f"non-private / {variant}")
     ax.set_xscale("log")

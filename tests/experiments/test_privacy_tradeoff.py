@@ -24,10 +24,19 @@ def test_grid_writes_rows_table_and_plot(offline_assets, tmp_path):
     rows = script.main(out=out, epsilons=[4.0, math.inf], levels=["client"], rounds=1,
                        max_local_steps=1, extra=extra)  # fmt: skip
 
-    assert [(r["variant"], r["target_epsilon"]) for r in rows] == [
-        ("flora", 4.0), ("flora", math.inf), ("flora_freeze_a", 4.0), ("flora_freeze_a", math.inf)
+    assert [(r["variant"], r["target_epsilon"], r["clip_only"]) for r in rows] == [
+        ("flora", 4.0, False), ("flora", math.inf, False), ("flora", math.inf, True),
+        ("flora_freeze_a", 4.0, False), ("flora_freeze_a", math.inf, False),
+        ("flora_freeze_a", math.inf, True),
     ]  # fmt: skip
-    for row in rows:
+    clip_only = [r for r in rows if r["clip_only"]]
+    for row in clip_only:
+        summary = json.loads(
+            (out / "client" / row["variant"] / "clip_only" / "summary.json").read_text()
+        )
+        assert summary["privacy"]["noise_multiplier"] == 0.0
+        assert summary["privacy"]["epsilon"] == math.inf == row["epsilon"]
+    for row in (r for r in rows if not r["clip_only"]):
         summary = json.loads(
             (out / (f"client/{row['variant']}/eps4" if math.isfinite(row["target_epsilon"])
                     else f"{row['variant']}/nonprivate") / "summary.json").read_text()
@@ -40,5 +49,6 @@ def test_grid_writes_rows_table_and_plot(offline_assets, tmp_path):
             assert "privacy" not in summary
     table = (out / "results.md").read_text()
     assert "| client | flora |" in table and "| client | flora_freeze_a |" in table
+    assert "clip only (sigma=0)" in table
     assert (out / "accuracy_vs_epsilon.png").stat().st_size > 0
     assert json.loads((out / "results.json").read_text())[0]["variant"] == "flora"
