@@ -26,9 +26,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from flora_lightning.flower.app_config import Components, FlowerRunConfig, build_components
+from flora_lightning.flower.arrays import to_state
 from flora_lightning.flower.nodes import DROPPED_KEY, PARTITION_KEY, STRAGGLER_KEY
 from flora_lightning.flower.optimizer_store import OptimizerStore
-from flora_lightning.flower.strategy import to_state
 from flora_lightning.records import RoundTally
 
 _built: dict[tuple, Components] = {}

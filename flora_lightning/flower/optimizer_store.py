@@ -33,7 +33,7 @@ from flora_lightning.checkpoint import (
     save_state,
     unflatten_optimizer_states,
 )
-from flora_lightning.flower.strategy import to_state
+from flora_lightning.flower.arrays import to_state
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,8 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from flora_lightning.flower.app_config import FlowerRunConfig, build_components
-from flora_lightning.flower.strategy import FloraFedAvg, to_state
+from flora_lightning.flower.arrays import to_state
+from flora_lightning.flower.strategy import FloraFedAvg
 from flora_lightning.loop import FederatedLoop
 from flora_lightning.records import RoundTally
 

@@ -26,8 +26,9 @@ raised (an error reply), when it lacks arrays or ``num-examples``, or when flora
 samples). With at least ``min_clients`` accepted the round completes; with fewer the round
 returns no arrays and Flower keeps the previous global state, which is never modified in place.
 
-Traffic is measured on what actually travels: ``bytes_down`` is the global ArrayRecord's
-``nbytes`` times the messages sent, ``bytes_up`` the bytes of every update received (its
+Traffic is measured on what actually travels: ``bytes_down`` is the ``nbytes`` of the
+ArrayRecord each train message carries (the global state, or with ``trainer.client_ranks`` a
+lower-rank client's slice of it), ``bytes_up`` the bytes of every update received (its
 decoded tensors' ``numel * element_size``, which is the ArrayRecord's ``nbytes``).
 """
 
@@ -38,11 +39,11 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
+from flora_lightning.flower.arrays import array_record_bytes, to_state
 from flora_lightning.flower.nodes import (
     DROPPED_KEY,
     NOT_CONNECTED,
@@ -51,19 +52,9 @@ from flora_lightning.flower.nodes import (
     NodeRoster,
 )
 from flora_lightning.records import RoundTally
-from flora_lightning.strategy import ClientUpdate, FedAvg, Strategy, state_bytes
+from flora_lightning.strategy import ClientUpdate, FedAvg, State, Strategy, state_bytes
 
 log = logging.getLogger(__name__)
-
-
-def array_record_bytes(record: ArrayRecord) -> int:
-    """Bytes of the arrays as NumPy holds them: the sum of ``ndarray.nbytes``."""
-    return sum(array.numpy().nbytes for array in record.values())
-
-
-def to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """ArrayRecord → writable torch tensors (names kept)."""
-    return {name: torch.from_numpy(np.array(a.numpy(), copy=True)) for name, a in record.items()}
 
 
 class RoundEngine(Protocol):
@@ -72,6 +63,10 @@ class RoundEngine(Protocol):
     def begin_round(self, round_: int, clients: list[int]) -> RoundTally: ...
 
     def client_update(self, tally: RoundTally, update: ClientUpdate, seconds: float) -> None: ...
+
+    def client_rank(self, client: int) -> int | None: ...
+
+    def state_for_client(self, global_state: dict, client: int) -> dict: ...
 
 
 class FloraFedAvg(FlowerFedAvg):
@@ -132,7 +127,7 @@ class FloraFedAvg(FlowerFedAvg):
         self.round_offset = round_offset
         self.reports: dict[int, RoundTally] = {}
         """Round (of the run) -> its tally (traffic, losses, accepted and rejected clients)."""
-        self._global: dict[str, torch.Tensor] = {}
+        self._global: State = {}
         self._sent: list[Message] = []  # the round's train messages (the Grid sets their ids)
 
     @property
@@ -167,7 +162,9 @@ class FloraFedAvg(FlowerFedAvg):
                 f"{NOT_CONNECTED}: no connected SuperNode held partition {partition} within "
                 f"node-wait-seconds={self.roster.wait_seconds:g}"
             )
-        tally.bytes_down = array_record_bytes(arrays) * len(messages)
+        tally.bytes_down = sum(
+            array_record_bytes(m.content.array_records[self.arrayrecord_key]) for m in messages
+        )
         self.reports[round_] = tally
         return messages
 
@@ -182,9 +179,15 @@ class FloraFedAvg(FlowerFedAvg):
         missing = [p for p in wanted if p not in holder]
         log.info("configure_train: round %d, partitions %s (seeded, as flora fit)", round_, wanted)
         config["server-round"] = round_
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        chosen = [holder[p] for p in trained]
-        return list(self._construct_messages(record, chosen, MessageType.TRAIN)), trained, missing
+        messages, global_state = [], to_state(arrays)
+        for partition in trained:  # each client gets what it trains from (its rank's slice)
+            rank = self.engine.client_rank(partition) if self.engine is not None else None
+            sent = arrays
+            if rank is not None:
+                sent = ArrayRecord(self.engine.state_for_client(global_state, partition))
+            record = RecordDict({self.arrayrecord_key: sent, self.configrecord_key: config})
+            messages += self._construct_messages(record, [holder[partition]], MessageType.TRAIN)
+        return messages, trained, missing
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -81,7 +81,7 @@ def test_heterogeneous_ranks(tmp_path, flower_env):  # noqa: F811
     summary = assert_same(
         run_on_flower(tmp_path, flower_env, overrides),
         reference,
-        ("test_acc", "accepted_clients", "bytes_up", "client_bytes_up"),
+        ("test_acc", "accepted_clients", "bytes_up", "bytes_down", "client_bytes_up"),
     )
     sent = summary["rounds"][1]["client_bytes_up"]
     assert sent["0"] == 2 * sent["1"] == 2 * sent["2"]  # rank 2 sends twice rank 1's bytes
