@@ -72,6 +72,9 @@ class BenchConfig:
     """CLIP shapes: vit-b-32 (transformers.CLIPConfig defaults) or tiny (the offline tiny CLIP)."""
     loop_overhead: bool = True
     """Also run the real FederatedLoop for 2 rounds of cached FLoRA to measure its overhead."""
+    dp_sgd: bool = False
+    """Also time sample-level DP-SGD's step (noise 1.0, clip 1.0) next to the plain step, for
+    every method DP-SGD supports (FLoRA also with lora.freeze_a); see bench/privacy.py."""
     out: str = "runs/bench"
     """Folder for bench.json, bench.md and the per-method worker results."""
     seed: int = 0

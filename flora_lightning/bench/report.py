@@ -12,10 +12,11 @@ import platform
 from pathlib import Path
 
 from flora_lightning.bench.config import LOOP_OVERHEAD_TARGET, TARGETS, BenchConfig
+from flora_lightning.bench.privacy import markdown_section as dp_sgd_section
 
 TEMPLATE_FILE = Path(__file__).with_name("report_template.md")
 """The document; ``{rows}`` is filled with one :data:`ROW` per method, ``{loop}`` with
-:data:`LOOP` (or nothing)."""
+:data:`LOOP` (or nothing), ``{dp_sgd_table}`` with the DP-SGD table (``bench/privacy.py``) or nothing."""
 ROW = (
     "| {name} | {trainable_params:,} | {bytes_per_round_per_client:,} | {step_seconds:.3g} "
     "| {step_cpu_seconds:.3g} | {epoch_seconds:.4g} | {caching_seconds_per_round:.3g} "
@@ -168,6 +169,7 @@ def markdown(report: dict) -> str:
         runtime_mb=_mb(rows[0]["runtime_memory_bytes"] if rows else 0),
         caption_tokens=max((r["caption_tokens"] for r in rows), default=0),
         loop=_loop(report["loop_overhead"]),
+        dp_sgd_table=dp_sgd_section(rows),
         targets="\n".join(f"- {line}" for line in report["targets"]),
     )
 

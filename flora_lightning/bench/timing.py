@@ -27,7 +27,7 @@ class StepTiming:
 
 
 def time_steps(
-    fabric, module, batch, steps: int, warmup: int = 1, min_seconds: float = 0.0
+    fabric, module, batch, steps: int, warmup: int = 1, min_seconds: float = 0.0, step_fn=None
 ) -> StepTiming:
     """Time local optimizer steps on ``batch`` with ``torch.utils.benchmark.Timer``.
 
@@ -54,6 +54,8 @@ def time_steps(
         steps: at least this many timed steps (>= 1).
         warmup: untimed steps first (allocator and kernel warm-up).
         min_seconds: the Timer's ``min_run_time``.
+        step_fn: replaces ``local_step`` (same signature), e.g. a
+            :class:`~flora_lightning.privacy.dpsgd.DPSGDStep`. None: the plain step.
     """
     import torch
     from torch.utils.benchmark import Measurement, Timer
@@ -64,11 +66,12 @@ def time_steps(
         raise ValueError(f"steps must be >= 1 and warmup >= 0 (got {steps}, {warmup}).")
     batch = fabric.to_device(batch)
     optimizer = fabric.setup_optimizers(module.configure_optimizers())
+    step_fn = step_fn or local_step
     ran = 0  # steps run so far
 
     def step() -> None:
         nonlocal ran
-        local_step(fabric, module, optimizer, batch, ran).item()
+        step_fn(fabric, module, optimizer, batch, ran).item()
         ran += 1
 
     module.train()

@@ -93,7 +93,7 @@ def measure_method(cfg: BenchConfig, variant: str) -> dict:
     step_flops = counted_flops(lambda: _step_once(fabric, module, batch))
     last_flops = counted_flops(lambda: _step_once(fabric, module, part)) if part else 0
     state = module.communicated_state()
-    return {
+    result = {
         "method": variant,
         "cached": cached,
         "image_encoder_frozen": module.image_encoder_frozen,
@@ -125,6 +125,11 @@ def measure_method(cfg: BenchConfig, variant: str) -> dict:
         "build_seconds": build_seconds,
         "load_average": [load_at_start, os.getloadavg()[0]],
     }
+    if cfg.dp_sgd:  # last: it changes the parameters (and freezes FLoRA's A)
+        from flora_lightning.bench.privacy import measure_dp_sgd
+
+        result["dp_sgd"] = measure_dp_sgd(fabric, module, batch, cfg, variant, meter, runtime)
+    return result
 
 
 def counted_flops(run) -> int:
