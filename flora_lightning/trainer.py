@@ -99,18 +99,19 @@ class LocalTrainer:
         self.keep_optimizer_state = keep_optimizer_state
         self.seed = seed
         self.step_fn = step_fn
-        self._states = client_states(client_state_dir)
+        self.state_store = client_states(client_state_dir)
+        """Where the clients' optimizer states live (:attr:`optimizer_states` is this store)."""
 
     @property
     def optimizer_states(self) -> ClientStates:
         """Client id -> its optimizer's ``state_dict()["state"]`` (on CPU), in memory or on disk
         (``client_state_dir``); assigning a mapping replaces the contents, same storage."""
-        return self._states
+        return self.state_store
 
     @optimizer_states.setter
     def optimizer_states(self, states) -> None:
-        if states is not self._states:
-            self._states.replace(dict(states))
+        if states is not self.state_store:
+            self.state_store.replace(dict(states))
 
     def seed_for(self, round_: int, client: int, stream: int = 0) -> int:
         """The seed of ``stream`` (0: torch RNG, 1: data order, 2: ``step_fn``, e.g. DP noise)
@@ -155,9 +156,9 @@ class LocalTrainer:
             source.client_dataloader(client, generator), use_distributed_sampler=False
         )
         optimizer = model.configure_optimizers()
-        if self.keep_optimizer_state and client in self._states:
+        if self.keep_optimizer_state and client in self.state_store:
             saved = optimizer.state_dict()
-            saved["state"] = self._states[client]
+            saved["state"] = self.state_store[client]
             optimizer.load_state_dict(saved)
         optimizer = fabric.setup_optimizers(optimizer)
         proximal = ProximalTerm(model, proximal_mu) if proximal_mu > 0 else None
