@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flora_lightning.callbacks import Callback
-from flora_lightning.checkpoint import load_state
+from flora_lightning.checkpoint import CorruptCheckpointError, load_state
 from flora_lightning.client_states import DiskStates, MemoryStates, client_states
 from flora_lightning.optimizer_states import flatten_optimizer_states
 from flora_lightning.trainer import LocalTrainer
@@ -55,6 +55,13 @@ def test_disk_store_keeps_one_file_per_client_and_only_paths_in_memory(tmp_path)
     assert not any(torch.is_tensor(v) for v in vars(store).values())
     del store[3]
     assert sorted(p.name for p in (tmp_path / "states").iterdir()) == ["client_10.safetensors"]
+    # A file changed behind the store's back is refused, not loaded.
+    path = tmp_path / "states" / "client_10.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="trainer.client_state_dir"):
+        store[10]
 
 
 def test_disk_store_ignores_files_of_an_earlier_run_and_refuses_a_file(tmp_path):
