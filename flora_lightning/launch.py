@@ -7,6 +7,7 @@ on bad input, and gives the loop its :class:`~flora_lightning.trainer.LocalTrain
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -30,6 +31,7 @@ def check_settings(
     keep_last_checkpoints: int | None,
     on_client_error: str,
     client_ranks: ClientRanks = None,
+    client_state_dir: str | None = None,
     **_: object,
 ) -> None:
     """Refuse bad ``trainer.*`` values, naming the field and the fix."""
@@ -61,6 +63,11 @@ def check_settings(
             f"trainer.on_client_error must be skip or raise (got {on_client_error!r})."
         )
     check_client_ranks(client_ranks)
+    if client_state_dir is not None and Path(client_state_dir).is_file():
+        raise ValueError(
+            f"trainer.client_state_dir={client_state_dir!r} is a file; give a folder (created "
+            "when missing) or null to keep the clients' optimizer states in memory."
+        )
 
 
 def launch(loop, model, data, loggers: list) -> None:
@@ -106,4 +113,5 @@ def launch(loop, model, data, loggers: list) -> None:
         max_local_steps=loop.max_local_steps,
         keep_optimizer_state=loop.keep_client_optimizer_state,
         seed=loop.seed,
+        client_state_dir=loop.client_state_dir,
     )

@@ -52,6 +52,10 @@ class FederatedLoop(RoundEngine):
         precision: ``32-true``, ``16-mixed`` (CUDA) or ``bf16-mixed``.
         accelerator: ``auto``, ``cpu``, ``cuda``, ...
         keep_client_optimizer_state: each client keeps its Adam state across rounds (paper).
+        client_state_dir: spill those per-client optimizer states to disk, one safetensors file
+            per client in this folder, read at the client's fit and written after it, so RAM
+            holds only the training client's (for many clients, or FedFFT's ~1.2 GB of Adam
+            state per client at ViT-B/32). null: keep them in memory.
         cache_features: when the method's image encoder is frozen, encode each client's images
             once and train from the features (same results, far faster); false turns it off.
         feature_cache_dir: also keep cached features on disk here, keyed by a fingerprint of
@@ -93,6 +97,7 @@ class FederatedLoop(RoundEngine):
         precision: Precision = "32-true",
         accelerator: str = "auto",
         keep_client_optimizer_state: bool = True,
+        client_state_dir: str | None = None,
         cache_features: bool = True,
         feature_cache_dir: str | None = None,
         release_image_encoder: bool = True,
@@ -112,6 +117,7 @@ class FederatedLoop(RoundEngine):
         self.rounds, self.local_epochs, self.max_local_steps = rounds, local_epochs, max_local_steps
         self.join_ratio, self.precision, self.accelerator = join_ratio, precision, accelerator
         self.keep_client_optimizer_state = keep_client_optimizer_state
+        self.client_state_dir = client_state_dir
         self.cache_features, self.feature_cache_dir = cache_features, feature_cache_dir
         self.release_image_encoder = release_image_encoder
         self.strategy = strategy or FedAvg()

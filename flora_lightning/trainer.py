@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torchmetrics import MeanMetric
 
+from flora_lightning.client_states import ClientStates, client_states
 from flora_lightning.strategy import ClientUpdate
 
 
@@ -77,6 +78,9 @@ class LocalTrainer:
         step_fn: replaces :func:`local_step` with the same signature, e.g. sample-level DP-SGD
             (:class:`~flora_lightning.privacy.dpsgd.DPSGDStep`); its ``start_fit(seed)`` runs
             before each fit with the fit's stream-2 seed. None: the plain step.
+        client_state_dir: keep the clients' optimizer states on disk, one safetensors file per
+            client in this folder (:class:`~flora_lightning.client_states.DiskStates`), read at
+            the client's fit and written after it; None: in memory.
     """
 
     def __init__(
@@ -87,6 +91,7 @@ class LocalTrainer:
         keep_optimizer_state: bool = True,
         seed: int = 42,
         step_fn=None,
+        client_state_dir: str | None = None,
     ) -> None:
         self.fabric = fabric
         self.local_epochs = local_epochs
@@ -94,8 +99,19 @@ class LocalTrainer:
         self.keep_optimizer_state = keep_optimizer_state
         self.seed = seed
         self.step_fn = step_fn
-        self.optimizer_states: dict[int, dict] = {}
-        """Client id -> its optimizer's ``state_dict()["state"]`` (on CPU)."""
+        self.state_store = client_states(client_state_dir)
+        """Where the clients' optimizer states live (:attr:`optimizer_states` is this store)."""
+
+    @property
+    def optimizer_states(self) -> ClientStates:
+        """Client id -> its optimizer's ``state_dict()["state"]`` (on CPU), in memory or on disk
+        (``client_state_dir``); assigning a mapping replaces the contents, same storage."""
+        return self.state_store
+
+    @optimizer_states.setter
+    def optimizer_states(self, states) -> None:
+        if states is not self.state_store:
+            self.state_store.replace(dict(states))
 
     def seed_for(self, round_: int, client: int, stream: int = 0) -> int:
         """The seed of ``stream`` (0: torch RNG, 1: data order, 2: ``step_fn``, e.g. DP noise)
@@ -140,9 +156,9 @@ class LocalTrainer:
             source.client_dataloader(client, generator), use_distributed_sampler=False
         )
         optimizer = model.configure_optimizers()
-        if self.keep_optimizer_state and client in self.optimizer_states:
+        if self.keep_optimizer_state and client in self.state_store:
             saved = optimizer.state_dict()
-            saved["state"] = self.optimizer_states[client]
+            saved["state"] = self.state_store[client]
             optimizer.load_state_dict(saved)
         optimizer = fabric.setup_optimizers(optimizer)
         proximal = ProximalTerm(model, proximal_mu) if proximal_mu > 0 else None

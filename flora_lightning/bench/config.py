@@ -79,6 +79,13 @@ class BenchConfig:
     """Folder for bench.json, bench.md and the per-method worker results."""
     seed: int = 0
     """Seed for weights, LoRA init and synthetic images."""
+    clients: list[int] | None = None
+    """Scan these numbers of clients instead of measuring methods: the loop's seconds, overhead
+    and memory per client (``flora_lightning.bench.clients``; the offline tiny CLIP)."""
+    flower_clients: list[int] = field(default_factory=list)
+    """With ``clients``: also run these N (among ``clients``) on Flower's simulation engine."""
+    client_rounds: int = 2
+    """With ``clients``: rounds per run (from round 2 on, clients read their stored state)."""
 
     def __post_init__(self) -> None:
         known = {v.lower(): v for v in variants()}
@@ -89,7 +96,8 @@ class BenchConfig:
                 f"{', '.join(known.values())}."
             )
         self.methods = list(dict.fromkeys(known[m.lower()] for m in self.methods))
-        for name in ("rounds", "client_samples", "batch_size", "num_classes", "steps"):
+        names = ("rounds", "client_samples", "batch_size", "num_classes", "steps", "client_rounds")
+        for name in names:
             if getattr(self, name) < 1:
                 raise ValueError(f"bench --{name} must be >= 1 (got {getattr(self, name)}).")
         if self.warmup < 0:
@@ -100,6 +108,8 @@ class BenchConfig:
             )
         if self.encode_samples is not None and self.encode_samples < 1:
             raise ValueError(f"bench --encode_samples must be >= 1 (got {self.encode_samples}).")
+        if self.clients is not None or self.flower_clients:
+            check_client_scan(self.clients or [], self.flower_clients)
         if self.precision == "16-mixed" and self.device != "cuda":
             raise ValueError("bench --precision 16-mixed needs --device cuda.")
 
@@ -125,3 +135,13 @@ class BenchConfig:
             if key != "methods" and value is not None:
                 argv += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
         return argv
+
+
+def check_client_scan(clients: list[int], flower_clients: list[int]) -> None:
+    """Refuse a bad ``--clients`` scan, naming the option."""
+    if not clients or any(n < 1 for n in clients):
+        raise ValueError(f"bench --clients needs numbers of clients >= 1 (got {clients}).")
+    if any(n not in clients for n in flower_clients):
+        raise ValueError(
+            f"bench --flower_clients {flower_clients} must be among --clients {clients}."
+        )

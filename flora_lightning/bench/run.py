@@ -22,9 +22,15 @@ from flora_lightning.bench.report import check_targets, derive, machine_descript
 def run_bench(cfg: BenchConfig) -> dict:
     """Measure every method (each in a fresh process) and the loop overhead; write the report.
 
+    With ``cfg.clients``, the clients scan instead (:mod:`flora_lightning.bench.clients`).
+
     Returns:
         What ``<cfg.out>/bench.json`` holds; ``bench.md`` is rendered from it.
     """
+    if cfg.clients:
+        from flora_lightning.bench.clients import run_client_scan
+
+        return run_client_scan(cfg)
     start = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,182 @@
+"""One point of ``flora bench --clients``: N clients on one runtime, in a fresh process.
+
+``python -m flora_lightning.bench.clients_worker --spec JSON`` runs the scan's workload with
+``spec["clients"]`` clients on the in-process :class:`~flora_lightning.loop.FederatedLoop`
+(``runtime: loop``, optimizer states in memory or, ``store: disk``, in
+``trainer.client_state_dir``) or on Flower's simulation engine (``runtime: flower``,
+:func:`~flora_lightning.flower.simulation.simulate`), and writes ``spec["result"]`` (JSON).
+Both runtimes build the run from the same flora YAML (:func:`write_config`), so they train the
+same model on the same partitions with the same seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from flora_lightning.client_states import ClientStates
+
+
+class TimedStates(ClientStates):
+    """Wraps the trainer's optimizer-state store and adds up the seconds its reads, writes and
+    deletes take (the store's share of a client's fit, which the loop overhead counts)."""
+
+    def __init__(self, inner: ClientStates) -> None:
+        self.inner, self.seconds = inner, 0.0
+
+    def _timed(self, fn, *args):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def __getitem__(self, client: int) -> dict:
+        return self._timed(self.inner.__getitem__, client)
+
+    def __setitem__(self, client: int, state: dict) -> None:
+        self._timed(self.inner.__setitem__, client, state)
+
+    def __delitem__(self, client: int) -> None:
+        self._timed(self.inner.__delitem__, client)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __contains__(self, client: object) -> bool:
+        return client in self.inner
+
+    def nbytes(self) -> int:
+        return self.inner.nbytes()
+
+
+def write_config(spec: dict, folder: Path) -> Path:
+    """Synthetic data (``per_client`` images per client, IID) and the flora YAML of the run."""
+    import yaml
+
+    from flora_lightning.bench.workload import synthetic_datamodule
+
+    n = spec["clients"]
+    data = synthetic_datamodule(
+        folder / "data", clients=n, per_client=spec["per_client"], test_samples=16,
+        batch_size=spec["per_client"], num_classes=spec["num_classes"], seed=spec["seed"],
+    )  # fmt: skip
+    trainer = {
+        "rounds": spec["rounds"],
+        "max_local_steps": 1,
+        "accelerator": "cpu",
+        "default_root_dir": str(folder / "run"),
+        "progress": False,
+        "seed": spec["seed"],
+    }
+    if spec.get("store") == "disk":
+        trainer["client_state_dir"] = str(folder / "client_states")
+    config = {
+        "model": {
+            "class_path": "flora_lightning.methods.FLoRA",
+            "init_args": {"name_or_path": "flora-offline/tiny-clip"},
+        },
+        "data": {
+            "dataset": "parquet",
+            "data_files": data.data_files,
+            "image_column": "img",
+            "test_split": "test",
+            "template": data.template,
+            "batch_size": spec["per_client"],
+            "eval_batch_size": 16,
+            "partition": {"kind": "iid", "num_clients": n, "min_samples": 1, "seed": spec["seed"]},
+        },
+        "trainer": trainer,
+    }
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_loop(spec: dict, config: Path) -> dict:
+    """The in-process loop: round times from its summary, store time, peak RSS, state bytes."""
+    from flora_lightning.callbacks.base import Callback
+    from flora_lightning.callbacks.memory import PeakMemoryMeter
+    from flora_lightning.flower.app_config import FlowerRunConfig, build_components
+
+    parts = build_components(FlowerRunConfig(config=str(config)))
+    loop, n = parts.loop, spec["clients"]
+    timed: dict[str, TimedStates] = {}
+    ends: dict[int, float] = {}
+
+    class Probe(Callback):
+        def on_fit_start(self, loop, model) -> None:  # after launch: the trainer exists
+            timed["store"] = loop.trainer.state_store = TimedStates(loop.trainer.state_store)
+
+        def on_round_start(self, loop, round, clients) -> None:
+            timed["store"].seconds = 0.0
+
+        def on_round_end(self, loop, round, record) -> None:
+            if round > 0:
+                ends[round] = timed["store"].seconds
+
+    loop.callbacks.append(Probe())
+    meter = PeakMemoryMeter("cpu")
+    meter.start()
+    t0 = time.perf_counter()
+    summary = loop.fit(parts.model, parts.data)
+    wall = time.perf_counter() - t0
+    memory = meter.stop()
+    rounds = [r for r in summary["rounds"] if r["round"] > 0]
+    store = [ends[r["round"]] for r in rounds]
+    fits = [r["train_seconds"] - s for r, s in zip(rounds, store, strict=True)]
+    overhead = [r["seconds"] - f - r["eval_seconds"] for r, f in zip(rounds, fits, strict=True)]
+    kept = loop.trainer.state_store.inner
+    return {
+        "seconds_per_client_round": sum(r["seconds"] for r in rounds) / (n * len(rounds)),
+        "fit_seconds_per_client": sum(fits) / (n * len(rounds)),
+        "store_seconds_per_client": sum(store) / (n * len(rounds)),
+        "overhead_ms_per_client": 1000 * sum(overhead) / (n * len(rounds)),
+        "round_seconds": [r["seconds"] for r in rounds],
+        "wall_seconds": wall,
+        "peak_rss_mb": memory.peak_bytes / 2**20,
+        "start_rss_mb": memory.start_bytes / 2**20,
+        "memory_measure": memory.measure,
+        "state_bytes_per_client": kept.nbytes() / n,
+        "state_bytes_in_ram_per_client": 0.0 if spec["store"] == "disk" else kept.nbytes() / n,
+        "feature_caching_seconds": summary["feature_caching_seconds"],
+    }
+
+
+def run_flower(spec: dict, config: Path) -> dict:
+    """Flower's simulation engine (Ray, one virtual SuperNode per client) on the same config."""
+    from flora_lightning.flower.simulation import simulate
+
+    out = config.parent / "flower_run"
+    t0 = time.perf_counter()
+    simulate(str(config), out_dir=str(out), num_cpus_per_client=spec["cpus_per_client"])
+    wall = time.perf_counter() - t0
+    summary = json.loads((out / "summary.json").read_text())
+    rounds = [r for r in summary["rounds"] if r["round"] > 0]
+    n = spec["clients"]
+    return {
+        "seconds_per_client_round": sum(r["seconds"] for r in rounds) / (n * len(rounds)),
+        "round_seconds": [r["seconds"] for r in rounds],
+        "wall_seconds": wall,
+        "final_test_acc": summary["final_test_acc"],
+    }
+
+
+def measure(spec: dict) -> dict:
+    """Run one scan point; returns ``spec`` with the measurements added."""
+    folder = Path(spec["work_dir"])
+    folder.mkdir(parents=True, exist_ok=True)
+    config = write_config(spec, folder)
+    runner = run_flower if spec["runtime"] == "flower" else run_loop
+    return {**spec, **runner(spec, config)}
+
+
+if __name__ == "__main__":
+    spec = json.loads(sys.argv[sys.argv.index("--spec") + 1])
+    Path(spec["result"]).write_text(json.dumps(measure(spec), indent=2) + "\n")

@@ -1,0 +1,80 @@
+"""``flora bench --clients``: the clients scan on the tiny CLIP (4 and 16 clients)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flora_lightning.bench import clients, clients_worker
+from flora_lightning.bench.config import BenchConfig
+
+# FLoRA's default LoRA on the tiny CLIP: 512 trainable parameters in 4 tensors (A and B of 2
+# text layers' out_proj). Adam keeps exp_avg and exp_avg_sq (fp32) and a 4-byte step per tensor.
+ADAM_BYTES_PER_CLIENT = 2 * 4 * 512 + 4 * 4
+
+
+def test_scan_of_4_and_16_clients(tmp_path, monkeypatch):
+    # In this process (the library imports once; `flora bench` runs each point in a fresh one).
+    monkeypatch.setattr(clients, "run_worker", clients_worker.measure)
+    out = tmp_path / "bench"
+    cfg = BenchConfig(arch="tiny", clients=[4, 16], out=str(out))
+    report = clients.run_client_scan(cfg)
+
+    saved = json.loads((out / "clients" / "clients.json").read_text())
+    assert saved["rows"] == report["rows"]
+    assert (out / "clients" / "clients.png").stat().st_size > 0
+    text = (out / "clients" / "clients.md").read_text()
+    rows = {(r["clients"], r["store"]): r for r in report["rows"]}
+    assert set(rows) == {(n, s) for n in (4, 16) for s in ("memory", "disk")}
+    for (n, store), row in rows.items():
+        assert f"| {n} | {store} |" in text
+        assert row["rounds"] == 2 and len(row["round_seconds"]) == 2
+        # a client-round is its local fit plus its share of the loop's own work
+        assert row["seconds_per_client_round"] > row["fit_seconds_per_client"] > 0
+        assert row["overhead_ms_per_client"] > 0
+        assert row["meets_overhead_target"] == (row["overhead_ms_per_client"] <= 5.0)
+        assert row["peak_rss_mb"] >= row["start_rss_mb"] > 0
+    for n in (4, 16):
+        memory, disk = rows[(n, "memory")], rows[(n, "disk")]
+        assert memory["state_bytes_per_client"] == ADAM_BYTES_PER_CLIENT
+        assert memory["state_bytes_in_ram_per_client"] == ADAM_BYTES_PER_CLIENT
+        # on disk: the same tensors plus each file's safetensors header; none of it in RAM
+        assert disk["state_bytes_per_client"] > ADAM_BYTES_PER_CLIENT
+        assert disk["state_bytes_in_ram_per_client"] == 0
+        assert disk["store_ms_per_client"] > 0
+        files = list((out / "clients" / f"loop_disk_{n}" / "client_states").iterdir())
+        assert len(files) == n
+        # the same seeded run whichever store: the same accuracy and round count
+        for name in ("memory", "disk"):
+            summary = out / "clients" / f"loop_{name}_{n}" / "run" / "summary.json"
+            assert len(json.loads(summary.read_text())["rounds"]) == 3
+    assert rows[(4, "memory")]["growth_mb"] == rows[(4, "disk")]["growth_mb"] == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"clients": [0, 10]}, "bench --clients"),
+        ({"clients": []}, "bench --clients"),
+        ({"clients": [10], "flower_clients": [100]}, "bench --flower_clients"),
+        ({"clients": [10], "client_rounds": 0}, "bench --client_rounds"),
+    ],
+)
+def test_bad_scan_options_name_the_option(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BenchConfig(**kwargs)
+
+
+@pytest.mark.slow
+def test_scan_with_flower_side_by_side(tmp_path):
+    pytest.importorskip("flwr")
+    from flora_lightning.bench.run import main
+
+    report = main(["--arch", "tiny", "--clients", "[4]", "--flower_clients", "[4]",
+                   "--client_rounds", "1", "--out", str(tmp_path)])  # fmt: skip
+    memory = next(r for r in report["rows"] if r["store"] == "memory")
+    assert memory["flower_vs_loop"] == pytest.approx(
+        memory["flower_seconds_per_client_round"] / memory["seconds_per_client_round"]
+    )
+    assert memory["flower_wall_seconds"] > 0

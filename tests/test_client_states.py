@@ -1,0 +1,141 @@
+"""Per-client optimizer-state stores: memory and disk (``trainer.client_state_dir``) agree."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flora_lightning.callbacks import Callback
+from flora_lightning.checkpoint import CorruptCheckpointError, load_state
+from flora_lightning.client_states import DiskStates, MemoryStates, client_states
+from flora_lightning.optimizer_states import flatten_optimizer_states
+from flora_lightning.trainer import LocalTrainer
+
+
+def adam_state(seed: int) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        i: {
+            "step": torch.tensor(float(seed + i)),
+            "exp_avg": torch.randn(3, 2, generator=generator),
+            "exp_avg_sq": torch.rand(3, 2, generator=generator),
+        }
+        for i in range(2)
+    }
+
+
+@pytest.mark.parametrize("kind", ["memory", "disk"])
+def test_the_mapping_interface(kind, tmp_path):
+    store = client_states(None if kind == "memory" else tmp_path / "states")
+    assert isinstance(store, MemoryStates if kind == "memory" else DiskStates)
+    assert len(store) == 0 and 4 not in store and store.get(4) is None
+    store[4], store[1] = adam_state(4), adam_state(1)
+    assert sorted(store.keys()) == [1, 4] and len(store) == 2
+    for client, state in store.items():
+        for index, slots in adam_state(client).items():
+            for key, value in slots.items():
+                torch.testing.assert_close(state[index][key], value, rtol=0, atol=0)
+    assert store.pop(4)[0]["step"].item() == 4.0
+    assert list(store) == [1] and store.pop(4, None) is None
+    store.replace({7: adam_state(7)})
+    assert list(store) == [7]
+    assert store.nbytes() > 0
+    store.clear()
+    assert len(store) == 0
+
+
+def test_disk_store_keeps_one_file_per_client_and_only_paths_in_memory(tmp_path):
+    store = DiskStates(tmp_path / "states")
+    store[3], store[10] = adam_state(3), adam_state(10)
+    files = sorted(p.name for p in (tmp_path / "states").iterdir())
+    assert files == ["client_10.safetensors", "client_3.safetensors"]
+    on_disk = load_state(tmp_path / "states" / "client_3.safetensors")
+    assert set(on_disk) == set(flatten_optimizer_states({3: adam_state(3)}))
+    assert all(isinstance(path, type(store.path(3))) for path, _ in store.files.values())
+    assert not any(torch.is_tensor(v) for v in vars(store).values())
+    del store[3]
+    assert sorted(p.name for p in (tmp_path / "states").iterdir()) == ["client_10.safetensors"]
+    # A file changed behind the store's back is refused, not loaded.
+    path = tmp_path / "states" / "client_10.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="trainer.client_state_dir"):
+        store[10]
+
+
+def test_disk_store_ignores_files_of_an_earlier_run_and_refuses_a_file(tmp_path):
+    DiskStates(tmp_path / "states")[5] = adam_state(5)
+    assert len(DiskStates(tmp_path / "states")) == 0
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="trainer.client_state_dir"):
+        DiskStates(tmp_path / "file")
+
+
+def test_assigning_a_dict_replaces_the_trainers_store_contents(tmp_path):
+    trainer = LocalTrainer(fabric=None, client_state_dir=str(tmp_path / "s"))
+    store = trainer.optimizer_states
+    trainer.optimizer_states = {2: adam_state(2)}
+    assert trainer.optimizer_states is store and list(store) == [2]
+    assert (tmp_path / "s" / "client_2.safetensors").exists()
+
+
+class Snapshot(Callback):
+    """Each round's flat optimizer states and what the disk store holds in RAM after it."""
+
+    def __init__(self) -> None:
+        self.flat: dict[int, dict] = {}
+        self.in_memory: dict[int, list] = {}
+
+    def on_round_end(self, loop, round, record) -> None:
+        store = loop.trainer.optimizer_states
+        self.flat[round] = {k: v.clone() for k, v in flatten_optimizer_states(store).items()}
+        if isinstance(store, DiskStates):
+            assert not any(torch.is_tensor(v) for v in vars(store).values())
+            kept = {type(x).__name__ for entry in store.files.values() for x in entry}
+            self.in_memory[round] = sorted(kept)
+
+
+def test_disk_store_run_equals_memory_run_and_resumes(
+    make_flora, make_datamodule, make_loop, tmp_path
+):
+    snaps = {"memory": Snapshot(), "disk": Snapshot()}
+    state_dir = tmp_path / "client_states"
+    memory = make_loop(rounds=2, run="memory", callbacks=[snaps["memory"]])
+    memory.fit(make_flora(), make_datamodule())
+    disk = make_loop(rounds=2, run="disk", client_state_dir=str(state_dir),
+                     callbacks=[snaps["disk"]])  # fmt: skip
+    disk.fit(make_flora(), make_datamodule())
+
+    assert sorted(p.name for p in state_dir.iterdir()) == [
+        f"client_{c}.safetensors" for c in range(3)
+    ]
+    # After a fit the store keeps (path, sha256) per client in RAM, never tensors.
+    assert snaps["disk"].in_memory == {0: [], 1: ["PosixPath", "str"], 2: ["PosixPath", "str"]}
+    for round_ in (1, 2):
+        a, b = snaps["memory"].flat[round_], snaps["disk"].flat[round_]
+        assert set(a) == set(b) and len(a) > 0
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=0)
+    final = "checkpoints/round_002.safetensors"
+    a, b = load_state(memory.run_dir / final), load_state(disk.run_dir / final)
+    assert set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0)
+    # The resume state holds every client's state, read back from the files.
+    resume = load_state(disk.run_dir / "resume" / "optimizers.safetensors")
+    assert set(resume) == set(snaps["memory"].flat[2])
+
+    # 1 round, then resumed to 2 with the disk store: equals the uninterrupted run.
+    first = make_loop(rounds=1, run="resumed", client_state_dir=str(tmp_path / "other"))
+    first.fit(make_flora(), make_datamodule())
+    resumed = make_loop(rounds=2, run="resumed", resume=True,
+                        client_state_dir=str(tmp_path / "other"))  # fmt: skip
+    resumed.fit(make_flora(seed=99), make_datamodule())
+    c = load_state(resumed.run_dir / final)
+    for key in a:
+        torch.testing.assert_close(c[key], a[key], rtol=0, atol=1e-6)
+    opt = load_state(resumed.run_dir / "resume" / "optimizers.safetensors")
+    assert set(opt) == set(resume)
+    for key in resume:
+        torch.testing.assert_close(opt[key], resume[key], rtol=0, atol=1e-6)
