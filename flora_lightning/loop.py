@@ -191,6 +191,9 @@ class FederatedLoop(RoundEngine):
                 log.warning("client %d excluded from round %d: its fit raised %r", client,
                             round_, err)  # fmt: skip
                 tally.rejected[str(client)] = f"its fit raised {type(err).__name__}: {err}"
+                # Adam updates its (kept) state in place: a fit stopped midway leaves it half
+                # updated, so the client starts its next round with a fresh optimizer.
+                self.trainer.optimizer_states.pop(client, None)
                 continue
             self.client_update(tally, update, time.perf_counter() - t0)
             self.strategy.add(update)
