@@ -104,8 +104,9 @@ def rows(results: list[dict]) -> list[dict]:
     """One row per (N, store) of the loop, with Flower's numbers joined to the memory row."""
     loop = [r for r in results if r["runtime"] == "loop"]
     flower = {r["clients"]: r for r in results if r["runtime"] == "flower"}
-    smallest = {
-        s: min(r["peak_rss_mb"] for r in loop if r["store"] == s) for s in ("memory", "disk")
+    smallest = {  # the peak RSS at the smallest N of each store: growth is measured from it
+        s: min((r["clients"], r["peak_rss_mb"]) for r in loop if r["store"] == s)[1]
+        for s in ("memory", "disk")
     }
     table = []
     for r in sorted(loop, key=lambda r: (r["store"] != "memory", r["clients"])):
