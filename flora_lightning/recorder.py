@@ -141,7 +141,8 @@ class RunRecorder:
 
     def _contributions(self, hook: str, loop, target) -> dict[str, Any]:
         """Fields the callbacks add through ``hook``; a field may be given only once."""
-        taken = RoundRecord.core_fields() if hook == "round_fields" else set(self.summary_core)
+        # the core fields: a record's, or those the summary already holds
+        taken = RoundRecord.core_fields() if hook == "round_fields" else set(target)
         added: dict[str, Any] = {}
         for callback in self.callbacks:  # Fabric's: the user's, then the LightningModule
             contribute = getattr(callback, hook, None)
@@ -218,18 +219,6 @@ class RunRecorder:
         return round_, global_state, states, saved
 
     # ============================================================ summary
-    summary_core = (
-        "method",
-        "model",
-        "trainable_params",
-        "feature_caching_seconds",
-        "bytes_per_client_per_direction",
-        "final_test_acc",
-        "best_test_acc",
-        "best_round",
-        "rounds",
-    )
-
     def summary(self, model, loop=None) -> dict:
         """summary.json: the run's results, the callbacks' summary fields, every round."""
         accs = [r.test_acc for r in self.history]
