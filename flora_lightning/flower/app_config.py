@@ -12,6 +12,8 @@ points at that YAML and overrides a few loop settings::
     overrides = ""                       # extra flora CLI arguments, e.g. "--trainer.max_local_steps 2"
     node-wait-seconds = 60               # a round waits at most this long for missing nodes
     resume = false                       # continue the run in out-dir (--trainer.resume true)
+    dp-clipping = "server"               # privacy.level client: Flower clips on the server or
+                                         # on each node (client mods); flora_lightning.flower.dp
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ class FlowerRunConfig:
     resume: bool = False
     """Continue the run in the run directory from its last complete round (as
     ``--trainer.resume true``, which ``overrides`` may also give)."""
+    dp_clipping: str = "server"
+    """With ``privacy.level client``: where Flower's DP wrapper clips each update, ``server``
+    (``DifferentialPrivacyServerSide*Clipping``) or ``client`` (``DifferentialPrivacyClient
+    Side*Clipping`` + the clipping mod on every node); see :mod:`flora_lightning.flower.dp`."""
 
     def __post_init__(self) -> None:
         if self.num_server_rounds < 0:
@@ -56,6 +62,10 @@ class FlowerRunConfig:
         if self.node_wait_seconds < 0:
             raise ValueError(
                 f"node-wait-seconds must be >= 0 (got {self.node_wait_seconds}); 0 does not wait."
+            )
+        if self.dp_clipping not in ("server", "client"):
+            raise ValueError(
+                f"dp-clipping must be 'server' or 'client' (got {self.dp_clipping!r})."
             )
 
     @classmethod

@@ -11,6 +11,11 @@ the in-process loop keeps it per client: on disk under ``node_config["state-dir"
 (it then survives SuperNode restarts and resumed ServerApps), else in ``context.state``
 (:mod:`~flora_lightning.flower.optimizer_store`).
 
+With client-side DP clipping (run config ``dp-clipping = "client"``: the server's wrapper puts
+``clipping_norm`` in the train config), Flower's ``fixedclipping_mod`` (or
+``adaptiveclipping_mod`` with ``privacy.adaptive_clipping``) clips the reply on the node
+(:func:`clipping_mod`).
+
 A query message (sent once per node when ``join_ratio < 1``) is answered with the node's
 ``partition-id`` only, so the ServerApp can train the partitions ``flora fit`` would sample.
 
@@ -22,8 +27,18 @@ from __future__ import annotations
 
 import time
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from flora_lightning.flower.app_config import Components, FlowerRunConfig, build_components
 from flora_lightning.flower.arrays import to_state
@@ -82,9 +97,7 @@ def fit_message(msg: Message, context: Context, run: FlowerRunConfig) -> Message
     tally = RoundTally(round=round_)
     steps = loop.client_steps(tally, client)
     if steps == 0:
-        config = ConfigRecord({DROPPED_KEY: tally.dropped[str(client)]})
-        metrics = MetricRecord({PARTITION_KEY: client})
-        return Message(RecordDict({"config": config, "metrics": metrics}), reply_to=msg)
+        return dropped_reply(msg, tally, client)
     # trainer.client_ranks: a lower-rank client starts from its slice, zero-padded and masked
     loop.prepare_client(to_state(msg.content["arrays"]), client)
     # The server may resume from an earlier round: keep states back to its last resume point.
@@ -109,6 +122,36 @@ def fit_message(msg: Message, context: Context, run: FlowerRunConfig) -> Message
     return Message(content=content, reply_to=msg)
 
 
+def dropped_reply(msg: Message, tally: RoundTally, client: int) -> Message:
+    """The reply of a client the availability draw dropped this round: no arrays."""
+    config = ConfigRecord({DROPPED_KEY: tally.dropped[str(client)]})
+    metrics = MetricRecord({PARTITION_KEY: client})
+    return Message(RecordDict({"config": config, "metrics": metrics}), reply_to=msg)
+
+
+def clipping_mod(defaults: dict | None = None):
+    """A ClientApp mod: Flower's ``fixedclipping_mod`` (``adaptiveclipping_mod`` with
+    ``privacy.adaptive_clipping``) on train messages carrying a ``clipping_norm``; other
+    messages pass. A client the availability draw drops answers before Flower's mod (which
+    refuses a reply without arrays)."""
+
+    def mod(msg: Message, context: Context, call_next) -> Message:
+        config = msg.content.config_records.get("config", {})
+        if msg.metadata.message_type != MessageType.TRAIN or KEY_CLIPPING_NORM not in config:
+            return call_next(msg, context)
+        run = FlowerRunConfig.from_run_config(context.run_config, defaults)
+        parts = client_components(run, context)
+        loop, client = parts.loop, partition_of(context, parts.data.num_clients)
+        tally = RoundTally(round=int(config["server-round"]))
+        if loop.client_steps(tally, client) == 0:
+            return dropped_reply(msg, tally, client)
+        adaptive = loop.privacy_run is not None and loop.privacy_run.privacy.adaptive_clipping
+        flower_mod = adaptiveclipping_mod if adaptive else fixedclipping_mod
+        return flower_mod(msg, context, call_next)
+
+    return mod
+
+
 def partition_message(msg: Message, context: Context) -> Message:
     """Answer to the server's query: this node's ``partition-id`` (nothing is built or trained)."""
     metrics = MetricRecord({PARTITION_KEY: node_partition(context)})
@@ -117,7 +160,7 @@ def partition_message(msg: Message, context: Context) -> Message:
 
 def make_client_app(defaults: dict | None = None) -> ClientApp:
     """A ClientApp whose run config falls back to ``defaults`` (for ``run_simulation``)."""
-    client = ClientApp()
+    client = ClientApp(mods=[clipping_mod(defaults)])
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:

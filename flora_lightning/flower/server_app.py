@@ -22,6 +22,10 @@ partitions, then trains with those connected; the others are recorded per round 
 the next round on. A round with fewer than ``min-clients`` accepted updates is recorded but not
 aggregated: the global state stays that of the round before, and the run goes on.
 
+Client-level DP (``privacy.level client``): the strategy is wrapped in Flower's own DP wrapper,
+clipping on the server or, with the run config's ``dp-clipping = "client"``, on the nodes
+(:mod:`flora_lightning.flower.dp`), with the same seeded noise as ``flora fit``.
+
 Resume: with ``resume = true`` (or ``--trainer.resume true`` in ``overrides``) a ServerApp
 started on the run directory of an interrupted run restores its last complete round
 (:meth:`RoundEngine.restore <flora_lightning.engine.RoundEngine.restore>`) and runs the rounds
@@ -41,6 +45,7 @@ from flora_lightning.flower.app_config import FlowerRunConfig, build_components
 from flora_lightning.flower.arrays import to_state
 from flora_lightning.flower.strategy import FloraFedAvg
 from flora_lightning.loop import FederatedLoop
+from flora_lightning.privacy.client_dp import DPFedAvg
 from flora_lightning.records import RoundTally
 
 log = logging.getLogger(__name__)
@@ -89,7 +94,12 @@ def serve(grid: Grid, run: FlowerRunConfig, timeout: float = 3600.0) -> dict:
         node_wait_seconds=run.node_wait_seconds,
         round_offset=done,
     )
-    strategy.start(
+    outer = strategy
+    if isinstance(loop.strategy, DPFedAvg):  # Flower clips and noises (restored bound on resume)
+        from flora_lightning.flower.dp import with_flower_dp
+
+        outer = with_flower_dp(strategy, loop.strategy, run.dp_clipping)
+    outer.start(
         grid=grid,
         initial_arrays=ArrayRecord(model.communicated_state()),
         num_rounds=max(0, loop.rounds - done),

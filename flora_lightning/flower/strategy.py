@@ -7,29 +7,21 @@ in ``flora fit``; each node's partition id is learnt once with a ``query`` messa
 ClientApp answers with its ``partition-id``; :class:`~flora_lightning.flower.nodes.NodeRoster`).
 
 Dead nodes do not stall the run: a round waits at most ``node_wait_seconds`` for the nodes of
-its partitions, then trains those that are connected; each missing partition is recorded in
-the round's ``rejected`` (reason "node not connected: ..."), and a node that dies while it
-trains comes back as an error reply (Flower's heartbeat reason), also recorded. If fewer than
-``min_clients`` updates are accepted, the round is not aggregated (see below) and the run goes
-on with the next round; a SuperNode that (re)connects trains again from the next round on.
+its partitions, then trains those connected; a missing partition is recorded in ``rejected``
+("node not connected: ..."), a node that dies while training comes back as an error reply.
 
-Aggregation is flora's, the same code the in-process loop runs: the YAML's
-``trainer.strategy``, by default :class:`flora_lightning.strategy.FedAvg`, which with client
-``k`` returning ``w_k`` after training on ``n_k`` samples (its ``num-examples`` metric) makes
-every communicated tensor
+Aggregation is flora's, the code the in-process loop runs: the YAML's ``trainer.strategy``
+(default :class:`flora_lightning.strategy.FedAvg`: ``w = sum_k n_k w_k / sum_k n_k`` in
+float64, ``n_k`` the ``num-examples`` metric) over the *accepted* replies. A reply is excluded,
+with a logged reason, when its ClientApp raised, when it lacks arrays or ``num-examples``, or
+when :meth:`Strategy.rejection_reason` refuses it (NaN/Inf, other names or shapes, no
+samples). With fewer than ``min_clients`` accepted the round returns no arrays and Flower keeps
+the previous global state (never modified in place); the run goes on.
 
-    w_global = sum_k n_k * w_k / sum_k n_k       (accumulated in float64)
-
-over the *accepted* replies only. A reply is excluded, with a logged reason, when its ClientApp
-raised (an error reply), when it lacks arrays or ``num-examples``, or when flora's
-:meth:`Strategy.rejection_reason` refuses it (NaN/Inf, other tensor names or shapes, no
-samples). With at least ``min_clients`` accepted the round completes; with fewer the round
-returns no arrays and Flower keeps the previous global state, which is never modified in place.
-
-Traffic is measured on what actually travels: ``bytes_down`` is the ``nbytes`` of the
-ArrayRecord each train message carries (the global state, or with ``trainer.client_ranks`` a
-lower-rank client's slice of it), ``bytes_up`` the bytes of every update received (its
-decoded tensors' ``numel * element_size``, which is the ArrayRecord's ``nbytes``).
+Traffic is what travels: ``bytes_down`` the ``nbytes`` of each train message's ArrayRecord
+(with ``trainer.client_ranks``, a client's rank slice), ``bytes_up`` those of each update.
+With client-level DP the ServerApp wraps this strategy in Flower's DP wrapper
+(:mod:`flora_lightning.flower.dp`), which aggregates only the replies :meth:`screen` keeps.
 """
 
 from __future__ import annotations
@@ -70,7 +62,7 @@ class RoundEngine(Protocol):
 
 
 class FloraFedAvg(FlowerFedAvg):
-    """Flower FedAvg whose ``aggregate_train`` is flora's sample-weighted FedAvg.
+    """Flower FedAvg whose ``aggregate_train`` is flora's ``trainer.strategy``.
 
     Args:
         min_clients: fewest accepted updates for a round to change the global state.
@@ -79,24 +71,18 @@ class FloraFedAvg(FlowerFedAvg):
         min_train_nodes: fewest nodes sampled per round (Flower's sampling only).
         min_available_nodes: Flower's sampling waits until this many nodes are connected
             (without limit; with ``select_clients`` the wait is ``node_wait_seconds``).
-        engine: the round engine (the ServerApp's loop): its ``begin_round`` starts each
-            round's tally when the train messages are configured, before any client trains,
-            and its ``client_update`` sees every decoded reply before it is aggregated (so
-            callbacks, traffic and losses are counted as in ``flora fit``). ``None``: the
-            strategy keeps plain tallies itself.
+        engine: the round engine (the ServerApp's loop): ``begin_round`` starts each round's
+            tally, ``client_update`` sees every decoded reply before it is aggregated (as in
+            ``flora fit``). ``None``: the strategy keeps plain tallies itself.
         select_clients: ``round -> partition ids`` that train in that round (the ServerApp
             passes the loop's seeded sampler); ``None`` keeps Flower's random node sampling.
         query_timeout: seconds to wait for the nodes' partition ids.
-        average: the flora aggregation to run, any :class:`~flora_lightning.strategy.Strategy`
-            (the YAML's ``trainer.strategy``, e.g.
-            :class:`~flora_lightning.strategy.LoraProductAverage`); ``None``: flora's FedAvg.
-            Its ``min_clients`` is set to ``min_clients``.
-        node_wait_seconds: with ``select_clients``, how long a round waits at most for the
-            nodes holding its partitions to (re)connect; then it trains those connected, and
-            each missing partition is rejected with a reason starting "node not connected".
+        average: the flora aggregation, any :class:`~flora_lightning.strategy.Strategy` (the
+            YAML's ``trainer.strategy``); ``None``: FedAvg. Its ``min_clients`` is set.
+        node_wait_seconds: with ``select_clients``, the longest a round waits for the nodes
+            of its partitions; the missing ones are rejected ("node not connected").
         round_offset: rounds already done (a resumed run): Flower's round ``r`` is the run's
-            round ``r + round_offset`` in the train messages (so the clients' seeds), the
-            sampler and the tallies.
+            round ``r + round_offset`` (train messages, so the clients' seeds; sampler; tallies).
     """
 
     def __init__(
@@ -213,7 +199,9 @@ class FloraFedAvg(FlowerFedAvg):
             {
                 "num-accepted": len(report.accepted),
                 "num-rejected": len(report.rejected),
-                "train-loss": self._mean_loss(report),
+                "train-loss": float(np.mean([report.train_loss[c] for c in report.accepted]))
+                if report.accepted
+                else float("nan"),
             }
         )
         if len(report.accepted) < self.min_clients:
@@ -228,6 +216,25 @@ class FloraFedAvg(FlowerFedAvg):
             return None, metrics
         report.aggregated = True
         return ArrayRecord(self.average.result()), metrics
+
+    def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """The replies that carry an update; the others (error replies, dropped clients,
+        replies without arrays or metrics) are decoded into the round's tally now."""
+        round_ = server_round + self.round_offset
+        report = self.reports.setdefault(round_, RoundTally(round=round_))
+        usable = []
+        for message in replies:
+            content = None if message.has_error() else message.content
+            if (
+                content is None
+                or DROPPED_KEY in content.config_records.get("config", {})
+                or self.arrayrecord_key not in content.array_records
+                or "metrics" not in content.metric_records
+            ):
+                self._decode(message, report)
+            else:
+                usable.append(message)
+        return usable
 
     def _decode(self, message: Message, report: RoundTally) -> tuple[ClientUpdate, float] | None:
         """A reply as ``(ClientUpdate, train seconds)``, or ``None`` (logged, recorded) when it
@@ -275,8 +282,7 @@ class FloraFedAvg(FlowerFedAvg):
         return reply.metadata.src_node_id
 
     @staticmethod
-    def _count(report: RoundTally, update: ClientUpdate, seconds: float) -> None:
-        """Traffic and loss of an update, when no engine counts them."""
+    def _count(report: RoundTally, update: ClientUpdate, seconds: float) -> None:  # no engine
         sent = state_bytes(update.state)
         report.bytes_up += sent
         report.client_bytes_up[update.client_id] = sent
@@ -287,14 +293,8 @@ class FloraFedAvg(FlowerFedAvg):
     def _reject(report: RoundTally, who: str, reason: str) -> None:
         log.warning("%s excluded from aggregation: %s", who, reason)
         report.rejected[who] = reason
-        return None
-
-    def _mean_loss(self, report: RoundTally) -> float:
-        losses = {c: report.train_loss[c] for c in report.accepted}
-        return float(np.mean(list(losses.values()))) if losses else float("nan")
 
     def summary(self) -> None:
         super().summary()
-        log.info(
-            "aggregation: flora FedAvg (sample-weighted, float64), min_clients=%d", self.min_clients
-        )
+        log.info("aggregation: flora %s, min_clients=%d", type(self.average).__name__,
+                 self.min_clients)  # fmt: skip

@@ -31,14 +31,26 @@ the count with std ``σ_b`` and moves ``C`` geometrically towards the ``γ`` qua
 The count is a second Gaussian query, so the update's noise multiplier becomes
 ``σ_Δ = (σ⁻² − (2 σ_b)⁻²)^(−1/2)`` and the pair spends exactly what ``σ`` alone would
 (Flower's ``compute_adaptive_noise_params``, ``σ_b`` defaulting to ``m / 20``). The round's noise
-is scaled by the ``C`` its updates were clipped to; Flower 1.42 scales it by the already updated
-``C``, which does not match the sensitivity of that round.
+is scaled by the ``C`` its updates were clipped to (Flower 1.42's adaptive wrappers scale it by
+the already updated ``C``, which does not match that round's sensitivity; the ServerApp's
+wrappers, :mod:`flora_lightning.flower.dp`, correct this), and the clipped fraction is over the
+``m`` sampled clients.
+
+**Noise.** Round ``r`` draws from NumPy's legacy generator seeded with ``[seed, r]``
+(``np.random.RandomState``), in Flower's order and dtype: with adaptive clipping first the
+count's ``normal(Σ b_k, σ_b)``, then, tensor by tensor in the state's order,
+``normal(0, σ_Δ C / m, shape)`` cast to the tensor's dtype and added to the mean (Flower's
+``add_gaussian_noise_inplace``). Flower's DP wrappers draw from NumPy's *global* generator; the
+ServerApp seeds it with the same ``[seed, r]`` around each aggregation, so a Flower run through
+Flower's own wrappers (server- or client-side clipping) equals ``flora fit`` for the same seed,
+and a resumed run draws what the uninterrupted one does.
+
+On Flower (``clip_and_noise=False``) the wrapper clips (or each node's clipping mod does) and
+adds the noise; this strategy then only takes the fixed-denominator mean of the clipped
+updates and records, through :meth:`record_release`, the bound and noise the wrapper used.
 
 The math follows ``flwr.supercore.differential_privacy`` (the tests check it against those
-functions); it is written in torch here because Flower is an optional extra and its noise comes
-from numpy's global generator, whereas this noise comes from a generator seeded by ``(seed,
-round)``, so a resumed run and the Flower ServerApp (whose ``FloraFedAvg`` drives this same
-strategy) draw what the in-process loop draws.
+functions); it is written in torch here because Flower is an optional extra.
 """
 
 from __future__ import annotations
@@ -106,6 +118,8 @@ class DPFedAvg(Strategy):
         clip_norm_lr: η, the geometric step of ``clip_norm`` (adaptive).
         clipped_count_stddev: σ_b (adaptive; None: ``m / 20``).
         min_clients: fewest accepted updates for a round to count.
+        clip_and_noise: clip, noise and adapt here (``flora fit``); False: the updates
+            arrive clipped and Flower's DP wrapper adds the noise (the ServerApp).
     """
 
     def __init__(
@@ -119,6 +133,7 @@ class DPFedAvg(Strategy):
         clip_norm_lr: float = 0.2,
         clipped_count_stddev: float | None = None,
         min_clients: int = 1,
+        clip_and_noise: bool = True,
     ) -> None:
         super().__init__(min_clients=min_clients)
         if noise_multiplier < 0:
@@ -135,6 +150,7 @@ class DPFedAvg(Strategy):
         self.num_sampled_clients = num_sampled_clients
         self.seed = seed
         self.adaptive = adaptive
+        self.clip_and_noise = clip_and_noise
         self.target_clipped_quantile = target_clipped_quantile
         self.clip_norm_lr = clip_norm_lr
         self.clipped_count_stddev, self.update_noise_multiplier = (
@@ -188,41 +204,56 @@ class DPFedAvg(Strategy):
         }
         norm = update_norm(delta)
         self.norms[update.client_id] = norm
-        factor = clip_factor(norm, self.round_clip_norm)
+        factor = clip_factor(norm, self.round_clip_norm) if self.clip_and_noise else 1.0
         for name, d in delta.items():
             self._sum[name].add_(d, alpha=factor)
 
     def aggregate(self) -> State:
         round_ = self.rounds_done + 1
         m = self.num_sampled_clients
-        std = noise_stddev(self.update_noise_multiplier, self.round_clip_norm, m)
-        generator = torch.Generator().manual_seed(self.noise_seed(round_, 0))
         new_state = {}
         for name, total in self._sum.items():  # insertion order: the global state's
-            noise = torch.randn(total.shape, generator=generator, dtype=torch.float64)
-            mean = total / m + std * noise.to(total.device)
             reference = self.global_state[name]
-            new_state[name] = (reference.to(mean.device, torch.float64) + mean).to(
+            new_state[name] = (reference.to(total.device, torch.float64) + total / m).to(
                 device=reference.device, dtype=reference.dtype
             )
-        self.round_noise_std = std
-        if self.adaptive:
-            self._adapt_clip_norm(round_)
+        if self.clip_and_noise:
+            self._release(new_state, self.noise_generator(round_))
         self.rounds_done = round_
         return new_state
 
-    def _adapt_clip_norm(self, round_: int) -> None:
-        clipped = sum(norm > self.round_clip_norm for norm in self.norms.values())
-        generator = torch.Generator().manual_seed(self.noise_seed(round_, 1))
-        noise = float(torch.randn((), generator=generator, dtype=torch.float64))
-        fraction = (clipped + self.clipped_count_stddev * noise) / self.num_sampled_clients
-        self.clip_norm = self.round_clip_norm * math.exp(
-            -self.clip_norm_lr * (fraction - self.target_clipped_quantile)
-        )
+    def _release(self, state: State, rng: np.random.RandomState) -> None:
+        """Flower's order: the clipped count's noise and ``C``'s update (adaptive), then each
+        tensor's noise, scaled by the ``C`` of this round."""
+        if self.adaptive:
+            clipped = sum(norm > self.round_clip_norm for norm in self.norms.values())
+            fraction = float(rng.normal(clipped, self.clipped_count_stddev)) / float(
+                self.num_sampled_clients
+            )
+            self.clip_norm = self.round_clip_norm * math.exp(
+                -self.clip_norm_lr * (fraction - self.target_clipped_quantile)
+            )
+        std = noise_stddev(self.update_noise_multiplier, self.round_clip_norm,
+                           self.num_sampled_clients)  # fmt: skip
+        for tensor in state.values():
+            noise = rng.normal(0, std, tuple(tensor.shape))
+            tensor.add_(torch.from_numpy(noise).to(device=tensor.device, dtype=tensor.dtype))
+        self.round_noise_std = std
 
-    def noise_seed(self, round_: int, stream: int) -> int:
-        """Seed of ``stream`` (0: the update noise, 1: the clipped-count noise) of a round."""
-        return int(np.random.default_rng([self.seed, round_, stream]).integers(2**62))
+    def record_release(self, round_clip_norm: float, clip_norm: float, noise_std: float) -> None:
+        """What Flower's wrapper did this round (``clip_and_noise=False``): the bound the
+        updates were clipped to, the bound for the next round, the noise's std."""
+        self.round_clip_norm, self.clip_norm = round_clip_norm, clip_norm
+        self.round_noise_std = noise_std
+
+    def noise_words(self, round_: int) -> list[int]:
+        """The seed words of round ``round_``'s noise: ``[seed, round]``."""
+        return [self.seed, round_]
+
+    def noise_generator(self, round_: int) -> np.random.RandomState:
+        """The generator of round ``round_``'s noise (what Flower's wrapper draws from, once
+        the ServerApp seeds NumPy's global generator with :meth:`noise_words`)."""
+        return np.random.RandomState(self.noise_words(round_))
 
     def state_dict(self) -> State:
         """What a resume needs, as tensors (saved with the resume state): the rounds done

@@ -62,3 +62,10 @@ def test_resume_and_node_wait_seconds():
     assert "--trainer.resume" not in FlowerRunConfig().cli_args()
     with pytest.raises(ValueError, match="node-wait-seconds must be >= 0"):
         FlowerRunConfig(node_wait_seconds=-1)
+
+
+def test_dp_clipping_side():
+    assert FlowerRunConfig().dp_clipping == "server"
+    assert FlowerRunConfig.from_run_config({"dp-clipping": "client"}).dp_clipping == "client"
+    with pytest.raises(ValueError, match="dp-clipping must be 'server' or 'client'"):
+        FlowerRunConfig.from_run_config({"dp-clipping": "node"})

@@ -173,3 +173,57 @@ def test_without_state_dir_a_restart_resets_the_state_with_a_warning(offline_ass
     assert adam_steps(restarted) == {2.0}  # a fresh Adam
     assert "partition 0, round 2: no optimizer state from an earlier round" in caplog.text
     assert "no node_config state-dir" in caplog.text
+
+
+def dp_run(extra: str = "") -> FlowerRunConfig:
+    overrides = (
+        "--data.partition.num_clients 2 --trainer.max_local_steps 2 --privacy.level client"
+        f" --privacy.noise_multiplier 0.5 --privacy.clip_norm 0.01 {extra}"
+    )
+    return FlowerRunConfig(config=RUN.config, overrides=overrides, dp_clipping="client")
+
+
+def clipped_message(state: dict, server_round: int, clip: float) -> Message:
+    message = train_message(state, server_round)
+    message.content["config"]["clipping_norm"] = clip
+    return message
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_client_side_clipping_is_flowers_mod_on_the_node(offline_assets, adaptive):
+    from flora_lightning.flower.client_app import clipping_mod
+    from flora_lightning.privacy.client_dp import update_norm
+
+    run = dp_run("--privacy.adaptive_clipping true --privacy.clipped_count_stddev 1.0"
+                 if adaptive else "")  # fmt: skip
+    ctx = context()
+    start = client_components(run, ctx).model.communicated_state()
+    mod = clipping_mod(run.__dict__)
+
+    def fit(msg, context):
+        return fit_message(msg, context, run)
+
+    plain = fit(train_message(start, 1), ctx)  # no clipping_norm in the config: not clipped
+    raw = {k: v - start[k] for k, v in to_state(plain.content["arrays"]).items()}
+    assert update_norm(raw) > 0.01
+    reply = mod(clipped_message(start, 1, 0.01), ctx, fit)
+    assert not reply.has_error()
+    sent = {k: v - start[k] for k, v in to_state(reply.content["arrays"]).items()}
+    assert update_norm(sent) == pytest.approx(0.01, rel=1e-4)
+    assert ("norm_bit" in reply.content["metrics"]) == adaptive
+    passed = mod(train_message(start, 1), ctx, fit)  # a message without a bound passes
+    assert "norm_bit" not in passed.content["metrics"]
+
+
+def test_client_side_clipping_lets_a_dropped_client_answer(offline_assets):
+    from flora_lightning.flower.client_app import clipping_mod
+    from flora_lightning.flower.nodes import DROPPED_KEY
+
+    run = dp_run("--trainer.availability '{dropout: 1.0}'")
+    ctx = context()
+    start = client_components(run, ctx).model.communicated_state()
+    reply = clipping_mod(run.__dict__)(
+        clipped_message(start, 1, 0.01), ctx, lambda msg, c: fit_message(msg, c, run)
+    )
+    assert not reply.has_error()  # Flower's mod would refuse a reply without arrays
+    assert DROPPED_KEY in reply.content["config"] and not reply.content.array_records

@@ -2,8 +2,8 @@
 
 Simulated unreliable clients (dropouts, stragglers: the ClientApp draws the same seeded
 events), per-client LoRA ranks (each node trains and sends its own rank's slice), client-level
-DP (the ServerApp's strategy is the same DPFedAvg, noise seeded by round), the accountant and
-personalised evaluation run through ``flwr run`` on a simulation SuperLink.
+DP (Flower's own DP wrappers, server- or client-side clipping, noise seeded by round), the
+accountant and personalised evaluation run through ``flwr run`` on a simulation SuperLink.
 """
 
 from __future__ import annotations
@@ -45,12 +45,13 @@ def assert_same(flower_dir: Path, reference: Path, keys: tuple[str, ...]) -> dic
     return summary
 
 
-def run_on_flower(tmp_path: Path, env: dict, overrides: str) -> Path:
+def run_on_flower(tmp_path: Path, env: dict, overrides: str, more: str = "") -> Path:
     out_dir = tmp_path / "flower_run"
     with federation(tmp_path, env, num_nodes=3, simulation=True):
-        result = flwr_run(tmp_path, env, out_dir, overrides, rounds=ROUNDS)
-    logs = "\n".join(p.read_text()[-2000:] for p in sorted(tmp_path.glob("*.log")))
+        result = flwr_run(tmp_path, env, out_dir, overrides, rounds=ROUNDS, more=more)
+    logs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("*.log")))
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n{logs}"
+    (out_dir / "flower_output.log").write_text(result.stdout + result.stderr + logs)
     return out_dir
 
 
@@ -63,15 +64,41 @@ def test_unreliable_clients_dp_and_personalised_evaluation(tmp_path, flower_env)
     )
     reference = tmp_path / "in_process"
     fit_in_process(reference, overrides)
+    flower_dir = run_on_flower(tmp_path, flower_env, overrides)
     summary = assert_same(
-        run_on_flower(tmp_path, flower_env, overrides),
+        flower_dir,
         reference,
         ("test_acc", "accepted_clients", "dropped_clients", "straggler_clients",
          "privacy_epsilon", "local_acc_mean"),
     )  # fmt: skip
     assert summary["privacy"]["level"] == "client"
+    log = (flower_dir / "flower_output.log").read_text()  # Flower's own server-side wrapper
+    assert "Starting ServerSideFixedClipping strategy" in log, log[-3000:]
+    assert "parameters are clipped by value" in log
     events = [r["dropped_clients"] or r["straggler_clients"] for r in summary["rounds"][1:]]
     assert any(events)  # the seed exercises the availability path
+
+
+def test_client_side_adaptive_clipping_with_flowers_mods(tmp_path, flower_env):  # noqa: F811
+    """dp-clipping = "client": Flower's client-side adaptive wrapper, adaptiveclipping_mod on
+    every node; the same rounds, clip bounds, noise and epsilon as flora fit."""
+    overrides = (
+        f"{BASE} --privacy.level client --privacy.noise_multiplier 0.5 --privacy.clip_norm 0.05"
+        " --privacy.adaptive_clipping true --privacy.clipped_count_stddev 1.0"
+    )
+    reference = tmp_path / "in_process"
+    fit_in_process(reference, overrides)
+    flower_dir = run_on_flower(tmp_path, flower_env, overrides, more='dp-clipping="client"')
+    summary = assert_same(
+        flower_dir,
+        reference,
+        ("test_acc", "accepted_clients", "privacy_epsilon", "privacy_clip_norm"),
+    )
+    clips = [r["privacy_clip_norm"] for r in summary["rounds"][1:]]
+    assert clips[0] == 0.05 and clips[1] != 0.05  # adapted after round 1
+    log = (flower_dir / "flower_output.log").read_text()
+    assert "Starting ClientSideAdaptiveClipping strategy" in log, log[-3000:]  # Flower's wrapper
+    assert "adaptiveclipping_mod: ndarrays are clipped by value" in log  # Flower's mod, on nodes
 
 
 def test_heterogeneous_ranks(tmp_path, flower_env):  # noqa: F811

@@ -1,7 +1,9 @@
-"""DPFedAvg driven by Flower's FloraFedAvg gives what the in-process strategy gives, per round."""
+"""DPFedAvg driven by Flower's FloraFedAvg, alone or inside Flower's own DP wrappers (server- or
+client-side clipping), gives what the in-process strategy gives, per round."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,13 +35,13 @@ class FakeGrid:
         return list(self.nodes)
 
 
-def make_dp() -> DPFedAvg:
+def make_dp(adaptive: bool = True) -> DPFedAvg:
     return DPFedAvg(
         noise_multiplier=0.8,
         clip_norm=1.0,
         num_sampled_clients=3,
         seed=11,
-        adaptive=True,
+        adaptive=adaptive,
         clipped_count_stddev=1.0,
     )
 
@@ -89,3 +91,90 @@ def test_flower_rounds_equal_in_process_rounds():
             torch.testing.assert_close(flower_state[name], local_state[name], rtol=0, atol=1e-6)
         assert flower.average.clip_norm == pytest.approx(local.clip_norm, rel=1e-12)
     assert flower.average.state_dict()["rounds_done"] == 3
+
+
+def reply_to(message: Message, state: dict, client: int) -> Message:
+    metrics = {"num-examples": 10 * (client + 1), "partition-id": client, "train-loss": 1.0}
+    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
+    return Message(content, reply_to=message)
+
+
+def on_node(message: Message, reply: Message, adaptive: bool) -> Message:
+    """What a node's ClientApp sends with client-side clipping: Flower's mod around the fit."""
+    from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+
+    mod = adaptiveclipping_mod if adaptive else fixedclipping_mod
+    return mod(message, None, lambda msg, context: reply)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("side", ["server", "client"])
+def test_flower_dp_wrappers_equal_flora_fit(side, adaptive):
+    """Flower's own DP wrappers (and client mods), seeded by round, give flora fit's rounds:
+    same clipping, unweighted mean, noise (bit for bit once the mean agrees) and bound."""
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping as Adapt
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping as Fixed
+
+    from flora_lightning.flower.dp import with_flower_dp
+
+    start = {"a": torch.zeros(3, 4), "b": torch.ones(5)}
+    inner = FloraFedAvg(min_available_nodes=3, min_train_nodes=3, average=make_dp(adaptive))
+    flower = with_flower_dp(inner, inner.average, side)
+    assert isinstance(flower, Adapt if adaptive else Fixed) == (side == "server")
+    assert not inner.average.clip_and_noise  # Flower clips and noises
+    local = make_dp(adaptive)
+    flower_state, local_state = dict(start), dict(start)
+    for round_ in (1, 2, 3):
+        states = client_states(local_state, round_)
+        sent = list(flower.configure_train(
+            round_, ArrayRecord(flower_state), ConfigRecord(), FakeGrid([7, 8, 9])
+        ))  # fmt: skip
+        replies = [reply_to(m, s, i) for i, (s, m) in enumerate(zip(states, sent, strict=True))]
+        if side == "client":
+            assert sent[0].content["config"]["clipping_norm"] == local.clip_norm
+            replies = [on_node(m, r, adaptive) for m, r in zip(sent, replies, strict=True)]
+        before = np.random.get_state()[1].copy()
+        arrays, _ = flower.aggregate_train(round_, list(reversed(replies)))
+        assert np.array_equal(np.random.get_state()[1], before)  # global generator restored
+        flower_state = to_state(arrays)
+
+        local.begin(local_state)
+        for i, state in enumerate(states):
+            local.add(ClientUpdate(i, state, num_samples=10 * (i + 1), train_loss=1.0))
+        local_state = local.result()
+        for name in start:
+            torch.testing.assert_close(flower_state[name], local_state[name], rtol=0, atol=1e-6)
+        assert local.round_noise_std > 0.05  # the noise is there, and equal
+        for key in ("round_clip_norm", "clip_norm", "round_noise_std"):
+            assert getattr(inner.average, key) == pytest.approx(getattr(local, key), rel=1e-9)
+    assert inner.average.state_dict()["rounds_done"] == 3
+
+
+def test_error_and_dropped_replies_are_recorded_and_left_out():
+    """Flower's wrapper would skip a round with an error reply; flora fit skips the client."""
+    from flwr.app import Error
+
+    from flora_lightning.flower.dp import with_flower_dp
+    from flora_lightning.flower.nodes import DROPPED_KEY
+
+    start = {"a": torch.zeros(3, 4), "b": torch.ones(5)}
+    inner = FloraFedAvg(min_available_nodes=3, min_train_nodes=3, average=make_dp(False))
+    flower = with_flower_dp(inner, inner.average, "server")
+    sent = list(flower.configure_train(1, ArrayRecord(start), ConfigRecord(), FakeGrid([7, 8, 9])))
+    states = client_states(start, 1)
+    dropped = Message(
+        RecordDict({"config": ConfigRecord({DROPPED_KEY: "dropout p=0.5"}),
+                    "metrics": MetricRecord({"partition-id": 2})}), reply_to=sent[2],
+    )  # fmt: skip
+    failed = Message(Error(code=0, reason="boom"), reply_to=sent[1])
+    arrays, _ = flower.aggregate_train(1, [reply_to(sent[0], states[0], 0), failed, dropped])
+    assert arrays is not None
+    report = inner.reports[1]
+    assert report.accepted == [0] and report.dropped == {"2": "dropout p=0.5"}
+    assert any("boom" in reason for reason in report.rejected.values())
+    local = make_dp(False)
+    local.begin(start)
+    local.add(ClientUpdate(0, states[0], num_samples=10, train_loss=1.0))
+    expected = local.result()  # one update over the fixed denominator m = 3, same noise
+    for name, tensor in to_state(arrays).items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-6)
