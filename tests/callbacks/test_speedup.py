@@ -63,8 +63,9 @@ def test_time_local_steps_keeps_timing_fast_steps_until_min_seconds():
     flora = make_flora()
     batch = (torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2]))
     times = time_local_steps(fabric, flora, batch, steps=1, warmup=0, min_seconds=0.3)
-    # Tiny steps take milliseconds: many are timed, and just enough to pass 0.3 s (or 100).
-    assert 1 < len(times.wall) <= 100
+    # Steps are timed until they add up to 0.3 s (or 100 are timed), and not one more: the
+    # stopping rule, whatever the machine's load makes a step cost.
+    assert 1 <= len(times.wall) <= 100
     assert sum(times.wall) >= 0.3 or len(times.wall) == 100
     assert sum(times.wall[:-1]) < 0.3
     capped = time_local_steps(fabric, flora, batch, steps=1, warmup=0, min_seconds=1e9)
@@ -78,7 +79,8 @@ def test_speedup_in_the_loop_and_training_unchanged(tmp_path):
     assert timed["speedup_vs_fft"] == pytest.approx(
         timed["fft_step_seconds"] / timed["method_step_seconds"]
     )
-    assert timed["speedup_vs_fft"] > 1  # FLoRA on cached features beats full fine-tuning
+    # (How much faster FLoRA is, is measured by `flora bench`, not asserted here: a timed
+    # assertion fails on a loaded machine.)
     # The timing steps leave no trace: the run trains exactly as without the callback.
     for with_cb, without in zip(timed["rounds"], plain["rounds"], strict=True):
         assert with_cb["test_loss"] == without["test_loss"]
