@@ -111,7 +111,8 @@ def on_node(message: Message, reply: Message, adaptive: bool) -> Message:
 @pytest.mark.parametrize("side", ["server", "client"])
 def test_flower_dp_wrappers_equal_flora_fit(side, adaptive):
     """Flower's own DP wrappers (and client mods), seeded by round, give flora fit's rounds:
-    same clipping, unweighted mean, noise (bit for bit once the mean agrees) and bound."""
+    same clipping, unweighted mean, noise (bit for bit once the mean agrees) and bound; also
+    after the ServerApp is restarted (resumed) before round 3."""
     from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping as Adapt
     from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping as Fixed
 
@@ -125,16 +126,23 @@ def test_flower_dp_wrappers_equal_flora_fit(side, adaptive):
     local = make_dp(adaptive)
     flower_state, local_state = dict(start), dict(start)
     for round_ in (1, 2, 3):
+        if round_ == 3:  # a resumed ServerApp: the restored DPFedAvg, Flower's round 1 is 3
+            restored = make_dp(adaptive)
+            restored.load_state_dict(inner.average.state_dict())
+            inner = FloraFedAvg(min_available_nodes=3, min_train_nodes=3, average=restored,
+                                round_offset=2)  # fmt: skip
+            flower = with_flower_dp(inner, restored, side)
+        server_round = round_ - inner.round_offset
         states = client_states(local_state, round_)
         sent = list(flower.configure_train(
-            round_, ArrayRecord(flower_state), ConfigRecord(), FakeGrid([7, 8, 9])
+            server_round, ArrayRecord(flower_state), ConfigRecord(), FakeGrid([7, 8, 9])
         ))  # fmt: skip
         replies = [reply_to(m, s, i) for i, (s, m) in enumerate(zip(states, sent, strict=True))]
         if side == "client":
             assert sent[0].content["config"]["clipping_norm"] == local.clip_norm
             replies = [on_node(m, r, adaptive) for m, r in zip(sent, replies, strict=True)]
         before = np.random.get_state()[1].copy()
-        arrays, _ = flower.aggregate_train(round_, list(reversed(replies)))
+        arrays, _ = flower.aggregate_train(server_round, list(reversed(replies)))
         assert np.array_equal(np.random.get_state()[1], before)  # global generator restored
         flower_state = to_state(arrays)
 
