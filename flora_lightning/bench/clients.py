@@ -1,17 +1,21 @@
 """``flora bench --clients '[10, 100, 1000]'``: the loop's cost per client as clients grow.
 
-For each N, in fresh processes (:mod:`flora_lightning.bench.clients_worker`), the in-process
-:class:`~flora_lightning.loop.FederatedLoop` runs ``--client_rounds`` round(s) of FLoRA on the
-offline tiny CLIP with cached image features: N clients, :data:`PER_CLIENT` synthetic images
-each, one local step per client. Twice: optimizer states in memory, and spilled to disk
+For each N, in fresh processes (:mod:`flora_lightning.bench.clients_worker`; one writes the
+data, another measures), the in-process :class:`~flora_lightning.loop.FederatedLoop` runs
+``--client_rounds`` round(s) of FLoRA on ``--arch`` (``tiny``: the offline tiny CLIP;
+``vit-b-32``: a random-init CLIP of ViT-B/32 shapes) with cached image features, so only the
+text tower trains: N clients, :data:`PER_CLIENT` synthetic images each, one local step per
+client. Twice: optimizer states in memory, and spilled to disk
 (``trainer.client_state_dir``). For the N in ``--flower_clients`` the same config also runs on
 Flower's simulation engine (Ray), for the wall-time ratio.
 
 Measured per client-round: seconds (the round's time / N); the loop overhead (the round's
 time minus the clients' local fits and the evaluation, plus the optimizer-state store's
 reads and writes, / N: sampling, state swap, store, aggregation, bookkeeping); the peak RSS of
-the process during the run and its growth over the smallest N; the bytes of optimizer state
-kept per client (and of those, in RAM). Results: ``clients.json``, ``clients.md`` and
+the process during the run, its growth over the smallest N and per added client, against the
+per-client state the run keeps (:mod:`flora_lightning.bench.client_memory`: optimizer states,
+partition indices, cached features, round records); the bytes of optimizer state kept per
+client (and of those, in RAM). Results: ``clients.json``, ``clients.md`` and
 ``clients.png`` in ``<out>/clients``.
 """
 
