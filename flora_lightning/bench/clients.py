@@ -1,17 +1,21 @@
 """``flora bench --clients '[10, 100, 1000]'``: the loop's cost per client as clients grow.
 
-For each N, in fresh processes (:mod:`flora_lightning.bench.clients_worker`), the in-process
-:class:`~flora_lightning.loop.FederatedLoop` runs ``--client_rounds`` round(s) of FLoRA on the
-offline tiny CLIP with cached image features: N clients, :data:`PER_CLIENT` synthetic images
-each, one local step per client. Twice: optimizer states in memory, and spilled to disk
+For each N, in fresh processes (:mod:`flora_lightning.bench.clients_worker`; one writes the
+data, another measures), the in-process :class:`~flora_lightning.loop.FederatedLoop` runs
+``--client_rounds`` round(s) of FLoRA on ``--arch`` (``tiny``: the offline tiny CLIP;
+``vit-b-32``: a random-init CLIP of ViT-B/32 shapes) with cached image features, so only the
+text tower trains: N clients, :data:`PER_CLIENT` synthetic images each, one local step per
+client. Twice: optimizer states in memory, and spilled to disk
 (``trainer.client_state_dir``). For the N in ``--flower_clients`` the same config also runs on
 Flower's simulation engine (Ray), for the wall-time ratio.
 
 Measured per client-round: seconds (the round's time / N); the loop overhead (the round's
 time minus the clients' local fits and the evaluation, plus the optimizer-state store's
 reads and writes, / N: sampling, state swap, store, aggregation, bookkeeping); the peak RSS of
-the process during the run and its growth over the smallest N; the bytes of optimizer state
-kept per client (and of those, in RAM). Results: ``clients.json``, ``clients.md`` and
+the process during the run, its growth over the smallest N and per added client, against the
+per-client state the run keeps (:mod:`flora_lightning.bench.client_memory`: optimizer states,
+partition indices, cached features, round records); the bytes of optimizer state kept per
+client (and of those, in RAM). Results: ``clients.json``, ``clients.md`` and
 ``clients.png`` in ``<out>/clients``.
 """
 
@@ -28,27 +32,34 @@ from flora_lightning.bench.config import BenchConfig
 
 PER_CLIENT = 2
 """Synthetic training images per client (one local step at batch 2)."""
+ARCHS = {"tiny": "the offline tiny CLIP", "vit-b-32": "a random-init CLIP of ViT-B/32 shapes"}
+"""``--arch``: the model each point trains (its text tower; image features are cached)."""
 OVERHEAD_TARGET_MS = 5.0
 """The loop's overhead per client-round it is checked against (issue 13)."""
 ROW = (
     "| {clients:,} | {store} | {seconds_per_client_round:.4f} | {fit_seconds_per_client:.4f} "
     "| {overhead_ms_per_client:.2f} | {store_ms_per_client:.2f} | {peak_rss_mb:.0f} "
-    "| {growth_mb:+.0f} | {state_bytes_per_client:,.0f} | {state_bytes_in_ram_per_client:,.0f} "
-    "| {flower} |"
+    "| {growth_mb:+.0f} | {growth_kb_per_client} | {kept} | {state_bytes_per_client:,.0f} "
+    "| {state_bytes_in_ram_per_client:,.0f} | {flower} |"
 )
 HEADER = (
     "| clients | optimizer states | s / client-round | local fit s / client | loop overhead ms "
-    "/ client | of which state store ms | peak RSS MB | growth vs smallest N MB | state bytes "
-    "/ client | in RAM / client | Flower s / client-round (x loop) |\n"
-    "|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|---|"
+    "/ client | of which state store ms | peak RSS MB | growth vs smallest N MB | growth KB / "
+    "added client | kept KB / client (optimizer, indices, features, records) | optimizer state "
+    "bytes / client | in RAM / client | Flower s / client-round (x loop) |\n"
+    "|--:|---|--:|--:|--:|--:|--:|--:|--:|---|--:|--:|---|"
 )
 
 
 def run_worker(spec: dict) -> dict:
-    """One scan point in a fresh process; its result (JSON) is kept next to its work folder."""
+    """One scan point in a fresh process, its data and YAML written by another one before (so
+    the measured process's memory holds nothing of the data generation); its result (JSON) is
+    kept next to its work folder."""
     Path(spec["result"]).unlink(missing_ok=True)
     command = [sys.executable, "-m", "flora_lightning.bench.clients_worker", "--spec"]
-    done = subprocess.run(command + [json.dumps(spec)], capture_output=True, text=True)
+    done = subprocess.run(command + [json.dumps(spec), "--prepare"], capture_output=True, text=True)
+    if done.returncode == 0:
+        done = subprocess.run(command + [json.dumps(spec)], capture_output=True, text=True)
     if done.returncode != 0 or not Path(spec["result"]).exists():
         raise RuntimeError(
             f"bench clients worker ({spec['runtime']}, {spec['clients']} clients) failed "
@@ -73,13 +84,14 @@ def run_client_scan(cfg: BenchConfig) -> dict:
         spec = {
             "clients": n, "runtime": runtime, "store": store, "rounds": cfg.client_rounds,
             "per_client": PER_CLIENT, "num_classes": cfg.num_classes, "seed": cfg.seed,
-            "cpus_per_client": 1.0, "work_dir": str(out / name),
+            "arch": cfg.arch, "cpus_per_client": 1.0, "work_dir": str(out / name),
             "result": str(out / f"{name}.json"),
         }  # fmt: skip
         results.append(run_worker(spec))
         print(f"[bench clients] {name}: done in {time.perf_counter() - t0:.0f}s", flush=True)
     report = {
         "config": {
+            "arch": cfg.arch,
             "clients": cfg.clients,
             "flower_clients": cfg.flower_clients,
             "rounds": cfg.client_rounds,
@@ -108,11 +120,14 @@ def rows(results: list[dict]) -> list[dict]:
         s: min((r["clients"], r["peak_rss_mb"]) for r in loop if r["store"] == s)[1]
         for s in ("memory", "disk")
     }
+    smallest_n = {s: min(r["clients"] for r in loop if r["store"] == s) for s in ("memory", "disk")}
     table = []
     for r in sorted(loop, key=lambda r: (r["store"] != "memory", r["clients"])):
         row = {k: r[k] for k in r if k not in ("work_dir", "result")}
         row["store_ms_per_client"] = 1000 * r["store_seconds_per_client"]
         row["growth_mb"] = r["peak_rss_mb"] - smallest[r["store"]]
+        added = r["clients"] - smallest_n[r["store"]]
+        row["growth_bytes_per_added_client"] = row["growth_mb"] * 2**20 / added if added else None
         row["meets_overhead_target"] = r["overhead_ms_per_client"] <= OVERHEAD_TARGET_MS
         if r["store"] == "memory" and r["clients"] in flower:
             f = flower[r["clients"]]
@@ -129,7 +144,7 @@ def markdown(report: dict) -> str:
     lines = [
         "# flora bench --clients: loop cost per client as clients grow",
         "",
-        f"FLoRA on the offline tiny CLIP, cached image features, {report['config']['per_client']}"
+        f"FLoRA on {ARCHS[report['config']['arch']]}, cached image features, {report['config']['per_client']}"
         f" synthetic images and 1 local step per client, {report['config']['rounds']} round(s);"
         f" CPU, {report['cpu_count']} cores, load average {report['load_average']:.1f} at the "
         f"end; wall time {report['wall_seconds']:.0f} s.",
@@ -141,7 +156,13 @@ def markdown(report: dict) -> str:
         if "flower_vs_loop" in row:
             flower = (f"{row['flower_seconds_per_client_round']:.3f} "
                       f"(x{row['flower_vs_loop']:.1f}; wall x{row['flower_wall_vs_loop']:.1f})")  # fmt: skip
-        lines.append(ROW.format(**row, flower=flower))
+        kb = row["kept_bytes_per_client"]
+        kept = (f"{kb['total'] / 1e3:.1f} ({kb['optimizer_state'] / 1e3:.1f}, "
+                f"{(kb['partition_indices'] + kb['label_counts']) / 1e3:.2f}, "
+                f"{kb['cached_features'] / 1e3:.2f}, {kb['round_records'] / 1e3:.2f})")  # fmt: skip
+        growth = row["growth_bytes_per_added_client"]
+        growth = "-" if growth is None else f"{growth / 1e3:.1f}"
+        lines.append(ROW.format(**row, flower=flower, kept=kept, growth_kb_per_client=growth))
     lines += [
         "",
         "- Loop overhead = (round seconds - local fit seconds - evaluation seconds) / N, where "
@@ -150,6 +171,11 @@ def markdown(report: dict) -> str:
         "the round's TensorBoard logging and checkpoint/resume-state writes (not counted).",
         "- Peak RSS: the whole process during the run (runtime, model, data, cached features, "
         "states); growth against the smallest N of the same store.",
+        "- Growth KB / added client: the growth over the smallest N divided by the clients added; "
+        "kept KB / client: the per-client state the finished run holds in RAM, read from its "
+        "structures (flora_lightning.bench.client_memory): optimizer states, partition indices "
+        "and label counts, cached image features, per-client entries of the round records "
+        "(payload bytes, without allocator or object headers).",
         "- State bytes: the optimizer (Adam) state kept per client (in memory: tensor bytes; "
         "disk: file bytes); in RAM: 0 with trainer.client_state_dir.",
         "- Flower: the same YAML on flwr's simulation engine (Ray, 1 CPU per virtual node); "

@@ -57,16 +57,23 @@ class TimedStates(ClientStates):
 
 
 def write_config(spec: dict, folder: Path) -> Path:
-    """Synthetic data (``per_client`` images per client, IID) and the flora YAML of the run."""
+    """Synthetic data (``per_client`` images per client, IID) and the flora YAML of the run.
+
+    ``spec["arch"]`` ``tiny`` (default) trains the offline tiny CLIP; ``vit-b-32`` a random-init
+    CLIP with ViT-B/32 shapes, saved once in ``folder/model`` for every process to load.
+    """
     import yaml
 
-    from flora_lightning.bench.workload import synthetic_datamodule
+    from flora_lightning.bench.workload import caption_words, save_clip, synthetic_datamodule
 
     n = spec["clients"]
     data = synthetic_datamodule(
         folder / "data", clients=n, per_client=spec["per_client"], test_samples=16,
         batch_size=spec["per_client"], num_classes=spec["num_classes"], seed=spec["seed"],
     )  # fmt: skip
+    # Loading once converts the parquet files into the datasets cache (Arrow), as a real
+    # dataset's first load does: the measured run then maps that cache instead of converting.
+    data.setup()
     trainer = {
         "rounds": spec["rounds"],
         "max_local_steps": 1,
@@ -77,10 +84,13 @@ def write_config(spec: dict, folder: Path) -> Path:
     }
     if spec.get("store") == "disk":
         trainer["client_state_dir"] = str(folder / "client_states")
+    model = "flora-offline/tiny-clip"
+    if spec.get("arch", "tiny") != "tiny":
+        model = save_clip(spec["arch"], folder / "model", caption_words(spec["num_classes"]))
     config = {
         "model": {
             "class_path": "flora_lightning.methods.FLoRA",
-            "init_args": {"name_or_path": "flora-offline/tiny-clip"},
+            "init_args": {"name_or_path": model},
         },
         "data": {
             "dataset": "parquet",
@@ -101,6 +111,7 @@ def write_config(spec: dict, folder: Path) -> Path:
 
 def run_loop(spec: dict, config: Path) -> dict:
     """The in-process loop: round times from its summary, store time, peak RSS, state bytes."""
+    from flora_lightning.bench.client_memory import kept_state
     from flora_lightning.callbacks.base import Callback
     from flora_lightning.callbacks.memory import PeakMemoryMeter
     from flora_lightning.flower.app_config import FlowerRunConfig, build_components
@@ -133,6 +144,7 @@ def run_loop(spec: dict, config: Path) -> dict:
     fits = [r["train_seconds"] - s for r, s in zip(rounds, store, strict=True)]
     overhead = [r["seconds"] - f - r["eval_seconds"] for r, f in zip(rounds, fits, strict=True)]
     kept = loop.trainer.state_store.inner
+    per_client = kept_state(loop, parts.data)
     return {
         "seconds_per_client_round": sum(r["seconds"] for r in rounds) / (n * len(rounds)),
         "fit_seconds_per_client": sum(fits) / (n * len(rounds)),
@@ -146,6 +158,8 @@ def run_loop(spec: dict, config: Path) -> dict:
         "state_bytes_per_client": kept.nbytes() / n,
         "state_bytes_in_ram_per_client": 0.0 if spec["store"] == "disk" else kept.nbytes() / n,
         "feature_caching_seconds": summary["feature_caching_seconds"],
+        "kept_bytes_per_client": {k: v["bytes"] / n for k, v in per_client.items()},
+        "kept_objects_per_client": {k: v["objects"] / n for k, v in per_client.items()},
     }
 
 
@@ -168,15 +182,27 @@ def run_flower(spec: dict, config: Path) -> dict:
     }
 
 
-def measure(spec: dict) -> dict:
-    """Run one scan point; returns ``spec`` with the measurements added."""
+def prepare(spec: dict) -> Path:
+    """The point's data and YAML in ``spec["work_dir"]`` (its own process in the scan, so the
+    measured process never held the data generation's memory); returns the YAML."""
     folder = Path(spec["work_dir"])
     folder.mkdir(parents=True, exist_ok=True)
-    config = write_config(spec, folder)
+    return write_config(spec, folder)
+
+
+def measure(spec: dict) -> dict:
+    """Run one scan point (prepared first unless it was); returns ``spec`` with the
+    measurements added."""
+    config = Path(spec["work_dir"]) / "config.yaml"
+    if not config.exists():
+        config = prepare(spec)
     runner = run_flower if spec["runtime"] == "flower" else run_loop
     return {**spec, **runner(spec, config)}
 
 
 if __name__ == "__main__":
     spec = json.loads(sys.argv[sys.argv.index("--spec") + 1])
-    Path(spec["result"]).write_text(json.dumps(measure(spec), indent=2) + "\n")
+    if "--prepare" in sys.argv:
+        prepare(spec)
+    else:
+        Path(spec["result"]).write_text(json.dumps(measure(spec), indent=2) + "\n")

@@ -81,7 +81,8 @@ class BenchConfig:
     """Seed for weights, LoRA init and synthetic images."""
     clients: list[int] | None = None
     """Scan these numbers of clients instead of measuring methods: the loop's seconds, overhead
-    and memory per client (``flora_lightning.bench.clients``; the offline tiny CLIP)."""
+    and memory per client (``flora_lightning.bench.clients``; ``--arch``: the model, its image
+    features cached)."""
     flower_clients: list[int] = field(default_factory=list)
     """With ``clients``: also run these N (among ``clients``) on Flower's simulation engine."""
     client_rounds: int = 2

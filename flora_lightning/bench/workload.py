@@ -10,8 +10,8 @@ from pathlib import Path
 from flora_lightning.bench.config import CIFAR10_CLASSES, TEMPLATE
 
 
-def build_clip_bundle(arch: str, words: Sequence[str] = ()):
-    """A random-init CLIP with ``arch`` shapes, the offline tokenizer and CLIP preprocessing.
+def build_clip_parts(arch: str, words: Sequence[str] = ()):
+    """A random-init CLIP with ``arch`` shapes, the offline tokenizer and CLIP's image processor.
 
     ViT-B/32 keeps CLIP's 49,408-token embedding table (so every parameter count is the real
     model's: 151,277,313) and takes BOS/EOS/pad ids from the byte-level tokenizer, whose ids
@@ -20,7 +20,6 @@ def build_clip_bundle(arch: str, words: Sequence[str] = ()):
     """
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from flora_lightning.clip_backbone import CLIPBundle, build_image_transform
     from flora_lightning.offline.tiny_clip import build_config, build_tokenizer
 
     # The tiny arch mirrors flora-offline/tiny-clip exactly (514-token vocabulary, no merges).
@@ -35,7 +34,28 @@ def build_clip_bundle(arch: str, words: Sequence[str] = ()):
     processor = CLIPImageProcessor(
         size={"shortest_edge": size}, crop_size={"height": size, "width": size}
     )
-    return CLIPBundle(CLIPModel(config).eval(), tokenizer, build_image_transform(processor))
+    return CLIPModel(config).eval(), tokenizer, processor
+
+
+def build_clip_bundle(arch: str, words: Sequence[str] = ()):
+    """:func:`build_clip_parts` as the :class:`~flora_lightning.clip_backbone.CLIPBundle` the
+    methods attach (the image processor becomes CLIP's preprocessing transform)."""
+    from flora_lightning.clip_backbone import CLIPBundle, build_image_transform
+
+    model, tokenizer, processor = build_clip_parts(arch, words)
+    return CLIPBundle(model, tokenizer, build_image_transform(processor))
+
+
+def save_clip(arch: str, folder: str | Path, words: Sequence[str] = ()) -> str:
+    """:func:`build_clip_parts` saved with ``save_pretrained``, so a flora YAML can name the
+    folder as ``model.name_or_path`` (every process, a Flower node too, loads the same
+    random weights); returns the folder."""
+    from transformers import CLIPProcessor
+
+    model, tokenizer, processor = build_clip_parts(arch, words)
+    model.save_pretrained(folder)
+    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(folder)
+    return str(folder)
 
 
 def build_method(variant: str, arch: str, num_classes: int):

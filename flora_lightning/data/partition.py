@@ -16,6 +16,7 @@ config without editing this package (:mod:`flora_lightning.data.custom_partition
           init_args: {alpha: 0.3}
 """
 
+import hashlib
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -100,10 +101,17 @@ class PartitionConfig:
             partitioner_class(self.partitioner)
 
 
+_drawn: dict[tuple, list[np.ndarray]] = {}
+"""The last partition drawn in this process, by (labels digest, classes, config): a Flower
+simulation sets up one datamodule per virtual node in each of a few worker processes, and
+drawing 1,000 partitions through flwr-datasets takes seconds (built-in kinds only; the arrays
+are returned read-only, shared, not copied)."""
+
+
 def partition_indices(
     labels: Sequence[int], num_classes: int, config: PartitionConfig
 ) -> list[np.ndarray]:
-    """Per-client arrays of indices into the training set (sorted, int64).
+    """Per-client arrays of indices into the training set (sorted, int64, read-only).
 
     Partitions are disjoint except for ``kind=fewshot`` with ``shots_overlap`` (the released
     code's IID few-shot split, where clients draw their shots independently).
@@ -124,8 +132,21 @@ def partition_indices(
         ValueError: If the configuration cannot be met by these labels; the message
             names the ``data.partition.*`` field to change.
     """
-    p = "data.partition."
     labels = np.asarray(labels, dtype=np.int64)
+    if config.partitioner is not None:  # a custom partitioner: drawn every time
+        return _draw(labels, num_classes, config)
+    key = (hashlib.sha256(labels.tobytes()).hexdigest(), num_classes, repr(config))
+    if key not in _drawn:
+        parts = _draw(labels, num_classes, config)
+        for idx in parts:
+            idx.setflags(write=False)
+        _drawn.clear()
+        _drawn[key] = parts
+    return list(_drawn[key])
+
+
+def _draw(labels: np.ndarray, num_classes: int, config: PartitionConfig) -> list[np.ndarray]:
+    p = "data.partition."
     n, k = labels.size, config.num_clients
     if n < k:
         raise ValueError(

@@ -12,6 +12,9 @@ from flora_lightning.bench.config import BenchConfig
 # FLoRA's default LoRA on the tiny CLIP: 512 trainable parameters in 4 tensors (A and B of 2
 # text layers' out_proj). Adam keeps exp_avg and exp_avg_sq (fp32) and a 4-byte step per tensor.
 ADAM_BYTES_PER_CLIENT = 2 * 4 * 512 + 4 * 4
+# Per client: 2 int64 partition indices, one int64 label count per class (10), and the cached
+# features of its 2 images: 64 fp32 dims (the tiny CLIP's projection) and an int64 label each.
+INDEX_BYTES, COUNT_BYTES, FEATURE_BYTES = 2 * 8, 10 * 8, 2 * (64 * 4 + 8)
 
 
 def test_scan_of_4_and_16_clients(tmp_path, monkeypatch):
@@ -42,6 +45,17 @@ def test_scan_of_4_and_16_clients(tmp_path, monkeypatch):
         # on disk: the same tensors plus each file's safetensors header; none of it in RAM
         assert disk["state_bytes_per_client"] > ADAM_BYTES_PER_CLIENT
         assert disk["state_bytes_in_ram_per_client"] == 0
+        for row, optimizer in ((memory, ADAM_BYTES_PER_CLIENT), (disk, 0)):
+            kept = row["kept_bytes_per_client"]
+            assert kept["optimizer_state"] == optimizer
+            assert kept["partition_indices"] == INDEX_BYTES
+            assert kept["label_counts"] == COUNT_BYTES
+            assert kept["cached_features"] == FEATURE_BYTES
+            assert kept["round_records"] > 0
+            assert kept["total"] == sum(v for k, v in kept.items() if k != "total")
+            # 2 feature tensors per client; Adam: exp_avg, exp_avg_sq, step for 4 tensors
+            assert row["kept_objects_per_client"]["cached_features"] == 2
+            assert row["kept_objects_per_client"]["optimizer_state"] == (12 if optimizer else 0)
         assert disk["store_ms_per_client"] > 0
         files = list((out / "clients" / f"loop_disk_{n}" / "client_states").iterdir())
         assert len(files) == n
@@ -50,6 +64,10 @@ def test_scan_of_4_and_16_clients(tmp_path, monkeypatch):
             summary = out / "clients" / f"loop_{name}_{n}" / "run" / "summary.json"
             assert len(json.loads(summary.read_text())["rounds"]) == 3
     assert rows[(4, "memory")]["growth_mb"] == rows[(4, "disk")]["growth_mb"] == 0
+    assert rows[(4, "memory")]["growth_bytes_per_added_client"] is None
+    assert rows[(16, "memory")]["growth_bytes_per_added_client"] == pytest.approx(
+        rows[(16, "memory")]["growth_mb"] * 2**20 / 12
+    )
 
 
 @pytest.mark.parametrize(

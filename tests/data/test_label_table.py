@@ -4,7 +4,7 @@ from collections import Counter
 
 import numpy as np
 
-from flora_lightning.data.label_table import format_label_table, label_counts
+from flora_lightning.data.label_table import GivenPartitions, format_label_table, label_counts
 
 
 def test_label_counts_equal_an_independent_count():
@@ -22,6 +22,23 @@ def test_label_counts_equal_an_independent_count():
     assert counts.tolist() == expected
     assert counts[2].sum() == 0 and counts[:, 6].sum() == 0 and counts[3].sum() == 300
     assert label_counts(labels, [], num_classes=7).shape == (0, 7)
+
+
+def test_label_counts_are_flwr_datasets_counts():
+    # label_counts counts with numpy; flwr-datasets' compute_counts over the same index arrays
+    # (GivenPartitions) is the reference it must equal
+    import datasets
+    from flwr_datasets.metrics import compute_counts
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 5, size=200)
+    partitions = [rng.choice(200, size=n, replace=False) for n in (30, 70, 1)]
+    table = datasets.Dataset.from_dict(
+        {"label": labels},
+        features=datasets.Features({"label": datasets.ClassLabel(num_classes=5)}),
+    )
+    reference = compute_counts(GivenPartitions(table, partitions), "label")
+    assert label_counts(labels, partitions, 5).tolist() == reference.to_numpy().tolist()
 
 
 def test_format_label_table_rows_and_totals():
