@@ -99,8 +99,11 @@ class RoundEngine:
         if not (self.cache_features and model.image_encoder_frozen):
             return
         t0 = time.perf_counter()
-        self.feature_cache = FeatureCache(self.fabric, model, datamodule, self.feature_cache_dir)
-        self.feature_cache.build(clients, test=test)
+        cache = self.feature_cache
+        if cache is None or cache.model is not model or cache.data is not datamodule:
+            cache = FeatureCache(self.fabric, model, datamodule, self.feature_cache_dir)
+        cache.build(clients, test=test)  # added to what it holds (a ClientApp's partitions)
+        self.feature_cache = cache
         if self.release_image_encoder:
             model.release_image_encoder()
         self.recorder.caching_seconds = time.perf_counter() - t0

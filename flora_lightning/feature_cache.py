@@ -79,10 +79,11 @@ class FeatureCache:
         path = self.disk_dir / f"{self.fingerprint(parts)}.safetensors" if self.disk_dir else None
         if path is not None and path.exists():
             flat = load_state(path)
-            self.features = {
-                key[:-2]: (flat[key], flat[key[:-2] + ".y"]) for key in flat if key.endswith(".x")
-            }
+            self.features.update(
+                {k[:-2]: (flat[k], flat[k[:-2] + ".y"]) for k in flat if k.endswith(".x")}
+            )
             return
+        before = set(self.features)
         for client in clients:
             self.features[str(client)] = self._encode(self.data.client_dataset(client))
             if self.data.has_local_test:
@@ -91,10 +92,10 @@ class FeatureCache:
                 )
         if test:
             self.features["test"] = self._encode(self.data.test_set)
-        if path is not None:
+        if path is not None:  # what this call encoded, under its own fingerprint
             flat = {}
-            for key, (x, y) in self.features.items():
-                flat[f"{key}.x"], flat[f"{key}.y"] = x, y
+            for key in self.features.keys() - before:
+                flat[f"{key}.x"], flat[f"{key}.y"] = self.features[key]
             save_state(flat, path)
 
     @torch.no_grad()

@@ -20,7 +20,8 @@ A query message (sent once per node when ``join_ratio < 1``) is answered with th
 ``partition-id`` only, so the ServerApp can train the partitions ``flora fit`` would sample.
 
 Model and data are built once per process and config (a SuperNode's ClientApp process or a
-simulation worker may serve several rounds and, in simulation, several partitions).
+simulation worker may serve several rounds and, in simulation, several partitions, which
+share them; see :func:`client_components`).
 """
 
 from __future__ import annotations
@@ -72,16 +73,24 @@ def partition_of(context: Context, num_clients: int) -> int:
 
 
 def client_components(run: FlowerRunConfig, context: Context) -> Components:
-    """Model, data and loop for this node, built and set up once (features cached if frozen)."""
-    key = (run, context.node_config.get("partition-id"))
-    if key in _built:
-        return _built[key]
-    parts = build_components(run)
+    """Model, data and loop of this process for ``run``, built and set up once, with this
+    node's partition's features cached (if frozen) the first time it trains here.
+
+    One set per process, whatever the partition: a simulation worker serves many virtual
+    nodes, which share it as ``flora fit``'s clients share one model (each fit loads the
+    global state, its optimizer state and its seeds). The image encoder is kept after caching
+    (``trainer.release_image_encoder`` is not applied here) to encode the next partition.
+    """
+    parts = _built.get(run)
+    if parts is None:
+        parts = build_components(run)
+        parts.loop.release_image_encoder = False
+        parts.loop.launch(parts.model, parts.data, tensorboard=False)  # a client writes nothing
+        _built[run] = parts
     loop, model, data = parts.loop, parts.model, parts.data
-    loop.launch(model, data, tensorboard=False)  # a client writes nothing
     partition = partition_of(context, data.num_clients)
-    loop.cache_image_features(model, data, clients=[partition], test=False)
-    _built[key] = parts
+    if loop.feature_cache is None or str(partition) not in loop.feature_cache.features:
+        loop.cache_image_features(model, data, clients=[partition], test=False)
     return parts
 
 

@@ -46,8 +46,8 @@ def task_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, name, value)
 
 
-def context(num_partitions: int = 2, state_dir: Path | None = None) -> Context:
-    node_config = {"partition-id": 0, "num-partitions": num_partitions}
+def context(num_partitions: int = 2, state_dir: Path | None = None, partition: int = 0) -> Context:
+    node_config = {"partition-id": partition, "num-partitions": num_partitions}
     if state_dir is not None:
         node_config["state-dir"] = str(state_dir)
     return Context(
@@ -227,3 +227,21 @@ def test_client_side_clipping_lets_a_dropped_client_answer(offline_assets):
     )
     assert not reply.has_error()  # Flower's mod would refuse a reply without arrays
     assert DROPPED_KEY in reply.content["config"] and not reply.content.array_records
+
+
+def test_partitions_served_by_one_process_share_one_build(offline_assets):
+    """A simulation worker serves many virtual nodes: one model for all of them (memory), and
+    each fit is what a process of its own would reply."""
+    from flora_lightning.flower import client_app
+
+    client_app._built.clear()
+    start = client_components(RUN, context()).model.communicated_state()
+    fit_message(train_message(start, 1), context(partition=0), RUN)  # moves the shared model
+    shared = fit_message(train_message(start, 1), context(partition=1), RUN)
+    assert len(client_app._built) == 1
+    assert set(client_app._built[RUN].loop.feature_cache.features) >= {"0", "1"}
+    client_app._built.clear()
+    alone = fit_message(train_message(start, 1), context(partition=1), RUN)
+    for name, tensor in to_state(alone.content["arrays"]).items():
+        assert torch.equal(to_state(shared.content["arrays"])[name], tensor), name
+    assert shared.content["metrics"]["train-loss"] == alone.content["metrics"]["train-loss"]
