@@ -15,12 +15,7 @@ from __future__ import annotations
 
 import time
 
-from flora_lightning.checkpoint import (
-    flatten_optimizer_states,
-    load_state,
-    unflatten_optimizer_states,
-    write_json,
-)
+from flora_lightning.checkpoint import load_state, write_json
 from flora_lightning.client_ranks import (
     RankMask,
     assign_ranks,
@@ -31,6 +26,7 @@ from flora_lightning.client_ranks import (
 from flora_lightning.evaluation import evaluate
 from flora_lightning.feature_cache import FeatureCache
 from flora_lightning.launch import launch
+from flora_lightning.optimizer_states import optimizer_state_shards, unflatten_optimizer_states
 from flora_lightning.privacy.config import PrivacyConfig
 from flora_lightning.privacy.run import PrivacyRun
 from flora_lightning.records import RoundRecord, RoundTally
@@ -195,7 +191,7 @@ class RoundEngine:
         optimizer states, the strategy's server state (e.g. FedAdam's moments) as tensors, and
         the precision plugin's state (the 16-mixed GradScaler's scale and growth tracker)."""
         states = {
-            "optimizers": flatten_optimizer_states(self.trainer.optimizer_states),
+            "optimizers": optimizer_state_shards(self.trainer.optimizer_states),
             "strategy": self.strategy.state_dict(),
         }
         meta = {"precision": self.fabric.strategy.precision.state_dict()}

@@ -39,6 +39,12 @@ from flora_lightning.resume_check import check_resumable
 from flora_lightning.strategy import State, state_bytes
 
 
+def shard_file(name: str, shard: int) -> str:
+    """File of shard ``shard`` of the resume state ``name``: ``optimizers.safetensors``,
+    ``optimizers.1.safetensors``, ... (one file when the state is small)."""
+    return f"{name}.safetensors" if shard == 0 else f"{name}.{shard}.safetensors"
+
+
 class RunRecorder:
     """The run directory of one federated run.
 
@@ -178,8 +184,9 @@ class RunRecorder:
             def fill(folder: Path) -> None:
                 # The round's checkpoint under a second name (it may be pruned later).
                 link_or_copy(checkpoint, folder / "global.safetensors")
-                for name, state in states.items():
-                    save_state(state, folder / f"{name}.safetensors")
+                for name, state in states.items():  # a State, or an iterator of its shards
+                    for i, shard in enumerate([state] if isinstance(state, dict) else state):
+                        save_state(shard, folder / shard_file(name, i))
                 history = [r.to_dict() for r in self.history]
                 write_json({"round": round_, "history": history, **meta}, folder / "state.json")
 
@@ -211,11 +218,13 @@ class RunRecorder:
         own = folder / "global.safetensors"
         checkpoint = self.run_dir / "checkpoints" / f"round_{round_:03d}.safetensors"
         global_state = load_state(own if own.exists() else checkpoint)
-        states = {
-            name: load_state(folder / f"{name}.safetensors")
-            for name in names
-            if (folder / f"{name}.safetensors").exists()
-        }
+        states = {}
+        for name in (n for n in names if (folder / shard_file(n, 0)).exists()):
+            states[name] = {}
+            shard = 0
+            while (folder / shard_file(name, shard)).exists():  # the shards, merged
+                states[name].update(load_state(folder / shard_file(name, shard)))
+                shard += 1
         return round_, global_state, states, saved
 
     # ============================================================ summary

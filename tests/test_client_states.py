@@ -139,3 +139,19 @@ def test_disk_store_run_equals_memory_run_and_resumes(
     assert set(opt) == set(resume)
     for key in resume:
         torch.testing.assert_close(opt[key], resume[key], rtol=0, atol=1e-6)
+
+
+def test_optimizer_state_shards_bound_their_bytes_and_keep_every_client():
+    from flora_lightning.optimizer_states import flatten_optimizer_states, optimizer_state_shards
+
+    states = {c: {0: {"exp_avg": torch.full((c + 1, 4), float(c))}} for c in range(5)}
+    whole = flatten_optimizer_states(states)
+    for max_bytes, sizes in ((10**9, [5]), (48, [2, 1, 1, 1]), (1, [1, 1, 1, 1, 1])):
+        shards = list(optimizer_state_shards(states, max_bytes))
+        assert [len(s) for s in shards] == sizes  # a client's bytes: 16 (c + 1)
+        merged = {k: v for s in shards for k, v in s.items()}
+        assert list(merged) == list(whole)
+        assert all(torch.equal(merged[k], whole[k]) for k in whole)
+        assert all(len(s) == 1 or sum(t.numel() * 4 for t in s.values()) <= max_bytes
+                   for s in shards)  # fmt: skip
+    assert list(optimizer_state_shards({})) == [{}]  # no client yet: one empty shard

@@ -409,3 +409,28 @@ def test_checkpoints_are_verified_and_a_damaged_resume_state_falls_back_one_roun
     b = load_state(resumed.run_dir / "checkpoints" / "round_003.safetensors")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
+
+
+def test_resume_state_written_in_shards_resumes_the_same(
+    make_flora, make_datamodule, make_loop, monkeypatch
+):
+    """The optimizer states go to resume/ shard by shard (one client's serialised copy in RAM
+    at a time); a resume reads every shard back."""
+    from flora_lightning import optimizer_states
+    from flora_lightning.recorder import shard_file
+
+    full = make_loop(rounds=3, run="a")
+    full.fit(make_flora(), make_datamodule())
+    monkeypatch.setattr(optimizer_states, "SHARD_BYTES", 1)  # every client a shard of its own
+    first = make_loop(rounds=2, run="b")
+    first.fit(make_flora(), make_datamodule())
+    resume = first.run_dir / "resume"
+    shards = [load_state(resume / shard_file("optimizers", i)) for i in range(3)]
+    assert not (resume / shard_file("optimizers", 3)).exists()
+    assert [{k.split(".")[0] for k in s} for s in shards] == [{"0"}, {"1"}, {"2"}]
+    resumed = make_loop(rounds=3, run="b", resume=True)
+    resumed.fit(make_flora(seed=99), make_datamodule())
+    name = "checkpoints/round_003.safetensors"
+    a, b = load_state(full.run_dir / name), load_state(resumed.run_dir / name)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
