@@ -23,8 +23,11 @@ def simulate(
     num_cpus_per_client: float = 1.0,
     node_wait_seconds: float = 60.0,
     resume: bool = False,
+    dp_clipping: str = "server",
 ) -> None:
-    """Run ``config`` with ``flwr.simulation.run_simulation`` (Ray backend); outputs in out_dir."""
+    """Run ``config`` with ``flwr.simulation.run_simulation`` (Ray backend); outputs in out_dir.
+    The arguments are the run-config keys (:class:`~flora_lightning.flower.app_config.
+    FlowerRunConfig`), e.g. ``dp_clipping="client"`` clips on the virtual nodes."""
     from flwr.simulation import run_simulation
 
     defaults = {
@@ -35,6 +38,7 @@ def simulate(
         "overrides": overrides,
         "node-wait-seconds": node_wait_seconds,
         "resume": resume,
+        "dp-clipping": dp_clipping,
     }
     num_clients = build_components(FlowerRunConfig.from_run_config(defaults)).data.num_clients
     run_simulation(
