@@ -54,6 +54,14 @@ def client_states(global_state, round_):
     ]
 
 
+def in_process_round(dp: DPFedAvg, state: dict, states: list[dict]) -> dict:
+    """What flora fit's loop does with the clients' states (client i trained 10 (i + 1))."""
+    dp.begin(state)
+    for i, client_state in enumerate(states):
+        dp.add(ClientUpdate(i, client_state, num_samples=10 * (i + 1), train_loss=1.0))
+    return dp.result()
+
+
 def test_flower_rounds_equal_in_process_rounds():
     start = {"a": torch.zeros(3, 4), "b": torch.ones(5)}
     flower = FloraFedAvg(min_available_nodes=3, min_train_nodes=3, average=make_dp())
@@ -83,10 +91,7 @@ def test_flower_rounds_equal_in_process_rounds():
         arrays, _ = flower.aggregate_train(round_, list(reversed(replies)))  # other arrival order
         flower_state = to_state(arrays)
 
-        local.begin(local_state)
-        for i, state in enumerate(states):
-            local.add(ClientUpdate(i, state, num_samples=10 * (i + 1), train_loss=1.0))
-        local_state = local.result()
+        local_state = in_process_round(local, local_state, states)
         for name in start:
             torch.testing.assert_close(flower_state[name], local_state[name], rtol=0, atol=1e-6)
         assert flower.average.clip_norm == pytest.approx(local.clip_norm, rel=1e-12)
@@ -146,10 +151,7 @@ def test_flower_dp_wrappers_equal_flora_fit(side, adaptive):
         assert np.array_equal(np.random.get_state()[1], before)  # global generator restored
         flower_state = to_state(arrays)
 
-        local.begin(local_state)
-        for i, state in enumerate(states):
-            local.add(ClientUpdate(i, state, num_samples=10 * (i + 1), train_loss=1.0))
-        local_state = local.result()
+        local_state = in_process_round(local, local_state, states)
         for name in start:
             torch.testing.assert_close(flower_state[name], local_state[name], rtol=0, atol=1e-6)
         assert local.round_noise_std > 0.05  # the noise is there, and equal
