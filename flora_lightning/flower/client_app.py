@@ -47,7 +47,8 @@ from flora_lightning.flower.nodes import DROPPED_KEY, PARTITION_KEY, STRAGGLER_K
 from flora_lightning.flower.optimizer_store import OptimizerStore
 from flora_lightning.records import RoundTally
 
-_built: dict[tuple, Components] = {}
+_built: dict[FlowerRunConfig, Components] = {}
+"""This process's model, data and loop per run config (see :func:`client_components`)."""
 
 
 def node_partition(context: Context) -> int:
