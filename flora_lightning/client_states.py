@@ -22,16 +22,25 @@ from pathlib import Path
 
 from flora_lightning.checkpoint import CorruptCheckpointError
 from flora_lightning.optimizer_states import flatten_optimizer_states, unflatten_optimizer_states
+from flora_lightning.packed_state import PackedState
 
 
 class ClientStates(MutableMapping):
-    """Client id -> its optimizer's ``state_dict()["state"]``; subclasses choose the storage."""
+    """Client id -> its optimizer's ``state_dict()["state"]``; subclasses choose the storage.
+
+    A write copies the state's tensors (the caller may go on changing its own); a read returns
+    a fresh dict.
+    """
 
     def replace(self, states: Mapping[int, dict]) -> None:
         """Hold exactly ``states`` (every earlier client's state is dropped)."""
         self.clear()
         for client, state in states.items():
             self[client] = state
+
+    def packed(self, client: int) -> PackedState:
+        """``client``'s state packed into one buffer per dtype (for the resume state's shards)."""
+        return PackedState(self[client])
 
     def nbytes(self) -> int:
         """Bytes of every tensor kept, over all clients (what the store costs, RAM or disk)."""
@@ -42,16 +51,28 @@ class ClientStates(MutableMapping):
 
 
 class MemoryStates(ClientStates):
-    """Every client's state in RAM (tensors on CPU), as a plain dict."""
+    """Every client's state in RAM (tensors on CPU), each packed into one buffer per dtype.
+
+    A write copies the state into a :class:`~flora_lightning.packed_state.PackedState`; a read
+    returns a fresh dict of views into its buffers (an optimizer loading them updates them in
+    place during the fit).
+    """
 
     def __init__(self, states: Mapping[int, dict] | None = None) -> None:
-        self.states: dict[int, dict] = dict(states or {})
+        self.states: dict[int, PackedState] = {}
+        self.layouts: dict[tuple, tuple] = {}
+        """The distinct layouts of the kept states (clients of one method mostly share one)."""
+        for client, state in (states or {}).items():
+            self[client] = state
 
     def __getitem__(self, client: int) -> dict:
-        return self.states[client]
+        return self.states[client].unpack()
 
     def __setitem__(self, client: int, state: dict) -> None:
-        self.states[client] = state
+        self.states[client] = PackedState(state, self.layouts)
+
+    def packed(self, client: int) -> PackedState:
+        return self.states[client]  # as kept: the shards serialise its buffers, no copy
 
     def __delitem__(self, client: int) -> None:
         del self.states[client]
@@ -63,13 +84,11 @@ class MemoryStates(ClientStates):
         return len(self.states)
 
     def nbytes(self) -> int:
-        return sum(
-            v.numel() * v.element_size()
-            for state in self.states.values()
-            for slots in state.values()
-            for v in slots.values()
-            if hasattr(v, "element_size")
-        )
+        return sum(packed.nbytes for packed in self.states.values())
+
+    def buffers(self) -> int:
+        """How many buffers (allocations) hold the tensors, over all clients."""
+        return sum(len(packed.buffers) for packed in self.states.values())
 
 
 class DiskStates(ClientStates):

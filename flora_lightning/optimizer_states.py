@@ -1,17 +1,35 @@
-"""Per-client optimizer states as flat tensors (for safetensors files and Flower records)."""
+"""Per-client optimizer states as flat tensors (for safetensors files and Flower records).
+
+Two layouts, both read by :func:`unflatten_optimizer_states`:
+
+- one tensor per slot, ``"<client>.<param index>.<slot key>"`` (:func:`flatten_optimizer_states`:
+  a client's own file, Flower records);
+- packed, the resume state's shards (:func:`optimizer_state_shards`): one buffer per client
+  and dtype, ``"<client>.packed.<dtype>"``, and per shard ``"layout.<shard>"``, a uint8 tensor
+  holding the JSON of where each slot lies in its client's buffers. 1,000 clients are then
+  about 1,000 tensors to serialise, not 12,000 (serialising each small tensor costs the
+  allocator ~2 KB of transient objects: +30 MB of peak RSS per resume write at 1,000 tiny-CLIP
+  clients, +4 MB packed).
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
+
+from flora_lightning.packed_state import PackedState
 
 if TYPE_CHECKING:
     import torch
 
     State = dict[str, torch.Tensor]
 
-SHARD_BYTES = 64 * 2**20
-"""Tensor bytes per shard of the resume state's optimizer states (one client may exceed it)."""
+SHARD_BYTES = 16 * 2**20
+"""Tensor bytes per shard of the resume state's optimizer states (one client may exceed it).
+A resume write holds about one shard's serialised copy at a time (and, with the disk store, the
+shard's states read back): 16 MB keeps that transient small against a ViT-B/32 process
+(~1.5 GB) while 1,000 ViT-B/32 FLoRA clients (197 KB each) still make only 12 files."""
 
 
 def flatten_optimizer_states(states: dict[int, dict]) -> State:
@@ -27,34 +45,76 @@ def flatten_optimizer_states(states: dict[int, dict]) -> State:
 
 
 def unflatten_optimizer_states(flat: State) -> dict[int, dict]:
-    """Inverse of :func:`flatten_optimizer_states`."""
+    """Inverse of :func:`flatten_optimizer_states` and of the merged shards of
+    :func:`optimizer_state_shards` (a packed client's tensors are views into its buffers)."""
+    import torch
+
     states: dict[int, dict] = {}
     for name, value in flat.items():
+        if name.startswith("layout."):
+            for client, entry in json.loads(bytes(value.numpy())).items():
+                buffers = {
+                    dtype: flat[f"{client}.packed.{dtype}"]
+                    for dtype in {d for _, _, d, _, _ in entry["tensors"]}
+                }
+                tensors = [
+                    (index, key, getattr(torch, dtype), offset, tuple(shape))
+                    for index, key, dtype, offset, shape in entry["tensors"]
+                ]
+                packed = PackedState.from_buffers(
+                    {getattr(torch, d): b for d, b in buffers.items()},
+                    tensors,
+                    [tuple(v) for v in entry["values"]],
+                )
+                states[int(client)] = packed.unpack()
+            continue
         client, index, key = name.split(".", 2)
-        states.setdefault(int(client), {}).setdefault(int(index), {})[key] = value
+        if index != "packed":
+            states.setdefault(int(client), {}).setdefault(int(index), {})[key] = value
     return states
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _packed_entry(client: int, packed: PackedState) -> tuple[State, dict]:
+    """One client's buffers (named) and its layout entry (JSON-able)."""
+    tensors = {f"{client}.packed.{_dtype_name(d)}": b for d, b in packed.buffers.items()}
+    entry = {
+        "tensors": [[i, k, _dtype_name(d), o, list(s)] for i, k, d, o, s in packed.layout],
+        "values": [list(v) for v in packed.values],
+    }
+    return tensors, entry
+
+
+def _layout_tensor(layout: dict) -> torch.Tensor:
+    import torch
+
+    return torch.frombuffer(bytearray(json.dumps(layout).encode()), dtype=torch.uint8)
 
 
 def optimizer_state_shards(
     states: Mapping[int, dict], max_bytes: int | None = None
 ) -> Iterator[State]:
-    """The flat states of consecutive clients in shards of at most ``max_bytes`` (default
+    """The packed states of consecutive clients in shards of at most ``max_bytes`` (default
     :data:`SHARD_BYTES`) tensor bytes (a larger client is a shard of its own); at least one
-    shard, maybe empty.
+    shard, maybe empty. Shard ``n`` holds its clients' buffers and ``"layout.<n>"``.
 
     Reading ``states`` client by client (a :class:`~flora_lightning.client_states.DiskStates`
-    loads one file per client) and writing shard by shard, the resume state costs one shard's
-    serialised copy in RAM, not a copy of every client's state.
+    loads one file per client; a :class:`~flora_lightning.client_states.MemoryStates` gives
+    its packed buffers as they are) and writing shard by shard, the resume state costs one
+    shard's serialised copy in RAM, not a copy of every client's state.
     """
     max_bytes = SHARD_BYTES if max_bytes is None else max_bytes
-    shard: dict = {}
-    size = 0
-    for client, state in states.items():
-        flat = flatten_optimizer_states({client: state})
-        nbytes = sum(t.numel() * t.element_size() for t in flat.values())
-        if shard and size + nbytes > max_bytes:
-            yield shard
-            shard, size = {}, 0
-        shard.update(flat)
-        size += nbytes
-    yield shard
+    packed_of = getattr(states, "packed", None)  # a ClientStates: its own packing, no copy
+    shard, layout, size, number = {}, {}, 0, 0
+    for client in states:
+        packed = packed_of(client) if packed_of else PackedState(states[client])
+        if layout and size + packed.nbytes > max_bytes:
+            yield {**shard, f"layout.{number}": _layout_tensor(layout)}
+            shard, layout, size, number = {}, {}, 0, number + 1
+        tensors, layout[str(client)] = _packed_entry(client, packed)
+        shard.update(tensors)
+        size += packed.nbytes
+    yield {**shard, f"layout.{number}": _layout_tensor(layout)} if layout else {}

@@ -194,12 +194,9 @@ class LocalTrainer:
             # client, so it starts the next one with a fresh optimizer (the strategy refuses
             # the update itself).
             self.optimizer_states.pop(client, None)
-        elif self.keep_optimizer_state:
+        elif self.keep_optimizer_state:  # the store copies what it keeps
             self.optimizer_states[client] = {
-                i: {
-                    k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v
-                    for k, v in slots.items()
-                }
+                i: {k: v.detach().to("cpu") if torch.is_tensor(v) else v for k, v in slots.items()}
                 for i, slots in optimizer.state_dict()["state"].items()
             }
         return ClientUpdate(

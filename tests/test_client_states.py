@@ -8,7 +8,7 @@ import torch
 from flora_lightning.callbacks import Callback
 from flora_lightning.checkpoint import CorruptCheckpointError, load_state
 from flora_lightning.client_states import DiskStates, MemoryStates, client_states
-from flora_lightning.optimizer_states import flatten_optimizer_states
+from flora_lightning.optimizer_states import flatten_optimizer_states, unflatten_optimizer_states
 from flora_lightning.trainer import LocalTrainer
 
 
@@ -123,8 +123,12 @@ def test_disk_store_run_equals_memory_run_and_resumes(
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0)
     # The resume state holds every client's state, read back from the files.
-    resume = load_state(disk.run_dir / "resume" / "optimizers.safetensors")
+    resume = flatten_optimizer_states(unflatten_optimizer_states(
+        load_state(disk.run_dir / "resume" / "optimizers.safetensors")
+    ))  # fmt: skip
     assert set(resume) == set(snaps["memory"].flat[2])
+    for key in resume:
+        torch.testing.assert_close(resume[key], snaps["memory"].flat[2][key], rtol=0, atol=0)
 
     # 1 round, then resumed to 2 with the disk store: equals the uninterrupted run.
     first = make_loop(rounds=1, run="resumed", client_state_dir=str(tmp_path / "other"))
@@ -135,23 +139,92 @@ def test_disk_store_run_equals_memory_run_and_resumes(
     c = load_state(resumed.run_dir / final)
     for key in a:
         torch.testing.assert_close(c[key], a[key], rtol=0, atol=1e-6)
-    opt = load_state(resumed.run_dir / "resume" / "optimizers.safetensors")
+    opt = flatten_optimizer_states(unflatten_optimizer_states(
+        load_state(resumed.run_dir / "resume" / "optimizers.safetensors")
+    ))  # fmt: skip
     assert set(opt) == set(resume)
     for key in resume:
         torch.testing.assert_close(opt[key], resume[key], rtol=0, atol=1e-6)
 
 
 def test_optimizer_state_shards_bound_their_bytes_and_keep_every_client():
-    from flora_lightning.optimizer_states import flatten_optimizer_states, optimizer_state_shards
+    from flora_lightning.optimizer_states import optimizer_state_shards
 
     states = {c: {0: {"exp_avg": torch.full((c + 1, 4), float(c))}} for c in range(5)}
     whole = flatten_optimizer_states(states)
     for max_bytes, sizes in ((10**9, [5]), (48, [2, 1, 1, 1]), (1, [1, 1, 1, 1, 1])):
-        shards = list(optimizer_state_shards(states, max_bytes))
-        assert [len(s) for s in shards] == sizes  # a client's bytes: 16 (c + 1)
-        merged = {k: v for s in shards for k, v in s.items()}
-        assert list(merged) == list(whole)
-        assert all(torch.equal(merged[k], whole[k]) for k in whole)
-        assert all(len(s) == 1 or sum(t.numel() * 4 for t in s.values()) <= max_bytes
-                   for s in shards)  # fmt: skip
+        for source in (states, MemoryStates(states)):  # a plain mapping, or packed as kept
+            shards = list(optimizer_state_shards(source, max_bytes))
+            # Shard n: one buffer per client (a client's bytes: 16 (c + 1)) and layout.n.
+            assert [len(s) - 1 for s in shards] == sizes
+            assert [f"layout.{n}" in s for n, s in enumerate(shards)] == [True] * len(sizes)
+            buffers = [[t for k, t in s.items() if ".packed." in k] for s in shards]
+            assert all(len(b) == 1 or sum(t.numel() * 4 for t in b) <= max_bytes
+                       for b in buffers)  # fmt: skip
+            merged = {k: v for s in shards for k, v in s.items()}
+            back = flatten_optimizer_states(unflatten_optimizer_states(merged))
+            assert list(back) == list(whole)
+            assert all(torch.equal(back[k], whole[k]) for k in whole)
     assert list(optimizer_state_shards({})) == [{}]  # no client yet: one empty shard
+
+
+def test_packed_state_keeps_every_slot_in_one_buffer_per_dtype():
+    from flora_lightning.packed_state import PackedState
+
+    state = {
+        0: {
+            "step": torch.tensor(3.0),
+            "exp_avg": torch.randn(4, 3),
+            "exp_avg_sq": torch.rand(4, 3),
+        },
+        2: {"step": 5, "momentum": torch.randn(7, dtype=torch.float64)},
+    }
+    packed = PackedState(state)
+    assert set(packed.buffers) == {torch.float32, torch.float64}
+    assert packed.nbytes == (1 + 12 + 12) * 4 + 7 * 8
+    out = packed.unpack()
+    assert out[2]["step"] == 5
+    for index, slots in state.items():
+        for key, value in slots.items():
+            if torch.is_tensor(value):
+                assert torch.equal(out[index][key], value) and out[index][key].shape == value.shape
+                assert out[index][key].untyped_storage().data_ptr() == (
+                    packed.buffers[value.dtype].untyped_storage().data_ptr()
+                )  # a view into the buffer, not a copy
+    state[0]["exp_avg"].add_(1)  # the packed state is a copy: the caller's tensors are its own
+    assert not torch.equal(packed.unpack()[0]["exp_avg"], state[0]["exp_avg"])
+
+
+def test_memory_store_loads_into_adam_and_continues_identically():
+    """Adam loaded from the packed views (updated in place) steps exactly as the original."""
+    torch.manual_seed(0)
+    params_a = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    params_b = [torch.nn.Parameter(p.detach().clone()) for p in params_a]
+    opt_a = torch.optim.Adam(params_a, lr=0.1)
+    for _ in range(2):
+        sum((p**2).sum() for p in params_a).backward()
+        opt_a.step()
+    for a, b in zip(params_a, params_b, strict=True):
+        b.data.copy_(a.data)
+    store = MemoryStates()
+    store[0] = opt_a.state_dict()["state"]
+    opt_b = torch.optim.Adam(params_b, lr=0.1)
+    saved = opt_b.state_dict()
+    saved["state"] = store[0]
+    opt_b.load_state_dict(saved)
+    for params, opt in ((params_a, opt_a), (params_b, opt_b)):
+        opt.zero_grad()
+        sum((p**2).sum() for p in params).backward()
+        opt.step()
+    for a, b in zip(params_a, params_b, strict=True):
+        assert torch.equal(a, b)
+    assert store.buffers() == 1 and float(store[0][0]["step"]) == 3.0  # updated in place
+
+
+def test_a_packed_layout_that_does_not_fit_its_buffer_is_refused():
+    from flora_lightning.optimizer_states import optimizer_state_shards
+
+    (shard,) = optimizer_state_shards({3: {0: {"exp_avg": torch.ones(2, 4)}}})
+    shard["3.packed.float32"] = torch.ones(5)  # a damaged file: 5 of the 8 elements
+    with pytest.raises(ValueError, match="does not fit its 5-element"):
+        unflatten_optimizer_states(shard)

@@ -414,8 +414,8 @@ def test_checkpoints_are_verified_and_a_damaged_resume_state_falls_back_one_roun
 def test_resume_state_written_in_shards_resumes_the_same(
     make_flora, make_datamodule, make_loop, monkeypatch
 ):
-    """The optimizer states go to resume/ shard by shard (one client's serialised copy in RAM
-    at a time); a resume reads every shard back."""
+    """The optimizer states go to resume/ shard by shard (one shard's serialised copy in RAM
+    at a time), packed; a resume reads every shard back."""
     from flora_lightning import optimizer_states
     from flora_lightning.recorder import shard_file
 
@@ -427,7 +427,9 @@ def test_resume_state_written_in_shards_resumes_the_same(
     resume = first.run_dir / "resume"
     shards = [load_state(resume / shard_file("optimizers", i)) for i in range(3)]
     assert not (resume / shard_file("optimizers", 3)).exists()
-    assert [{k.split(".")[0] for k in s} for s in shards] == [{"0"}, {"1"}, {"2"}]
+    assert [set(s) for s in shards] == [
+        {f"{c}.packed.float32", f"layout.{c}"} for c in range(3)
+    ]  # one buffer per client (all of its Adam slots) and the shard's layout
     resumed = make_loop(rounds=3, run="b", resume=True)
     resumed.fit(make_flora(seed=99), make_datamodule())
     name = "checkpoints/round_003.safetensors"

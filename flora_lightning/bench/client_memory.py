@@ -3,8 +3,9 @@
 ``flora bench --clients`` compares the peak RSS growth per client with these bytes, each read
 from the structure itself (not from a formula):
 
-- ``optimizer_state``: the clients' kept Adam states in RAM (tensor bytes; 0 when they are
-  spilled to disk with ``trainer.client_state_dir``);
+- ``optimizer_state``: the clients' kept Adam states in RAM (the bytes of their packed
+  buffers, one per client and dtype; 0 when they are spilled to disk with
+  ``trainer.client_state_dir``);
 - ``partition_indices``: each client's index array(s) into the training set;
 - ``label_counts``: the per-client label-count table(s);
 - ``cached_features``: each client's cached image features and labels (the test set's excluded:
@@ -13,7 +14,9 @@ from the structure itself (not from a formula):
   clients, bytes up, ...), as Python objects (:func:`python_bytes`): they grow with rounds too.
 
 Payload bytes only: each tensor, array or Python object also costs the allocator and the
-interpreter a header, which RSS counts and these totals do not (``objects`` says how many).
+interpreter a header, which RSS counts and these totals do not (``objects`` says how many:
+buffers for the optimizer states, tensors, arrays or Python objects for the rest; a client's
+cached features are two views into the one tensor all clients' features were encoded into).
 """
 
 from __future__ import annotations
@@ -62,9 +65,8 @@ def kept_state(loop, data) -> dict[str, dict[str, int]]:
     store = loop.trainer.state_store
     from flora_lightning.client_states import MemoryStates
 
-    in_ram = isinstance(getattr(store, "inner", store), MemoryStates)
-    states = [s for c in store for s in store[c].values()] if in_ram else []
-    state_tensors = [v for s in states for v in s.values() if torch.is_tensor(v)]
+    inner = getattr(store, "inner", store)
+    in_ram = isinstance(inner, MemoryStates)
     indices = list(data.client_indices) + list(data.client_test_indices)
     counts = [data.counts] + ([data.test_counts] if data.has_local_test else [])
     cache = loop.feature_cache.features if loop.feature_cache is not None else {}
@@ -72,9 +74,9 @@ def kept_state(loop, data) -> dict[str, dict[str, int]]:
     records = [getattr(r, f) for r in loop.history for f in PER_CLIENT_RECORD_FIELDS]
     records += [r.extra[f] for r in loop.history for f in PER_CLIENT_RECORD_EXTRA if f in r.extra]
     parts = {
-        "optimizer_state": {
-            "bytes": sum(tensor_bytes(t) for t in state_tensors) if in_ram else 0,
-            "objects": len(state_tensors),
+        "optimizer_state": {  # packed: one buffer per client and dtype
+            "bytes": inner.nbytes() if in_ram else 0,
+            "objects": inner.buffers() if in_ram else 0,
         },
         "partition_indices": {
             "bytes": sum(tensor_bytes(i) for i in indices),

@@ -45,7 +45,7 @@ ROW = (
 HEADER = (
     "| clients | optimizer states | s / client-round | local fit s / client | loop overhead ms "
     "/ client | of which state store ms | peak RSS MB | growth vs smallest N MB | growth KB / "
-    "added client | kept KB / client (optimizer, indices, features, records) | optimizer state "
+    "added client (end of run: anon, file) | kept KB / client (optimizer, indices, features, records) | optimizer state "
     "bytes / client | in RAM / client | Flower s / client-round (x loop) |\n"
     "|--:|---|--:|--:|--:|--:|--:|--:|--:|---|--:|--:|---|"
 )
@@ -128,6 +128,15 @@ def rows(results: list[dict]) -> list[dict]:
         row["growth_mb"] = r["peak_rss_mb"] - smallest[r["store"]]
         added = r["clients"] - smallest_n[r["store"]]
         row["growth_bytes_per_added_client"] = row["growth_mb"] * 2**20 / added if added else None
+        base = next(
+            b for b in loop if b["store"] == r["store"] and b["clients"] == smallest_n[r["store"]]
+        )
+        for kind in ("anon", "file"):  # the end-of-run RSS by kind, per added client
+            end, start = r.get(f"end_rss_{kind}_mb"), base.get(f"end_rss_{kind}_mb")
+            grown = None if end is None or start is None or not added else (end - start) / added
+            row[f"end_{kind}_growth_bytes_per_added_client"] = (
+                None if grown is None else grown * 2**20
+            )
         row["meets_overhead_target"] = r["overhead_ms_per_client"] <= OVERHEAD_TARGET_MS
         if r["store"] == "memory" and r["clients"] in flower:
             f = flower[r["clients"]]
@@ -162,6 +171,9 @@ def markdown(report: dict) -> str:
                 f"{kb['cached_features'] / 1e3:.2f}, {kb['round_records'] / 1e3:.2f})")  # fmt: skip
         growth = row["growth_bytes_per_added_client"]
         growth = "-" if growth is None else f"{growth / 1e3:.1f}"
+        anon, file = (row.get(f"end_{k}_growth_bytes_per_added_client") for k in ("anon", "file"))
+        if growth != "-" and anon is not None and file is not None:
+            growth += f" ({anon / 1e3:.1f}, {file / 1e3:.1f})"
         lines.append(ROW.format(**row, flower=flower, kept=kept, growth_kb_per_client=growth))
     lines += [
         "",
@@ -171,7 +183,11 @@ def markdown(report: dict) -> str:
         "the round's TensorBoard logging and checkpoint/resume-state writes (not counted).",
         "- Peak RSS: the whole process during the run (runtime, model, data, cached features, "
         "states); growth against the smallest N of the same store.",
-        "- Growth KB / added client: the growth over the smallest N divided by the clients added; "
+        "- Growth KB / added client: the peak's growth over the smallest N divided by the "
+        "clients added; in brackets the end-of-run RSS growth per added client by kind: "
+        "anonymous (the heap: state, allocator overhead, freed memory not given back) and "
+        "file-backed (mapped files: the dataset's memory-mapped pages the run read, which grow "
+        "with the images read, not with state). "
         "kept KB / client: the per-client state the finished run holds in RAM, read from its "
         "structures (flora_lightning.bench.client_memory): optimizer states, partition indices "
         "and label counts, cached image features, per-client entries of the round records "

@@ -52,6 +52,9 @@ class TimedStates(ClientStates):
     def __contains__(self, client: object) -> bool:
         return client in self.inner
 
+    def packed(self, client: int):
+        return self.inner.packed(client)
+
     def nbytes(self) -> int:
         return self.inner.nbytes()
 
@@ -113,7 +116,7 @@ def run_loop(spec: dict, config: Path) -> dict:
     """The in-process loop: round times from its summary, store time, peak RSS, state bytes."""
     from flora_lightning.bench.client_memory import kept_state
     from flora_lightning.callbacks.base import Callback
-    from flora_lightning.callbacks.memory import PeakMemoryMeter
+    from flora_lightning.callbacks.memory import PeakMemoryMeter, _status_kib
     from flora_lightning.flower.app_config import FlowerRunConfig, build_components
 
     parts = build_components(FlowerRunConfig(config=str(config)))
@@ -139,6 +142,9 @@ def run_loop(spec: dict, config: Path) -> dict:
     summary = loop.fit(parts.model, parts.data)
     wall = time.perf_counter() - t0
     memory = meter.stop()
+    # The RSS at the end by kind: anonymous (heap: what the process allocated) and file-backed
+    # (mapped files: the dataset's memory-mapped Arrow pages read, libraries' code).
+    anon, file = _status_kib("RssAnon"), _status_kib("RssFile")
     rounds = [r for r in summary["rounds"] if r["round"] > 0]
     store = [ends[r["round"]] for r in rounds]
     fits = [r["train_seconds"] - s for r, s in zip(rounds, store, strict=True)]
@@ -155,6 +161,8 @@ def run_loop(spec: dict, config: Path) -> dict:
         "peak_rss_mb": memory.peak_bytes / 2**20,
         "start_rss_mb": memory.start_bytes / 2**20,
         "memory_measure": memory.measure,
+        "end_rss_anon_mb": None if anon is None else anon / 2**20,
+        "end_rss_file_mb": None if file is None else file / 2**20,
         "state_bytes_per_client": kept.nbytes() / n,
         "state_bytes_in_ram_per_client": 0.0 if spec["store"] == "disk" else kept.nbytes() / n,
         "feature_caching_seconds": summary["feature_caching_seconds"],

@@ -252,8 +252,12 @@ class FederatedDataModule(L.LightningDataModule):
         labels = torch.tensor([row[self.label_column] for row in rows], dtype=torch.long)
         return pixels, labels
 
+    def train_rows(self, indices):
+        """The training-set rows at ``indices``, in that order (one ``datasets`` selection)."""
+        return self.train_set.select(indices)
+
     def client_dataset(self, client_id: int):
-        return self.train_set.select(self.client_indices[client_id])
+        return self.train_rows(self.client_indices[client_id])
 
     def client_dataloader(self, client_id: int, generator: torch.Generator) -> DataLoader:
         """Shuffled loader over one client's partition; ``generator`` fixes the order."""
@@ -273,7 +277,7 @@ class FederatedDataModule(L.LightningDataModule):
                 "data.local_test_fraction is null: clients hold no local test sets. Set it, "
                 "e.g. --data.local_test_fraction 0.2, for personalised evaluation."
             )
-        return self.train_set.select(self.client_test_indices[client_id])
+        return self.train_rows(self.client_test_indices[client_id])
 
     def client_test_dataloader(self, client_id: int) -> DataLoader:
         """Loader over one client's local test set, in order (for evaluation)."""

@@ -53,9 +53,10 @@ def test_scan_of_4_and_16_clients(tmp_path, monkeypatch):
             assert kept["cached_features"] == FEATURE_BYTES
             assert kept["round_records"] > 0
             assert kept["total"] == sum(v for k, v in kept.items() if k != "total")
-            # 2 feature tensors per client; Adam: exp_avg, exp_avg_sq, step for 4 tensors
+            # 2 feature tensors per client; Adam's exp_avg, exp_avg_sq and step for 4 tensors
+            # packed into one fp32 buffer
             assert row["kept_objects_per_client"]["cached_features"] == 2
-            assert row["kept_objects_per_client"]["optimizer_state"] == (12 if optimizer else 0)
+            assert row["kept_objects_per_client"]["optimizer_state"] == (1 if optimizer else 0)
         assert disk["store_ms_per_client"] > 0
         files = list((out / "clients" / f"loop_disk_{n}" / "client_states").iterdir())
         assert len(files) == n
@@ -65,6 +66,12 @@ def test_scan_of_4_and_16_clients(tmp_path, monkeypatch):
             assert len(json.loads(summary.read_text())["rounds"]) == 3
     assert rows[(4, "memory")]["growth_mb"] == rows[(4, "disk")]["growth_mb"] == 0
     assert rows[(4, "memory")]["growth_bytes_per_added_client"] is None
+    for store in ("memory", "disk"):  # the end-of-run RSS growth by kind (Linux: both read)
+        assert rows[(4, store)]["end_anon_growth_bytes_per_added_client"] is None
+        for kind in ("anon", "file"):
+            grown = rows[(16, store)][f"end_{kind}_growth_bytes_per_added_client"]
+            start, end = (rows[(n, store)][f"end_rss_{kind}_mb"] for n in (4, 16))
+            assert grown == pytest.approx((end - start) * 2**20 / 12)
     assert rows[(16, "memory")]["growth_bytes_per_added_client"] == pytest.approx(
         rows[(16, "memory")]["growth_mb"] * 2**20 / 12
     )
