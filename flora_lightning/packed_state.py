@@ -47,9 +47,8 @@ class PackedState:
                 else:
                     values.append((index, key, value))
         self.buffers = {dtype: torch.empty(n, dtype=dtype) for dtype, n in sizes.items()}
-        self.layout = tuple(layout)
-        if layouts is not None:  # clients of one store mostly share a layout: keep it once
-            self.layout = layouts.setdefault(self.layout, self.layout)
+        layout = tuple(layout)  # clients of one store mostly share a layout: kept once
+        self.layout = layout if layouts is None else layouts.setdefault(layout, layout)
         """``(param index, slot key, dtype, offset in that dtype's buffer, shape)`` per tensor."""
         self.values = tuple(values)
         """``(param index, slot key, value)`` per non-tensor value."""
@@ -65,6 +64,8 @@ class PackedState:
         packed = cls.__new__(cls)
         packed.buffers, packed.layout, packed.values = buffers, tuple(layout), tuple(values)
         for _, _, dtype, offset, shape in packed.layout:
+            if dtype not in buffers:
+                raise ValueError(f"packed optimizer state: no {dtype} buffer for a {dtype} slot")
             if offset + math.prod(shape) > buffers[dtype].numel():
                 raise ValueError(
                     f"packed optimizer state: a {tuple(shape)} slot at offset {offset} does "

@@ -80,17 +80,30 @@ def client_components(run: FlowerRunConfig, context: Context) -> Components:
     One set per process, whatever the partition: a simulation worker serves many virtual
     nodes, which share it as ``flora fit``'s clients share one model (each fit loads the
     global state, its optimizer state and its seeds). The image encoder is kept after caching
-    (``trainer.release_image_encoder`` is not applied here) to encode the next partition.
+    to encode the next partition, unless the run config's ``one-partition-per-node`` says
+    each process trains one partition: then ``trainer.release_image_encoder`` applies.
+
+    Raises:
+        RuntimeError: a process that released its image encoder is asked for another
+            partition (``one-partition-per-node = true`` on a simulation), naming the key.
     """
     parts = _built.get(run)
     if parts is None:
         parts = build_components(run)
-        parts.loop.release_image_encoder = False
+        parts.loop.release_image_encoder &= run.one_partition_per_node
         parts.loop.launch(parts.model, parts.data, tensorboard=False)  # a client writes nothing
         _built[run] = parts
     loop, model, data = parts.loop, parts.model, parts.data
     partition = partition_of(context, data.num_clients)
-    if loop.feature_cache is None or str(partition) not in loop.feature_cache.features:
+    cache = loop.feature_cache
+    if cache is None or str(partition) not in cache.features:
+        if cache is not None and loop.release_image_encoder:
+            raise RuntimeError(
+                f"one-partition-per-node = true, but this ClientApp process, which freed its "
+                f"image encoder after caching partition {next(iter(cache.features))}, was asked "
+                f"to train partition {partition}; set one-partition-per-node = false where one "
+                "process serves many nodes (Flower's simulation engine)."
+            )
         loop.cache_image_features(model, data, clients=[partition], test=False)
     return parts
 

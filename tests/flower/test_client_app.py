@@ -245,3 +245,27 @@ def test_partitions_served_by_one_process_share_one_build(offline_assets):
     for name, tensor in to_state(alone.content["arrays"]).items():
         assert torch.equal(to_state(shared.content["arrays"])[name], tensor), name
     assert shared.content["metrics"]["train-loss"] == alone.content["metrics"]["train-loss"]
+
+
+def test_one_partition_per_node_frees_the_image_encoder_after_caching(offline_assets):
+    """A deployment node (one-partition-per-node = true) applies trainer.release_image_encoder:
+    the vision tower leaves memory, the reply is the one a simulation worker sends, and a
+    second partition in that process is refused, naming the key."""
+    import dataclasses
+
+    from flora_lightning.flower import client_app
+
+    deployed = dataclasses.replace(RUN, one_partition_per_node=True)
+    client_app._built.clear()
+    start = client_components(RUN, context()).model.communicated_state()
+    kept = fit_message(train_message(start, 1), context(partition=1), RUN)
+    vision = client_app._built[RUN].model.clip_model().vision_model
+    assert not any(p.is_meta for p in vision.parameters())  # simulation: kept for the next one
+    freed = fit_message(train_message(start, 1), context(partition=1), deployed)
+    vision = client_app._built[deployed].model.clip_model().vision_model
+    assert all(p.is_meta for p in vision.parameters())
+    for name, tensor in to_state(kept.content["arrays"]).items():
+        assert torch.equal(to_state(freed.content["arrays"])[name], tensor), name
+    with pytest.raises(RuntimeError, match="set one-partition-per-node = false"):
+        fit_message(train_message(start, 1), context(partition=0), deployed)
+    client_app._built.clear()

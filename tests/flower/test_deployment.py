@@ -267,9 +267,11 @@ def assert_same_run(flower_dir: Path, reference: Path) -> None:
 
 @pytest.mark.slow
 def test_deployment_matches_in_process_loop(tmp_path, flower_env, in_process):
+    """One SuperNode per partition, as the README deploys it: the nodes free their image
+    encoders after caching (one-partition-per-node) and the run still equals flora fit."""
     out_dir = tmp_path / "flower_run"
     with federation(tmp_path, flower_env):
-        result = flwr_run(tmp_path, flower_env, out_dir)
+        result = flwr_run(tmp_path, flower_env, out_dir, more="one-partition-per-node=true")
     logs = "\n".join(p.read_text()[-2000:] for p in sorted(tmp_path.glob("*.log")))
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n{logs}"
     assert (out_dir / "final").is_dir(), f"{result.stdout[-4000:]}\n{logs}"
