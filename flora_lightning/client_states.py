@@ -21,7 +21,11 @@ from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
 
 from flora_lightning.checkpoint import CorruptCheckpointError
-from flora_lightning.optimizer_states import flatten_optimizer_states, unflatten_optimizer_states
+from flora_lightning.optimizer_states import (
+    flatten_optimizer_states,
+    pack_states,
+    unflatten_optimizer_states,
+)
 from flora_lightning.packed_state import PackedState
 
 
@@ -94,6 +98,9 @@ class MemoryStates(ClientStates):
 class DiskStates(ClientStates):
     """One ``client_<id>.safetensors`` file per client under ``folder``; RAM keeps only paths.
 
+    A file holds the client's state packed (:func:`~flora_lightning.optimizer_states.
+    pack_states`: one buffer per dtype and its layout), like a resume shard of one client.
+
     A read loads the file (checked against the sha256 written with it) and returns a fresh
     state; a write replaces the file atomically (temporary file, then rename) but is not
     fsynced, unlike checkpoints (:func:`~flora_lightning.checkpoint.save_state`): the files are
@@ -138,8 +145,9 @@ class DiskStates(ClientStates):
     def __setitem__(self, client: int, state: dict) -> None:
         from safetensors.torch import save
 
-        flat = flatten_optimizer_states({client: state})
-        data = save({k: v.detach().contiguous().cpu() for k, v in flat.items()})
+        # Packed: one buffer and its layout, not a tensor per slot (safetensors' cost is per
+        # tensor: 72 slots of a ViT-B/32 FLoRA client took ~1 ms to serialise)
+        data = save(pack_states({client: PackedState(state)}))
         path = self.path(client)
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_bytes(data)

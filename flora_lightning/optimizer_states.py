@@ -88,10 +88,17 @@ def _packed_entry(client: int, packed: PackedState) -> tuple[State, dict]:
     return tensors, entry
 
 
-def _layout_tensor(layout: dict) -> torch.Tensor:
+def pack_states(packed: Mapping[int, PackedState], number: int = 0) -> State:
+    """Flat tensors of packed clients: their buffers and ``"layout.<number>"`` (a resume
+    shard, or one client's :class:`~flora_lightning.client_states.DiskStates` file)."""
     import torch
 
-    return torch.frombuffer(bytearray(json.dumps(layout).encode()), dtype=torch.uint8)
+    flat, layout = {}, {}
+    for client, state in packed.items():
+        tensors, layout[str(client)] = _packed_entry(client, state)
+        flat.update(tensors)
+    text = bytearray(json.dumps(layout).encode())
+    return {**flat, f"layout.{number}": torch.frombuffer(text, dtype=torch.uint8)}
 
 
 def optimizer_state_shards(
@@ -108,13 +115,12 @@ def optimizer_state_shards(
     """
     max_bytes = SHARD_BYTES if max_bytes is None else max_bytes
     packed_of = getattr(states, "packed", None)  # a ClientStates: its own packing, no copy
-    shard, layout, size, number = {}, {}, 0, 0
+    shard, size, number = {}, 0, 0
     for client in states:
         packed = packed_of(client) if packed_of else PackedState(states[client])
-        if layout and size + packed.nbytes > max_bytes:
-            yield {**shard, f"layout.{number}": _layout_tensor(layout)}
-            shard, layout, size, number = {}, {}, 0, number + 1
-        tensors, layout[str(client)] = _packed_entry(client, packed)
-        shard.update(tensors)
+        if shard and size + packed.nbytes > max_bytes:
+            yield pack_states(shard, number)
+            shard, size, number = {}, 0, number + 1
+        shard[client] = packed
         size += packed.nbytes
-    yield {**shard, f"layout.{number}": _layout_tensor(layout)} if layout else {}
+    yield pack_states(shard, number) if shard else {}

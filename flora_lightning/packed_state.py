@@ -37,6 +37,7 @@ class PackedState:
 
     def __init__(self, state: dict[int, dict[str, Any]], layouts: dict | None = None) -> None:
         sizes: dict[torch.dtype, int] = {}
+        parts: dict[torch.dtype, list[torch.Tensor]] = {}
         layout, values = [], []
         for index, slots in state.items():
             for key, value in slots.items():
@@ -44,19 +45,16 @@ class PackedState:
                     offset = sizes.get(value.dtype, 0)
                     layout.append((index, key, value.dtype, offset, tuple(value.shape)))
                     sizes[value.dtype] = offset + value.numel()
+                    parts.setdefault(value.dtype, []).append(value.detach().reshape(-1).cpu())
                 else:
                     values.append((index, key, value))
-        self.buffers = {dtype: torch.empty(n, dtype=dtype) for dtype, n in sizes.items()}
+        # one copy per dtype into a buffer allocated once
+        self.buffers = {dtype: torch.cat(parts[dtype]) for dtype in sizes}
         layout = tuple(layout)  # clients of one store mostly share a layout: kept once
         self.layout = layout if layouts is None else layouts.setdefault(layout, layout)
         """``(param index, slot key, dtype, offset in that dtype's buffer, shape)`` per tensor."""
         self.values = tuple(values)
         """``(param index, slot key, value)`` per non-tensor value."""
-        views = self.unpack()
-        for index, slots in state.items():
-            for key, value in slots.items():
-                if torch.is_tensor(value):
-                    views[index][key].copy_(value.detach())
 
     @classmethod
     def from_buffers(cls, buffers: dict, layout, values) -> PackedState:
