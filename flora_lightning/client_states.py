@@ -24,6 +24,7 @@ from flora_lightning.checkpoint import CorruptCheckpointError
 from flora_lightning.optimizer_states import (
     flatten_optimizer_states,
     pack_states,
+    packed_clients,
     unflatten_optimizer_states,
 )
 from flora_lightning.packed_state import PackedState
@@ -130,6 +131,13 @@ class DiskStates(ClientStates):
         return self.folder / f"client_{int(client)}.safetensors"
 
     def __getitem__(self, client: int) -> dict:
+        return unflatten_optimizer_states(self._read(client)).get(int(client), {})
+
+    def packed(self, client: int) -> PackedState:
+        return packed_clients(self._read(client))[int(client)]  # the file's buffer, no copy
+
+    def _read(self, client: int) -> dict:
+        """The flat tensors of ``client``'s file, checked against its sha256."""
         from safetensors.torch import load
 
         path, sha256 = self.files[client]
@@ -140,7 +148,7 @@ class DiskStates(ClientStates):
                 "(another run using the same trainer.client_state_dir?); give each run its own "
                 "folder."
             )
-        return unflatten_optimizer_states(load(data)).get(int(client), {})
+        return load(data)
 
     def __setitem__(self, client: int, state: dict) -> None:
         from safetensors.torch import save

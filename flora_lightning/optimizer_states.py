@@ -47,31 +47,30 @@ def flatten_optimizer_states(states: dict[int, dict]) -> State:
 def unflatten_optimizer_states(flat: State) -> dict[int, dict]:
     """Inverse of :func:`flatten_optimizer_states` and of the merged shards of
     :func:`optimizer_state_shards` (a packed client's tensors are views into its buffers)."""
-    import torch
-
-    states: dict[int, dict] = {}
+    states: dict[int, dict] = {c: p.unpack() for c, p in packed_clients(flat).items()}
     for name, value in flat.items():
-        if name.startswith("layout."):
-            for client, entry in json.loads(bytes(value.numpy())).items():
-                buffers = {
-                    dtype: flat[f"{client}.packed.{dtype}"]
-                    for dtype in {d for _, _, d, _, _ in entry["tensors"]}
-                }
-                tensors = [
-                    (index, key, getattr(torch, dtype), offset, tuple(shape))
-                    for index, key, dtype, offset, shape in entry["tensors"]
-                ]
-                packed = PackedState.from_buffers(
-                    {getattr(torch, d): b for d, b in buffers.items()},
-                    tensors,
-                    [tuple(v) for v in entry["values"]],
-                )
-                states[int(client)] = packed.unpack()
-            continue
-        client, index, key = name.split(".", 2)
-        if index != "packed":
+        client, _, rest = name.partition(".")
+        index, _, key = rest.partition(".")
+        if client != "layout" and index != "packed":
             states.setdefault(int(client), {}).setdefault(int(index), {})[key] = value
     return states
+
+
+def packed_clients(flat: State) -> dict[int, PackedState]:
+    """The packed clients of ``flat`` (every ``"layout.<n>"`` it holds), over its buffers
+    (not copied)."""
+    import torch
+
+    packed = {}
+    for name in (n for n in flat if n.startswith("layout.")):
+        for client, entry in json.loads(bytes(flat[name].numpy())).items():
+            dtypes = {dtype for _, _, dtype, _, _ in entry["tensors"]}
+            packed[int(client)] = PackedState.from_buffers(
+                {getattr(torch, d): flat[f"{client}.packed.{d}"] for d in dtypes},
+                [(i, k, getattr(torch, d), o, tuple(s)) for i, k, d, o, s in entry["tensors"]],
+                [tuple(v) for v in entry["values"]],
+            )
+    return packed
 
 
 def _dtype_name(dtype) -> str:

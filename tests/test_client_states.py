@@ -231,3 +231,18 @@ def test_a_packed_layout_that_does_not_fit_its_buffer_is_refused():
     shard["3.packed.float32"] = torch.ones(5)  # a damaged file: 5 of the 8 elements
     with pytest.raises(ValueError, match="does not fit its 5-element"):
         unflatten_optimizer_states(shard)
+
+
+def test_both_stores_hand_the_shards_their_packed_state(tmp_path):
+    """The resume shards take each client's packed state as the store holds it (memory: the
+    kept buffer; disk: the buffer the file was read into), without repacking."""
+    whole = flatten_optimizer_states({2: adam_state(2)})
+    for store in (MemoryStates(), DiskStates(tmp_path / "s")):
+        store[2] = adam_state(2)
+        packed = store.packed(2)
+        assert len(packed.buffers) == 1  # all of Adam's fp32 slots in one buffer
+        back = flatten_optimizer_states({2: packed.unpack()})
+        assert set(back) == set(whole) and all(torch.equal(back[k], whole[k]) for k in whole)
+    assert store.packed(2) is not store.packed(2)  # disk: read afresh each time
+    memory = MemoryStates({2: adam_state(2)})
+    assert memory.packed(2) is memory.packed(2)  # memory: the kept one
