@@ -102,11 +102,11 @@ class FeatureCache:
     def _encode_rows(self, rows: list[tuple[str, np.ndarray]]) -> dict[str, tuple]:
         """Encode the training-set rows of every ``(key, indices)`` part in one pass.
 
-        One ``datasets`` selection and one loader for all parts (one per client costs ~30 KB
-        of transient and ~7 KB of lasting RSS per client at 1,000 clients); each part is still
-        encoded in the batches its own loader would make (``eval_batch_size`` rows, never
-        across two parts), so its features are those of encoding it alone. Each part's
-        features are views into one tensor.
+        One ``datasets`` selection and one loader for all parts, not one per client (2.0 s
+        instead of 3.5 s for 1,000 tiny-CLIP clients); each part is still encoded in the
+        batches its own loader would make (``eval_batch_size`` rows, never across two parts),
+        so its features are those of encoding it alone. Each part's features are views into
+        one tensor.
         """
         if not rows:
             return {}

@@ -107,10 +107,11 @@ def optimizer_state_shards(
     :data:`SHARD_BYTES`) tensor bytes (a larger client is a shard of its own); at least one
     shard, maybe empty. Shard ``n`` holds its clients' buffers and ``"layout.<n>"``.
 
-    Reading ``states`` client by client (a :class:`~flora_lightning.client_states.DiskStates`
-    loads one file per client; a :class:`~flora_lightning.client_states.MemoryStates` gives
-    its packed buffers as they are) and writing shard by shard, the resume state costs one
-    shard's serialised copy in RAM, not a copy of every client's state.
+    Reading ``states`` client by client (``ClientStates.packed``: a
+    :class:`~flora_lightning.client_states.MemoryStates` gives the buffers it keeps, a
+    :class:`~flora_lightning.client_states.DiskStates` the buffer it reads a file into) and
+    writing shard by shard, the resume state costs one shard's serialised copy in RAM (and,
+    from disk, the shard read back), not a copy of every client's state.
     """
     max_bytes = SHARD_BYTES if max_bytes is None else max_bytes
     packed_of = getattr(states, "packed", None)  # a ClientStates: its own packing, no copy

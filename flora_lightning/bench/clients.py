@@ -116,24 +116,21 @@ def rows(results: list[dict]) -> list[dict]:
     """One row per (N, store) of the loop, with Flower's numbers joined to the memory row."""
     loop = [r for r in results if r["runtime"] == "loop"]
     flower = {r["clients"]: r for r in results if r["runtime"] == "flower"}
-    smallest = {  # the peak RSS at the smallest N of each store: growth is measured from it
-        s: min((r["clients"], r["peak_rss_mb"]) for r in loop if r["store"] == s)[1]
+    base = {  # the smallest N of each store: growth is measured from it
+        s: min((r for r in loop if r["store"] == s), key=lambda r: r["clients"])
         for s in ("memory", "disk")
     }
-    smallest_n = {s: min(r["clients"] for r in loop if r["store"] == s) for s in ("memory", "disk")}
     table = []
     for r in sorted(loop, key=lambda r: (r["store"] != "memory", r["clients"])):
         row = {k: r[k] for k in r if k not in ("work_dir", "result")}
         row["store_ms_per_client"] = 1000 * r["store_seconds_per_client"]
-        row["growth_mb"] = r["peak_rss_mb"] - smallest[r["store"]]
-        added = r["clients"] - smallest_n[r["store"]]
+        start = base[r["store"]]
+        row["growth_mb"] = r["peak_rss_mb"] - start["peak_rss_mb"]
+        added = r["clients"] - start["clients"]
         row["growth_bytes_per_added_client"] = row["growth_mb"] * 2**20 / added if added else None
-        base = next(
-            b for b in loop if b["store"] == r["store"] and b["clients"] == smallest_n[r["store"]]
-        )
         for kind in ("anon", "file"):  # the end-of-run RSS by kind, per added client
-            end, start = r.get(f"end_rss_{kind}_mb"), base.get(f"end_rss_{kind}_mb")
-            grown = None if end is None or start is None or not added else (end - start) / added
+            end, begin = r.get(f"end_rss_{kind}_mb"), start.get(f"end_rss_{kind}_mb")
+            grown = None if end is None or begin is None or not added else (end - begin) / added
             row[f"end_{kind}_growth_bytes_per_added_client"] = (
                 None if grown is None else grown * 2**20
             )
