@@ -74,6 +74,12 @@ class FlowerRunConfig:
             raise ValueError(
                 f"dp-clipping must be 'server' or 'client' (got {self.dp_clipping!r})."
             )
+        for key in ("resume", "one_partition_per_node"):  # a quoted "false" would be truthy
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(
+                    f"{key.replace('_', '-')} must be true or false, unquoted (got "
+                    f"{getattr(self, key)!r})."
+                )
 
     @classmethod
     def from_run_config(cls, run_config: dict, defaults: dict | None = None) -> FlowerRunConfig:

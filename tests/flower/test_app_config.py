@@ -69,3 +69,10 @@ def test_dp_clipping_side():
     assert FlowerRunConfig.from_run_config({"dp-clipping": "client"}).dp_clipping == "client"
     with pytest.raises(ValueError, match="dp-clipping must be 'server' or 'client'"):
         FlowerRunConfig.from_run_config({"dp-clipping": "node"})
+
+
+@pytest.mark.parametrize("key", ["resume", "one-partition-per-node"])
+def test_boolean_keys_refuse_a_quoted_value(key):
+    assert FlowerRunConfig.from_run_config({key: True})
+    with pytest.raises(ValueError, match=f"{key} must be true or false, unquoted"):
+        FlowerRunConfig.from_run_config({key: "false"})
