@@ -2,14 +2,15 @@
 
 :class:`~flora_lightning.trainer.LocalTrainer` keeps ``client id -> optimizer.state_dict()
 ["state"]`` across rounds (the paper's per-client Adam state). With few clients, or small
-adapters, a dict in RAM is enough (:class:`MemoryStates`). With many clients or a large
+adapters, RAM is enough (:class:`MemoryStates`, each client's state packed in one buffer per
+dtype). With many clients or a large
 trainable part (FedFFT keeps ~1.2 GB of Adam moments per client at ViT-B/32) the states no
 longer fit; :class:`DiskStates` (``trainer.client_state_dir``) writes one safetensors file per
 client and reads it back at that client's next fit, so RAM holds only the training client's.
 
 Both are ``MutableMapping[int, dict]`` with the same contents, so the trainer, the resume state
-(:func:`~flora_lightning.optimizer_states.flatten_optimizer_states` reads every client's back)
-and the Flower ClientApp use them alike. :meth:`ClientStates.replace` swaps the whole contents
+(:func:`~flora_lightning.optimizer_states.optimizer_state_shards` reads every client's back,
+packed: :meth:`ClientStates.packed`) and the Flower ClientApp use them alike. :meth:`ClientStates.replace` swaps the whole contents
 (what ``trainer.optimizer_states = {...}`` does on resume).
 """
 

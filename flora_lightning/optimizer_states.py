@@ -3,9 +3,10 @@
 Two layouts, both read by :func:`unflatten_optimizer_states`:
 
 - one tensor per slot, ``"<client>.<param index>.<slot key>"`` (:func:`flatten_optimizer_states`:
-  a client's own file, Flower records);
-- packed, the resume state's shards (:func:`optimizer_state_shards`): one buffer per client
-  and dtype, ``"<client>.packed.<dtype>"``, and per shard ``"layout.<shard>"``, a uint8 tensor
+  Flower records; resume folders written before packing);
+- packed (:func:`pack_states`: the resume state's shards, :func:`optimizer_state_shards`, and
+  each :class:`~flora_lightning.client_states.DiskStates` file): one buffer per client and
+  dtype, ``"<client>.packed.<dtype>"``, and per shard ``"layout.<shard>"``, a uint8 tensor
   holding the JSON of where each slot lies in its client's buffers. 1,000 clients are then
   about 1,000 tensors to serialise, not 12,000 (serialising each small tensor costs the
   allocator ~2 KB of transient objects: +30 MB of peak RSS per resume write at 1,000 tiny-CLIP
