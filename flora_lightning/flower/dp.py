@@ -24,9 +24,16 @@ Flower adds ``N(0, (σ C / m)²)`` to it. What this module adds to Flower's clas
 - **error and dropped replies** are recorded in the round and left out before Flower's
   wrapper sees them (it would skip the whole round for one error reply; ``flora fit`` skips
   the failed client, and the fixed denominator keeps the sensitivity at ``C / m``);
-- **adaptive clipping**: the noise is scaled by the ``C`` this round's updates were clipped
-  to (Flower 1.42 scales it by the already updated ``C``), the clipped fraction is over the
-  ``m`` sampled clients, and a round that is not aggregated leaves ``C`` unchanged.
+- **adaptive clipping** (:class:`QuantileRelease`): Flower 1.42 counts the *clipped* updates
+  (its ``norm_bit``), noises the raw count and applies ``C · exp(−η (fraction − γ))``, which
+  expects the *unclipped* share: its bound runs away from the quantile (to 0 or to infinity),
+  and the raw count's sensitivity 1 breaks the noise split its ``compute_adaptive_noise_params``
+  assumes (sensitivity 1/2), under-reporting ε. Here the wrappers' count and step are replaced
+  by :func:`~flora_lightning.privacy.client_dp.noisy_unclipped_fraction` and
+  :func:`~flora_lightning.privacy.client_dp.next_clip_norm` (the centred unclipped count over
+  the ``m`` sampled clients, TF Privacy's estimator), the noise is scaled by the ``C`` this
+  round's updates were clipped to (Flower scales it by the already updated ``C``), and a
+  round that is not aggregated leaves ``C`` unchanged.
 
 The bound used, the next bound and the noise std go back to the DPFedAvg after each round
 (:meth:`DPFedAvg.record_release`), so the round record, ``summary.json`` and the resume state
@@ -49,7 +56,7 @@ from flwr.serverapp.strategy import (
 from flwr.supercore.differential_privacy import compute_stdv
 
 from flora_lightning.flower.strategy import FloraFedAvg
-from flora_lightning.privacy.client_dp import DPFedAvg
+from flora_lightning.privacy.client_dp import DPFedAvg, next_clip_norm, noisy_unclipped_fraction
 
 CLIPPING_SIDES = ("server", "client")
 """Values of the run config's ``dp-clipping``: where Flower clips each update."""
@@ -102,8 +109,25 @@ class SeededRelease:
         finally:
             self.clipping_norm = updated
 
+
+class QuantileRelease(SeededRelease):
+    """Flower's adaptive wrappers with the quantile step of Andrew et al. (module docstring)."""
+
+    clipped_count_stddev: float
+
     def _noisy_fraction(self, count: int, total: int) -> float:
-        return super()._noisy_fraction(count, self.num_sampled_clients)
+        # Flower passes the *clipped* count over the ``total`` replies it aggregates (already
+        # screened); the noise comes from NumPy's global generator, seeded around the round.
+        return noisy_unclipped_fraction(
+            total - count, total, self.num_sampled_clients, self.clipped_count_stddev, np.random
+        )
+
+    def _geometric_update(self, clipped_fraction: float) -> None:
+        # Flower's name; the value is the unclipped share from ``_noisy_fraction`` above.
+        self.clipping_norm = next_clip_norm(
+            self.clipping_norm, clipped_fraction, self.dp.target_unclipped_quantile,
+            self.clip_norm_lr,
+        )  # fmt: skip
 
 
 class ServerSideFixedClipping(SeededRelease, DifferentialPrivacyServerSideFixedClipping):
@@ -114,13 +138,14 @@ class ClientSideFixedClipping(SeededRelease, DifferentialPrivacyClientSideFixedC
     """Flower's client-side fixed clipping (nodes: ``fixedclipping_mod``), seeded."""
 
 
-class ServerSideAdaptiveClipping(SeededRelease, DifferentialPrivacyServerSideAdaptiveClipping):
-    """Flower's server-side adaptive clipping, seeded, noise scaled by the round's bound."""
+class ServerSideAdaptiveClipping(QuantileRelease, DifferentialPrivacyServerSideAdaptiveClipping):
+    """Flower's server-side adaptive clipping, seeded, with the quantile step corrected and the
+    noise scaled by the round's bound (:class:`QuantileRelease`)."""
 
 
-class ClientSideAdaptiveClipping(SeededRelease, DifferentialPrivacyClientSideAdaptiveClipping):
-    """Flower's client-side adaptive clipping (nodes: ``adaptiveclipping_mod``), seeded,
-    noise scaled by the round's bound."""
+class ClientSideAdaptiveClipping(QuantileRelease, DifferentialPrivacyClientSideAdaptiveClipping):
+    """Flower's client-side adaptive clipping (nodes: ``adaptiveclipping_mod``), seeded, with
+    the quantile step corrected and the noise scaled by the round's bound."""
 
 
 def with_flower_dp(strategy: FloraFedAvg, dp: DPFedAvg, side: str = "server"):
@@ -135,7 +160,8 @@ def with_flower_dp(strategy: FloraFedAvg, dp: DPFedAvg, side: str = "server"):
         return wrapper(
             dp, strategy, dp.noise_multiplier, m,
             initial_clipping_norm=dp.clip_norm,  # the restored bound, on resume
-            target_clipped_quantile=dp.target_clipped_quantile,
+            # Flower's name; only our _geometric_update reads the target (as the unclipped share)
+            target_clipped_quantile=dp.target_unclipped_quantile,
             clip_norm_lr=dp.clip_norm_lr,
             clipped_count_stddev=dp.clipped_count_stddev,
         )  # fmt: skip

@@ -22,19 +22,30 @@ its accountant enabled it refuses unequal weights, i.e. it requires this unweigh
 denominator is the fixed ``m`` (McMahan et al.'s fixed-denominator estimator): a rejected update
 contributes zero rather than shrinking ``m``, so the sensitivity stays ``C / m``.
 
-**Adaptive clipping** (Andrew et al., 2021; Flower's ``DifferentialPrivacy*AdaptiveClipping``):
-the server also counts the clients that were clipped (``b_k = 1`` when ``||Δ_k|| > C``), noises
-the count with std ``σ_b`` and moves ``C`` geometrically towards the ``γ`` quantile of the norms:
+**Adaptive clipping** (Andrew et al., 2021, as TF Privacy's ``QuantileEstimatorQuery`` does
+it): the server counts the clients whose update was left *unclipped* (``b_k = 1`` when
+``||Δ_k|| <= C``), centres each bit (``b_k − 1/2``, so one client moves the sum by at most 1/2),
+noises the sum with std ``σ_b``, and moves ``C`` geometrically towards the ``γ`` quantile of the
+norms, ``γ`` being the target share of *unclipped* updates (``privacy.target_unclipped_quantile``):
 
-    C ← C · exp(−η (((Σ b_k) + N(0, σ_b²)) / m − γ))
+    f = clamp((Σ_k (b_k − 1/2) + N(0, σ_b²)) / m + 1/2, 0, 1)
+    C ← C · exp(−η (f − γ))
 
-The count is a second Gaussian query, so the update's noise multiplier becomes
-``σ_Δ = (σ⁻² − (2 σ_b)⁻²)^(−1/2)`` and the pair spends exactly what ``σ`` alone would
-(Flower's ``compute_adaptive_noise_params``, ``σ_b`` defaulting to ``m / 20``). The round's noise
-is scaled by the ``C`` its updates were clipped to (Flower 1.42's adaptive wrappers scale it by
-the already updated ``C``, which does not match that round's sensitivity; the ServerApp's
-wrappers, :mod:`flora_lightning.flower.dp`, correct this), and the clipped fraction is over the
-``m`` sampled clients.
+Too many unclipped updates (``f > γ``) shrink ``C``; too few grow it, so ``C`` settles where a
+share ``γ`` of the norms lies at or below it. The centred count has sensitivity 1/2, so it is a
+Gaussian query with noise multiplier ``2 σ_b``; composed with the update's (multiplier ``σ_Δ``),
+the pair spends what one query of multiplier ``(σ_Δ⁻² + (2 σ_b)⁻²)^(−1/2)`` does, which is the
+``σ`` given to the accountant when ``σ_Δ = (σ⁻² − (2 σ_b)⁻²)^(−1/2)`` (``σ_b`` defaulting to
+``m / 20``).
+
+**Where we differ from Flower 1.42.** Its adaptive wrappers count the *clipped* updates (its
+``norm_bit``), do not centre the count, and then apply the same ``exp(−η (fraction − γ))``:
+the bound moves the wrong way (four updates of norms 2, 4, 6, 8 drive ``C`` to 0 from below the
+median and to infinity from above it), and the uncentred count has sensitivity 1, so the noise
+split above under-reports ε (at ``m = 10``, ``σ_b = 0.5``, ``σ = 0.9`` the pair's multiplier is
+0.49, not 0.9). They also scale the round's noise by the already updated ``C``, which does not
+match that round's sensitivity. The ServerApp's wrappers (:mod:`flora_lightning.flower.dp`)
+replace those steps with the functions here, so both runtimes are right and equal.
 
 **Noise.** Round ``r`` draws from NumPy's legacy generator seeded with ``[seed, r]``
 (``np.random.RandomState``), in Flower's order and dtype: with adaptive clipping first the
@@ -78,14 +89,40 @@ def noise_stddev(noise_multiplier: float, clip_norm: float, num_sampled_clients:
     return noise_multiplier * clip_norm / num_sampled_clients
 
 
+def next_clip_norm(clip_norm: float, unclipped_fraction: float, target: float, lr: float) -> float:
+    """``C · exp(−η (f − γ))``: the geometric step towards the ``γ`` quantile of the norms."""
+    return clip_norm * math.exp(-lr * (unclipped_fraction - target))
+
+
+def noisy_unclipped_fraction(
+    unclipped: int, accepted: int, num_sampled_clients: int, stddev: float, rng
+) -> float:
+    """The noised share of unclipped updates, as TF Privacy's quantile estimator computes it.
+
+    Each accepted update's bit is centred (``b − 1/2``: sensitivity 1/2), the sum gets one
+    ``rng.normal(·, stddev)`` draw, is divided by the ``m`` sampled clients (the fixed
+    denominator) and shifted back by 1/2, then clamped to ``[0, 1]`` (post-processing).
+
+    Args:
+        unclipped: accepted updates with norm ``<= C``.
+        accepted: accepted updates this round (failed clients contribute no bit).
+        num_sampled_clients: ``m``.
+        stddev: ``σ_b``.
+        rng: ``np.random.RandomState`` (or the ``np.random`` module, Flower's global one).
+    """
+    centred = unclipped - accepted / 2
+    noised = float(rng.normal(centred, stddev))
+    return min(1.0, max(0.0, noised / num_sampled_clients + 0.5))
+
+
 def adaptive_noise_params(
     noise_multiplier: float, num_sampled_clients: int, clipped_count_stddev: float | None
 ) -> tuple[float, float]:
     """``(σ_b, σ_Δ)`` for adaptive clipping at total noise multiplier ``σ``.
 
-    As Flower's ``compute_adaptive_noise_params``: ``σ_b`` defaults to ``m / 20``, and
-    ``σ_Δ = (σ⁻² − (2 σ_b)⁻²)^(−1/2)`` so the update and the count together spend what ``σ``
-    does. With ``σ = 0`` both are 0 (no privacy, the count is exact).
+    ``σ_b`` defaults to ``m / 20``, and ``σ_Δ = (σ⁻² − (2 σ_b)⁻²)^(−1/2)`` so the update and the
+    *centred* count (sensitivity 1/2, :func:`noisy_unclipped_fraction`) together spend what
+    ``σ`` does. With ``σ = 0`` both are 0 (no privacy, the count is exact).
 
     Raises:
         ValueError: naming ``privacy.clipped_count_stddev`` when ``σ >= 2 σ_b`` (no ``σ_Δ``).
@@ -114,7 +151,8 @@ class DPFedAvg(Strategy):
         seed: the run's seed; round ``r``'s noise comes from a generator seeded by
             ``(seed, r)``.
         adaptive: adapt ``clip_norm`` by the quantile method.
-        target_clipped_quantile: γ, the share of clients to clip (adaptive).
+        target_unclipped_quantile: γ, the share of client updates to leave unclipped
+            (adaptive; Andrew et al.'s target quantile).
         clip_norm_lr: η, the geometric step of ``clip_norm`` (adaptive).
         clipped_count_stddev: σ_b (adaptive; None: ``m / 20``).
         min_clients: fewest accepted updates for a round to count.
@@ -129,7 +167,7 @@ class DPFedAvg(Strategy):
         num_sampled_clients: int,
         seed: int = 42,
         adaptive: bool = False,
-        target_clipped_quantile: float = 0.5,
+        target_unclipped_quantile: float = 0.5,
         clip_norm_lr: float = 0.2,
         clipped_count_stddev: float | None = None,
         min_clients: int = 1,
@@ -151,7 +189,12 @@ class DPFedAvg(Strategy):
         self.seed = seed
         self.adaptive = adaptive
         self.clip_and_noise = clip_and_noise
-        self.target_clipped_quantile = target_clipped_quantile
+        if not 0 <= target_unclipped_quantile <= 1:
+            raise ValueError(
+                "privacy.target_unclipped_quantile must be in [0, 1] "
+                f"(got {target_unclipped_quantile}); e.g. 0.5."
+            )
+        self.target_unclipped_quantile = target_unclipped_quantile
         self.clip_norm_lr = clip_norm_lr
         self.clipped_count_stddev, self.update_noise_multiplier = (
             adaptive_noise_params(noise_multiplier, num_sampled_clients, clipped_count_stddev)
@@ -185,7 +228,7 @@ class DPFedAvg(Strategy):
             num_sampled_clients=num_sampled_clients,
             seed=seed,
             adaptive=privacy.adaptive_clipping,
-            target_clipped_quantile=privacy.target_clipped_quantile,
+            target_unclipped_quantile=privacy.target_unclipped_quantile,
             clip_norm_lr=privacy.clip_norm_lr,
             clipped_count_stddev=privacy.clipped_count_stddev,
             min_clients=min_clients,
@@ -223,15 +266,16 @@ class DPFedAvg(Strategy):
         return new_state
 
     def _release(self, state: State, rng: np.random.RandomState) -> None:
-        """Flower's order: the clipped count's noise and ``C``'s update (adaptive), then each
+        """Flower's order: the count's noise and ``C``'s update (adaptive), then each
         tensor's noise, scaled by the ``C`` of this round."""
         if self.adaptive:
-            clipped = sum(norm > self.round_clip_norm for norm in self.norms.values())
-            fraction = float(rng.normal(clipped, self.clipped_count_stddev)) / float(
-                self.num_sampled_clients
-            )
-            self.clip_norm = self.round_clip_norm * math.exp(
-                -self.clip_norm_lr * (fraction - self.target_clipped_quantile)
+            unclipped = sum(norm <= self.round_clip_norm for norm in self.norms.values())
+            fraction = noisy_unclipped_fraction(
+                unclipped, len(self.norms), self.num_sampled_clients,
+                self.clipped_count_stddev, rng,
+            )  # fmt: skip
+            self.clip_norm = next_clip_norm(
+                self.round_clip_norm, fraction, self.target_unclipped_quantile, self.clip_norm_lr
             )
         std = noise_stddev(self.update_noise_multiplier, self.round_clip_norm,
                            self.num_sampled_clients)  # fmt: skip

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 LEVELS = ("none", "sample", "client")
+SAMPLINGS = ("poisson", "shuffle")
 ACCOUNTANTS = ("rdp", "prv")
 
 
@@ -40,6 +41,11 @@ class PrivacyConfig:
     """Opacus accountant: rdp (Renyi DP, the released code's) or prv (tighter, numerical)."""
     max_grad_norm: float = 1.0
     """sample level: the L2 bound of each example's gradient (the released code: 1.0)."""
+    sampling: Literal["poisson", "shuffle"] = "poisson"
+    """sample level: how each client's DP-SGD batches are drawn. poisson (the released code's,
+    Opacus' default): every example joins each step with probability q = batch_size / n, and the
+    accountant's q-subsampled bound holds; shuffle: fixed-size batches of a shuffled epoch,
+    accounted as if Poisson, which is an approximation, not a bound."""
     per_example_chunk: int | None = None
     """sample level: examples whose gradients are computed at once; lower it when a batch's
     per-example backward (batch x classes captions through a LoRA text tower) runs out of
@@ -48,10 +54,14 @@ class PrivacyConfig:
     """client level: the L2 bound of each client's update, over all communicated tensors (with
     adaptive_clipping: its initial value)."""
     adaptive_clipping: bool = False
-    """client level: adapt clip_norm each round towards target_clipped_quantile of the update
-    norms (Andrew et al., 2021), from a noised count of clipped clients."""
-    target_clipped_quantile: float = 0.5
-    """adaptive clipping: the share of clients whose update should be clipped."""
+    """client level: adapt clip_norm each round towards the target_unclipped_quantile of the
+    update norms (Andrew et al., 2021), from a noised count of unclipped clients."""
+    target_unclipped_quantile: float = 0.5
+    """adaptive clipping: gamma, the share of client updates to leave unclipped (the paper's
+    target quantile: clip_norm settles where this share of update norms lies at or below it)."""
+    target_clipped_quantile: float | None = None
+    """Refused (renamed target_unclipped_quantile): it was applied with the opposite sign, so
+    the bound moved away from its target; null only."""
     clip_norm_lr: float = 0.2
     """adaptive clipping: the geometric learning rate of clip_norm."""
     clipped_count_stddev: float | None = None
@@ -80,6 +90,10 @@ class PrivacyConfig:
                 f"privacy.delta must be in (0, 1) (got {self.delta}); e.g. 1e-5, below one "
                 "over the number of protected records."
             )
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(
+                f"privacy.sampling must be one of {list(SAMPLINGS)} (got {self.sampling!r})."
+            )
         if not self.max_grad_norm > 0:
             raise ValueError(
                 f"privacy.max_grad_norm must be > 0 (got {self.max_grad_norm}); e.g. 1.0."
@@ -90,10 +104,18 @@ class PrivacyConfig:
             )
         if not self.clip_norm > 0:
             raise ValueError(f"privacy.clip_norm must be > 0 (got {self.clip_norm}); e.g. 1.0.")
-        if not 0 <= self.target_clipped_quantile <= 1:
+        if self.target_clipped_quantile is not None:
             raise ValueError(
-                "privacy.target_clipped_quantile must be in [0, 1] "
-                f"(got {self.target_clipped_quantile}); e.g. 0.5."
+                f"privacy.target_clipped_quantile={self.target_clipped_quantile} is no longer "
+                "accepted: earlier versions counted clipped updates but applied the update for "
+                "unclipped ones, so clip_norm moved away from its target. Set "
+                "privacy.target_unclipped_quantile, the share of updates to leave unclipped "
+                f"(the same target is {1 - self.target_clipped_quantile:g})."
+            )
+        if not 0 <= self.target_unclipped_quantile <= 1:
+            raise ValueError(
+                "privacy.target_unclipped_quantile must be in [0, 1] "
+                f"(got {self.target_unclipped_quantile}); e.g. 0.5."
             )
         if not self.clip_norm_lr > 0:
             raise ValueError(f"privacy.clip_norm_lr must be > 0 (got {self.clip_norm_lr}).")

@@ -162,14 +162,75 @@ def make_and_run_three(base):
     return strategy.state_dict()
 
 
-@pytest.mark.parametrize(("scales", "clipped"), [([5.0, 6.0, 7.0, 8.0], 4), ([0.1] * 4, 0)])
-def test_adaptive_clip_norm_moves_towards_the_quantile(scales, clipped):
-    # sigma = 0: the count is exact, so C' = C exp(-lr (clipped / m - quantile)).
+@pytest.mark.parametrize(("scales", "unclipped"), [([5.0, 6.0, 7.0, 8.0], 0), ([0.1] * 4, 4)])
+def test_adaptive_clip_norm_moves_towards_the_quantile(scales, unclipped):
+    # sigma = 0: the count is exact, so C' = C exp(-lr (unclipped / m - quantile)): all clipped
+    # (norms above C = 1) grows C, none clipped shrinks it (Andrew et al., 2021, eq. for C).
     strategy = DPFedAvg(noise_multiplier=0.0, clip_norm=1.0, num_sampled_clients=4, adaptive=True)
     base = global_state()
     run_round(strategy, base, client_states(base, scales))
     assert strategy.round_clip_norm == 1.0
-    assert strategy.clip_norm == pytest.approx(math.exp(-0.2 * (clipped / 4 - 0.5)))
+    assert strategy.clip_norm == pytest.approx(math.exp(-0.2 * (unclipped / 4 - 0.5)))
+    assert (strategy.clip_norm > 1.0) == (unclipped == 0)
+
+
+@pytest.mark.parametrize("start", [0.5, 50.0])
+def test_adaptive_clip_norm_settles_at_the_median_from_either_side(start):
+    # Four clients with update norms 2, 4, 6, 8 every round, sigma = 0, eta = 0.2, gamma = 0.5:
+    # the share at or below C is 1/2 exactly for C in [4, 6), so C must end there (the issue's
+    # measurement of the old sign: 0.00017 from 0.5, 149,047 from 50).
+    strategy = DPFedAvg(0.0, start, num_sampled_clients=4, adaptive=True, clip_norm_lr=0.2)
+    base = global_state()
+    for round_ in range(80):
+        base = run_round(strategy, base, client_states(base, [2.0, 4.0, 6.0, 8.0], seed=round_))
+    assert 4.0 <= strategy.clip_norm < 6.0
+
+
+class RecordingNormal:
+    """An ``rng`` stand-in that returns the mean it is asked to noise (no noise drawn)."""
+
+    def __init__(self) -> None:
+        self.means: list[float] = []
+
+    def normal(self, mean, std, shape=None):
+        self.means.append(float(mean))
+        return mean if shape is None else np.zeros(shape)
+
+
+def test_adaptive_pair_spends_exactly_the_accountants_sigma():
+    # m = 10, sigma_b = 0.5, sigma = 0.9 (the issue's case). The count query's sensitivity is
+    # measured by brute force: the noised quantity on every set of bits against the same set
+    # with one client removed (add/remove adjacency). Then the two Gaussian queries compose to
+    # one of multiplier (sigma_delta^-2 + (sigma_b / sensitivity)^-2)^-1/2, which must be the
+    # sigma the accountant is given. (A raw count has sensitivity 1 and composes to 0.49.)
+    m, sigma_b, sigma = 10, 0.5, 0.9
+    strategy = DPFedAvg(sigma, 1.0, num_sampled_clients=m, adaptive=True,
+                        clipped_count_stddev=sigma_b)  # fmt: skip
+    sensitivity = 0.0
+    for bits in np.ndindex(*(2,) * 6):  # 6 accepted updates, each clipped or not
+        norms = [0.5 if b else 2.0 for b in bits]  # 0.5 <= C = 1: unclipped
+        means = []
+        for kept in (norms, norms[1:]):
+            rng = RecordingNormal()
+            strategy.norms = dict(enumerate(kept))
+            strategy.round_clip_norm = strategy.clip_norm = 1.0
+            strategy._release({}, rng)
+            means.append(rng.means[0])
+        sensitivity = max(sensitivity, abs(means[0] - means[1]))
+    assert sensitivity == 0.5
+    # The update's mean has sensitivity C / m and noise std sigma_delta C / m.
+    sigma_delta = noise_stddev(strategy.update_noise_multiplier, 1.0, m) / (1.0 / m)
+    composed = (sigma_delta**-2 + (sigma_b / sensitivity) ** -2) ** -0.5
+    assert composed == pytest.approx(sigma, rel=1e-12)
+
+
+def test_old_quantile_name_is_refused_with_the_reason():
+    from flora_lightning.privacy import PrivacyConfig
+
+    with pytest.raises(ValueError, match="privacy.target_clipped_quantile=0.2 is no longer"):
+        PrivacyConfig(level="client", noise_multiplier=1.0, target_clipped_quantile=0.2)
+    with pytest.raises(TypeError):  # the strategy's own argument is gone too
+        DPFedAvg(1.0, 1.0, 4, target_clipped_quantile=0.5)
 
 
 def test_adaptive_noise_split_needs_a_large_enough_count_stddev():
@@ -196,12 +257,12 @@ def test_from_config_carries_the_privacy_settings():
         noise_multiplier=1.0,
         clip_norm=0.3,
         adaptive_clipping=True,
-        target_clipped_quantile=0.7,
+        target_unclipped_quantile=0.7,
         clip_norm_lr=0.1,
         clipped_count_stddev=2.0,
     )
     strategy = DPFedAvg.from_config(privacy, 1.0, num_sampled_clients=5, seed=3, min_clients=2)
     assert (strategy.clip_norm, strategy.num_sampled_clients, strategy.seed) == (0.3, 5, 3)
     assert strategy.adaptive and strategy.min_clients == 2
-    assert (strategy.target_clipped_quantile, strategy.clip_norm_lr) == (0.7, 0.1)
+    assert (strategy.target_unclipped_quantile, strategy.clip_norm_lr) == (0.7, 0.1)
     assert strategy.clipped_count_stddev == 2.0

@@ -188,3 +188,42 @@ def test_error_and_dropped_replies_are_recorded_and_left_out():
     expected = local.result()  # one update over the fixed denominator m = 3, same noise
     for name, tensor in to_state(arrays).items():
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-6)
+
+
+def exact_norm_states(global_state: dict, norms, seed: int) -> list[dict]:
+    """Client states whose updates from ``global_state`` have exactly the given L2 norms."""
+    gen = torch.Generator().manual_seed(seed)
+    states = []
+    for norm in norms:
+        direction = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64)
+                     for k, v in global_state.items()}  # fmt: skip
+        length = sum(float(d.pow(2).sum()) for d in direction.values()) ** 0.5
+        states.append({k: (v.double() + norm * direction[k] / length).float()
+                       for k, v in global_state.items()})  # fmt: skip
+    return states
+
+
+@pytest.mark.parametrize("start_clip", [0.5, 50.0])
+@pytest.mark.parametrize("side", ["server", "client"])
+def test_flower_adaptive_clipping_settles_at_the_median(side, start_clip):
+    """Through Flower's own wrappers (and node mods): norms 2, 4, 6, 8 every round, sigma = 0,
+    eta = 0.2, gamma = 0.5: the share at or below C is 1/2 exactly for C in [4, 6). Flower
+    1.42's unpatched sign drives C to 0 from below and to infinity from above."""
+    from flora_lightning.flower.dp import with_flower_dp
+
+    dp = DPFedAvg(0.0, start_clip, num_sampled_clients=4, seed=3, adaptive=True)
+    inner = FloraFedAvg(min_available_nodes=4, min_train_nodes=4, average=dp)
+    flower = with_flower_dp(inner, dp, side)
+    state = {"a": torch.zeros(3, 4), "b": torch.ones(5)}
+    for round_ in range(1, 81):
+        sent = list(flower.configure_train(
+            round_, ArrayRecord(state), ConfigRecord(), FakeGrid([7, 8, 9, 10])
+        ))  # fmt: skip
+        states = exact_norm_states(state, (2.0, 4.0, 6.0, 8.0), seed=round_)
+        replies = [reply_to(m, s, i) for i, (s, m) in enumerate(zip(states, sent, strict=True))]
+        if side == "client":
+            replies = [on_node(m, r, True) for m, r in zip(sent, replies, strict=True)]
+        arrays, _ = flower.aggregate_train(round_, replies)
+        state = to_state(arrays)
+    assert 4.0 <= dp.clip_norm < 6.0
+    assert flower.clipping_norm == dp.clip_norm

@@ -38,9 +38,14 @@ from flora_lightning.strategy import FedAvg, LoraProductAverage
         (dict(level="secure"), "privacy.level must be one of"),
         (dict(level="sample", noise_multiplier=1.0, accountant="gdp"), "privacy.accountant"),
         (
-            dict(level="client", noise_multiplier=1.0, target_clipped_quantile=1.5),
-            "privacy.target_clipped_quantile",
+            dict(level="client", noise_multiplier=1.0, target_unclipped_quantile=1.5),
+            "privacy.target_unclipped_quantile",
         ),
+        (  # the old name, whose meaning was inverted, is refused with the equivalent target
+            dict(level="client", noise_multiplier=1.0, target_clipped_quantile=0.3),
+            r"privacy.target_clipped_quantile=0.3 is no longer accepted.*target is 0.7",
+        ),
+        (dict(level="sample", noise_multiplier=1.0, sampling="fixed"), "privacy.sampling"),
         (dict(level="client", noise_multiplier=1.0, clip_norm_lr=0.0), "privacy.clip_norm_lr"),
         (
             dict(level="sample", noise_multiplier=1.0, per_example_chunk=0),
