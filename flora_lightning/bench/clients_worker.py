@@ -103,7 +103,13 @@ def write_config(spec: dict, folder: Path) -> Path:
             "template": data.template,
             "batch_size": spec["per_client"],
             "eval_batch_size": 16,
-            "partition": {"kind": "iid", "num_clients": n, "min_samples": 1, "seed": spec["seed"]},
+            "partition": {  # equal random shares: per_client rows each (see workload)
+                "kind": "iid",
+                "iid_rule": "random_chunks",
+                "num_clients": n,
+                "min_samples": 1,
+                "seed": spec["seed"],
+            },
         },
         "trainer": trainer,
     }

@@ -1,8 +1,9 @@
 """Federated partitioning of a labelled training set across clients.
 
-The splitting itself is done by ``flwr_datasets`` partitioners (IID, Dirichlet,
-pathological) plus a small few-shot partitioner (:mod:`flora_lightning.data.fewshot`); this
-module turns a label array into per-client index arrays and explains bad configurations in
+The splitting itself is done by ``flwr_datasets`` partitioners (IID random chunks, Dirichlet,
+pathological) plus two small ones of ours, the released code's per-class IID split
+(:mod:`flora_lightning.data.per_class_iid`) and few-shot (:mod:`flora_lightning.data.fewshot`);
+this module turns a label array into per-client index arrays and explains bad configurations in
 terms of the ``data.partition.*`` CLI fields.
 
 Any other ``flwr_datasets.partitioner.Partitioner`` subclass is one new class, selected in the
@@ -33,8 +34,10 @@ from flwr_datasets.partitioner import (
 
 from flora_lightning.data.custom_partitioner import build_partitioner, partitioner_class
 from flora_lightning.data.fewshot import FewShotPartitioner
+from flora_lightning.data.per_class_iid import PerClassIidPartitioner
 
 _KINDS = ("iid", "dirichlet", "pathological", "fewshot")
+_IID_RULES = ("per_class", "random_chunks")
 
 
 @dataclass
@@ -46,6 +49,8 @@ class PartitionConfig:
     pathological (disjoint classes per client), fewshot (n shots per class per client)."""
     num_clients: int = 10
     """Number of clients (data owners)."""
+    iid_rule: Literal["per_class", "random_chunks"] = "per_class"
+    """kind=iid: per_class (released; each class cut in row order, equal shares) or random_chunks."""
     beta: float = 0.1
     """Dirichlet concentration (kind=dirichlet); smaller is more skewed."""
     classes_per_client: int | None = None
@@ -76,6 +81,11 @@ class PartitionConfig:
         p = "data.partition."
         if self.kind not in _KINDS:
             raise ValueError(f"{p}kind must be one of {', '.join(_KINDS)} (got {self.kind!r})")
+        if self.iid_rule not in _IID_RULES:
+            raise ValueError(
+                f"{p}iid_rule must be one of {', '.join(_IID_RULES)} (got {self.iid_rule!r}); "
+                "per_class is the released code's IID split"
+            )
         if self.num_clients < 1:
             raise ValueError(f"{p}num_clients must be >= 1 (got {self.num_clients})")
         if not self.beta > 0:
@@ -118,7 +128,11 @@ def partition_indices(
 
     Rows are shuffled with ``config.seed`` before partitioning (as
     ``flwr_datasets.FederatedDataset`` does), so sorted label order does not leak into
-    the split.
+    the split; except for ``kind=iid`` with ``iid_rule=per_class``, the released code's split,
+    which cuts each class in the order of ``labels`` (the training set's order: with
+    ``data.test_split=pooled``, the pool's order less the held-out rows, as released) and
+    draws nothing: the seed does not change it (in the datamodule it still picks the held-out
+    test rows).
 
     Args:
         labels: Class index of every training sample, in ``[0, num_classes)``.
@@ -183,7 +197,7 @@ def _draw(labels: np.ndarray, num_classes: int, config: PartitionConfig) -> list
             )
 
     rng = np.random.default_rng(config.seed)
-    order = rng.permutation(n)
+    order = np.arange(n) if _keeps_row_order(config) else rng.permutation(n)
     partitioner, key = _make_partitioner(config, labels[order], rng)
     partitioner.dataset = Dataset.from_dict({"key": key, "_idx": order})
     try:
@@ -208,12 +222,19 @@ def _draw(labels: np.ndarray, num_classes: int, config: PartitionConfig) -> list
     if sizes.min() < config.min_samples:
         client = int(np.argmin(sizes))
         hint = f"raise {p}beta, " if kind == "dirichlet" else ""
+        if _keeps_row_order(config):  # a class with fewer rows than clients: all to the last
+            hint = f"set {p}iid_rule=random_chunks, "
         raise ValueError(
             f"client {client} received {sizes[client]} samples, fewer than "
             f"{p}min_samples={config.min_samples}; "
             f"{hint}lower {p}num_clients or lower {p}min_samples"
         )
     return parts
+
+
+def _keeps_row_order(config: PartitionConfig) -> bool:
+    """Whether the split takes the rows in the given order (the released per-class IID split)."""
+    return config.partitioner is None and config.kind == "iid" and config.iid_rule == "per_class"
 
 
 def _make_partitioner(
@@ -223,6 +244,8 @@ def _make_partitioner(
     k = config.num_clients
     if config.partitioner is not None:
         return build_partitioner(config.partitioner, k, "key", config.seed), labels
+    if config.kind == "iid" and config.iid_rule == "per_class":
+        return PerClassIidPartitioner(k, "key"), labels
     if config.kind == "iid":
         return IidPartitioner(num_partitions=k), labels
     if config.kind == "fewshot":

@@ -1,17 +1,22 @@
 """Tests for federated partitioning of the training set."""
 
+from argparse import ArgumentError
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from flora_lightning.data.label_table import label_counts
 from flora_lightning.data.partition import PartitionConfig, partition_indices
 
+ROOT = Path(__file__).resolve().parents[2]
 NUM_CLASSES = 10
 # 10 classes x 200 samples, sorted by class so that an unshuffled split would be non-IID.
 LABELS = np.repeat(np.arange(NUM_CLASSES), 200)
 
 CONFIGS = {
-    "iid": PartitionConfig(kind="iid", num_clients=7),
+    "iid": PartitionConfig(kind="iid", num_clients=7),  # the released per-class split
+    "iid-random-chunks": PartitionConfig(kind="iid", num_clients=7, iid_rule="random_chunks"),
     "dirichlet": PartitionConfig(kind="dirichlet", num_clients=10, beta=0.5),
     "pathological": PartitionConfig(kind="pathological", num_clients=5, classes_per_client=2),
     "pathological-overlap": PartitionConfig(
@@ -37,8 +42,59 @@ def mean_tv_distance(parts: list[np.ndarray]) -> float:
     return float(np.mean(0.5 * np.abs(client_dist - global_dist).sum(axis=1)))
 
 
-def test_iid_equal_sizes_and_covers_every_index_once():
+def released_iid(labels: np.ndarray, num_clients: int) -> list[np.ndarray]:
+    """The released code's IID split (separate_data, niid=False, balance), written out here.
+
+    For each class: its indices in dataset order (no shuffle), the first num_clients - 1
+    clients take int(n_c / num_clients) consecutive ones each, the last client the rest.
+    """
+    clients = [[] for _ in range(num_clients)]
+    for c in range(int(labels.max()) + 1):
+        rows = [i for i in range(len(labels)) if labels[i] == c]
+        share = int(len(rows) / num_clients)
+        start = 0
+        for client in range(num_clients):
+            stop = start + share if client < num_clients - 1 else len(rows)
+            clients[client] += rows[start:stop]
+            start = stop
+    return [np.array(sorted(rows), dtype=np.int64) for rows in clients]
+
+
+@pytest.mark.parametrize(("num_clients", "seed"), [(7, 42), (10, 0), (3, 5)])
+def test_iid_default_is_the_released_per_class_split(num_clients, seed):
+    config = PartitionConfig(kind="iid", num_clients=num_clients, seed=seed)
+    assert config.iid_rule == "per_class"
+    # Shuffled labels with uneven class sizes: class remainders differ, rows interleave.
+    labels = np.random.default_rng(seed).integers(0, NUM_CLASSES, size=1999)
+    expected = released_iid(labels, num_clients)
+    got = split(config, labels)
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
+    random_chunks = split(PartitionConfig(**{**vars(config), "iid_rule": "random_chunks"}), labels)
+    assert not all(np.array_equal(a, b) for a, b in zip(random_chunks, expected, strict=True))
+
+
+def test_iid_per_class_equal_shares_in_row_order_remainder_to_last():
     parts = split(CONFIGS["iid"])
+    counts = label_counts(LABELS, parts, NUM_CLASSES)
+    # 200 samples a class over 7 clients: int(200 / 7) = 28 each, the last 200 - 6 * 28 = 32.
+    assert counts[:-1].tolist() == [[28] * NUM_CLASSES] * 6
+    assert counts[-1].tolist() == [32] * NUM_CLASSES
+    # consecutive rows of each class, in the order given: client 0 holds rows 0..27 of class 0
+    assert parts[0][:28].tolist() == list(range(28))
+    assert parts[6][-32:].tolist() == list(range(1968, 2000))
+    np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(LABELS.size))
+
+
+def test_iid_per_class_draws_nothing_so_the_seed_does_not_change_it():
+    # The released split is deterministic; in the datamodule the seed still picks the
+    # held-out test rows (data.test_split=pooled).
+    first = split(CONFIGS["iid"])
+    other = split(PartitionConfig(**{**vars(CONFIGS["iid"]), "seed": 43}))
+    assert all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_iid_random_chunks_equal_sizes_and_covers_every_index_once():
+    parts = split(CONFIGS["iid-random-chunks"])
     sizes = [p.size for p in parts]
     assert len(parts) == 7
     assert max(sizes) - min(sizes) <= 1
@@ -48,11 +104,13 @@ def test_iid_equal_sizes_and_covers_every_index_once():
         assert np.all(np.diff(p) > 0)
 
 
-def test_iid_is_shuffled_before_splitting():
-    counts = label_counts(LABELS, split(CONFIGS["iid"]), NUM_CLASSES)
-    # Each client holds ~2000/7/10 = 28.6 samples of every class, not a contiguous run.
+def test_iid_random_chunks_is_shuffled_before_splitting():
+    counts = label_counts(LABELS, split(CONFIGS["iid-random-chunks"]), NUM_CLASSES)
+    # Each client holds ~2000/7/10 = 28.6 samples of every class, not a contiguous run, and
+    # not exactly 28 (the per-class rule's share).
     assert counts.min() >= 10
     assert counts.max() <= 50
+    assert not np.all(counts[:-1] == 28)
 
 
 def test_dirichlet_skew_grows_as_beta_falls():
@@ -199,7 +257,7 @@ def test_partitions_are_disjoint(name):  # every kind but the overlapping few-sh
     assert everything.min() >= 0 and everything.max() < LABELS.size
 
 
-@pytest.mark.parametrize("name", [*CONFIGS, "fewshot-overlap"])
+@pytest.mark.parametrize("name", [*(n for n in CONFIGS if n != "iid"), "fewshot-overlap"])
 def test_same_seed_same_partition_other_seed_differs(name):
     config = CONFIGS.get(name, FEWSHOT_OVERLAP)
     first, again = split(config), split(config)
@@ -221,6 +279,11 @@ def test_label_counts_sums():
     ("kwargs", "match"),
     [
         ({"kind": "shards"}, r"data\.partition\.kind"),
+        (
+            {"iid_rule": "stratified"},
+            r"data\.partition\.iid_rule must be one of per_class, random_chunks "
+            r"\(got 'stratified'\)",
+        ),
         ({"num_clients": 0}, r"data\.partition\.num_clients must be >= 1"),
         (
             {"beta": 0.0},
@@ -267,12 +330,19 @@ def test_error_fewshot_class_too_small():
 
 
 def test_error_client_below_min_samples():
-    config = PartitionConfig(num_clients=10, min_samples=5)
+    config = PartitionConfig(num_clients=10, min_samples=5, iid_rule="random_chunks")
     with pytest.raises(
         ValueError,
         match=r"client \d+ received 3 samples, .*data\.partition\.min_samples=5",
     ):
         split(config, np.arange(30) % NUM_CLASSES)
+    # Per class, 3 samples over 10 clients: int(3 / 10) = 0 each, all to the last client.
+    with pytest.raises(
+        ValueError,
+        match=r"client 0 received 0 samples, fewer than data\.partition\.min_samples=1; "
+        r"set data\.partition\.iid_rule=random_chunks",
+    ):
+        split(PartitionConfig(num_clients=10), np.arange(30) % NUM_CLASSES)
 
 
 def test_error_dirichlet_min_samples_unreachable():
@@ -290,3 +360,19 @@ def test_pathological_default_with_fewer_present_classes_than_clients():
         labels, split(PartitionConfig(kind="pathological", num_clients=5), labels), NUM_CLASSES
     )
     assert (counts > 0).sum(axis=1).tolist() == [1] * 5
+
+
+def test_cli_reads_the_iid_rule_and_names_the_field_of_a_bad_one():
+    # Both runtimes parse data.partition with this parser (the Flower apps through
+    # flower.app_config.build_components), so both get the same partitions.
+    from flora_lightning.stages import stage_parser
+
+    parser = stage_parser("fit")
+    base = ["--config", str(ROOT / "configs" / "quickstart.yaml")]
+    overlay = ["--config", str(ROOT / "configs" / "partitions" / "iid.yaml")]
+    partition = parser.parse_args(base + overlay).data.partition
+    assert (partition.kind, partition.iid_rule) == ("iid", "per_class")
+    chosen = parser.parse_args(base + ["--data.partition.iid_rule", "random_chunks"])
+    assert chosen.data.partition.iid_rule == "random_chunks"
+    with pytest.raises(ArgumentError, match=r"data\.partition\.iid_rule"):
+        parser.parse_args(base + ["--data.partition.iid_rule", "stratified"])
