@@ -17,7 +17,7 @@ from flora_lightning.data.splits import (
     check_labels,
     hold_out,
     resolve_class_names,
-    split_local_test,
+    split_local_tests,
 )
 
 POOLED = "pooled"
@@ -52,8 +52,9 @@ class FederatedDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         partition: how the training set is split across clients.
         local_test_fraction: each client keeps this seeded share of its partition as a local
-            test set (personalised evaluation), taken out of its training data; ``null``: no
-            local test sets, clients train on their whole partition.
+            test set (personalised evaluation), taken out of its training data and only from
+            rows no other client holds (overlapping few-shot partitions); ``null``: no local
+            test sets, clients train on their whole partition.
     """
 
     def __init__(
@@ -160,10 +161,9 @@ class FederatedDataModule(L.LightningDataModule):
         check_labels(labels, len(class_names), self.label_column)
         partitions = partition_indices(labels, len(class_names), self.partition)
         if self.local_test_fraction is not None:
-            fraction, seed = self.local_test_fraction, self.partition.seed
-            split = [split_local_test(idx, fraction, seed, c) for c, idx in enumerate(partitions)]
-            self.client_indices = [train_idx for train_idx, _ in split]
-            self.client_test_indices = [test_idx for _, test_idx in split]
+            self.client_indices, self.client_test_indices = split_local_tests(
+                partitions, self.local_test_fraction, self.partition.seed
+            )
             self.test_counts = label_counts(labels, self.client_test_indices, len(class_names))
         else:
             self.client_indices = partitions

@@ -28,34 +28,79 @@ def hold_out(pool, test_fraction: float, seed: int):
     return pool.select(train_rows), pool.select(test_rows)
 
 
-def split_local_test(
-    indices: np.ndarray, fraction: float, seed: int, client: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded ``int(fraction * n)`` of a client's partition as its local test set.
+def split_local_tests(
+    partitions: list[np.ndarray], fraction: float, seed: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Every client's local test set: a seeded share of its partition no other client holds.
 
-    Seeded per ``(data.partition.seed, client)``, so a client's split does not depend on
-    the number of clients after it. Both parts keep the partition's order.
+    A row that another client also holds (overlapping partitions: ``kind=fewshot`` with
+    ``data.partition.shots_overlap``, or a custom partitioner) would be that client's training
+    row: testing on it inflates personalised accuracy. So a client's local test set is drawn
+    from its *own* rows, those in no other partition: ``int(fraction * m)`` of its ``m`` own
+    rows, seeded per ``(data.partition.seed, client)`` so a client's split does not depend on
+    the number of clients after it. Shared rows always stay training rows. With disjoint
+    partitions (every other kind) every row is a client's own and this is a plain
+    ``int(fraction * n)`` draw of its ``n`` rows. Both parts keep the partition's order.
+
+    Args:
+        partitions: Per client, its row indices into the training set.
+        fraction: ``data.local_test_fraction``, in (0, 1).
+        seed: ``data.partition.seed``.
 
     Returns:
-        ``(train, local_test)`` row indices into the training set.
+        ``(train, local_test)``: per client, the rows it trains on and its local test rows.
+
+    Raises:
+        ValueError: If a client is left with no local test row; the message names the fields.
     """
-    indices = np.asarray(indices, dtype=np.int64)
-    n = len(indices)
+    partitions = [np.asarray(idx, dtype=np.int64) for idx in partitions]
+    size = 1 + max((int(idx.max()) for idx in partitions if idx.size), default=-1)
+    holders = np.zeros(size, dtype=np.int64)  # times each row is held, over all clients
+    for idx in partitions:
+        np.add.at(holders, idx, 1)
+    train, test = [], []
+    for client, idx in enumerate(partitions):
+        train_idx, test_idx = _split_one(idx, holders[idx] == 1, fraction, seed, client)
+        train.append(train_idx)
+        test.append(test_idx)
+    return train, test
+
+
+def _split_one(
+    indices: np.ndarray, own: np.ndarray, fraction: float, seed: int, client: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One client's ``(train, local_test)``: ``int(fraction * m)`` of its ``m`` own positions."""
+    n, own_pos = len(indices), np.flatnonzero(own)
     rng = np.random.default_rng([seed, client, 7])
-    test_pos = np.sort(rng.choice(n, size=int(n * fraction), replace=False))
+    # Generator.choice of an array draws the positions as choice(len(array)) would: with
+    # disjoint partitions (own_pos = 0..n-1) the rows of a plain int(f * n) draw of n.
+    test_pos = np.sort(rng.choice(own_pos, size=int(own_pos.size * fraction), replace=False))
     keep = np.ones(n, dtype=bool)
     keep[test_pos] = False
     train_idx, test_idx = indices[keep], indices[test_pos]
-    # int(f * n) < n for f < 1, so the training part is never empty (every client has
+    # int(f * m) < m <= n for f < 1, so the training part is never empty (every client has
     # >= data.partition.min_samples >= 1 samples); the local test set can be.
-    if not len(test_idx):
+    if len(test_idx):
+        return train_idx, test_idx
+    if own_pos.size == n:
         raise ValueError(
             f"data.local_test_fraction={fraction} leaves client {client} "
             f"({n} samples) with no local test sample; set data.local_test_fraction >= "
             f"1/{n} or give every client more samples (data.partition.min_samples, fewer "
             "data.partition.num_clients)."
         )
-    return train_idx, test_idx
+    fixes = (
+        "set data.partition.shots_overlap=false (disjoint shots) or lower "
+        "data.partition.num_clients or data.partition.shots"
+    )
+    if own_pos.size > 1:  # with one own row no fraction below 1 draws it
+        fixes = f"raise data.local_test_fraction to >= 1/{own_pos.size}, {fixes}"
+    raise ValueError(
+        f"data.local_test_fraction={fraction} leaves client {client} with no local test "
+        f"sample: only {own_pos.size} of its {n} samples are held by no other client, and a "
+        "local test row must not be another client's training row (partitions overlap with "
+        f"data.partition.shots_overlap=true); {fixes}."
+    )
 
 
 def resolve_class_names(

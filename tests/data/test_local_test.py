@@ -9,6 +9,7 @@ import torch
 
 from flora_lightning.data.datamodule import FederatedDataModule
 from flora_lightning.data.label_table import format_label_table
+from flora_lightning.data.partition import PartitionConfig
 from flora_lightning.feature_cache import FeatureCache
 
 
@@ -33,6 +34,26 @@ def test_local_test_sets_split_each_partition(make_datamodule):
         rng = np.random.default_rng([42, client, 7])
         positions = np.sort(rng.choice(len(partition), size=len(test), replace=False))
         assert np.array_equal(test, partition[positions])
+
+
+def test_overlapping_fewshot_local_test_rows_are_no_other_clients_training_rows(
+    make_datamodule,
+):
+    # The released IID few-shot split: clients draw their 16 shots a class independently, so
+    # two clients may hold the same row; a local test row must not be another's training row.
+    partition = PartitionConfig(kind="fewshot", num_clients=3, shots=16, seed=42)
+    assert partition.shots_overlap
+    data = make_datamodule(partition=partition, local_test_fraction=0.25)
+    data.setup()
+    train = [set(rows.tolist()) for rows in data.client_indices]
+    test = [set(rows.tolist()) for rows in data.client_test_indices]
+    held = [train[c] | test[c] for c in range(3)]
+    assert all(len(held[c]) == 160 for c in range(3))  # 16 shots x 10 digits
+    assert held[0] & held[1] and held[1] & held[2]  # the partitions overlap
+    for client in range(3):
+        others_train = set().union(*(train[d] for d in range(3) if d != client))
+        assert test[client], "every client keeps a local test set"
+        assert not test[client] & others_train
 
 
 def test_client_test_dataloader_yields_the_local_test_rows(make_datamodule, make_flora):
