@@ -67,6 +67,22 @@ def features_and_labels(model, n=6, seed=0, pixels=False):
     return inputs, torch.randint(0, len(CLASSES), (n,), generator=gen)
 
 
+# vmap'd per-example gradients and a backward per example are the same math in other kernels
+# (batched vs unbatched), so they differ by rounding: measured ~800 u relative to the largest
+# entry (the tiny CLIP's conditioning), in float32 (u = 6e-8: 2.6e-5, near any fixed float32
+# tolerance) and float64 (u = 1.1e-16: 8.5e-14) alike. The tests run in float64 and allow
+# 1e-9 of the largest entry: ~1e7 u, room for any CPU's kernels and op order, while a wrong
+# example, clip or scale moves a gradient by O(1) of it.
+F64_RELATIVE = 1e-9
+
+
+def assert_close_to_scale(got: torch.Tensor, want: torch.Tensor) -> None:
+    """|got - want| <= F64_RELATIVE * max |want| (float64 rounding; see above)."""
+    assert got.dtype == want.dtype == torch.float64
+    error, scale = (got - want).abs().max().item(), want.abs().max().item()
+    assert error <= F64_RELATIVE * scale, (error, scale)
+
+
 @pytest.mark.parametrize(
     ("method", "pixels"),
     [("flora", False), ("flora", True), ("fedlc", False), ("fedaa", False)],
@@ -75,10 +91,11 @@ def test_per_example_gradients_equal_one_backward_per_example(
     method, pixels, make_flora, tiny_clip
 ):
     if method == "flora":
-        model = flora_with_nonzero_b(make_flora)
+        model = flora_with_nonzero_b(make_flora).double()
     else:
-        model = baseline(tiny_clip, method)
+        model = baseline(tiny_clip, method).double()
     features, labels = features_and_labels(model, n=4 if pixels else 6, pixels=pixels)
+    features = features.double()
     grads, losses = per_example_gradients(model, features, labels)
     params = optimized_named_parameters(model)
     assert set(grads) == set(params) and params
@@ -86,21 +103,21 @@ def test_per_example_gradients_equal_one_backward_per_example(
         model.zero_grad(set_to_none=True)
         loss = F.cross_entropy(class_logits(model, features[i : i + 1]), labels[i : i + 1])
         loss.backward()
-        assert losses[i].item() == pytest.approx(loss.item(), rel=1e-5)
+        assert losses[i].item() == pytest.approx(loss.item(), rel=F64_RELATIVE)
         for name, param in params.items():
             assert grads[name].shape == (len(labels), *param.shape)
-            torch.testing.assert_close(grads[name][i], param.grad, rtol=1e-4, atol=1e-4)
+            assert_close_to_scale(grads[name][i], param.grad)
         assert any(param.grad.abs().sum() > 0 for param in params.values())
 
 
 def test_chunked_per_example_gradients_equal_the_whole_batch(make_flora):
-    model = flora_with_nonzero_b(make_flora)
+    model = flora_with_nonzero_b(make_flora).double()  # float64: batch 5 vs chunks of 2
     features, labels = features_and_labels(model, n=5)
-    whole, whole_losses = per_example_gradients(model, features, labels)
-    chunked, chunked_losses = per_example_gradients(model, features, labels, chunk_size=2)
-    torch.testing.assert_close(chunked_losses, whole_losses)
+    whole, whole_losses = per_example_gradients(model, features.double(), labels)
+    chunked, chunked_losses = per_example_gradients(model, features.double(), labels, chunk_size=2)
+    assert_close_to_scale(chunked_losses, whole_losses)
     for name, grads in whole.items():
-        torch.testing.assert_close(chunked[name], grads, rtol=1e-4, atol=1e-5)
+        assert_close_to_scale(chunked[name], grads)
 
 
 def test_clipped_per_example_norms_never_exceed_the_bound():
@@ -188,3 +205,118 @@ def test_from_config_carries_the_privacy_settings():
     )
     step = DPSGDStep.from_config(privacy, noise_multiplier=1.7)
     assert (step.noise_multiplier, step.max_grad_norm, step.chunk_size) == (1.7, 0.3, 8)
+
+
+class LinearCaptions(torch.nn.Module):
+    """A tiny stand-in method for :class:`DPSGDStep`: logits ``x Wᵀ`` (features against one
+    trainable "caption" row per class), so each example's gradient has a closed form."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight.clone())
+
+    def encode_images(self, inputs):
+        return inputs
+
+    def logit_scale(self):
+        return torch.tensor(1.0)
+
+    def class_text_features(self):
+        return self.weight
+
+    def optimized_parameters(self):
+        return [self.weight]
+
+
+def hand_dpsgd_update(weight, x, y, clip, sigma, seed, divisor):
+    """``W - (Σ_i clip(g_i) + σ C ξ) / divisor`` (SGD, lr 1) with ``g_i = (softmax(W x_i) -
+    e_{y_i}) x_iᵀ``, the cross-entropy gradient, and ξ the first normal draw of ``seed``."""
+    summed = torch.zeros_like(weight)
+    for xi, yi in zip(x, y, strict=True):
+        residual = torch.softmax(weight @ xi, dim=0) - F.one_hot(yi, weight.shape[0]).float()
+        g = torch.outer(residual, xi)
+        summed += g * min(1.0, clip / (g.norm().item() + 1e-6))
+    noise = torch.randn(weight.shape, generator=torch.Generator().manual_seed(seed))
+    return weight - (summed + sigma * clip * noise) / divisor
+
+
+@pytest.mark.parametrize("drawn", [3, 0])
+def test_a_poisson_step_divides_by_the_expected_batch_size(drawn):
+    """A drawn batch of 3 (or an empty one) at q n = 8 is divided by 8, as Opacus'
+    ``expected_batch_size``; an empty one steps on the noise alone."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(4, 5, generator=gen)
+    x, y = torch.randn(drawn, 5, generator=gen), torch.randint(0, 4, (drawn,), generator=gen)
+    module = LinearCaptions(weight)
+    step = DPSGDStep(noise_multiplier=0.7, max_grad_norm=0.5)
+    sampler = step.batch_sampler(40, 8, 5, torch.Generator())
+    assert sampler.expected_batch_size == 8 == step.expected_batch_size
+    step.start_fit(seed=11)
+    optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
+    loss = step(L.Fabric(accelerator="cpu", devices=1), module, optimizer, (x, y), 0)
+    expected = hand_dpsgd_update(weight, x, y, clip=0.5, sigma=0.7, seed=11, divisor=8)
+    # float32 sums of 3 terms and a softmax: a few ulps of values O(1).
+    torch.testing.assert_close(module.weight.detach(), expected, rtol=1e-5, atol=1e-6)
+    if drawn:
+        hand_loss = F.cross_entropy(x @ weight.T, y).item()
+        assert loss.item() == pytest.approx(hand_loss, rel=1e-5)
+    else:
+        assert loss.item() == 0.0 and step.steps == 1
+
+
+def test_shuffle_sampling_warns_and_divides_by_the_batch():
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(4, 5, generator=gen)
+    x, y = torch.randn(3, 5, generator=gen), torch.randint(0, 4, (3,), generator=gen)
+    with pytest.warns(UserWarning, match="privacy.sampling=shuffle.*approximation"):
+        step = DPSGDStep(noise_multiplier=0.7, max_grad_norm=0.5, sampling="shuffle")
+    assert step.batch_sampler(40, 8, 5, torch.Generator()) is None
+    module = LinearCaptions(weight)
+    step.start_fit(seed=11)
+    step(L.Fabric(accelerator="cpu", devices=1), module, torch.optim.SGD([module.weight], lr=1.0),
+         (x, y), 0)  # fmt: skip
+    expected = hand_dpsgd_update(weight, x, y, clip=0.5, sigma=0.7, seed=11, divisor=3)
+    torch.testing.assert_close(module.weight.detach(), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="privacy.sampling"):
+        DPSGDStep(1.0, 1.0, sampling="uniform")
+
+
+def batch_recorder(monkeypatch) -> list[tuple[int, list[int]]]:
+    """Spy on DPSGDStep: (batch size, labels) of every step it takes."""
+    seen = []
+    original = DPSGDStep.__call__
+
+    def spy(self, fabric, module, optimizer, batch, batch_idx):
+        seen.append((len(batch[1]), batch[1].tolist()))
+        return original(self, fabric, module, optimizer, batch, batch_idx)
+
+    monkeypatch.setattr(DPSGDStep, "__call__", spy)
+    return seen
+
+
+def test_a_private_fit_draws_poisson_batches_cached_or_not(make_flora, datamodule, monkeypatch):
+    """The fit's batches are the Poisson draw of its data-order seed, q = batch / n, for
+    ceil(n / batch) steps (what the accountant counts); pixels and cached features alike."""
+    seen = batch_recorder(monkeypatch)
+    trainer, model, cache, step = private_trainer(make_flora, datamodule)
+    trainer.max_local_steps = None  # a full epoch
+    start = model.communicated_state()
+    trainer.fit(model, datamodule, client=0, round_=2, source=cache)
+    by_features = list(seen)
+
+    n, batch = datamodule.num_samples(0), datamodule.batch_size
+    generator = torch.Generator().manual_seed(trainer.seed_for(2, 0, 1))
+    labels = cache.features["0"][1]
+    expected = []
+    for _ in range(math.ceil(n / batch)):
+        drawn = (torch.rand(n, generator=generator) < batch / n).nonzero().flatten()
+        expected.append((len(drawn), labels[drawn].tolist()))
+    assert by_features == expected
+    assert step.steps == local_steps(n, batch, 1, None) == len(expected)
+    assert len({size for size, _ in expected}) > 1  # sizes vary (fixed batches: 32, 32, rest)
+
+    seen.clear()
+    model.load_communicated_state(start)
+    trainer.max_local_steps = 3  # pixels: a per-example vision forward, keep it short
+    trainer.fit(model, datamodule, client=0, round_=2)  # no cache: the pixel loader
+    assert seen == by_features[:3]
