@@ -12,6 +12,7 @@ from flora_lightning.strategy.fedopt import (
 from flora_lightning.strategy.fedprox import FedProx
 from flora_lightning.strategy.hetero_rank import SvdRedistribution, ZeroPaddingAverage, for_rank
 from flora_lightning.strategy.lora_product import LoraProductAverage
+from flora_lightning.strategy.sparsity_weighted import SparsityWeightedAverage
 
 __all__ = [
     "ClientUpdate",
@@ -23,6 +24,7 @@ __all__ = [
     "FedYogi",
     "LoraProductAverage",
     "ServerOptimizer",
+    "SparsityWeightedAverage",
     "State",
     "Strategy",
     "SvdRedistribution",

@@ -6,15 +6,17 @@ The server keeps the global LoRA pairs at the largest rank ``R``; client ``k`` t
 tensors whole). Its update comes back at rank ``r_k`` and is zero-padded to ``R`` (rows of ``A``,
 columns of ``B``), which leaves its product unchanged: ``B_pad A_pad = B_k A_k``. Then
 
-- :class:`ZeroPaddingAverage` (HetLoRA-style, Cho et al. 2023, without its sparsity weighting):
-  the sample-weighted mean of the padded factors, ``A = sum_k n_k A_k,pad / sum_k n_k`` and the
-  same for ``B``; a rank slot ``i`` is averaged over every client, so slots only high-rank
-  clients train are diluted by the others' zeros. With equal ranks this is
-  :class:`~flora_lightning.strategy.FedAvg`. A client's slice is HetLoRA's rank truncation.
+- :class:`ZeroPaddingAverage`: the sample-weighted mean of the padded factors,
+  ``A = sum_k n_k A_k,pad / sum_k n_k`` and the same for ``B``; a rank slot ``i`` is averaged
+  over every client, so slots only high-rank clients train are diluted by the others' zeros.
+  With equal ranks this is :class:`~flora_lightning.strategy.FedAvg`. HetLoRA (Cho et al.,
+  2024) pads and truncates the same way but weights clients by ``||B_k A_k||_F`` instead of
+  ``n_k``: that is :class:`~flora_lightning.strategy.SparsityWeightedAverage`.
 - :class:`SvdRedistribution` (FlexLoRA-style, Bai et al. 2024): the sample-weighted mean of the
   clients' products ``P = sum_k n_k B_k A_k / sum_k n_k`` per adapted layer (exact, float64),
   stored as its SVD factors at rank ``R``: ``P = U S V^T``, ``A = c V_R^T``, ``B = U_R S_R / c``
-  (as :class:`~flora_lightning.strategy.LoraProductAverage`, which it is with equal ranks).
+  (as :class:`~flora_lightning.strategy.LoraProductAverage` with ``factor_alignment: sign``,
+  which it is with equal ranks).
   Components are ordered by singular value, so the slice :func:`for_rank` hands a rank-``r``
   client is ``B_r A_r = U_r S_r V_r^T``: the best rank-``r`` approximation of ``P``
   (Eckart-Young), exact whenever ``P`` has rank <= ``r``. FlexLoRA splits ``sqrt(S)`` onto both
@@ -22,7 +24,9 @@ columns of ``B``), which leaves its product unchanged: ``B_pad A_pad = B_k A_k``
   gets a zero row of ``A`` *and* a zero column of ``B``, whose gradients are then both zero, so
   a rank lost once (say a round where only low-rank clients trained) never comes back. Keeping
   ``A``'s rows at the global ``A``'s RMS norm ``c`` (B carries ``S``) leaves every direction
-  trainable.
+  trainable. Each component's sign is then chosen nearest the factors the clients trained from
+  (``factor_alignment: sign``, :mod:`~flora_lightning.strategy.factor_alignment`), since they
+  keep Adam moments for those; a sign flip keeps every rank's slice.
 
 Both average ``B_k A_k`` as sent: that is the mean of the clients' weight updates only when the
 LoRA scaling ``alpha / r`` is the same at every rank (``model.lora.alpha: null`` gives 32 at every
@@ -37,6 +41,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from flora_lightning.strategy.base import ClientUpdate, State, Strategy
+from flora_lightning.strategy.factor_alignment import FactorAlignment
 from flora_lightning.strategy.fedavg import FedAvg
 from flora_lightning.strategy.lora_product import LoraProductAverage, lora_pairs
 
@@ -135,4 +140,12 @@ class SvdRedistribution(RankPadding, LoraProductAverage):
     Args:
         min_clients: fewest accepted client updates for a round to count; with fewer, the
             round raises and the global state stays as it was.
+        factor_alignment: ``sign`` flips each SVD component to the sign nearest the previous
+            factors, ``none`` sends the raw SVD factors. A rotation (``procrustes``) would mix
+            components and change the slices lower-rank clients get, so it is refused.
     """
+
+    allowed_alignments = ("none", "sign")
+
+    def __init__(self, min_clients: int = 1, factor_alignment: FactorAlignment = "sign") -> None:
+        super().__init__(min_clients=min_clients, factor_alignment=factor_alignment)

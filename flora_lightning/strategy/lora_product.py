@@ -18,11 +18,16 @@ gradients) and B carries the update's magnitude. When ``P`` has rank <= r (e.g. 
 share A, as with ``lora.freeze_a``) the result is exact: ``B A = P``. Other communicated tensors
 (not LoRA pairs) are averaged as by :class:`FedAvg`.
 
+The SVD fixes ``U``, ``V`` only up to the sign of each component (and a rotation among equal
+singular values), while the clients keep Adam moments per entry of the factors they trained
+from. ``factor_alignment`` picks, among the factorisations ``(B R, R^T A)`` of the same product
+(``R`` orthogonal), the one nearest the factors sent this round
+(:mod:`~flora_lightning.strategy.factor_alignment`): ``procrustes`` (any rotation), ``sign``
+(flip components only) or ``none`` (the raw SVD factors, as before).
+
 A LoRA pair is ``<prefix>lora_A.<adapter>.weight`` ``[r, in]`` with
-``<prefix>lora_B.<adapter>.weight`` ``[out, r]``. The new factors are a rotated basis of the same
-row space, so clients' Adam moments (kept across rounds) refer to the previous basis; that is
-inherent to re-factorising. Memory: one ``out x in`` float64 accumulator per adapted layer
-(12 x 512 x 512 at ViT-B/32: 25 MB).
+``<prefix>lora_B.<adapter>.weight`` ``[out, r]``. Memory: one ``out x in`` float64 accumulator
+per adapted layer (12 x 512 x 512 at ViT-B/32: 25 MB).
 """
 
 from __future__ import annotations
@@ -32,6 +37,12 @@ import re
 import torch
 
 from flora_lightning.strategy.base import ClientUpdate, State
+from flora_lightning.strategy.factor_alignment import (
+    ALIGNMENTS,
+    FactorAlignment,
+    align_factors,
+    check_alignment,
+)
 from flora_lightning.strategy.fedavg import FedAvg
 
 _A = re.compile(r"^(?P<prefix>.*)lora_A(?P<suffix>\..+)$")
@@ -78,10 +89,20 @@ class LoraProductAverage(FedAvg):
     Args:
         min_clients: fewest accepted client updates for a round to count; with fewer, the
             round raises and the global state stays as it was.
+        factor_alignment: which of the factorisations of the new product is sent:
+            ``procrustes`` the one nearest the previous factors over all rotations, ``sign``
+            over sign flips of the SVD components, ``none`` the raw SVD factors.
     """
 
-    def __init__(self, min_clients: int = 1) -> None:
+    allowed_alignments: tuple[str, ...] = ALIGNMENTS
+    """The ``factor_alignment`` values this strategy accepts."""
+
+    def __init__(
+        self, min_clients: int = 1, factor_alignment: FactorAlignment = "procrustes"
+    ) -> None:
         super().__init__(min_clients=min_clients)
+        self.factor_alignment = check_alignment(factor_alignment, self.allowed_alignments)
+        """How the new factors are aligned (:mod:`~flora_lightning.strategy.factor_alignment`)."""
         self._pairs: dict[str, str] = {}
         self._products: dict[str, torch.Tensor] = {}
 
@@ -107,10 +128,18 @@ class LoraProductAverage(FedAvg):
     def aggregate(self) -> State:
         state = super().aggregate()
         for a, b in self._pairs.items():
-            rank = self.global_state[a].shape[0]
+            prev_a, prev_b = self.global_state[a], self.global_state[b]
+            rank = prev_a.shape[0]
             u, s, vh = torch.linalg.svd(self._products[a] / self._weight, full_matrices=False)
-            scale = self.global_state[a].double().norm() / rank**0.5
+            scale = prev_a.double().norm() / rank**0.5
             scale = scale if scale > 0 else torch.ones((), dtype=torch.float64)
-            state[a] = (scale * vh[:rank]).to(self.global_state[a].dtype)
-            state[b] = (u[:, :rank] * s[:rank] / scale).to(self.global_state[b].dtype)
+            new_b, new_a = align_factors(
+                u[:, :rank] * s[:rank] / scale,
+                scale * vh[:rank],
+                prev_b.to(u.device),
+                prev_a.to(u.device),
+                self.factor_alignment,
+            )
+            state[a] = new_a.to(prev_a.dtype)
+            state[b] = new_b.to(prev_b.dtype)
         return state

@@ -11,6 +11,7 @@ from flora_lightning.strategy import (
     ClientUpdate,
     FedAvg,
     LoraProductAverage,
+    SparsityWeightedAverage,
     SvdRedistribution,
     ZeroPaddingAverage,
     for_rank,
@@ -193,7 +194,7 @@ def bad(kind: str) -> dict[str, torch.Tensor]:
         ("names", "tensor names differ"),
     ],
 )
-@pytest.mark.parametrize("cls", [ZeroPaddingAverage, SvdRedistribution])
+@pytest.mark.parametrize("cls", [ZeroPaddingAverage, SvdRedistribution, SparsityWeightedAverage])
 def test_bad_updates_are_refused_with_a_reason(cls, kind, reason):
     glob = state(0, R)
     strategy = cls()
@@ -202,3 +203,33 @@ def test_bad_updates_are_refused_with_a_reason(cls, kind, reason):
     assert not strategy.add(ClientUpdate(9, bad(kind), num_samples=4, train_loss=0.0))
     assert reason in strategy.rejected[9]
     assert strategy.accepted == [0]
+
+
+def test_svd_default_undoes_sign_flips_and_keeps_every_slice():
+    glob = state(0, R)
+    states = [state(k + 1, r) for k, r in enumerate(RANKS)]
+    raw = run(SvdRedistribution(factor_alignment="none"), glob, states)
+    flip = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    # The clients trained from the same factors with components 1 and 3 of the other sign.
+    prev = dict(glob)
+    for layer in LAYERS:
+        prev[a_name(layer)] = (flip[:, None] * raw[a_name(layer)]).contiguous()
+        prev[b_name(layer)] = (raw[b_name(layer)] * flip).contiguous()
+    result = run(SvdRedistribution(), prev, states)  # the default flips them back
+    for layer in LAYERS:
+        for name in (a_name(layer), b_name(layer)):
+            # Same float64 factors up to the scale c recomputed from float32 A (relative
+            # error ~ r * eps): a few float32 eps of the largest entry.
+            tol = 8 * torch.finfo(torch.float32).eps * float(prev[name].abs().max())
+            torch.testing.assert_close(result[name], prev[name], rtol=0, atol=tol)
+        assert (raw[a_name(layer)] - prev[a_name(layer)]).norm() > 1.0  # old code: far
+        exact = mean_product(states, layer)
+        for rank in (1, 2, 3, 4):  # a sign flip keeps each rank's best approximation
+            torch.testing.assert_close(
+                product(for_rank(result, rank), layer), best_rank(exact, rank), rtol=0, atol=1e-5
+            )
+
+
+def test_svd_refuses_a_rotation_that_would_mix_the_rank_slices():
+    with pytest.raises(ValueError, match=r"factor_alignment must be one of none, sign"):
+        SvdRedistribution(factor_alignment="procrustes")

@@ -121,3 +121,70 @@ def test_selectable_from_the_command_line(tmp_path, offline_assets):
     )
     assert (tmp_path / "run" / "config.yaml").read_text().count("LoraProductAverage") == 1
     assert summary["rounds"][-1]["test_acc"] > summary["rounds"][0]["test_acc"]
+
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def raw_factors(glob, states):
+    """The unaligned SVD factors (``factor_alignment="none"``: the factors before alignment)."""
+    return run(LoraProductAverage(factor_alignment="none"), glob, states)
+
+
+def previous(glob, b, a):
+    """``glob`` with its LoRA pair replaced by ``(b, a)`` (what the clients trained from)."""
+    return {**glob, A: a.contiguous(), B: b.contiguous()}
+
+
+def float32_tolerance(b: torch.Tensor, a: torch.Tensor) -> float:
+    """How far two float32 roundings of the same float64 factors (scale ``c`` recomputed from a
+    float32 ``A``: relative error <= r * eps) can be apart: a few eps of the largest entry."""
+    return 8 * EPS32 * float(max(b.abs().max(), a.abs().max()))
+
+
+def test_default_alignment_undoes_a_sign_flip_of_the_svd():
+    glob, states = state(0), [state(k + 1) for k in range(4)]
+    raw = raw_factors(glob, states)
+    flip = torch.tensor([-1.0, 1.0])
+    # The clients trained from factors whose first component has the other sign: same product.
+    prev = previous(glob, raw[B] * flip, flip[:, None] * raw[A])
+    assert torch.equal(prev[B] @ prev[A], raw[B] @ raw[A])
+    result = run(LoraProductAverage(), prev, states)  # the default aligns
+    tol = float32_tolerance(prev[B], prev[A])
+    torch.testing.assert_close(result[B], prev[B], rtol=0, atol=tol)
+    torch.testing.assert_close(result[A], prev[A], rtol=0, atol=tol)
+    # The raw SVD (what the old code sent) is a sign flip away from them.
+    assert (raw[A] - prev[A]).norm() > 1.0
+    assert (raw[A] - prev[A]).norm() > 1e4 * (result[A] - prev[A]).norm()
+
+
+def test_procrustes_undoes_a_rotation_and_keeps_the_product():
+    glob, states = state(0), [state(k + 1) for k in range(4)]
+    raw = raw_factors(glob, states)
+    cos, sin = math.cos(0.7), math.sin(0.7)
+    rot = torch.tensor([[cos, -sin], [sin, cos]])
+    prev = previous(glob, raw[B] @ rot, rot.T @ raw[A])
+    result = run(LoraProductAverage(factor_alignment="procrustes"), prev, states)
+    tol = float32_tolerance(prev[B], prev[A])
+    torch.testing.assert_close(result[B], prev[B], rtol=0, atol=2 * tol)
+    torch.testing.assert_close(result[A], prev[A], rtol=0, atol=2 * tol)
+    signs = run(LoraProductAverage(factor_alignment="sign"), prev, states)
+    assert (signs[A] - prev[A]).norm() > 0.1  # flips cannot undo a rotation
+    # Same product as the raw factors: each float32 entry is within eps of its float64 value,
+    # so an entry of B A moves by at most ~2 eps * sum_i |b_i||a_i| (both products).
+    for aligned in (result, signs):
+        bound = (
+            4
+            * EPS32
+            * (
+                aligned[B].abs().double() @ aligned[A].abs().double()
+                + raw[B].abs().double() @ raw[A].abs().double()
+            )
+        )
+        diff = aligned[B].double() @ aligned[A].double() - raw[B].double() @ raw[A].double()
+        assert (diff.abs() <= bound).all()
+
+
+def test_unknown_alignment_is_refused():
+    with pytest.raises(ValueError, match=r"trainer\.strategy\.factor_alignment"):
+        LoraProductAverage(factor_alignment="flip")
