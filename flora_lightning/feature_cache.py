@@ -7,7 +7,8 @@ loss and the same update as the uncached path, without a vision forward pass per
 every client and the test set are encoded, the vision tower can leave memory.
 
 The cached loader yields ``(features [B, D], labels)`` batches in exactly the order the
-uncached loader yields ``(pixels, labels)``: both shuffle ``range(n)`` with the same generator.
+uncached loader yields ``(pixels, labels)``: both shuffle ``range(n)`` with the same generator,
+or both take their batches from the same Poisson sampler (sample-level DP-SGD).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from flora_lightning.checkpoint import load_state, save_state
+from flora_lightning.privacy.poisson import poisson_loader
 
 
 class FeatureCache:
@@ -151,8 +153,14 @@ class FeatureCache:
             raise ValueError("FeatureCache: no rows to encode (an empty partition?)")
         return feats, labels
 
-    def client_dataloader(self, client: int, generator: torch.Generator) -> DataLoader:
+    def client_dataloader(
+        self, client: int, generator: torch.Generator, batch_sampler=None
+    ) -> DataLoader:
+        """A client's cached features in the order the uncached loader yields its pixels:
+        shuffled by ``generator``, or drawn by ``batch_sampler`` (Poisson, sample-level DP)."""
         x, y = self.features[str(client)]
+        if batch_sampler is not None:
+            return poisson_loader(TensorDataset(x, y), batch_sampler)
         return DataLoader(
             TensorDataset(x, y), batch_size=self.data.batch_size, shuffle=True, generator=generator
         )

@@ -15,8 +15,14 @@ Each comes with its spread over clients (unweighted: every client counts once)::
 
 A personalisation never leaks into training: each fine-tune starts from the global state with
 a fresh optimizer, keeps no optimizer state (the trainer's ``optimizer_states`` are not read
-or written), adds no DP noise or proximal term (nothing leaves the client), the global state
-is loaded back bit for bit afterwards, and the whole evaluation runs under a forked torch RNG.
+or written), adds no proximal term, the global state is loaded back bit for bit afterwards,
+and the whole evaluation runs under a forked torch RNG.
+
+Under sample-level DP (the run's trainer steps with DP-SGD) fine-tuning is refused: its steps
+touch every client's training data at every evaluation, outside the planned steps the noise
+was chosen for and the per-client accountant, and the personalised accuracies it yields are
+released, so the run's epsilon would not cover them. ``finetune_steps: 0`` (the global model
+on the local test sets) is unaffected.
 """
 
 from __future__ import annotations
@@ -67,6 +73,8 @@ def evaluate_clients(
             f"PersonalizedEvaluation.finetune_steps must be >= 0 (got {finetune_steps}); 0 "
             "evaluates the global model only."
         )
+    if finetune_steps > 0 and trainer is not None and trainer.step_fn is not None:
+        raise ValueError(refuse_private_finetuning(finetune_steps))
     if finetune_steps > 0 and trainer is None:
         raise ValueError(
             "PersonalizedEvaluation.finetune_steps > 0 needs the run's LocalTrainer to fine-tune "
@@ -88,6 +96,18 @@ def evaluate_clients(
             )
             result |= {"personalized_acc": personal, **spread("personalized_acc", personal)}
     return result
+
+
+def refuse_private_finetuning(finetune_steps: int) -> str:
+    """The error for personalised fine-tuning in a sample-level DP run (see the module
+    docstring)."""
+    return (
+        f"PersonalizedEvaluation.finetune_steps={finetune_steps} fine-tunes on the clients' "
+        "training data without DP-SGD and outside the accountant, so privacy.level=sample "
+        "could not cover the released personalised accuracy: set "
+        "PersonalizedEvaluation.finetune_steps to 0 (local accuracy of the global model only) "
+        "or train without privacy.level=sample."
+    )
 
 
 def personalize(model, source, clients, trainer, steps: int, round_: int, measure) -> dict:

@@ -56,12 +56,18 @@ def local_step(
     return loss
 
 
+def steps_per_epoch(num_samples: int, batch_size: int) -> int:
+    """``ceil(n / batch)``: the batches of a shuffled epoch (no ``drop_last``), and the steps
+    of a Poisson-sampled one (sample-level DP-SGD draws that many batches per epoch)."""
+    return math.ceil(num_samples / batch_size)
+
+
 def local_steps(
     num_samples: int, batch_size: int, local_epochs: int, max_local_steps: int | None
 ) -> int:
-    """Optimizer steps of one full client fit: ``ceil(n / batch)`` per epoch (no
-    ``drop_last``), capped by ``max_local_steps``."""
-    steps = local_epochs * math.ceil(num_samples / batch_size)
+    """Optimizer steps of one full client fit: :func:`steps_per_epoch` per epoch, capped by
+    ``max_local_steps``."""
+    steps = local_epochs * steps_per_epoch(num_samples, batch_size)
     return steps if max_local_steps is None else min(steps, max_local_steps)
 
 
@@ -76,8 +82,11 @@ class LocalTrainer:
             :attr:`optimizer_states`; a fit that diverges (NaN/Inf loss or state) drops it.
         seed: the run's seed; per-fit seeds derive from ``(seed, round, client)``.
         step_fn: replaces :func:`local_step` with the same signature, e.g. sample-level DP-SGD
-            (:class:`~flora_lightning.privacy.dpsgd.DPSGDStep`); its ``start_fit(seed)`` runs
-            before each fit with the fit's stream-2 seed. None: the plain step.
+            (:class:`~flora_lightning.privacy.dpsgd.DPSGDStep`); before each fit its
+            ``batch_sampler(n, batch_size, steps_per_epoch, generator)`` may draw the fit's
+            batches (None: the loader shuffles; DP-SGD's Poisson sampling uses the data-order
+            generator, so every runtime and a cached fit draw the same), and its
+            ``start_fit(seed)`` runs with the fit's stream-2 seed. None: the plain step.
         client_state_dir: keep the clients' optimizer states on disk, one safetensors file per
             client in this folder (:class:`~flora_lightning.client_states.DiskStates`), read at
             the client's fit and written after it; None: in memory.
@@ -152,8 +161,15 @@ class LocalTrainer:
         torch.manual_seed(self.seed_for(round_, client))  # dropout etc.
         generator = torch.Generator().manual_seed(self.seed_for(round_, client, 1))
         source = source or data
+        batch_sampler = None
+        if self.step_fn is not None:
+            n, batch_size = data.num_samples(client), data.batch_size
+            batch_sampler = self.step_fn.batch_sampler(
+                n, batch_size, steps_per_epoch(n, batch_size), generator
+            )
         loader = fabric.setup_dataloaders(
-            source.client_dataloader(client, generator), use_distributed_sampler=False
+            source.client_dataloader(client, generator, batch_sampler),
+            use_distributed_sampler=False,
         )
         optimizer = model.configure_optimizers()
         if self.keep_optimizer_state and client in self.state_store:
@@ -173,14 +189,16 @@ class LocalTrainer:
         model.train()
         mean_loss = MeanMetric(nan_strategy="disable").set_dtype(torch.float64)
         mean_loss = mean_loss.to(fabric.device)
-        steps = 0
+        steps = seen = 0
         for _ in range(self.local_epochs):
             for batch_idx, batch in enumerate(loader):
                 if self.step_fn is None:
                     loss = local_step(fabric, model, optimizer, batch, batch_idx, proximal)
                 else:
                     loss = self.step_fn(fabric, model, optimizer, batch, batch_idx)
-                mean_loss.update(loss.detach(), weight=len(batch[1]))
+                if len(batch[1]):  # a Poisson batch may be empty: a step, but no loss
+                    mean_loss.update(loss.detach(), weight=len(batch[1]))
+                    seen += len(batch[1])
                 steps += 1
                 if steps >= cap:
                     break
@@ -188,8 +206,11 @@ class LocalTrainer:
                 break
         model.eval()
         state = model.communicated_state()
-        train_loss = float(mean_loss.compute())
-        if not (math.isfinite(train_loss) and all(t.isfinite().all() for t in state.values())):
+        # No example drawn in the whole fit (only empty Poisson batches): no loss to report,
+        # and not a divergence.
+        train_loss = float(mean_loss.compute()) if seen else math.nan
+        finite = all(t.isfinite().all() for t in state.values())
+        if not (finite and (math.isfinite(train_loss) or not seen)):
             # A diverged fit: its NaN/Inf moments would poison every later round of this
             # client, so it starts the next one with a fresh optimizer (the strategy refuses
             # the update itself).

@@ -160,3 +160,28 @@ def test_personalized_evaluation_needs_a_local_test_set(make_flora, make_datamod
     loop = make_loop(rounds=1, callbacks=[PersonalizedEvaluation()])
     with pytest.raises(ValueError, match="data.local_test_fraction"):
         loop.fit(make_flora(), make_datamodule())
+
+
+def test_finetuning_under_sample_level_dp_is_refused(make_flora, make_datamodule, make_loop):
+    """Fine-tuning outside DP-SGD and its accountant would release a non-private result."""
+    from flora_lightning.callbacks import PersonalizedEvaluation
+    from flora_lightning.privacy import PrivacyConfig
+
+    loop = make_loop(rounds=1, callbacks=[PersonalizedEvaluation(finetune_steps=2)])
+    loop.use_privacy(PrivacyConfig(level="sample", noise_multiplier=1.0))
+    data = make_datamodule(local_test_fraction=0.25)
+    with pytest.raises(ValueError, match="PersonalizedEvaluation.finetune_steps=2.*privacy.level"):
+        loop.fit(make_flora(), data)
+    assert loop.history == []  # refused before round 0 was evaluated
+
+
+def test_evaluate_clients_refuses_to_finetune_with_a_dp_trainer(setup):
+    from flora_lightning.privacy import DPSGDStep
+
+    fabric, model, _, data = setup
+    private = LocalTrainer(fabric, seed=42, step_fn=DPSGDStep(1.0, 1.0))
+    with pytest.raises(ValueError, match="PersonalizedEvaluation.finetune_steps.*privacy.level"):
+        evaluate_clients(fabric, model, data, CLIENTS, 10, trainer=private, finetune_steps=1)
+    # The global model on the local test sets needs no fine-tuning: still allowed.
+    result = evaluate_clients(fabric, model, data, CLIENTS, 10, trainer=private)
+    assert result["local_acc"] == pytest.approx({c: hand_accuracy(model, data, c) for c in CLIENTS})

@@ -259,8 +259,22 @@ class FederatedDataModule(L.LightningDataModule):
     def client_dataset(self, client_id: int):
         return self.train_rows(self.client_indices[client_id])
 
-    def client_dataloader(self, client_id: int, generator: torch.Generator) -> DataLoader:
-        """Shuffled loader over one client's partition; ``generator`` fixes the order."""
+    def client_dataloader(
+        self, client_id: int, generator: torch.Generator, batch_sampler=None
+    ) -> DataLoader:
+        """Shuffled loader over one client's partition; ``generator`` fixes the order.
+
+        With ``batch_sampler`` (sample-level DP-SGD's
+        :class:`~flora_lightning.privacy.poisson.PoissonBatchSampler`) it draws the batches
+        instead, as the cached-feature loader does with the same sampler.
+        """
+        if batch_sampler is not None:
+            # imported on use: the privacy package loads Opacus, which data-only users skip
+            from flora_lightning.privacy.poisson import poisson_loader
+
+            return poisson_loader(
+                self.client_dataset(client_id), batch_sampler, self.collate, self.num_workers
+            )
         return DataLoader(
             self.client_dataset(client_id),
             batch_size=self.batch_size,

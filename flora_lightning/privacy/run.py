@@ -11,7 +11,8 @@ ServerApp and each ClientApp build the same loop from the same YAML)::
                   sample level: the LocalTrainer's step becomes DPSGDStep; one accountant per
                                 client, q = batch / n_k, one step per local step it takes
     round_fields  epsilon after the round (TensorBoard ``privacy/epsilon``, summary rounds)
-    summary_fields  ``privacy: {level, epsilon, delta, noise_multiplier, clip}``
+    summary_fields  ``privacy: {level, epsilon, delta, noise_multiplier, clip, accountant}``
+                    and, at sample level, ``sampling`` (``poisson`` or ``shuffle``)
 
 Sample-level steps are counted from the client's sample count (:func:`local_steps`, exactly
 the steps :class:`~flora_lightning.trainer.LocalTrainer` takes), so the ServerApp, which
@@ -110,6 +111,8 @@ class PrivacyRun(Callback):
                 "noise_multiplier": self.noise_multiplier,
                 "clip": clip,
                 "accountant": self.privacy.accountant,
+                # sample level: how the DP-SGD batches were drawn (shuffle: epsilon approximate)
+                **({"sampling": self.privacy.sampling} if self.privacy.level == "sample" else {}),
             }
         }
 

@@ -57,7 +57,24 @@ def test_sample_level_run_uses_dpsgd_and_accounts_each_client(
     expected = max(opacus_epsilon(32 / data.num_samples(k), 1.0, 2 * 2, 1e-5) for k in range(3))
     assert summary["privacy"]["epsilon"] == pytest.approx(expected, abs=1e-6)
     assert summary["privacy"]["level"] == "sample" and summary["privacy"]["clip"] == 1.0
+    assert summary["privacy"]["sampling"] == "poisson"  # the default, as the released code
     assert all(math.isfinite(r["test_loss"]) for r in summary["rounds"])
+    written = json.loads((loop.run_dir / "summary.json").read_text())
+    assert written["privacy"]["sampling"] == "poisson"
+
+
+def test_shuffled_batches_are_an_option_reported_as_such(make_flora, make_datamodule, make_loop):
+    data = make_datamodule()
+    loop = make_loop(rounds=1, max_local_steps=1)
+    privacy = PrivacyConfig(level="sample", noise_multiplier=1.0, sampling="shuffle")
+    loop.use_privacy(privacy)
+    with pytest.warns(UserWarning, match="approximation"):
+        summary = loop.fit(make_flora(), data)
+    assert loop.trainer.step_fn.sampling == "shuffle"
+    assert summary["privacy"]["sampling"] == "shuffle"
+    # The accountant composes the same Poisson bound either way (q = batch / n_k, 1 step).
+    expected = max(opacus_epsilon(32 / data.num_samples(k), 1.0, 1, 1e-5) for k in range(3))
+    assert summary["privacy"]["epsilon"] == pytest.approx(expected, abs=1e-6)
 
 
 def test_target_epsilon_picks_the_noise_for_the_planned_rounds(
