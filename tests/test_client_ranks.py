@@ -184,9 +184,14 @@ def test_a_low_rank_client_trains_as_a_real_rank_2_lora(make_flora, make_datamod
     """The rank-4 model simulating a rank-2 client equals a rank-2 FLoRA from the same slice."""
     data = make_datamodule()
     sim = make_loop(client_ranks=[2, 2, 2], strategy=ZeroPaddingAverage(), run="sim")
-    sim.launch(make_flora(LoraSettings(rank=4)), data, tensorboard=False)
+    # float64: the padded rank-4 and the real rank-2 layers are the same sums in different
+    # kernel shapes, so they may round differently (FMA, blocking: CPU dependent), and Adam
+    # (eps 1e-6) grows a difference by up to lr (wd + |H|) / eps per step. From float64's
+    # u = 1.1e-16, 1e-6 leaves 1e10 of growth over the 4 steps (float32's u = 6e-8 left 17);
+    # a real difference (another slot trained, another scaling) is O(lr) = 1e-3.
+    sim.launch(make_flora(LoraSettings(rank=4)).double(), data, tensorboard=False)
     real = make_loop(run="real")
-    real.launch(make_flora(LoraSettings(rank=2)), make_datamodule(), tensorboard=False)
+    real.launch(make_flora(LoraSettings(rank=2)).double(), make_datamodule(), tensorboard=False)
     global_state = sim.model.communicated_state()
     real.model.load_communicated_state(for_rank(global_state, 2))
     sim.prepare_client(for_rank(global_state, 2), 0)  # a runtime may send the slice only
@@ -201,7 +206,7 @@ def test_a_low_rank_client_trains_as_a_real_rank_2_lora(make_flora, make_datamod
         want = real.trainer.fit(real.model, real.datamodule, 0, round_)
         assert got.state.keys() == want.state.keys()
         for name, tensor in want.state.items():
-            assert got.state[name].shape == tensor.shape
+            assert got.state[name].shape == tensor.shape and tensor.dtype == torch.float64
             torch.testing.assert_close(got.state[name], tensor, rtol=0, atol=1e-6)
         assert got.train_loss == pytest.approx(want.train_loss, abs=1e-6)
         global_state = sim.model.communicated_state()  # round 2 starts from what it trained
@@ -268,11 +273,13 @@ def test_equal_ranks_run_as_a_plain_run(make_flora, make_datamodule, make_loop, 
         ("plain", {"strategy": plain()}),
         ("ranks", {"strategy": hetero(), "client_ranks": [4, 4, 4]}),
     ):
-        model = make_flora(LoraSettings(rank=4))
-        summary = make_loop(rounds=2, run=name, **kwargs).fit(model, make_datamodule())
+        model = make_flora(LoraSettings(rank=4)).double()  # float64: see the test above
+        loop = make_loop(rounds=2, run=name, cache_features=False, **kwargs)  # cache: float32
+        summary = loop.fit(model, make_datamodule())
         states.append(model.communicated_state())
         accuracies.append([r["test_acc"] for r in summary["rounds"]])
     assert states[0].keys() == states[1].keys()
     for name, tensor in states[0].items():
+        assert tensor.dtype == torch.float64
         torch.testing.assert_close(states[1][name], tensor, rtol=0, atol=1e-6)
     assert accuracies[0] == pytest.approx(accuracies[1], abs=1e-6)
