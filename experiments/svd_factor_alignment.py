@@ -19,11 +19,11 @@ partition keeps the config's seed):
   ``model.lora.alpha: null`` (the quickstart's default; another config must set it).
 
 Every run goes through the ``flora fit`` command line (:func:`flora_lightning.cli.run`) into
-``OUT/<setting>-<variant>-seed<seed>``. A folder that already holds a finished run
-(``summary.json``) is read back instead of run again (an interrupted measurement resumes; the
-report names the runs read back); delete a folder to rerun it. The report (a Markdown file)
-holds the command, the final and best test accuracy of every run and their means over seeds;
-it is written by this script only.
+``OUT/<setting>-<variant>-seed<seed>``. A folder that already holds a finished run (its
+``final/`` model, written after the last round) is read back instead of run again (an
+interrupted measurement resumes; the report names the runs read back); delete a folder to
+rerun it. The report (a Markdown file) holds the command, the final and best test accuracy of
+every run and their means over seeds; it is written by this script only.
 """
 
 from __future__ import annotations
@@ -78,9 +78,8 @@ def run_one(config: Path, args: list[str], seed: int, run_dir: Path) -> dict:
     accuracy, wall seconds (None when read back) and whether it was read back."""
     from flora_lightning.cli import run
 
-    finished = run_dir / "summary.json"
-    if finished.exists():
-        summary = json.loads(finished.read_text())
+    if (run_dir / "final").is_dir():  # written after the last round (summary.json is per round)
+        summary = json.loads((run_dir / "summary.json").read_text())
         return {**accuracy(summary), "seconds": None, "read_back": True}
     start = time.perf_counter()
     summary = run(
@@ -111,7 +110,8 @@ def accuracy(summary: dict) -> dict:
 
 
 def table(setting: str, results: dict[str, dict[int, dict]], seeds: list[int]) -> list[str]:
-    """Markdown rows: one per variant, final / best per seed, then their means."""
+    """Markdown rows: one per variant, final / best per seed ("not run" where missing), then
+    their means over the seeds that ran (how many in brackets when not all)."""
     head = " | ".join(f"seed {s} final / best" for s in seeds)
     lines = [
         f"### {setting}",
@@ -120,11 +120,20 @@ def table(setting: str, results: dict[str, dict[int, dict]], seeds: list[int]) -
         "| --- | " + " | ".join("---:" for _ in seeds) + " | ---: | ---: |",
     ]
     for variant, by_seed in results.items():
-        cells = [f"{by_seed[s]['final']:.4f} / {by_seed[s]['best']:.4f}" for s in seeds]
-        mean_final = sum(by_seed[s]["final"] for s in seeds) / len(seeds)
-        mean_best = sum(by_seed[s]["best"] for s in seeds) / len(seeds)
+        ran = [s for s in seeds if s in by_seed]
+        if not ran:
+            continue
+        cells = [
+            f"{by_seed[s]['final']:.4f} / {by_seed[s]['best']:.4f}" if s in by_seed else "not run"
+            for s in seeds
+        ]
+        count = "" if len(ran) == len(seeds) else f" ({len(ran)} seed{'s' * (len(ran) > 1)})"
+        mean_final = sum(by_seed[s]["final"] for s in ran) / len(ran)
+        mean_best = sum(by_seed[s]["best"] for s in ran) / len(ran)
         lines.append(
-            f"| {variant} | " + " | ".join(cells) + f" | {mean_final:.4f} | {mean_best:.4f} |"
+            f"| {variant} | "
+            + " | ".join(cells)
+            + f" | {mean_final:.4f}{count} | {mean_best:.4f}{count} |"
         )
     return [*lines, ""]
 
@@ -137,6 +146,7 @@ def measure(
     hetero_ranks: str = "[{rank: 2, share: 0.6}, {rank: 1, share: 0.4}]",
     only: list[str] | None = None,
     variants: list[str] | None = None,
+    report_only: bool = False,
 ) -> dict:
     """Run every setting and variant for every seed, then write the report; returns the results.
 
@@ -149,6 +159,8 @@ def measure(
         only: Settings to run (default both: LoraProductAverage, SvdRedistribution).
         variants: Variants to run where a setting has them (default all: none, sign,
             procrustes, reset moments).
+        report_only: Run nothing: write the report from the finished runs in ``out`` (a run
+            not there is shown as not run and left out of the means).
     """
     if not config.exists():
         raise ValueError(f"config: {config} does not exist; pass an existing --config YAML.")
@@ -173,6 +185,8 @@ def measure(
             results[setting][variant] = {}
             for seed in seeds:
                 folder = out / f"{setting}-{variant.replace(' ', '_')}-seed{seed}"
+                if report_only and not (folder / "final").is_dir():
+                    continue
                 result = run_one(config, [*base, *extra], seed, folder)
                 results[setting][variant][seed] = result
                 print(f"{setting} {variant} seed {seed}: {result}", flush=True)
@@ -182,7 +196,8 @@ def measure(
         "# SVD factor alignment vs raw SVD factors vs reset Adam moments",
         "",
         f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC by `{command}` on `{config}` "
-        f"({sum(len(v) for v in results.values()) * len(seeds)} runs; test accuracy after the "
+        f"({sum(len(r) for v in results.values() for r in v.values())} runs; test accuracy "
+        "after the "
         "last round / best over rounds 0..N). Reset moments: "
         "`trainer.keep_client_optimizer_state: false` (a fresh Adam every round) with the raw "
         f"SVD factors. SvdRedistribution runs use `trainer.client_ranks: {hetero_ranks}`.",
@@ -197,8 +212,9 @@ def measure(
     ]
     if read_back:
         lines += [
-            "Read back from finished run folders of an earlier, interrupted invocation with the "
-            f"same settings (not rerun): {', '.join(read_back)}.",
+            "Read back from the finished run folders in "
+            f"`{out}` (run by earlier invocations of this script with the same settings, not "
+            f"rerun): {', '.join(read_back)}.",
             "",
         ]
     for setting, by_variant in results.items():

@@ -263,8 +263,8 @@ def test_a_run_with_ranks_4_2_1(make_flora, make_datamodule, make_loop, strategy
     ("plain", "hetero"),
     [
         (FedAvg, ZeroPaddingAverage),
-        # SvdRedistribution aligns by sign only (a rotation would mix the rank slices).
-        (partial(LoraProductAverage, factor_alignment="sign"), SvdRedistribution),
+        # Equal with the same factor alignment: SvdRedistribution's default is none.
+        (partial(LoraProductAverage, factor_alignment="none"), SvdRedistribution),
     ],
 )
 def test_equal_ranks_run_as_a_plain_run(make_flora, make_datamodule, make_loop, plain, hetero):

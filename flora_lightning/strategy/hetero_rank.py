@@ -15,7 +15,7 @@ columns of ``B``), which leaves its product unchanged: ``B_pad A_pad = B_k A_k``
 - :class:`SvdRedistribution` (FlexLoRA-style, Bai et al. 2024): the sample-weighted mean of the
   clients' products ``P = sum_k n_k B_k A_k / sum_k n_k`` per adapted layer (exact, float64),
   stored as its SVD factors at rank ``R``: ``P = U S V^T``, ``A = c V_R^T``, ``B = U_R S_R / c``
-  (as :class:`~flora_lightning.strategy.LoraProductAverage` with ``factor_alignment: sign``,
+  (as :class:`~flora_lightning.strategy.LoraProductAverage` with ``factor_alignment: none``,
   which it is with equal ranks).
   Components are ordered by singular value, so the slice :func:`for_rank` hands a rank-``r``
   client is ``B_r A_r = U_r S_r V_r^T``: the best rank-``r`` approximation of ``P``
@@ -24,9 +24,11 @@ columns of ``B``), which leaves its product unchanged: ``B_pad A_pad = B_k A_k``
   gets a zero row of ``A`` *and* a zero column of ``B``, whose gradients are then both zero, so
   a rank lost once (say a round where only low-rank clients trained) never comes back. Keeping
   ``A``'s rows at the global ``A``'s RMS norm ``c`` (B carries ``S``) leaves every direction
-  trainable. Each component's sign is then chosen nearest the factors the clients trained from
-  (``factor_alignment: sign``, :mod:`~flora_lightning.strategy.factor_alignment`), since they
-  keep Adam moments for those; a sign flip keeps every rank's slice.
+  trainable. ``factor_alignment: sign`` then flips each component to the sign nearest the
+  factors the clients trained from (they keep Adam moments for those; a flip keeps every rank's
+  slice, :mod:`~flora_lightning.strategy.factor_alignment`); the default ``none`` sends the raw
+  SVD factors, which measured better with mixed ranks on the quickstart
+  (docs/results/2026-12-04-svd-factor-alignment.md).
 
 Both average ``B_k A_k`` as sent: that is the mean of the clients' weight updates only when the
 LoRA scaling ``alpha / r`` is the same at every rank (``model.lora.alpha: null`` gives 32 at every
@@ -140,12 +142,13 @@ class SvdRedistribution(RankPadding, LoraProductAverage):
     Args:
         min_clients: fewest accepted client updates for a round to count; with fewer, the
             round raises and the global state stays as it was.
-        factor_alignment: ``sign`` flips each SVD component to the sign nearest the previous
-            factors, ``none`` sends the raw SVD factors. A rotation (``procrustes``) would mix
-            components and change the slices lower-rank clients get, so it is refused.
+        factor_alignment: ``none`` sends the raw SVD factors (measured better here with mixed
+            ranks), ``sign`` flips each SVD component to the sign nearest the previous factors.
+            A rotation (``procrustes``) would mix components and change the slices lower-rank
+            clients get, so it is refused.
     """
 
     allowed_alignments = ("none", "sign")
 
-    def __init__(self, min_clients: int = 1, factor_alignment: FactorAlignment = "sign") -> None:
+    def __init__(self, min_clients: int = 1, factor_alignment: FactorAlignment = "none") -> None:
         super().__init__(min_clients=min_clients, factor_alignment=factor_alignment)

@@ -205,17 +205,17 @@ def test_bad_updates_are_refused_with_a_reason(cls, kind, reason):
     assert strategy.accepted == [0]
 
 
-def test_svd_default_undoes_sign_flips_and_keeps_every_slice():
+def test_svd_sign_alignment_undoes_sign_flips_and_keeps_every_slice():
     glob = state(0, R)
     states = [state(k + 1, r) for k, r in enumerate(RANKS)]
-    raw = run(SvdRedistribution(factor_alignment="none"), glob, states)
+    raw = run(SvdRedistribution(), glob, states)  # the default: raw SVD factors, as before
     flip = torch.tensor([1.0, -1.0, 1.0, -1.0])
     # The clients trained from the same factors with components 1 and 3 of the other sign.
     prev = dict(glob)
     for layer in LAYERS:
         prev[a_name(layer)] = (flip[:, None] * raw[a_name(layer)]).contiguous()
         prev[b_name(layer)] = (raw[b_name(layer)] * flip).contiguous()
-    result = run(SvdRedistribution(), prev, states)  # the default flips them back
+    result = run(SvdRedistribution(factor_alignment="sign"), prev, states)  # flips them back
     for layer in LAYERS:
         for name in (a_name(layer), b_name(layer)):
             # Same float64 factors up to the scale c recomputed from float32 A (relative
