@@ -54,6 +54,7 @@ class RoundEngine:
         """Train with ``privacy`` (``--privacy.*``; level none changes nothing). Call before
         :meth:`launch`: its callback joins the loop's."""
         self.privacy_run = PrivacyRun(privacy) if privacy.enabled else None
+        self.recorder.client_stats = privacy.releases_client_stats
         if self.privacy_run is not None:
             self.callbacks.append(self.privacy_run)
 

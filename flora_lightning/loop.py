@@ -152,7 +152,8 @@ class FederatedLoop(RoundEngine):
     def fit(self, model, datamodule, config_yaml: str | None = None) -> dict:
         """Run (or resume) the federated training; returns the summary written to summary.json."""
         self.open_run(model, datamodule, config_yaml)
-        self.fabric.print(f"Client label counts:\n{datamodule.label_table()}")
+        shown = self.recorder.shown_label_table(datamodule.label_table())
+        self.fabric.print(f"Client label counts:\n{shown}")
         if self.ranks is not None:
             self.fabric.print(f"Client LoRA ranks: {self.ranks}")
         start = self.restore() if self.resume else 0

@@ -74,6 +74,9 @@ class RunRecorder:
         """Contributors of extra round and summary fields (the loop's callbacks)."""
         self.caching_seconds = 0.0
         """Time spent caching image features (a summary field)."""
+        self.client_stats = True
+        """Write per-client statistics (training losses, label counts). False under DP unless
+        ``privacy.log_client_stats``: they are computed from client data outside epsilon."""
 
     # ============================================================ opening
     def check(self, config_yaml: str | None) -> None:
@@ -104,7 +107,16 @@ class RunRecorder:
                 "config.resumed.yaml" if (self.run_dir / "config.yaml").exists() else "config.yaml"
             )
             (self.run_dir / name).write_text(config_yaml)
-        (self.run_dir / "label_table.txt").write_text(label_table + "\n")
+        (self.run_dir / "label_table.txt").write_text(self.shown_label_table(label_table) + "\n")
+
+    def shown_label_table(self, label_table: str) -> str:
+        """``label_table``, or a line saying why it is withheld (:attr:`client_stats`)."""
+        if self.client_stats:
+            return label_table
+        return (
+            "withheld: per-client label counts are not covered by the run's differential "
+            "privacy (set privacy.log_client_stats: true to write them)"
+        )
 
     # ============================================================= rounds
     def record(self, fabric, loop, tally: RoundTally, metrics: dict[str, float]) -> RoundRecord:
@@ -121,7 +133,9 @@ class RunRecorder:
             seconds=metrics.get("seconds", 0.0),
             train_seconds=tally.train_seconds,
             eval_seconds=metrics.get("eval_seconds", 0.0),
-            client_train_loss={str(k): v for k, v in tally.train_loss.items()},
+            client_train_loss=(
+                {str(k): v for k, v in tally.train_loss.items()} if self.client_stats else {}
+            ),
             accepted_clients=sorted(tally.accepted),
             rejected_clients={str(k): v for k, v in tally.rejected.items()},
             dropped_clients=dict(tally.dropped),
@@ -138,8 +152,9 @@ class RunRecorder:
             scalars["clients/rejected"] = len(record.rejected_clients)
             scalars["clients/dropped"] = len(record.dropped_clients)
             scalars["clients/stragglers"] = len(record.straggler_clients)
-        scalars.update({f"client/{k}/train_loss": v for k, v in tally.train_loss.items()})
-        if tally.train_loss:
+        if self.client_stats:
+            scalars.update({f"client/{k}/train_loss": v for k, v in tally.train_loss.items()})
+        if tally.train_loss and self.client_stats:
             scalars["train/loss"] = float(np.mean(list(tally.train_loss.values())))
         fabric.log_dict(scalars, step=record.round)
         self.history.append(record)

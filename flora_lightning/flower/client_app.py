@@ -4,7 +4,8 @@ A train message carries the global communicated state (``arrays``) and the round
 (``config["server-round"]``). The client loads the state into its model, runs
 :meth:`LocalTrainer.fit <flora_lightning.trainer.LocalTrainer.fit>` for its partition (``node_config["partition-id"]``) under the
 YAML's Fabric settings and with the loop's seeds per ``(seed, round, client)``, and replies
-with its communicated state, ``num-examples``, ``train-loss``, ``train-seconds`` and
+with its communicated state, ``num-examples``, ``train-loss`` (not under DP, unless
+``privacy.log_client_stats``: the loss is outside epsilon), ``train-seconds`` and
 ``partition-id``. A FedProx ``trainer.strategy`` in the (shared) YAML gives the fit its
 proximal ``mu``. Its Adam state is kept between rounds on the node (it never leaves it), as
 the in-process loop keeps it per client: on disk under ``node_config["state-dir"]`` when set
@@ -133,12 +134,9 @@ def fit_message(msg: Message, context: Context, run: FlowerRunConfig) -> Message
     store.save(round_, trainer.optimizer_states)  # none after a divergence: afresh next time
     update = loop.client_state_to_send(update)  # its own rank's slice
 
-    values = {
-        "num-examples": update.num_samples,
-        "train-loss": update.train_loss,
-        "train-seconds": seconds,
-        PARTITION_KEY: client,
-    }
+    values = {"num-examples": update.num_samples, "train-seconds": seconds, PARTITION_KEY: client}
+    if loop.recorder.client_stats:  # under DP the loss stays on the node (outside epsilon)
+        values["train-loss"] = update.train_loss
     if str(client) in tally.stragglers:
         values[STRAGGLER_KEY] = tally.stragglers[str(client)]
     content = RecordDict({"arrays": ArrayRecord(update.state), "metrics": MetricRecord(values)})

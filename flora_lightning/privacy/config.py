@@ -68,6 +68,11 @@ class PrivacyConfig:
     """adaptive clipping: std of the noise on the clipped count (null: clients_per_round / 20,
     Flower's default)."""
 
+    log_client_stats: bool = False
+    """With DP on: still write per-client training losses (summary.json, TensorBoard) and the
+    per-client label counts (label_table.txt). They are computed from the clients' data and are
+    NOT covered by epsilon; off by default."""
+
     def __post_init__(self) -> None:
         if self.level not in LEVELS:
             raise ValueError(f"privacy.level must be one of {list(LEVELS)} (got {self.level!r}).")
@@ -166,6 +171,12 @@ class PrivacyConfig:
     def enabled(self) -> bool:
         """True for sample or client level."""
         return self.level != "none"
+
+    @property
+    def releases_client_stats(self) -> bool:
+        """True when per-client statistics may go to the run's outputs (no DP, or the user
+        asked for them with log_client_stats)."""
+        return not self.enabled or self.log_client_stats
 
     @property
     def clip(self) -> float:

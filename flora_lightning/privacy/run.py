@@ -21,6 +21,8 @@ trains nothing, accounts the same epsilon as ``flora fit``.
 
 from __future__ import annotations
 
+import numpy as np
+
 from flora_lightning.callbacks.base import Callback
 from flora_lightning.privacy.accountant import (
     Accountant,
@@ -31,6 +33,30 @@ from flora_lightning.privacy.accountant import (
 from flora_lightning.privacy.client_dp import DPFedAvg
 from flora_lightning.privacy.config import PrivacyConfig, check_compatible
 from flora_lightning.privacy.dpsgd import DPSGDStep
+
+
+def refuse_shared_records(client_indices) -> None:
+    """Sample level: refuse partitions in which a training record belongs to several clients.
+
+    Each client's accountant bounds what *its* DP-SGD run reveals about a record; a record
+    held by ``k`` clients goes through ``k`` runs, and its guarantee is their composition, not
+    the largest client epsilon the run reports. Overlapping few-shot partitions
+    (``data.partition.shots_overlap: true``, the released default) do this.
+
+    Raises:
+        ValueError: naming ``privacy.level`` and ``data.partition.shots_overlap``.
+    """
+    rows = np.concatenate([np.asarray(i, dtype=np.int64) for i in client_indices] or [[]])
+    unique, counts = np.unique(rows, return_counts=True)
+    if unique.size < rows.size:
+        shared = int((counts > 1).sum())
+        raise ValueError(
+            f"privacy.level=sample with partitions that share training records ({shared} "
+            f"records belong to more than one client, up to {int(counts.max())}): each "
+            "client's epsilon would not bound what the run reveals about a shared record. "
+            "Set data.partition.shots_overlap: false (disjoint few-shot partitions), use "
+            "privacy.level=client, or a partition.kind whose clients are disjoint."
+        )
 
 
 class PrivacyRun(Callback):
@@ -48,8 +74,15 @@ class PrivacyRun(Callback):
         """Client id -> local steps of one fit (sample level)."""
 
     def check(self, loop, model) -> None:
-        """Before anything loads: the strategy and method can honour the level."""
+        """Before anything loads: the strategy, method and callbacks can honour the level."""
         check_compatible(self.privacy, loop.strategy, model)
+        if self.privacy.level == "sample":
+            from flora_lightning.callbacks.personalized import PersonalizedEvaluation
+            from flora_lightning.personalized import refuse_private_finetuning
+
+            for callback in loop.callbacks:
+                if isinstance(callback, PersonalizedEvaluation) and callback.finetune_steps > 0:
+                    raise ValueError(refuse_private_finetuning(callback.finetune_steps))
 
     def setup(self, loop) -> None:
         """After the loop's launch (data sizes known): noise, strategy or step, accountant."""
@@ -65,6 +98,7 @@ class PrivacyRun(Callback):
             self.accountant = Accountant(q, self.noise_multiplier, privacy.delta,
                                          privacy.accountant)  # fmt: skip
             return
+        refuse_shared_records(data.client_indices)
         self.steps = {
             k: local_steps(
                 data.num_samples(k), data.batch_size, loop.local_epochs, loop.max_local_steps
