@@ -3,7 +3,9 @@
 Resuming continues the saved global state, client optimizer states and history; a config whose
 method, adapter shape, data or partition differ would mix two experiments in one run folder
 (or fail later on mismatched tensors). The run's first ``config.yaml`` is compared with the new
-one on those fields; the rest (rounds, outputs, progress, ...) may change.
+one on those fields; the rest (rounds, outputs, progress, ...) may change. Every ``privacy.*``
+field is fixed: a resume that changed the level, noise or bounds would continue a private run
+under another (or no) guarantee while its accountant reports the old one.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ FIXED = (
     "data.max_test_samples",
     "data.partition",
     "trainer.seed",
+    "privacy",
 )
 """Dotted config fields (dict-valued ones compared leaf by leaf) a resumed run must keep."""
 
