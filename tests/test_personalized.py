@@ -173,6 +173,7 @@ def test_finetuning_under_sample_level_dp_is_refused(make_flora, make_datamodule
     with pytest.raises(ValueError, match="PersonalizedEvaluation.finetune_steps=2.*privacy.level"):
         loop.fit(make_flora(), data)
     assert loop.history == []  # refused before round 0 was evaluated
+    assert not loop.run_dir.exists()  # and before anything was written
 
 
 def test_evaluate_clients_refuses_to_finetune_with_a_dp_trainer(setup):

@@ -5,8 +5,9 @@ local test set). Every ``every`` rounds (round 0 included) the global model is e
 each client's local test set and, with ``finetune_steps = k > 0``, again after k local steps
 from the global state (personalised accuracy; the global state and the clients' optimizer
 states are left as they were, see :func:`flora_lightning.personalized.evaluate_clients`).
-Under ``privacy.level sample`` only ``finetune_steps: 0`` is accepted: the fine-tuning would
-train on the clients' private data outside DP-SGD and its accountant.
+Under ``privacy.level sample`` only ``finetune_steps: 0`` is accepted (refused by
+:meth:`PrivacyRun.check <flora_lightning.privacy.run.PrivacyRun.check>` before the run starts):
+the fine-tuning would train on the clients' private data outside DP-SGD and its accountant.
 
 Round record: ``local_acc_mean``, ``_min``, ``_max``, ``_std`` and ``client_local_acc`` (and
 the ``personalized_acc`` ones with k > 0). TensorBoard: ``local/acc_mean`` ... and
@@ -22,7 +23,7 @@ accuracy is reported as always. Turn it on with::
 from __future__ import annotations
 
 from flora_lightning.callbacks.base import Callback
-from flora_lightning.personalized import evaluate_clients, refuse_private_finetuning
+from flora_lightning.personalized import evaluate_clients
 
 STATS = ("mean", "min", "max", "std")
 
@@ -52,9 +53,6 @@ class PersonalizedEvaluation(Callback):
         self.last: dict = {}
 
     def on_fit_start(self, loop, model) -> None:
-        privacy = loop.privacy_run.privacy if loop.privacy_run is not None else None
-        if privacy is not None and privacy.level == "sample" and self.finetune_steps > 0:
-            raise ValueError(refuse_private_finetuning(self.finetune_steps))
         if not loop.datamodule.has_local_test:
             raise ValueError(
                 "PersonalizedEvaluation needs data.local_test_fraction (each client's local "
