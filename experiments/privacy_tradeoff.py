@@ -6,7 +6,8 @@ Usage::
     python experiments/privacy_tradeoff.py --out runs/privacy --epsilons [1, 8] --rounds 3
 
 For every level (``sample``: DP-SGD in each local fit; ``client``: DP-FedAvg), every variant
-(``flora``; ``flora_freeze_a``: ``--model.lora.freeze_a true``) and every epsilon, one
+(``flora``; ``flora_freeze_a``: ``--model.lora.freeze_a true``; at client level also
+``flora_adaptive``: adaptive clipping) and every epsilon, one
 ``flora fit`` run of ``--config`` (the offline quickstart by default) with
 ``--privacy.target_epsilon`` (the noise multiplier is picked for the planned rounds) writes to
 ``OUT/<level>/<variant>/eps<epsilon>``; epsilon ``inf`` is the non-private run of the variant
@@ -29,7 +30,19 @@ from pathlib import Path
 from flora_lightning.stages import fit
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
-VARIANTS = {"flora": [], "flora_freeze_a": ["--model.lora.freeze_a", "true"]}
+VARIANTS = {
+    "flora": [],
+    "flora_freeze_a": ["--model.lora.freeze_a", "true"],
+    # client level only. Andrew et al.'s sigma_b = m / 20 leaves no budget with 5 clients per
+    # round (sigma must stay below 2 sigma_b), so the count's noise is sigma_b = m = 5 here.
+    "flora_adaptive": ["--privacy.adaptive_clipping", "true", "--privacy.clipped_count_stddev", "5"],
+}
+LEVEL_VARIANTS = {
+    "sample": ("flora", "flora_freeze_a"),
+    "client": ("flora", "flora_freeze_a", "flora_adaptive"),
+}
+NONPRIVATE_OF = {"flora_adaptive": "flora"}
+"""A variant whose settings exist only under DP shares the non-private run of another."""
 
 
 def run_one(config: Path, run_dir: Path, level: str, epsilon: float, variant: str,
@@ -41,7 +54,8 @@ def run_one(config: Path, run_dir: Path, level: str, epsilon: float, variant: st
         seconds = None
     else:
         args = ["--config", str(config), "--trainer.default_root_dir", str(run_dir), *common]
-        args += VARIANTS[variant]
+        private = clip_only or math.isfinite(epsilon)
+        args += VARIANTS[variant if private else NONPRIVATE_OF.get(variant, variant)]
         if clip_only:
             args += ["--privacy.level", level, "--privacy.noise_multiplier", "0"]
         elif math.isfinite(epsilon):
@@ -72,6 +86,7 @@ def main(
     max_local_steps: int = 5,
     extra: tuple[str, ...] = (),
     clip_only: bool = True,
+    results: Path | None = None,
 ) -> list[dict]:
     """Run the grid and write results.json, results.md and accuracy_vs_epsilon.png.
 
@@ -86,15 +101,18 @@ def main(
         clip_only: also run each level with noise multiplier 0: its clipping (and, at sample
             level, DP-SGD's per-example loss) without noise, which separates the cost of the
             noise from the change of loss and clipping.
+        results: also write the table, the rows and the plot as dated files
+            ``<results>/<date>-privacy-tradeoff.{md,json,png}`` (the docs link to them).
     """
     common = ["--trainer.rounds", str(rounds), "--trainer.max_local_steps",
               str(max_local_steps), "--trainer.progress", "false", *extra]  # fmt: skip
     rows = []
     for level in levels:
-        for variant in VARIANTS:
+        for variant in LEVEL_VARIANTS[level]:
             for epsilon in epsilons:
                 name = f"eps{epsilon:g}" if math.isfinite(epsilon) else "nonprivate"
-                folder = out / (variant if not math.isfinite(epsilon) else f"{level}/{variant}")
+                shared = NONPRIVATE_OF.get(variant, variant)
+                folder = out / (shared if not math.isfinite(epsilon) else f"{level}/{variant}")
                 rows.append(run_one(config, folder / name, level, epsilon, variant, common))
                 print(json.dumps(rows[-1]))
             if clip_only:
@@ -105,7 +123,32 @@ def main(
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     (out / "results.md").write_text(table(rows, epsilons))
     plot(rows, out / "accuracy_vs_epsilon.png")
+    if results is not None:
+        write_results(results, rows, epsilons, rounds, max_local_steps, config, extra)
     return rows
+
+
+def write_results(folder: Path, rows: list[dict], epsilons: tuple[float, ...], rounds: int,
+                  max_local_steps: int, config: Path, extra: tuple[str, ...]) -> Path:  # fmt: skip
+    """The dated results file (and its rows and plot) that the docs link to."""
+    import datetime
+    import platform
+
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / f"{datetime.date.today().isoformat()}-privacy-tradeoff"
+    seconds = [r["seconds"] for r in rows if r["seconds"] is not None]
+    header = (
+        "# Accuracy against epsilon (written by `python experiments/privacy_tradeoff.py`)\n\n"
+        f"Config `{config.name}`{' ' + ' '.join(extra) if extra else ''}, {rounds} rounds x "
+        f"{max_local_steps} local steps, delta 1e-5, noise multiplier picked for each target "
+        "epsilon (Opacus RDP); final test accuracy, the epsilon reached in brackets. One seed. "
+        f"Sample level: Poisson-sampled DP-SGD batches. Machine: {platform.machine()}, "
+        f"{len(seconds)} runs timed, {sum(seconds) / 60:.0f} min in all.\n\n"
+    )
+    stem.with_suffix(".md").write_text(header + table(rows, epsilons))
+    stem.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    plot(rows, stem.with_suffix(".png"))
+    return stem.with_suffix(".md")
 
 
 def table(rows: list[dict], epsilons: tuple[float, ...]) -> str:
@@ -116,7 +159,7 @@ def table(rows: list[dict], epsilons: tuple[float, ...]) -> str:
     )
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for level in dict.fromkeys(r["level"] for r in rows):
-        for variant in VARIANTS:
+        for variant in LEVEL_VARIANTS[level]:
             cells = []
             for epsilon in epsilons:
                 row = next(r for r in rows if (r["level"], r["variant"], r["target_epsilon"])
@@ -140,7 +183,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for level in dict.fromkeys(r["level"] for r in rows):
-        for variant in VARIANTS:
+        for variant in LEVEL_VARIANTS[level]:
             points = sorted((r["target_epsilon"], r["final_test_acc"]) for r in rows
                             if (r["level"], r["variant"]) == (level, variant)
                             and math.isfinite(r["target_epsilon"]))  # fmt: skip
@@ -152,6 +195,8 @@ def plot(rows: list[dict], path: Path) -> None:
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", label=f"{level} / {variant}")
     for variant in VARIANTS:
+        if variant in NONPRIVATE_OF:
+            continue
         base = [r["final_test_acc"] for r in rows
                 if r["variant"] == variant and not math.isfinite(r["target_epsilon"])
                 and not r["clip_only"]]  # fmt: skip

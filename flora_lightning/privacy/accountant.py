@@ -11,9 +11,11 @@ Both levels compose a subsampled Gaussian mechanism, one step at a time:
   has spent nothing. The run reports the largest epsilon over clients: every example of every
   client is protected at that level (no amplification by client sampling is claimed).
 
-Both analyses assume Poisson subsampling at rate ``q``; the loop samples a fixed number of
-clients and the loaders shuffle into fixed-size batches. That is the usual approximation (Opacus
-does the same for shuffled loaders); it is stated, not hidden. At sample level the server's
+Both analyses assume Poisson subsampling at rate ``q``. At sample level the batches are
+Poisson-sampled at that ``q`` (``privacy.sampling: poisson``, the default, as the released
+code's Opacus ``make_private``), so the bound holds; with ``shuffle`` (fixed-size batches) it is
+an approximation. At client level the loop samples a fixed number of clients: the usual
+approximation of DP-FL code, stated, not hidden. At sample level the server's
 FedAvg weights clients by their example counts ``n_k``: the guarantee takes ``n_k`` (the
 partition sizes) as public. The arithmetic is Opacus' own
 (:class:`opacus.accountants.RDPAccountant` / ``PRVAccountant``); this module only keeps the

@@ -129,7 +129,9 @@ class FedAvgM(ServerOptimizer):
 
     Args:
         server_lr: server learning rate ``eta`` (1: FedAvg's step length).
-        momentum: heavy-ball momentum ``beta`` in [0, 1) (0 with ``server_lr`` 1: FedAvg).
+        momentum: heavy-ball momentum ``beta`` in [0, 1). Default 0.9, Hsu et al. (2019)'s
+            value; Flower's FedAvgM defaults to 0, which with server_lr 1 is plain FedAvg (pass
+            0 to compare with a Flower run that kept its default).
         min_clients: fewest accepted client updates for a round to count.
     """
 
