@@ -186,3 +186,16 @@ def test_bad_hyperparameters_are_rejected_naming_the_field(cls, kwargs, message)
     with pytest.raises(ValueError) as err:
         cls(**kwargs)
     assert message in str(err.value)
+
+
+def test_fedavgm_help_says_why_its_momentum_default_differs_from_flowers(capsys):
+    # Flower's FedAvgM defaults to server_momentum 0 (plain FedAvg at lr 1); ours keeps Hsu et
+    # al.'s 0.9, and --help must say so (issue 19: follow the convention or say why not).
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(FedAvgM, "strategy")
+    parser.print_help()
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Flower's FedAvgM defaults to 0" in text
+    assert FedAvgM().momentum == 0.9
