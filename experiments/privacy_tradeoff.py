@@ -71,6 +71,7 @@ def run_one(config: Path, run_dir: Path, level: str, epsilon: float, variant: st
         "clip_only": clip_only,
         "epsilon": privacy.get("epsilon", math.inf),
         "noise_multiplier": privacy.get("noise_multiplier", 0.0),
+        "sampling": privacy.get("sampling"),
         "final_test_acc": summary["final_test_acc"],
         "best_test_acc": summary["best_test_acc"],
         "seconds": seconds,
@@ -137,13 +138,15 @@ def write_results(folder: Path, rows: list[dict], epsilons: tuple[float, ...], r
     folder.mkdir(parents=True, exist_ok=True)
     stem = folder / f"{datetime.date.today().isoformat()}-privacy-tradeoff"
     seconds = [r["seconds"] for r in rows if r["seconds"] is not None]
+    sampling = sorted({r["sampling"] for r in rows if r["sampling"]})
     header = (
         "# Accuracy against epsilon (written by `python experiments/privacy_tradeoff.py`)\n\n"
         f"Config `{config.name}`{' ' + ' '.join(extra) if extra else ''}, {rounds} rounds x "
         f"{max_local_steps} local steps, delta 1e-5, noise multiplier picked for each target "
         "epsilon (Opacus RDP); final test accuracy, the epsilon reached in brackets. One seed. "
-        f"Sample level: Poisson-sampled DP-SGD batches. Machine: {platform.machine()}, "
-        f"{len(seconds)} runs timed, {sum(seconds) / 60:.0f} min in all.\n\n"
+        f"Sample-level batches: {', '.join(sampling) or '-'} (privacy.sampling). Machine: "
+        f"{platform.machine()}; {len(seconds)} of {len(rows)} runs ran in this invocation "
+        f"({sum(seconds) / 60:.0f} min), the others were reused from its output folder.\n\n"
     )
     stem.with_suffix(".md").write_text(header + table(rows, epsilons))
     stem.with_suffix(".json").write_text(json.dumps(rows, indent=2))
