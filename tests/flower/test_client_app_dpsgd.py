@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -80,4 +79,5 @@ def test_client_app_fit_equals_flora_fit_with_poisson_batches(
         )
         # The same float32 fits; the means differ only in the float64 -> float32 rounding.
         torch.testing.assert_close(tensor, (mean / total).float(), rtol=0, atol=1e-6)
-    assert math.isfinite(float(replies[0][1]["train-loss"]))
+    # Under DP the training loss stays on the node (outside epsilon; privacy.log_client_stats)
+    assert all("train-loss" not in metrics for _, metrics in replies.values())
