@@ -175,7 +175,7 @@ def check_rank_run(ranks: list[int], model, strategy, privacy_enabled: bool = Fa
         raise ValueError(
             f"trainer.client_ranks mixes ranks {sorted(set(ranks))}, which "
             f"trainer.strategy={type(strategy).__name__} cannot aggregate; use "
-            "ZeroPaddingAverage or SvdRedistribution."
+            "ZeroPaddingAverage, SparsityWeightedAverage or SvdRedistribution."
         )
     if privacy_enabled:
         raise ValueError(
