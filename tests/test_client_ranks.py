@@ -97,7 +97,7 @@ def flora(rank: int = 4, **lora) -> FLoRA:
         (flora(2), ZeroPaddingAverage(), False, ["model.lora.rank=2", "must be the largest"]),
         (flora(alpha=64.0), ZeroPaddingAverage(), False, ["model.lora.alpha", "null"]),
         (flora(freeze_a=True), SvdRedistribution(), False, ["model.lora.freeze_a"]),
-        (flora(), FedAvg(), False, ["trainer.strategy=FedAvg", "ZeroPaddingAverage or Svd"]),
+        (flora(), FedAvg(), False, ["trainer.strategy=FedAvg", "ZeroPaddingAverage, SparsityWeightedAverage or Svd"]),
         (flora(), FedProx(mu=0.1), False, ["trainer.strategy=FedProx"]),
         (flora(), ZeroPaddingAverage(), True, ["privacy.level"]),
         (FedFFT(TINY_CLIP), ZeroPaddingAverage(), False, ["needs a LoRA method", "FedFFT"]),
