@@ -1,11 +1,11 @@
 """Few-shot partitioning: every client gets ``shots`` samples of every class."""
 
 import numpy as np
-from datasets import Dataset
-from flwr_datasets.partitioner import Partitioner
+
+from flora_lightning.data.label_partitioner import LabelPartitioner
 
 
-class FewShotPartitioner(Partitioner):
+class FewShotPartitioner(LabelPartitioner):
     """IID few-shot partitioner: every partition gets ``shots`` samples of every class.
 
     With ``overlap`` (the released code's split) each partition draws its ``shots`` rows
@@ -30,32 +30,17 @@ class FewShotPartitioner(Partitioner):
         seed: int | None = 42,
         overlap: bool = False,
     ) -> None:
-        super().__init__()
         if num_partitions < 1 or shots < 1:
             raise ValueError(
                 f"num_partitions and shots must be >= 1 (got {num_partitions}, {shots})"
             )
-        self._num_partitions = num_partitions
+        super().__init__(num_partitions, partition_by)
         self._shots = shots
-        self._partition_by = partition_by
         self._seed = seed
         self._overlap = overlap
-        self._partition_id_to_indices: list[np.ndarray] | None = None
 
-    @property
-    def num_partitions(self) -> int:
-        """Total number of partitions."""
-        return self._num_partitions
-
-    def load_partition(self, partition_id: int) -> Dataset:
-        """Load the partition ``partition_id`` (all partitions are drawn on the first call)."""
-        if self._partition_id_to_indices is None:
-            self._partition_id_to_indices = self._deal_shots()
-        return self.dataset.select(self._partition_id_to_indices[partition_id])
-
-    def _deal_shots(self) -> list[np.ndarray]:
+    def split(self, labels: np.ndarray) -> list[np.ndarray]:
         rng = np.random.default_rng(self._seed)
-        labels = np.asarray(self.dataset[self._partition_by][:])
         needed = self._shots if self._overlap else self._num_partitions * self._shots
         by_class = [np.flatnonzero(labels == label) for label in np.unique(labels)]
         for label, rows in zip(np.unique(labels), by_class, strict=True):
