@@ -35,7 +35,12 @@ VARIANTS = {
     "flora_freeze_a": ["--model.lora.freeze_a", "true"],
     # client level only. Andrew et al.'s sigma_b = m / 20 leaves no budget with 5 clients per
     # round (sigma must stay below 2 sigma_b), so the count's noise is sigma_b = m = 5 here.
-    "flora_adaptive": ["--privacy.adaptive_clipping", "true", "--privacy.clipped_count_stddev", "5"],
+    "flora_adaptive": [
+        "--privacy.adaptive_clipping",
+        "true",
+        "--privacy.clipped_count_stddev",
+        "5",
+    ],
 }
 LEVEL_VARIANTS = {
     "sample": ("flora", "flora_freeze_a"),

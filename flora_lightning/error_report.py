@@ -6,10 +6,10 @@ Every exception that ends a command is sorted into one of four kinds (:func:`cla
   :class:`ConfigError` found before the heavy imports, or a ``ValueError`` / ``TypeError`` /
   ``KeyError`` / ``FileExistsError`` / ``FileNotFoundError`` / ``NotADirectoryError`` raised on
   purpose by our own validation (a ``raise`` statement in this package), or a model/dataset that
-  cannot be loaded here (:class:`~flora_lightning.hub.NotAvailableError`). Fix: the arguments.
+  cannot be loaded here (:class:`~flora_lightning.clip.hub.NotAvailableError`). Fix: the arguments.
 - ``runtime`` (exit 1): the run failed for a reason outside the config — a full or read-only
-  disk (:class:`~flora_lightning.checkpoint.RunDirWriteError`), a damaged file
-  (:class:`~flora_lightning.checkpoint.CorruptCheckpointError`), or another error our code
+  disk (:class:`~flora_lightning.rundir.checkpoint.RunDirWriteError`), a damaged file
+  (:class:`~flora_lightning.rundir.checkpoint.CorruptCheckpointError`), or another error our code
   raises on purpose (e.g. too few clients accepted).
 - ``oom`` (exit 1): out of GPU memory (``torch.cuda.OutOfMemoryError``) or of RAM.
 - ``internal`` (exit 1): anything else — a bug of ours or of a library, never shown as a
@@ -119,8 +119,8 @@ def classify(err: BaseException) -> Report:
             "data.batch_size or data.num_workers, or run on a machine with more memory.",
             RUNTIME_EXIT,
         )
-    from flora_lightning.checkpoint import CorruptCheckpointError, RunDirWriteError
-    from flora_lightning.hub import NotAvailableError
+    from flora_lightning.clip.hub import NotAvailableError
+    from flora_lightning.rundir.checkpoint import CorruptCheckpointError, RunDirWriteError
 
     if isinstance(err, RunDirWriteError | CorruptCheckpointError):
         return Report("runtime", str(err), RUNTIME_EXIT)

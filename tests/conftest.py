@@ -44,7 +44,7 @@ def offline_assets(flora_cache_dir) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_clip(offline_assets):
     """The loaded tiny CLIP bundle. Never mutate it: use ``make_flora`` for a private copy."""
-    from flora_lightning.clip_backbone import load_clip
+    from flora_lightning.clip.backbone import load_clip
 
     return load_clip(TINY_CLIP)
 
@@ -52,7 +52,7 @@ def tiny_clip(offline_assets):
 @pytest.fixture(scope="session")
 def make_flora(tiny_clip) -> Callable:
     """Factory: a FLoRA module on a private copy of the tiny CLIP, LoRA init seeded."""
-    from flora_lightning.clip_backbone import CLIPBundle
+    from flora_lightning.clip.backbone import CLIPBundle
     from flora_lightning.methods import FLoRA, LoraSettings, OptimizerConfig
     from flora_lightning.methods.base import build_model_from_bundle
 
@@ -100,7 +100,7 @@ def datamodule(make_datamodule):
 @pytest.fixture
 def make_loop(tmp_path) -> Callable:
     """Factory: a CPU FederatedLoop without progress bars, writing under ``tmp_path``."""
-    from flora_lightning.loop import FederatedLoop
+    from flora_lightning.federation.loop import FederatedLoop
 
     def make(rounds: int = 1, run: str = "run", **overrides):
         kwargs = dict(

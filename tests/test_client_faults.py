@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from flora_lightning.callbacks import Callback
-from flora_lightning.checkpoint import load_state
-from flora_lightning.loop import RoundFailedError
+from flora_lightning.federation.loop import RoundFailedError
+from flora_lightning.rundir.checkpoint import load_state
 from flora_lightning.strategy import FedAdam
 
 

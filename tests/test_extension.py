@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from flora_lightning.checkpoint import load_state
 from flora_lightning.methods.base import FederatedCLIPModule, OptimizerConfig
+from flora_lightning.rundir.checkpoint import load_state
 from flora_lightning.strategy import ClientUpdate, State, Strategy
 
 QUICKSTART = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")

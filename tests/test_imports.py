@@ -82,7 +82,10 @@ def test_find_cycle_reports_a_cycle():
 
 def test_package_has_no_import_cycle():
     graph = import_graph()
-    assert "flora_lightning.loop" in graph and "flora_lightning.trainer" in graph
+    assert (
+        "flora_lightning.federation.loop" in graph
+        and "flora_lightning.federation.local_trainer" in graph
+    )
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
@@ -108,7 +111,7 @@ def test_every_module_imports_in_isolation():
     names = sorted(module_names())
     if importlib.util.find_spec("flwr") is None:  # the `flower` extra is not installed
         names = [n for n in names if not n.startswith("flora_lightning.flower")]
-    assert "flora_lightning.bench.__main__" in names and "flora_lightning.hub" in names
+    assert "flora_lightning.bench.__main__" in names and "flora_lightning.clip.hub" in names
     done = subprocess.run(
         [sys.executable, "-c", ISOLATED_IMPORTS, json.dumps(names)],
         capture_output=True,

@@ -26,7 +26,7 @@ flora_lightning.bench.worker``) so peak memory does not mix between methods, it
 From these, *extrapolated* (not run end to end): seconds per local epoch = full-batch steps x
 step time + the last step; seconds per round = epoch time + the one-time caching cost
 (``client_samples`` x time per encoded image) amortised over ``rounds``. The loop's own
-overhead is measured by running the real :class:`~flora_lightning.loop.FederatedLoop` for 2
+overhead is measured by running the real :class:`~flora_lightning.federation.loop.FederatedLoop` for 2
 rounds of cached FLoRA on a tiny synthetic dataset. Results: ``bench.json`` (the data) and
 ``bench.md`` (rendered from it with ``report_template.md``) in ``--out``, the table printed;
 every ratio is FedFFT's number over the method's (``x`` times faster, less, fewer).

@@ -1,4 +1,4 @@
-"""The per-client state a finished :class:`~flora_lightning.loop.FederatedLoop` keeps, by structure.
+"""The per-client state a finished :class:`~flora_lightning.federation.loop.FederatedLoop` keeps, by structure.
 
 ``flora bench --clients`` compares the peak RSS growth per client with these bytes, each read
 from the structure itself (not from a formula):
@@ -34,7 +34,7 @@ PER_CLIENT_RECORD_FIELDS = (
     "dropped_clients",
     "straggler_clients",
 )
-"""The :class:`~flora_lightning.records.RoundRecord` fields with one entry per client."""
+"""The :class:`~flora_lightning.rundir.round_record.RoundRecord` fields with one entry per client."""
 PER_CLIENT_RECORD_EXTRA = ("client_bytes_up",)
 """Callback fields of a round record with one entry per client (``CommunicationLogger``)."""
 
@@ -63,7 +63,7 @@ def kept_state(loop, data) -> dict[str, dict[str, int]]:
     ``total``: their sum.
     """
     store = loop.trainer.state_store
-    from flora_lightning.client_states import MemoryStates
+    from flora_lightning.client_state.stores import MemoryStates
 
     inner = getattr(store, "inner", store)
     in_ram = isinstance(inner, MemoryStates)

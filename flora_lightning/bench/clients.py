@@ -1,7 +1,7 @@
 """``flora bench --clients '[10, 100, 1000]'``: the loop's cost per client as clients grow.
 
 For each N, in fresh processes (:mod:`flora_lightning.bench.clients_worker`; one writes the
-data, another measures), the in-process :class:`~flora_lightning.loop.FederatedLoop` runs
+data, another measures), the in-process :class:`~flora_lightning.federation.loop.FederatedLoop` runs
 ``--client_rounds`` round(s) of FLoRA on ``--arch`` (``tiny``: the offline tiny CLIP;
 ``vit-b-32``: a random-init CLIP of ViT-B/32 shapes) with cached image features, so only the
 text tower trains: N clients, :data:`PER_CLIENT` synthetic images each, one local step per

@@ -1,7 +1,7 @@
 """One point of ``flora bench --clients``: N clients on one runtime, in a fresh process.
 
 ``python -m flora_lightning.bench.clients_worker --spec JSON`` runs the scan's workload with
-``spec["clients"]`` clients on the in-process :class:`~flora_lightning.loop.FederatedLoop`
+``spec["clients"]`` clients on the in-process :class:`~flora_lightning.federation.loop.FederatedLoop`
 (``runtime: loop``, optimizer states in memory or, ``store: disk``, in
 ``trainer.client_state_dir``) or on Flower's simulation engine (``runtime: flower``,
 :func:`~flora_lightning.flower.simulation.simulate`), and writes ``spec["result"]`` (JSON).
@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from flora_lightning.client_states import ClientStates
+from flora_lightning.client_state.stores import ClientStates
 
 
 class TimedStates(ClientStates):

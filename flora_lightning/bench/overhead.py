@@ -28,7 +28,7 @@ def measure_loop_overhead(
     import torch
 
     from flora_lightning.callbacks.base import Callback
-    from flora_lightning.loop import FederatedLoop
+    from flora_lightning.federation.loop import FederatedLoop
     from flora_lightning.methods import FLoRA
     from flora_lightning.methods.base import build_model_from_bundle
 

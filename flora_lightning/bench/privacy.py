@@ -1,7 +1,7 @@
 """DP-SGD's cost per local step next to the plain step (``flora bench --dp_sgd true``).
 
 In a method's worker process, after its usual measurements, the plain local step
-(:func:`~flora_lightning.trainer.local_step`) and the sample-level DP-SGD step
+(:func:`~flora_lightning.federation.local_trainer.local_step`) and the sample-level DP-SGD step
 (:class:`~flora_lightning.privacy.dpsgd.DPSGDStep`, σ = :data:`NOISE_MULTIPLIER`,
 C = :data:`MAX_GRAD_NORM`, the whole batch at once) are timed back to back on the same batch
 (cached features where the loop caches them), each with a fresh optimizer, by the same

@@ -31,7 +31,7 @@ def time_steps(
 ) -> StepTiming:
     """Time local optimizer steps on ``batch`` with ``torch.utils.benchmark.Timer``.
 
-    A step is :func:`flora_lightning.trainer.local_step` (what ``LocalTrainer.fit`` runs per
+    A step is :func:`flora_lightning.federation.local_trainer.local_step` (what ``LocalTrainer.fit`` runs per
     batch: ``training_step`` under the precision autocast, backward, Adam step, ``zero_grad``)
     followed by ``loss.item()``, which waits for the step as the loop's loss bookkeeping does.
     ``warmup`` untimed steps run first; then ``blocked_autorange(min_run_time=min_seconds)``
@@ -60,7 +60,7 @@ def time_steps(
     import torch
     from torch.utils.benchmark import Measurement, Timer
 
-    from flora_lightning.trainer import local_step
+    from flora_lightning.federation.local_trainer import local_step
 
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps must be >= 1 and warmup >= 0 (got {steps}, {warmup}).")

@@ -154,7 +154,7 @@ def _encode(fabric, module, pixels):
 
 def _step_once(fabric, module, batch) -> None:
     """One local step with a fresh optimizer, as the timed ones (for the FLOP count)."""
-    from flora_lightning.trainer import local_step
+    from flora_lightning.federation.local_trainer import local_step
 
     optimizer = fabric.setup_optimizers(module.configure_optimizers())
     module.train()

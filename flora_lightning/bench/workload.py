@@ -38,9 +38,9 @@ def build_clip_parts(arch: str, words: Sequence[str] = ()):
 
 
 def build_clip_bundle(arch: str, words: Sequence[str] = ()):
-    """:func:`build_clip_parts` as the :class:`~flora_lightning.clip_backbone.CLIPBundle` the
+    """:func:`build_clip_parts` as the :class:`~flora_lightning.clip.backbone.CLIPBundle` the
     methods attach (the image processor becomes CLIP's preprocessing transform)."""
-    from flora_lightning.clip_backbone import CLIPBundle, build_image_transform
+    from flora_lightning.clip.backbone import CLIPBundle, build_image_transform
 
     model, tokenizer, processor = build_clip_parts(arch, words)
     return CLIPBundle(model, tokenizer, build_image_transform(processor))

@@ -1,4 +1,4 @@
-"""Hooks the :class:`~flora_lightning.loop.FederatedLoop` calls through ``fabric.call``.
+"""Hooks the :class:`~flora_lightning.federation.loop.FederatedLoop` calls through ``fabric.call``.
 
 Subclass :class:`Callback` and override what you need; pass instances in
 ``--trainer.callbacks``. Hooks receive the loop (the round engine of either runtime), so they
@@ -28,13 +28,13 @@ class Callback:
         """After local training; ``update`` is the :class:`ClientUpdate` about to be aggregated."""
 
     def round_fields(self, loop, record) -> dict:
-        """Extra fields for the round's :class:`~flora_lightning.records.RoundRecord` (its
+        """Extra fields for the round's :class:`~flora_lightning.rundir.round_record.RoundRecord` (its
         core fields are set; ``record["bytes_up"]`` reads them); written to summary.json."""
         return {}
 
     def on_round_end(self, loop, round: int, record) -> None:
         """After aggregation and evaluation; ``record`` is the finished
-        :class:`~flora_lightning.records.RoundRecord` (read it, e.g. ``record["test_acc"]``)."""
+        :class:`~flora_lightning.rundir.round_record.RoundRecord` (read it, e.g. ``record["test_acc"]``)."""
 
     def summary_fields(self, loop, summary: dict) -> dict:
         """Extra top-level fields for summary.json (``summary`` holds the core ones)."""

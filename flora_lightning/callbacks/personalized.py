@@ -4,7 +4,7 @@ Needs ``data.local_test_fraction`` (each client keeps a seeded share of its part
 local test set). Every ``every`` rounds (round 0 included) the global model is evaluated on
 each client's local test set and, with ``finetune_steps = k > 0``, again after k local steps
 from the global state (personalised accuracy; the global state and the clients' optimizer
-states are left as they were, see :func:`flora_lightning.personalized.evaluate_clients`).
+states are left as they were, see :func:`flora_lightning.federation.client_evaluation.evaluate_clients`).
 Under ``privacy.level sample`` only ``finetune_steps: 0`` is accepted (refused by
 :meth:`PrivacyRun.check <flora_lightning.privacy.run.PrivacyRun.check>` before the run starts):
 the fine-tuning would train on the clients' private data outside DP-SGD and its accountant.
@@ -23,7 +23,7 @@ accuracy is reported as always. Turn it on with::
 from __future__ import annotations
 
 from flora_lightning.callbacks.base import Callback
-from flora_lightning.personalized import evaluate_clients
+from flora_lightning.federation.client_evaluation import evaluate_clients
 
 STATS = ("mean", "min", "max", "std")
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from flora_lightning.callbacks.base import Callback
-from flora_lightning.trainer import local_step
+from flora_lightning.federation.local_trainer import local_step
 
 
 def _sync(device: torch.device) -> None:
@@ -60,7 +60,7 @@ def time_local_steps(
     With ``min_seconds``, fast steps are timed until that much time was timed too (at most
     100 steps), so a median of many short steps is not left to a handful of samples.
 
-    A step is :func:`flora_lightning.trainer.local_step`, what :meth:`LocalTrainer.fit` runs
+    A step is :func:`flora_lightning.federation.local_trainer.local_step`, what :meth:`LocalTrainer.fit` runs
     per batch: ``training_step`` under the Fabric precision autocast, ``fabric.backward``, Adam
     step, ``zero_grad``. The module's
     parameters change; callers that need them back restore them.
@@ -102,7 +102,7 @@ def full_finetuning_copy(module):
     LoRA adapters are merged into the copy (a plain ``CLIPModel`` remains); a vision tower that
     was released to the meta device is rebuilt from its config with fresh random weights.
     """
-    from flora_lightning.clip_backbone import CLIPBundle
+    from flora_lightning.clip.backbone import CLIPBundle
     from flora_lightning.methods import FedFFT
     from flora_lightning.methods.base import build_model_from_bundle
 

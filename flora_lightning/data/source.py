@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flora_lightning.hub import NotAvailableError, dataset_path
+from flora_lightning.clip.hub import NotAvailableError, dataset_path
 
 OFFLINE_HINT = (
     "No access to the Hugging Face hub here? Download it once where you have internet "

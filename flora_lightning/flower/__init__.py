@@ -2,7 +2,7 @@
 
 - :mod:`~flora_lightning.flower.server_app`: the ``ServerApp`` (rounds, aggregation, outputs);
 - :mod:`~flora_lightning.flower.client_app`: the ``ClientApp`` (one client's local fit);
-- :mod:`~flora_lightning.flower.strategy`: ``FloraFedAvg``, Flower's FedAvg with flora's
+- :mod:`~flora_lightning.flower.server_strategy`: ``FloraFedAvg``, Flower's FedAvg with flora's
   aggregation;
 - :mod:`~flora_lightning.flower.nodes`: ``NodeRoster``, which node holds which partition and a
   bounded wait for missing nodes;

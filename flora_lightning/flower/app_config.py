@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flora_lightning.cli import stage_parser
-from flora_lightning.loop import FederatedLoop
+from flora_lightning.federation.loop import FederatedLoop
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 """Where ``configs/`` lives in a source checkout (editable install)."""

@@ -2,7 +2,7 @@
 
 A train message carries the global communicated state (``arrays``) and the round
 (``config["server-round"]``). The client loads the state into its model, runs
-:meth:`LocalTrainer.fit <flora_lightning.trainer.LocalTrainer.fit>` for its partition (``node_config["partition-id"]``) under the
+:meth:`LocalTrainer.fit <flora_lightning.federation.local_trainer.LocalTrainer.fit>` for its partition (``node_config["partition-id"]``) under the
 YAML's Fabric settings and with the loop's seeds per ``(seed, round, client)``, and replies
 with its communicated state, ``num-examples``, ``train-loss`` (not under DP, unless
 ``privacy.log_client_stats``: the loss is outside epsilon), ``train-seconds`` and
@@ -46,7 +46,7 @@ from flora_lightning.flower.app_config import Components, FlowerRunConfig, build
 from flora_lightning.flower.arrays import to_state
 from flora_lightning.flower.nodes import DROPPED_KEY, PARTITION_KEY, STRAGGLER_KEY
 from flora_lightning.flower.optimizer_store import OptimizerStore
-from flora_lightning.records import RoundTally
+from flora_lightning.rundir.round_record import RoundTally
 
 _built: dict[FlowerRunConfig, Components] = {}
 """This process's model, data and loop per run config (see :func:`client_components`)."""
@@ -92,7 +92,7 @@ def client_components(run: FlowerRunConfig, context: Context) -> Components:
     if parts is None:
         parts = build_components(run)
         parts.loop.release_image_encoder &= run.one_partition_per_node
-        parts.loop.launch(parts.model, parts.data, tensorboard=False)  # a client writes nothing
+        parts.loop.set_up(parts.model, parts.data, tensorboard=False)  # a client writes nothing
         _built[run] = parts
     loop, model, data = parts.loop, parts.model, parts.data
     partition = partition_of(context, data.num_clients)

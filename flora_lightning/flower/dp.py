@@ -55,7 +55,7 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore.differential_privacy import compute_stdv
 
-from flora_lightning.flower.strategy import FloraFedAvg
+from flora_lightning.flower.server_strategy import FloraFedAvg
 from flora_lightning.privacy.client_dp import DPFedAvg, next_clip_norm, noisy_unclipped_fraction
 
 CLIPPING_SIDES = ("server", "client")

@@ -27,13 +27,13 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
 
-from flora_lightning.checkpoint import (
+from flora_lightning.flower.arrays import to_state
+from flora_lightning.rundir.checkpoint import (
     flatten_optimizer_states,
     load_state,
     save_state,
     unflatten_optimizer_states,
 )
-from flora_lightning.flower.arrays import to_state
 
 log = logging.getLogger(__name__)
 

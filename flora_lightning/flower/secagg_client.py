@@ -24,7 +24,7 @@ from flwr.compat.common import recorddict_compat as compat
 from flora_lightning.flower.app_config import FlowerRunConfig
 from flora_lightning.flower.client_app import client_components, fit_message
 from flora_lightning.flower.secagg_config import split_run_config
-from flora_lightning.flower.strategy import PARTITION_KEY
+from flora_lightning.flower.server_strategy import PARTITION_KEY
 
 CLEAR_METRICS = (PARTITION_KEY, "train-seconds")
 """Reply metrics sent in clear beside the masked vector (the loss stays on the node)."""

@@ -6,7 +6,7 @@ is the ``fit_workflow`` of a :class:`~flwr.server.workflow.DefaultWorkflow`, bot
 :class:`~flwr.server.LegacyContext` (``TypeError: Expect a LegacyContext, but get Context``) and
 call a legacy :class:`flwr.server.strategy.Strategy` (``configure_fit``/``aggregate_fit``); the
 client mod reads the legacy ``fitres.*`` reply layout. The plain app's
-:class:`~flora_lightning.flower.strategy.FloraFedAvg` is a Message-API strategy that runs its own
+:class:`~flora_lightning.flower.server_strategy.FloraFedAvg` is a Message-API strategy that runs its own
 rounds (``start``), so it cannot be the workflow's strategy; this app is SecAgg+ as Flower
 intends it, on the same round engine::
 
@@ -50,11 +50,11 @@ from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid, ServerApp
 
+from flora_lightning.federation.loop import FederatedLoop
 from flora_lightning.flower.app_config import FlowerRunConfig, build_components
 from flora_lightning.flower.secagg_config import SecAggConfig, split_run_config
-from flora_lightning.flower.strategy import PARTITION_KEY
-from flora_lightning.loop import FederatedLoop
-from flora_lightning.records import RoundTally
+from flora_lightning.flower.server_strategy import PARTITION_KEY
+from flora_lightning.rundir.round_record import RoundTally
 from flora_lightning.strategy import FedAvg, FedProx
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class SecAggFedAvg(LegacyFedAvg):
     """Flower's legacy FedAvg driving flora's round engine; SecAgg+ hands it only the sum.
 
     Args:
-        loop: the launched :class:`~flora_lightning.loop.FederatedLoop` (the round engine).
+        loop: the launched :class:`~flora_lightning.federation.loop.FederatedLoop` (the round engine).
         names: the communicated tensors' names, in the order the arrays travel.
         num_clients: partitions, one node each.
         min_clients: fewest clients whose masked vectors enter the sum for a round to count.

@@ -1,7 +1,7 @@
 """The Flower ``ServerApp``: flora's rounds, aggregation, evaluation and outputs on a Flower Grid.
 
 Reads the same YAML as ``flora fit`` and drives the same round engine (the YAML's
-:class:`~flora_lightning.loop.FederatedLoop`), with the nodes training instead of the loop::
+:class:`~flora_lightning.federation.loop.FederatedLoop`), with the nodes training instead of the loop::
 
     FederatedLoop.open_run (seeded setup, run directory) → initial arrays =
     model.communicated_state() → end_round(0): evaluate, record
@@ -28,7 +28,7 @@ clipping on the server or, with the run config's ``dp-clipping = "client"``, on 
 
 Resume: with ``resume = true`` (or ``--trainer.resume true`` in ``overrides``) a ServerApp
 started on the run directory of an interrupted run restores its last complete round
-(:meth:`RoundEngine.restore <flora_lightning.engine.RoundEngine.restore>`) and runs the rounds
+(:meth:`RoundEngine.restore <flora_lightning.federation.engine.RoundEngine.restore>`) and runs the rounds
 after it, numbered as in the uninterrupted run (Flower's rounds are offset by the rounds done),
 so the clients' seeds per ``(seed, round, client)`` are the same. The clients' optimizer
 states live on the nodes (:mod:`~flora_lightning.flower.optimizer_store`).
@@ -41,12 +41,12 @@ import logging
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from flora_lightning.federation.loop import FederatedLoop
 from flora_lightning.flower.app_config import FlowerRunConfig, build_components
 from flora_lightning.flower.arrays import to_state
-from flora_lightning.flower.strategy import FloraFedAvg
-from flora_lightning.loop import FederatedLoop
+from flora_lightning.flower.server_strategy import FloraFedAvg
 from flora_lightning.privacy.client_dp import DPFedAvg
-from flora_lightning.records import RoundTally
+from flora_lightning.rundir.round_record import RoundTally
 
 log = logging.getLogger(__name__)
 

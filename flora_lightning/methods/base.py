@@ -1,7 +1,7 @@
 """The LightningModule every federated method shares: CLIP, captions, loss, evaluation, state.
 
 A method (FLoRA, FedFFT, ...) is a small subclass that decides which parameters train (and so
-travel) and, if needed, the forward/loss. The :class:`~flora_lightning.loop.FederatedLoop` only
+travel) and, if needed, the forward/loss. The :class:`~flora_lightning.federation.loop.FederatedLoop` only
 talks to this interface:
 
 - :meth:`configure_model` loads CLIP and freezes/wraps it;
@@ -19,7 +19,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from flora_lightning.clip_backbone import CLIPBundle, image_features, load_clip, text_features
+from flora_lightning.clip.backbone import CLIPBundle, image_features, load_clip, text_features
 
 
 def fp32(tensor: torch.Tensor):

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from flora_lightning.clip_backbone import image_features
+from flora_lightning.clip.backbone import image_features
 from flora_lightning.methods.base import FederatedCLIPModule, OptimizerConfig
 
 

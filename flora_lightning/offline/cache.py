@@ -7,8 +7,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from flora_lightning.checkpoint import write_folder
-from flora_lightning.integrity import CorruptCheckpointError, verify_folder
+from flora_lightning.rundir.checkpoint import write_folder
+from flora_lightning.rundir.integrity import CorruptCheckpointError, verify_folder
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ def cache_dir() -> Path:
 def build_once(target: Path, build: Callable[[Path], None]) -> Path:
     """Build ``target`` with ``build(tmp_dir)`` unless a complete copy exists.
 
-    Written by :func:`flora_lightning.checkpoint.write_folder` (the same atomic writer as run
+    Written by :func:`flora_lightning.rundir.checkpoint.write_folder` (the same atomic writer as run
     directories), so a crash mid-build leaves only a temporary folder next to ``target``, never a
     partial ``target``, and the folder carries a checksum manifest. A cached copy that fails its
     manifest (a damaged disk, a hand-edited file) is rebuilt, with a warning; copies built before

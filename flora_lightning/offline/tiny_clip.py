@@ -91,7 +91,7 @@ def build_config(tokenizer):
 def _pretrain(model, tokenizer, transform) -> None:
     import datasets
 
-    from flora_lightning.clip_features import image_features, text_features
+    from flora_lightning.clip.features import image_features, text_features
     from flora_lightning.offline.digits import CLASS_NAMES, digits_data_files
 
     data = datasets.load_dataset("parquet", data_files=digits_data_files(), split="pretrain")
@@ -119,7 +119,7 @@ def _pretrain(model, tokenizer, transform) -> None:
 def _build(folder: Path) -> None:
     from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from flora_lightning.clip_features import build_image_transform
+    from flora_lightning.clip.features import build_image_transform
 
     tokenizer = build_tokenizer()
     image_processor = CLIPImageProcessor(

@@ -29,7 +29,7 @@ import math
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from flora_lightning.trainer import local_steps  # noqa: F401  (re-exported: steps accounted)
+from flora_lightning.federation.local_trainer import local_steps  # noqa: F401  (re-exported: steps accounted)
 
 
 class Accountant:

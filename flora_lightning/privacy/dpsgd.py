@@ -90,7 +90,7 @@ def per_example_gradients(
     """Per-example gradients of :func:`class_logits`' cross-entropy, and the losses.
 
     Args:
-        module: the method (as :class:`~flora_lightning.trainer.LocalTrainer` passes it).
+        module: the method (as :class:`~flora_lightning.federation.local_trainer.LocalTrainer` passes it).
         inputs: cached features ``[B, D]`` or pixels ``[B, 3, H, W]``.
         labels: class ids ``[B]``.
         chunk_size: examples differentiated at once (``vmap``'s ``chunk_size``); the backward
@@ -160,8 +160,8 @@ def private_gradient(
 
 
 class DPSGDStep:
-    """The local step of sample-level DP-SGD; :class:`~flora_lightning.trainer.LocalTrainer`
-    calls it instead of :func:`~flora_lightning.trainer.local_step`.
+    """The local step of sample-level DP-SGD; :class:`~flora_lightning.federation.local_trainer.LocalTrainer`
+    calls it instead of :func:`~flora_lightning.federation.local_trainer.local_step`.
 
     Args:
         noise_multiplier: σ (``privacy.noise_multiplier``, resolved from the target epsilon).

@@ -14,7 +14,7 @@ divides by the *expected* batch size ``q n``, not the drawn one (Opacus'
 ``expected_batch_size``), which is what the analysis assumes.
 
 Both of a client's loaders (pixels from the datamodule, features from the
-:class:`~flora_lightning.feature_cache.FeatureCache`) take the sampler through
+:class:`~flora_lightning.clip.feature_cache.FeatureCache`) take the sampler through
 :func:`poisson_loader`, so a cached and an uncached fit, and a Flower node and ``flora fit``,
 draw the same batches from the same per-fit seed.
 """

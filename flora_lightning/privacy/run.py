@@ -15,7 +15,7 @@ ServerApp and each ClientApp build the same loop from the same YAML)::
                     and, at sample level, ``sampling`` (``poisson`` or ``shuffle``)
 
 Sample-level steps are counted from the client's sample count (:func:`local_steps`, exactly
-the steps :class:`~flora_lightning.trainer.LocalTrainer` takes), so the ServerApp, which
+the steps :class:`~flora_lightning.federation.local_trainer.LocalTrainer` takes), so the ServerApp, which
 trains nothing, accounts the same epsilon as ``flora fit``.
 """
 
@@ -78,7 +78,7 @@ class PrivacyRun(Callback):
         check_compatible(self.privacy, loop.strategy, model)
         if self.privacy.level == "sample":
             from flora_lightning.callbacks.personalized import PersonalizedEvaluation
-            from flora_lightning.personalized import refuse_private_finetuning
+            from flora_lightning.federation.client_evaluation import refuse_private_finetuning
 
             for callback in loop.callbacks:
                 if isinstance(callback, PersonalizedEvaluation) and callback.finetune_steps > 0:

@@ -47,7 +47,7 @@ class Strategy(ABC):
     proximal_mu: float = 0.0
     """Weight ``mu`` of the client's proximal term ``mu/2 * ||w - w_global||^2`` (0: none);
     the loop and the ClientApp pass it to :meth:`LocalTrainer.fit
-    <flora_lightning.trainer.LocalTrainer.fit>`."""
+    <flora_lightning.federation.local_trainer.LocalTrainer.fit>`."""
 
     def __init__(self, min_clients: int = 1) -> None:
         if min_clients < 1:

@@ -8,7 +8,7 @@ side of FedAvg and changes the client objective: client ``k`` minimises
 with ``w_t`` the global state it received, so heterogeneous clients drift less from it. The
 gradient of the term is ``mu (w - w_t)``. Here ``w`` are the trainable parameters and ``w_t`` their
 values when the client's fit starts (just after the global state was loaded);
-:meth:`LocalTrainer.fit <flora_lightning.trainer.LocalTrainer.fit>` adds the term to every local
+:meth:`LocalTrainer.fit <flora_lightning.federation.local_trainer.LocalTrainer.fit>` adds the term to every local
 step's loss when the runtime passes it :attr:`Strategy.proximal_mu
 <flora_lightning.strategy.Strategy.proximal_mu>`. The reported train loss stays ``F_k`` alone,
 comparable across strategies. Unlike Flower's example client, which adds ``||w - w_t||`` (not

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from flora_lightning.checkpoint import write_json
+from flora_lightning.rundir.checkpoint import write_json
 
 FAILED_FILE = "failed.json"
 

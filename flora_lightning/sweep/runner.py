@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from flora_lightning.checkpoint import write_json
+from flora_lightning.rundir.checkpoint import write_json
 from flora_lightning.sweep.cells import Cell, Shard, cell_args, expand_cells, validate_cells
 from flora_lightning.sweep.rundir import (
     FAILED_FILE,

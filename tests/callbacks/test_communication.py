@@ -7,7 +7,7 @@ import pytest
 from tiny_run import fit_tiny
 
 from flora_lightning.callbacks import CommunicationLogger
-from flora_lightning.loop import FederatedLoop
+from flora_lightning.federation.loop import FederatedLoop
 
 # Tiny CLIP text tower: 2 layers, out_proj 64x64, LoRA r=2: 2 * (64*2 + 2*64) fp32 values.
 LORA_BYTES = 2 * (64 * 2 + 2 * 64) * 4

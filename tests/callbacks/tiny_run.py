@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from flora_lightning.bench.workload import build_clip_bundle, synthetic_datamodule
-from flora_lightning.loop import FederatedLoop
+from flora_lightning.federation.loop import FederatedLoop
 from flora_lightning.methods import FLoRA
 from flora_lightning.methods.base import build_model_from_bundle
 

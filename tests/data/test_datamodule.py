@@ -9,7 +9,7 @@ import pytest
 
 from flora_lightning.data.datamodule import FederatedDataModule
 from flora_lightning.data.partition import PartitionConfig
-from flora_lightning.loop import FederatedLoop
+from flora_lightning.federation.loop import FederatedLoop
 from flora_lightning.methods import LoraSettings
 
 DIGITS_TRAIN, DIGITS_TEST = 1079, 269  # flora-offline/digits split sizes

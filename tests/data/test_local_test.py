@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from flora_lightning.clip.feature_cache import FeatureCache
 from flora_lightning.data.datamodule import FederatedDataModule
 from flora_lightning.data.label_table import format_label_table
 from flora_lightning.data.partition import PartitionConfig
-from flora_lightning.feature_cache import FeatureCache
 
 
 def test_local_test_sets_split_each_partition(make_datamodule):

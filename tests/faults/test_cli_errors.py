@@ -199,7 +199,7 @@ def test_disk_full_mid_run_stops_clearly_and_resume_matches_an_uninterrupted_run
     """ENOSPC while writing round 2's checkpoint: exit 1, round 1 intact, resume = full run."""
     import safetensors.torch
 
-    from flora_lightning.checkpoint import load_state
+    from flora_lightning.rundir.checkpoint import load_state
 
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     assert run_main(fit_args(full_dir), monkeypatch, capsys)[0] == 0

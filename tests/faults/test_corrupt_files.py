@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flora_lightning import checkpoint
-from flora_lightning.checkpoint import (
+from flora_lightning.rundir import checkpoint
+from flora_lightning.rundir.checkpoint import (
     CorruptCheckpointError,
     load_state,
     newest_valid_folder,
@@ -129,7 +129,7 @@ def test_damaged_folder_falls_back_to_prev(tmp_path, caplog, damage, expected):
     with pytest.raises(CorruptCheckpointError) as info:
         verify_folder(target)
     assert str(info.value).startswith(f"{target}/{expected}")
-    with caplog.at_level(logging.WARNING, logger="flora_lightning.integrity"):
+    with caplog.at_level(logging.WARNING, logger="flora_lightning.rundir.integrity"):
         chosen = newest_valid_folder(target)
     assert chosen == tmp_path / "resume.prev"
     assert json.loads((chosen / "state.json").read_text()) == {"round": 1}

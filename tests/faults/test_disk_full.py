@@ -17,8 +17,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from flora_lightning import checkpoint
-from flora_lightning.checkpoint import (
+from flora_lightning.rundir import checkpoint
+from flora_lightning.rundir.checkpoint import (
     RunDirWriteError,
     link_or_copy,
     load_state,

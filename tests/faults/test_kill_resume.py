@@ -1,7 +1,7 @@
 """``kill -9`` of ``flora fit`` at seeded moments, then ``--trainer.resume true``: the same run.
 
 The run goes through a small wrapper around ``flora`` that prints a marker before each atomic
-file replace and each folder rename of :mod:`flora_lightning.checkpoint` (and pauses there), so
+file replace and each folder rename of :mod:`flora_lightning.rundir.checkpoint` (and pauses there), so
 a kill can land exactly inside a checkpoint write: the temporary file complete but not yet
 renamed, or a folder swap half done. One more kill lands at a seeded random time. After each
 kill no run-directory file is torn, and the resumed run ends with the uninterrupted run's final
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flora_lightning.checkpoint import load_state, verify_folder
+from flora_lightning.rundir.checkpoint import load_state, verify_folder
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,8 @@ ARGS = [
 ]  # fmt: skip
 WRAPPER = """
 import os, sys, time
-from flora_lightning import checkpoint, cli
+from flora_lightning import cli
+from flora_lightning.rundir import checkpoint
 
 pause = float(os.environ.get("FLORA_KILL_TEST_PAUSE", "0"))
 real_replace = checkpoint._replace

@@ -19,7 +19,6 @@ from flwr.app import (  # noqa: E402
     RecordDict,
 )
 
-from flora_lightning.checkpoint import load_state  # noqa: E402
 from flora_lightning.flower.app_config import FlowerRunConfig  # noqa: E402
 from flora_lightning.flower.client_app import (  # noqa: E402
     client_components,
@@ -27,7 +26,8 @@ from flora_lightning.flower.client_app import (  # noqa: E402
     partition_message,
 )
 from flora_lightning.flower.optimizer_store import OPTIMIZER_STATE_KEY  # noqa: E402
-from flora_lightning.flower.strategy import array_record_bytes, to_state  # noqa: E402
+from flora_lightning.flower.server_strategy import array_record_bytes, to_state  # noqa: E402
+from flora_lightning.rundir.checkpoint import load_state  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 RUN = FlowerRunConfig(

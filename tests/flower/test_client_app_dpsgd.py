@@ -12,11 +12,11 @@ pytest.importorskip("flwr")
 from test_client_app import context, task_identity, train_message  # noqa: E402, F401 (fixture)
 
 from flora_lightning import cli  # noqa: E402
-from flora_lightning.checkpoint import load_state  # noqa: E402
 from flora_lightning.flower.app_config import FlowerRunConfig  # noqa: E402
 from flora_lightning.flower.client_app import client_components, fit_message  # noqa: E402
-from flora_lightning.flower.strategy import to_state  # noqa: E402
+from flora_lightning.flower.server_strategy import to_state  # noqa: E402
 from flora_lightning.privacy import DPSGDStep  # noqa: E402
+from flora_lightning.rundir.checkpoint import load_state  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"

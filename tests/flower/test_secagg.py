@@ -68,8 +68,8 @@ from flora_lightning.flower.secagg_server import (  # noqa: E402
     masked_bytes,
     serve,
 )
-from flora_lightning.flower.strategy import to_state  # noqa: E402
-from flora_lightning.records import RoundTally  # noqa: E402
+from flora_lightning.flower.server_strategy import to_state  # noqa: E402
+from flora_lightning.rundir.round_record import RoundTally  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"

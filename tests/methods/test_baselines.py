@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flora_lightning.clip_backbone import CLIPBundle, image_features, text_features
+from flora_lightning.clip.backbone import CLIPBundle, image_features, text_features
 from flora_lightning.methods import METHODS, FedAA, FedFFT, FedLC, FedVMLC, OptimizerConfig
 from flora_lightning.methods.base import FederatedCLIPModule, build_model_from_bundle
 from flora_lightning.offline.digits import CLASS_NAMES

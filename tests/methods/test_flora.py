@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 
-from flora_lightning.checkpoint import load_state
 from flora_lightning.methods import LoraSettings
 from flora_lightning.offline.digits import CLASS_NAMES
+from flora_lightning.rundir.checkpoint import load_state
 
 TEMPLATE = "a photo of the digit {}."
 WIDTH = 64  # tiny CLIP hidden size of both towers
@@ -342,7 +342,7 @@ def wide_text_clip():
 
 
 def lora_a_values(wide_text_clip, seed: int, **lora) -> torch.Tensor:
-    from flora_lightning.clip_backbone import CLIPBundle
+    from flora_lightning.clip.backbone import CLIPBundle
     from flora_lightning.methods import FLoRA
     from flora_lightning.methods.base import build_model_from_bundle
 

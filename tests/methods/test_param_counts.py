@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from flora_lightning.clip_backbone import CLIPBundle
+from flora_lightning.clip.backbone import CLIPBundle
 from flora_lightning.methods import METHODS, FederatedCLIPModule, LoraSettings
 from flora_lightning.methods.base import build_model_from_bundle
 

@@ -11,7 +11,7 @@ pytest.importorskip("flwr")
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
 
-from flora_lightning.flower.strategy import FloraFedAvg, to_state  # noqa: E402
+from flora_lightning.flower.server_strategy import FloraFedAvg, to_state  # noqa: E402
 from flora_lightning.privacy import DPFedAvg  # noqa: E402
 from flora_lightning.strategy import ClientUpdate  # noqa: E402
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flora_lightning.feature_cache import FeatureCache
+from flora_lightning.clip.feature_cache import FeatureCache
+from flora_lightning.federation.local_trainer import LocalTrainer
 from flora_lightning.privacy import DPSGDStep, local_steps
 from flora_lightning.privacy.dpsgd import (
     class_logits,
@@ -21,7 +22,6 @@ from flora_lightning.privacy.dpsgd import (
     per_example_norms,
     private_gradient,
 )
-from flora_lightning.trainer import LocalTrainer
 
 CLASSES = [str(i) for i in range(10)]
 TEMPLATE = "a photo of the digit {}."
@@ -39,7 +39,7 @@ def flora_with_nonzero_b(make_flora):
 
 
 def baseline(tiny_clip, method: str):
-    from flora_lightning.clip_backbone import CLIPBundle
+    from flora_lightning.clip.backbone import CLIPBundle
     from flora_lightning.methods.base import build_model_from_bundle
     from flora_lightning.methods.fedaa import FedAA
     from flora_lightning.methods.fedlc import FedLC

@@ -9,8 +9,8 @@ import pytest
 import torch
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-from flora_lightning.checkpoint import load_state
 from flora_lightning.privacy import DPFedAvg, DPSGDStep, PrivacyConfig
+from flora_lightning.rundir.checkpoint import load_state
 from flora_lightning.strategy import LoraProductAverage
 
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))

@@ -6,8 +6,8 @@ import lightning as L
 import pytest
 import torch
 
+from flora_lightning.federation.local_trainer import LocalTrainer, ProximalTerm, local_step
 from flora_lightning.strategy import ClientUpdate, FedAvg, FedProx, Strategy
-from flora_lightning.trainer import LocalTrainer, ProximalTerm, local_step
 
 
 class Linear(torch.nn.Module):

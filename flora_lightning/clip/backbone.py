@@ -1,0 +1,79 @@
+"""Loading HF ``CLIPModel`` checkpoints and computing their features.
+
+One place for: resolving ``flora-offline/tiny-clip`` and turning hub/offline failures into a
+clear error. The preprocessing and feature functions live in the leaf module
+:mod:`flora_lightning.clip.features` (which ``offline/`` builds on) and are re-exported here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torchvision.transforms import v2
+
+from flora_lightning.clip.features import build_image_transform, image_features, text_features
+from flora_lightning.clip.hub import NotAvailableError, local_files_only
+
+__all__ = [
+    "CLIPBundle",
+    "ModelNotAvailableError",
+    "build_image_transform",
+    "image_features",
+    "load_clip",
+    "resolve_model_path",
+    "text_features",
+]
+
+OFFLINE_HINT = (
+    "No access to the Hugging Face hub here? Download it once where you have internet "
+    "(`hf download {name} --local-dir DIR`) and pass the folder instead, e.g. "
+    "--model.name_or_path DIR; or use the built-in offline model flora-offline/tiny-clip."
+)
+
+
+class ModelNotAvailableError(NotAvailableError):
+    """The CLIP checkpoint could not be loaded from the hub or the given path."""
+
+
+@dataclass
+class CLIPBundle:
+    """A loaded CLIP checkpoint: the model, its tokenizer and its image preprocessing."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    image_transform: v2.Compose
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map ``flora-offline/tiny-clip`` to its locally built folder; anything else is unchanged."""
+    from flora_lightning.offline.tiny_clip import OFFLINE_TINY_CLIP, tiny_clip_path
+
+    if name_or_path == OFFLINE_TINY_CLIP:
+        return str(tiny_clip_path())
+    return name_or_path
+
+
+def load_clip(name_or_path: str, field: str = "model.name_or_path") -> CLIPBundle:
+    """Load model, tokenizer and image processor with ``from_pretrained`` (hub id or folder).
+
+    Raises:
+        ModelNotAvailableError: naming ``field``, the checkpoint, and how to use a local copy.
+    """
+    from transformers import AutoProcessor, CLIPModel
+
+    path = resolve_model_path(name_or_path)
+    try:
+        local_only = local_files_only(path)
+        model = CLIPModel.from_pretrained(path, local_files_only=local_only)
+        processor = AutoProcessor.from_pretrained(path, local_files_only=local_only)
+    except (OSError, ValueError) as err:
+        hint = OFFLINE_HINT.format(name=name_or_path)
+        if Path(path).exists():
+            hint = "The folder exists but is not a CLIP checkpoint saved with save_pretrained."
+        raise ModelNotAvailableError(
+            f"{field}: could not load CLIP model '{name_or_path}' ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else err}). {hint}"
+        ) from err
+    return CLIPBundle(model, processor.tokenizer, build_image_transform(processor.image_processor))

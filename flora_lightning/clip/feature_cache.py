@@ -1,0 +1,186 @@
+"""Frozen-feature caching: encode each client's images once, then train from the features.
+
+When a method keeps the image encoder frozen and there is no augmentation (FLoRA on the text
+tower, FedLC, FedAA), a client's normalised image features are a fixed function of its data.
+Computing them once (batched, under the run's precision) and training from them gives the same
+loss and the same update as the uncached path, without a vision forward pass per step. After
+every client and the test set are encoded, the vision tower can leave memory.
+
+The cached loader yields ``(features [B, D], labels)`` batches in exactly the order the
+uncached loader yields ``(pixels, labels)``: both shuffle ``range(n)`` with the same generator,
+or both take their batches from the same Poisson sampler (sample-level DP-SGD).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from flora_lightning.privacy.poisson import poisson_loader
+from flora_lightning.rundir.checkpoint import load_state, save_state
+
+
+class FeatureCache:
+    """Normalised image features per client partition and for the global test set.
+
+    With ``data.local_test_fraction`` set, each built client's local test set is encoded too
+    (:meth:`client_test_dataloader`), under the key ``local_test/<client>``.
+
+    Args:
+        fabric: the loop's Fabric (device and precision).
+        model: a method whose ``image_encoder_frozen`` is true.
+        datamodule: the federated data (already set up).
+        disk_dir: optional folder to persist features across runs, keyed by a fingerprint of
+            model, data, partition and preprocessing.
+    """
+
+    def __init__(self, fabric, model, datamodule, disk_dir: str | None = None) -> None:
+        self.fabric = fabric
+        self.model = model
+        self.data = datamodule
+        self.disk_dir = Path(disk_dir) if disk_dir else None
+        self.features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def fingerprint(self, parts: list[str]) -> str:
+        """Model + data + partition + preprocessing + precision + which ``parts``, hashed."""
+        vision = self.model.clip_model().vision_model
+        weights = hashlib.sha256()
+        for name, tensor in vision.state_dict().items():
+            weights.update(name.encode())
+            weights.update(tensor.detach().flatten()[:64].float().cpu().numpy().tobytes())
+        key = {
+            "model": self.model.name_or_path,
+            "vision": weights.hexdigest(),
+            "data": self.data.fingerprints()["train"],
+            "test": self.data.fingerprints()["test"],
+            "partition": [
+                hashlib.sha256(i.tobytes()).hexdigest() for i in self.data.client_indices
+            ],
+            "transform": repr(self.data.image_transform),
+            "precision": str(self.fabric.strategy.precision.__class__.__name__),
+            "parts": parts,
+        }
+        if self.data.has_local_test:  # absent otherwise: older disk caches stay valid
+            key["local_test"] = [
+                hashlib.sha256(i.tobytes()).hexdigest() for i in self.data.client_test_indices
+            ]
+        # A method that caches other features than the default normalised ones (FedAA: the
+        # raw projection) must not share a disk cache with the others.
+        if self.model.cached_features_kind is not None:
+            key["features"] = self.model.cached_features_kind
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+    def build(self, clients: list[int], test: bool = True) -> None:
+        """Encode the given clients' partitions (and local test sets, when the data has them)
+        and (with ``test``) the test set, or read them from disk."""
+        parts = [str(c) for c in clients] + (["test"] if test else [])
+        path = self.disk_dir / f"{self.fingerprint(parts)}.safetensors" if self.disk_dir else None
+        if path is not None and path.exists():
+            flat = load_state(path)
+            self.features.update(
+                {k[:-2]: (flat[k], flat[k[:-2] + ".y"]) for k in flat if k.endswith(".x")}
+            )
+            return
+        before = set(self.features)
+        rows = []  # (key, training-set indices) of every part to encode
+        for client in clients:
+            rows.append((str(client), self.data.client_indices[client]))
+            if self.data.has_local_test:
+                rows.append((self.local_test_key(client), self.data.client_test_indices[client]))
+        self.features.update(self._encode_rows(rows))
+        if test:
+            self.features["test"] = self._encode(self.data.test_set)
+        if path is not None:  # what this call encoded, under its own fingerprint
+            flat = {}
+            for key in self.features.keys() - before:
+                flat[f"{key}.x"], flat[f"{key}.y"] = self.features[key]
+            save_state(flat, path)
+
+    def _encode_rows(self, rows: list[tuple[str, np.ndarray]]) -> dict[str, tuple]:
+        """Encode the training-set rows of every ``(key, indices)`` part in one pass.
+
+        One ``datasets`` selection and one loader for all parts, not one per client (2.0 s
+        instead of 3.5 s for 1,000 tiny-CLIP clients); each part is still encoded in the
+        batches its own loader would make (``eval_batch_size`` rows, never across two parts),
+        so its features are those of encoding it alone. Each part's features are views into
+        one tensor.
+        """
+        if not rows:
+            return {}
+        size, lengths = self.data.eval_batch_size, [len(indices) for _, indices in rows]
+        batches, start = [], 0
+        for n in lengths:
+            batches += [list(range(start + b, start + min(b + size, n))) for b in range(0, n, size)]
+            start += n
+        dataset = self.data.train_rows(np.concatenate([indices for _, indices in rows]))
+        x, y = self._encode(dataset, batches)
+        split = zip(rows, x.split(lengths), y.split(lengths), strict=True)
+        return {key: (xs, ys) for (key, _), xs, ys in split}
+
+    @torch.no_grad()
+    def _encode(self, dataset, batches=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features and labels of ``dataset``, in order: in batches of ``eval_batch_size``, or
+        in the given ``batches`` (lists of row positions)."""
+        loader = DataLoader(
+            dataset,
+            batch_size=self.data.eval_batch_size if batches is None else 1,
+            batch_sampler=batches,
+            shuffle=False,
+            num_workers=self.data.num_workers,
+            collate_fn=self.data.collate,
+        )
+        # Written into tensors allocated once (at the first batch: the feature size), not
+        # gathered and concatenated: a small tensor kept per batch among each batch's freed
+        # transients left ~20 MB of heap the allocator could not return at 1,000 clients.
+        feats = labels = None
+        start = 0
+        self.model.eval()
+        with self.fabric.autocast():
+            for pixels, y in loader:
+                x = self.model.frozen_image_features(self.fabric.to_device(pixels))
+                if feats is None:
+                    feats = x.new_empty((len(dataset), *x.shape[1:]), dtype=torch.float32)
+                    labels = y.new_empty((len(dataset), *y.shape[1:]))
+                feats[start : start + len(x)] = x
+                labels[start : start + len(y)] = y
+                start += len(x)
+        if feats is None:  # no rows: nothing to encode
+            raise ValueError("FeatureCache: no rows to encode (an empty partition?)")
+        return feats, labels
+
+    def client_dataloader(
+        self, client: int, generator: torch.Generator, batch_sampler=None
+    ) -> DataLoader:
+        """A client's cached features in the order the uncached loader yields its pixels:
+        shuffled by ``generator``, or drawn by ``batch_sampler`` (Poisson, sample-level DP)."""
+        x, y = self.features[str(client)]
+        if batch_sampler is not None:
+            return poisson_loader(TensorDataset(x, y), batch_sampler)
+        return DataLoader(
+            TensorDataset(x, y), batch_size=self.data.batch_size, shuffle=True, generator=generator
+        )
+
+    @staticmethod
+    def local_test_key(client: int) -> str:
+        """The :attr:`features` key of a client's local test set."""
+        return f"local_test/{client}"
+
+    def client_test_dataloader(self, client: int) -> DataLoader:
+        """A client's cached local test features, in order (for evaluation)."""
+        key = self.local_test_key(client)
+        if key not in self.features:
+            raise KeyError(
+                f"client {client}'s local test set is not cached: set data.local_test_fraction "
+                "and build the cache with this client."
+            )
+        x, y = self.features[key]
+        return DataLoader(TensorDataset(x, y), batch_size=self.data.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        x, y = self.features["test"]
+        return DataLoader(TensorDataset(x, y), batch_size=self.data.eval_batch_size)

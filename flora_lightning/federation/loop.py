@@ -1,0 +1,219 @@
+"""``FederatedLoop``: federated simulation on one Lightning Fabric, clients one after another.
+
+One model lives in memory whatever the number of clients: before each client trains, the global
+communicated state (e.g. the LoRA adapters) is copied into it; afterwards the client's state is
+copied out and folded into the aggregation strategy. A round is::
+
+    begin_round (sampled clients) → for each: load global → LocalTrainer.fit → client_update
+    → strategy.add → strategy.result becomes the global state → end_round (evaluate;
+    RunRecorder: record, TensorBoard, checkpoint)
+
+``begin_round``, ``client_update`` and ``end_round`` are the round engine every runtime shares:
+the Flower ServerApp's strategy calls them too (:mod:`flora_lightning.flower.server_strategy`). Every
+random choice is seeded from ``(seed, round, client)`` so a resumed run repeats exactly what an
+uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from flora_lightning.callbacks.base import Callback
+from flora_lightning.callbacks.communication import CommunicationLogger
+from flora_lightning.clip.feature_cache import FeatureCache
+from flora_lightning.federation.availability import Availability
+from flora_lightning.federation.engine import RoundEngine
+from flora_lightning.federation.ranks import ClientRanks
+from flora_lightning.federation.setup import OnClientError, Precision, check_settings
+from flora_lightning.rundir.recorder import RunRecorder
+from flora_lightning.rundir.round_record import RoundRecord, RoundTally
+from flora_lightning.strategy import FedAvg, Strategy, state_bytes
+
+log = logging.getLogger(__name__)
+
+
+class RoundFailedError(RuntimeError):
+    """Too few client updates were accepted for a round to change the global state."""
+
+
+class FederatedLoop(RoundEngine):
+    """Runs federated rounds of a :class:`FederatedCLIPModule` over a :class:`FederatedDataModule`.
+
+    Args:
+        rounds: communication rounds (paper: 50).
+        local_epochs: local epochs per client per round (paper: 1).
+        max_local_steps: stop a client's local fit after this many optimizer steps (None: no cap).
+        join_ratio: share of clients sampled each round, in (0, 1] (paper: 1.0).
+        precision: ``32-true``, ``16-mixed`` (CUDA) or ``bf16-mixed``.
+        accelerator: ``auto``, ``cpu``, ``cuda``, ...
+        keep_client_optimizer_state: each client keeps its Adam state across rounds (paper).
+        client_state_dir: spill those per-client optimizer states to disk, one safetensors file
+            per client in this folder, read at the client's fit and written after it, so RAM
+            holds only the training client's (for many clients, or FedFFT's ~1.2 GB of Adam
+            state per client at ViT-B/32). null: keep them in memory.
+        cache_features: when the method's image encoder is frozen, encode each client's images
+            once and train from the features (same results, far faster); false turns it off.
+        feature_cache_dir: also keep cached features on disk here, keyed by a fingerprint of
+            model, data, partition and preprocessing (null: memory only).
+        release_image_encoder: with cached features, free the vision tower's memory for the
+            rest of the run (the model then cannot encode pixels until it is reloaded).
+        strategy: aggregation strategy (sample-weighted FedAvg by default).
+        availability: simulated unreliable clients: per-round dropout, stragglers that run
+            only part of their local steps, a round deadline (seeded per round and client; see
+            :mod:`flora_lightning.federation.availability`). null: every sampled client trains fully.
+        client_ranks: each client's LoRA rank (at most ``model.lora.rank``): a list with one
+            rank per client, or tiers ``[{rank: 4, share: 0.5}, ...]`` assigned by seed; mixed
+            ranks need ``ZeroPaddingAverage`` or ``SvdRedistribution`` (see
+            :mod:`flora_lightning.federation.ranks`). null: every client at ``model.lora.rank``.
+        on_client_error: a client whose local fit raises (e.g. out of memory) is left out of
+            the round with the error as its reason (``skip``, as a failed Flower ClientApp),
+            or stops the run (``raise``). Either way, a round with fewer than
+            ``strategy.min_clients`` accepted updates stops the run; the last complete round
+            stays saved.
+        callbacks: extra Fabric callbacks (a CommunicationLogger, which logs ``comm/*``, is
+            added when none is given).
+        default_root_dir: run directory for config, TensorBoard, checkpoints, summary.
+        resume: continue the run in ``default_root_dir`` from its last saved resume state.
+        resume_every_n_rounds: write the resume state (global state, every client's optimizer
+            state, history) every n rounds and after the last; a resumed run restarts after the
+            last one written and trains the rounds after it again (identically, seeded). Raise
+            it for FedFFT, whose per-client Adam states are ~1.2 GB each at ViT-B/32.
+        keep_last_checkpoints: keep only this many per-round checkpoints (None: keep all).
+        seed: seeds model init, client sampling, data order and dropout.
+        progress: show progress bars for rounds and clients.
+    """
+
+    def __init__(
+        self,
+        rounds: int = 50,
+        local_epochs: int = 1,
+        max_local_steps: int | None = None,
+        join_ratio: float = 1.0,
+        precision: Precision = "32-true",
+        accelerator: str = "auto",
+        keep_client_optimizer_state: bool = True,
+        client_state_dir: str | None = None,
+        cache_features: bool = True,
+        feature_cache_dir: str | None = None,
+        release_image_encoder: bool = True,
+        strategy: Strategy | None = None,
+        availability: Availability | None = None,
+        client_ranks: ClientRanks = None,
+        on_client_error: OnClientError = "skip",
+        callbacks: list[Callback] | None = None,
+        default_root_dir: str = "runs/flora",
+        resume: bool = False,
+        resume_every_n_rounds: int = 1,
+        keep_last_checkpoints: int | None = None,
+        seed: int = 42,
+        progress: bool = True,
+    ) -> None:
+        check_settings(**{k: v for k, v in locals().items() if k != "self"})
+        self.rounds, self.local_epochs, self.max_local_steps = rounds, local_epochs, max_local_steps
+        self.join_ratio, self.precision, self.accelerator = join_ratio, precision, accelerator
+        self.keep_client_optimizer_state = keep_client_optimizer_state
+        self.client_state_dir = client_state_dir
+        self.cache_features, self.feature_cache_dir = cache_features, feature_cache_dir
+        self.release_image_encoder = release_image_encoder
+        self.strategy = strategy or FedAvg()
+        self.availability, self.client_ranks = availability, client_ranks
+        self.on_client_error = on_client_error
+        self.callbacks = list(callbacks or [])
+        if not any(isinstance(c, CommunicationLogger) for c in self.callbacks):
+            self.callbacks.append(CommunicationLogger())
+        self.resume, self.seed, self.progress = resume, seed, progress
+        self.recorder = RunRecorder(
+            default_root_dir, resume, resume_every_n_rounds, keep_last_checkpoints, rounds
+        )
+        self.feature_cache: FeatureCache | None = None
+        self.fabric = self.trainer = self.model = self.datamodule = None
+        self.round = 0
+
+    def clients_per_round(self, num_clients: int) -> int:
+        # floor, as Flower; the epsilon keeps 0.29 * 100 at 29 despite float rounding
+        return max(1, math.floor(self.join_ratio * num_clients + 1e-9))
+
+    def sample_clients(self, round: int, num_clients: int) -> list[int]:
+        """Seeded by ``(seed, round)``: the same clients on a resumed run."""
+        rng = np.random.default_rng([self.seed, round])
+        chosen = rng.choice(num_clients, size=self.clients_per_round(num_clients), replace=False)
+        return sorted(int(c) for c in chosen)
+
+    def round_clients(self, round_: int) -> list[int]:
+        """The clients :meth:`sample_clients` picks for ``round_`` among the data's clients."""
+        return self.sample_clients(round_, self.datamodule.num_clients)
+
+    # ================================================================= fit
+    def fit(self, model, datamodule, config_yaml: str | None = None) -> dict:
+        """Run (or resume) the federated training; returns the summary written to summary.json."""
+        self.open_run(model, datamodule, config_yaml)
+        shown = self.recorder.shown_label_table(datamodule.label_table())
+        self.fabric.print(f"Client label counts:\n{shown}")
+        if self.ranks is not None:
+            self.fabric.print(f"Client LoRA ranks: {self.ranks}")
+        start = self.restore() if self.resume else 0
+        self.cache_image_features(model, datamodule, list(range(datamodule.num_clients)))
+        self.fabric.call("on_fit_start", loop=self, model=model)
+        if start == 0:
+            self.end_round(RoundTally(round=0))
+        bar = tqdm(range(start + 1, self.rounds + 1), desc="rounds", disable=not self.progress,
+                   initial=start, total=self.rounds)  # fmt: skip
+        for round_ in bar:
+            record = self.run_round(round_)
+            bar.set_postfix(acc=f"{record.test_acc:.4f}", loss=f"{record.test_loss:.3f}")
+        return self.finish()
+
+    def run_round(self, round_: int) -> RoundRecord:
+        """One in-process round: the sampled clients train one after another, then aggregate."""
+        model, data = self.model, self.datamodule
+        tally = self.begin_round(round_, self.round_clients(round_))
+        global_state = model.communicated_state()
+        self.strategy.begin(global_state)
+        for client in tqdm(tally.clients, desc=f"round {round_} clients", leave=False,
+                           disable=not self.progress):  # fmt: skip
+            steps = self.client_steps(tally, client)
+            if steps == 0:
+                continue  # dropped: it sends nothing
+            self.prepare_client(global_state, client)
+            self.fabric.call("on_client_fit_start", loop=self, model=model, client_id=client)
+            t0 = time.perf_counter()
+            try:
+                update = self.trainer.fit(model, data, client, round_, self.feature_cache,
+                                          self.strategy.proximal_mu, steps)  # fmt: skip
+                update = self.client_state_to_send(update)
+            except Exception as err:
+                if self.on_client_error == "raise":
+                    raise
+                log.warning("client %d excluded from round %d: its fit raised %r", client,
+                            round_, err)  # fmt: skip
+                tally.rejected[str(client)] = f"its fit raised {type(err).__name__}: {err}"
+                # Adam updates its (kept) state in place: a fit stopped midway leaves it half
+                # updated, so the client starts its next round with a fresh optimizer.
+                self.trainer.optimizer_states.pop(client, None)
+                continue
+            self.client_update(tally, update, time.perf_counter() - t0)
+            self.strategy.add(update)
+        tally.bytes_down = sum(state_bytes(self.state_for_client(global_state, c))
+                               for c in tally.clients)  # fmt: skip
+        tally.accepted = sorted(self.strategy.accepted)
+        tally.rejected.update({str(c): r for c, r in self.strategy.rejected.items()})
+        if len(tally.accepted) < self.strategy.min_clients:
+            model.load_communicated_state(global_state)
+            if tally.dropped:  # simulated availability: the round passes, as on Flower
+                log.warning("round %d not aggregated: %d update(s), %d client(s) dropped",
+                            round_, len(tally.accepted), len(tally.dropped))  # fmt: skip
+                return self.end_round(tally)
+            raise RoundFailedError(
+                f"round {round_}: {len(tally.accepted)} client update(s) accepted, fewer than "
+                f"trainer.strategy.min_clients={self.strategy.min_clients}; rejected: "
+                f"{tally.rejected}. The run stopped; {self.run_dir} keeps the last complete "
+                "round: fix the cause, then rerun with --trainer.resume true."
+            )
+        model.load_communicated_state(self.strategy.result())
+        tally.aggregated = True
+        return self.end_round(tally)

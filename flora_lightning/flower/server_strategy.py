@@ -1,0 +1,300 @@
+"""``FloraFedAvg``: Flower's FedAvg with flora's aggregation over the communicated tensors.
+
+Message construction is Flower's (:class:`flwr.serverapp.strategy.FedAvg`). Sampling is
+Flower's too, unless ``select_clients`` is given (the ServerApp passes the loop's seeded
+``sample_clients``): then the clients (partition ids) it names for the round train, exactly as
+in ``flora fit``; each node's partition id is learnt once with a ``query`` message (the
+ClientApp answers with its ``partition-id``; :class:`~flora_lightning.flower.nodes.NodeRoster`).
+
+Dead nodes do not stall the run: a round waits at most ``node_wait_seconds`` for the nodes of
+its partitions, then trains those connected; a missing partition is recorded in ``rejected``
+("node not connected: ..."), a node that dies while training comes back as an error reply.
+
+Aggregation is flora's, the code the in-process loop runs: the YAML's ``trainer.strategy``
+(default :class:`flora_lightning.strategy.FedAvg`: ``w = sum_k n_k w_k / sum_k n_k`` in
+float64, ``n_k`` the ``num-examples`` metric) over the *accepted* replies. A reply is excluded,
+with a logged reason, when its ClientApp raised, when it lacks arrays or ``num-examples``, or
+when :meth:`Strategy.rejection_reason` refuses it (NaN/Inf, other names or shapes, no
+samples). With fewer than ``min_clients`` accepted the round returns no arrays and Flower keeps
+the previous global state (never modified in place); the run goes on.
+
+Traffic is what travels: ``bytes_down`` the ``nbytes`` of each train message's ArrayRecord
+(with ``trainer.client_ranks``, a client's rank slice), ``bytes_up`` those of each update.
+With client-level DP the ServerApp wraps this strategy in Flower's DP wrapper
+(:mod:`flora_lightning.flower.dp`), which aggregates only the replies :meth:`screen` keeps.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
+
+from flora_lightning.flower.arrays import array_record_bytes, to_state
+from flora_lightning.flower.nodes import (
+    DROPPED_KEY,
+    NOT_CONNECTED,
+    PARTITION_KEY,
+    STRAGGLER_KEY,
+    NodeRoster,
+)
+from flora_lightning.rundir.round_record import RoundTally
+from flora_lightning.strategy import ClientUpdate, FedAvg, State, Strategy, state_bytes
+
+log = logging.getLogger(__name__)
+
+
+class RoundEngine(Protocol):
+    """The round steps the strategy drives (:class:`flora_lightning.federation.engine.RoundEngine`)."""
+
+    def begin_round(self, round_: int, clients: list[int]) -> RoundTally: ...
+
+    def client_update(self, tally: RoundTally, update: ClientUpdate, seconds: float) -> None: ...
+
+    def client_rank(self, client: int) -> int | None: ...
+
+    def state_for_client(self, global_state: dict, client: int) -> dict: ...
+
+
+class FloraFedAvg(FlowerFedAvg):
+    """Flower FedAvg whose ``aggregate_train`` is flora's ``trainer.strategy``.
+
+    Args:
+        min_clients: fewest accepted updates for a round to change the global state.
+        fraction_train: share of connected nodes sampled each round (flora's ``join_ratio``;
+            Flower's sampling only, without ``select_clients``).
+        min_train_nodes: fewest nodes sampled per round (Flower's sampling only).
+        min_available_nodes: Flower's sampling waits until this many nodes are connected
+            (without limit; with ``select_clients`` the wait is ``node_wait_seconds``).
+        engine: the round engine (the ServerApp's loop): ``begin_round`` starts each round's
+            tally, ``client_update`` sees every decoded reply before it is aggregated (as in
+            ``flora fit``). ``None``: the strategy keeps plain tallies itself.
+        select_clients: ``round -> partition ids`` that train in that round (the ServerApp
+            passes the loop's seeded sampler); ``None`` keeps Flower's random node sampling.
+        query_timeout: seconds to wait for the nodes' partition ids.
+        average: the flora aggregation, any :class:`~flora_lightning.strategy.Strategy` (the
+            YAML's ``trainer.strategy``); ``None``: FedAvg. Its ``min_clients`` is set.
+        node_wait_seconds: with ``select_clients``, the longest a round waits for the nodes
+            of its partitions; the missing ones are rejected ("node not connected").
+        round_offset: rounds already done (a resumed run): Flower's round ``r`` is the run's
+            round ``r + round_offset`` (train messages, so the clients' seeds; sampler; tallies).
+    """
+
+    def __init__(
+        self,
+        min_clients: int = 1,
+        fraction_train: float = 1.0,
+        min_train_nodes: int = 1,
+        min_available_nodes: int = 1,
+        engine: RoundEngine | None = None,
+        select_clients: Callable[[int], list[int]] | None = None,
+        query_timeout: float = 600.0,
+        average: Strategy | None = None,
+        node_wait_seconds: float = 60.0,
+        round_offset: int = 0,
+    ) -> None:
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=0.0,  # evaluation is central, on the global test set
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=0,
+            min_available_nodes=min_available_nodes,
+        )
+        self.average = average if average is not None else FedAvg()
+        self.average.min_clients = min_clients
+        self.engine = engine
+        self.select_clients = select_clients
+        self.roster = NodeRoster(wait_seconds=node_wait_seconds, query_timeout=query_timeout)
+        self.round_offset = round_offset
+        self.reports: dict[int, RoundTally] = {}
+        """Round (of the run) -> its tally (traffic, losses, accepted and rejected clients)."""
+        self._global: State = {}
+        self._sent: list[Message] = []  # the round's train messages (the Grid sets their ids)
+
+    @property
+    def min_clients(self) -> int:
+        return self.average.min_clients
+
+    @property
+    def partitions(self) -> dict[int, int]:
+        """Node id -> partition id, learnt from the nodes' answers to a query message."""
+        return self.roster.partitions
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sampling (Flower's, or ``select_clients``); remembers the global state sent and
+        counts the bytes down."""
+        round_ = server_round + self.round_offset
+        missing: list[int] = []
+        if self.select_clients is None:
+            messages = list(super().configure_train(round_, arrays, config, grid))
+            clients = []  # partition ids are known only from the replies
+        else:
+            messages, clients, missing = self._configure_selected(round_, arrays, config, grid)
+        self._global = to_state(arrays)
+        self._sent = messages
+        if self.engine is not None:
+            tally = self.engine.begin_round(round_, clients)
+        else:
+            tally = RoundTally(round=round_, clients=clients)
+        for partition in missing:
+            tally.rejected[str(partition)] = (
+                f"{NOT_CONNECTED}: no connected SuperNode held partition {partition} within "
+                f"node-wait-seconds={self.roster.wait_seconds:g}"
+            )
+        tally.bytes_down = sum(
+            array_record_bytes(m.content.array_records[self.arrayrecord_key]) for m in messages
+        )
+        self.reports[round_] = tally
+        return messages
+
+    def _configure_selected(
+        self, round_: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> tuple[list[Message], list[int], list[int]]:
+        """Train messages to the connected nodes holding the partitions ``select_clients``
+        names; the partitions that train and those whose node is missing."""
+        wanted = sorted(self.select_clients(round_))
+        holder = self.roster.wait_for(grid, wanted, round_)
+        trained = [p for p in wanted if p in holder]
+        missing = [p for p in wanted if p not in holder]
+        log.info("configure_train: round %d, partitions %s (seeded, as flora fit)", round_, wanted)
+        config["server-round"] = round_
+        messages, global_state = [], to_state(arrays)
+        for partition in trained:  # each client gets what it trains from (its rank's slice)
+            rank = self.engine.client_rank(partition) if self.engine is not None else None
+            sent = arrays
+            if rank is not None:
+                sent = ArrayRecord(self.engine.state_for_client(global_state, partition))
+            record = RecordDict({self.arrayrecord_key: sent, self.configrecord_key: config})
+            messages += self._construct_messages(record, [holder[partition]], MessageType.TRAIN)
+        return messages, trained, missing
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Stream the accepted replies into flora's FedAvg; ``(None, metrics)`` when too few
+        (then Flower keeps the previous global arrays: the round changes nothing)."""
+        server_round += self.round_offset
+        report = self.reports.setdefault(server_round, RoundTally(round=server_round))
+        self.average.begin(self._global)
+        for message in replies:
+            decoded = self._decode(message, report)
+            if decoded is None:
+                continue
+            update, seconds = decoded
+            if self.engine is not None:
+                self.engine.client_update(report, update, seconds)
+            else:
+                self._count(report, update, seconds)
+            self.average.add(update)  # logs and records its own rejections
+        report.accepted = sorted(self.average.accepted)  # arrival order varies
+        report.rejected.update({str(c): r for c, r in self.average.rejected.items()})
+        metrics = MetricRecord(
+            {
+                "num-accepted": len(report.accepted),
+                "num-rejected": len(report.rejected),
+                "train-loss": float(np.mean([report.train_loss[c] for c in report.accepted]))
+                if report.accepted
+                else float("nan"),
+            }
+        )
+        if len(report.accepted) < self.min_clients:
+            log.error(
+                "round %d not aggregated: %d update(s) accepted, fewer than min_clients=%d; "
+                "the global state stays as it was. Rejected: %s",
+                server_round,
+                len(report.accepted),
+                self.min_clients,
+                report.rejected,
+            )
+            return None, metrics
+        report.aggregated = True
+        return ArrayRecord(self.average.result()), metrics
+
+    def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """The replies that carry an update; the others (error replies, dropped clients,
+        replies without arrays or metrics) are decoded into the round's tally now."""
+        round_ = server_round + self.round_offset
+        report = self.reports.setdefault(round_, RoundTally(round=round_))
+        usable = []
+        for message in replies:
+            content = None if message.has_error() else message.content
+            if (
+                content is None
+                or DROPPED_KEY in content.config_records.get("config", {})
+                or self.arrayrecord_key not in content.array_records
+                or "metrics" not in content.metric_records
+            ):
+                self._decode(message, report)
+            else:
+                usable.append(message)
+        return usable
+
+    def _decode(self, message: Message, report: RoundTally) -> tuple[ClientUpdate, float] | None:
+        """A reply as ``(ClientUpdate, train seconds)``, or ``None`` (logged, recorded) when it
+        cannot be one."""
+        node = message.metadata.src_node_id
+        if message.has_error():  # keyed by the node's partition where it is known
+            node = self._addressee(message)
+            partition = self.partitions.get(node)
+            who, where = (
+                (f"node {node}", "") if partition is None else (str(partition), f" (node {node})")
+            )
+            return self._reject(report, who, f"its ClientApp failed{where}: {message.error.reason}")
+        content = message.content
+        config = content.config_records.get("config")
+        if config is not None and DROPPED_KEY in config:  # trainer.availability: sent nothing
+            metrics = content.metric_records["metrics"]
+            report.dropped[str(int(metrics[PARTITION_KEY]))] = str(config[DROPPED_KEY])
+            return None
+        if self.arrayrecord_key not in content.array_records:
+            return self._reject(report, f"node {node}", "its reply carries no arrays")
+        metrics = content.metric_records.get("metrics")
+        if metrics is None or self.weighted_by_key not in metrics:
+            return self._reject(
+                report, f"node {node}", f"its reply has no {self.weighted_by_key!r}"
+            )
+        record = content.array_records[self.arrayrecord_key]
+        if STRAGGLER_KEY in metrics:
+            report.stragglers[str(int(metrics[PARTITION_KEY]))] = int(metrics[STRAGGLER_KEY])
+        update = ClientUpdate(
+            client_id=int(metrics.get(PARTITION_KEY, node)),
+            state=to_state(record),
+            num_samples=int(metrics[self.weighted_by_key]),
+            train_loss=float(metrics.get("train-loss", float("nan"))),
+        )
+        return update, float(metrics.get("train-seconds", 0.0))
+
+    def _addressee(self, reply: Message) -> int:
+        """The node a reply answers for: its sender, or, for an error the SuperLink wrote
+        itself (a node that stopped sending heartbeats), the node the message went to."""
+        for sent in self._sent:
+            if sent.metadata.message_id and (
+                sent.metadata.message_id == reply.metadata.reply_to_message_id
+            ):
+                return sent.metadata.dst_node_id
+        return reply.metadata.src_node_id
+
+    @staticmethod
+    def _count(report: RoundTally, update: ClientUpdate, seconds: float) -> None:  # no engine
+        sent = state_bytes(update.state)
+        report.bytes_up += sent
+        report.client_bytes_up[update.client_id] = sent
+        report.train_loss[update.client_id] = update.train_loss
+        report.train_seconds += seconds
+
+    @staticmethod
+    def _reject(report: RoundTally, who: str, reason: str) -> None:
+        log.warning("%s excluded from aggregation: %s", who, reason)
+        report.rejected[who] = reason
+
+    def summary(self) -> None:
+        super().summary()
+        log.info("aggregation: flora %s, min_clients=%d", type(self.average).__name__,
+                 self.min_clients)  # fmt: skip

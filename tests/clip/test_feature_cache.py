@@ -1,0 +1,38 @@
+"""FeatureCache: every client's rows encoded in one pass, each part in its own batches."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from flora_lightning.clip.feature_cache import FeatureCache
+
+
+def test_one_pass_over_all_clients_equals_each_client_alone(make_datamodule, make_flora):
+    """The in-process loop encodes all clients at once, a Flower node one partition at a
+    time: the features must be the same bits (batches never span two clients)."""
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    data = make_datamodule(local_test_fraction=0.25, eval_batch_size=64)
+    data.setup()
+    model = make_flora()
+    model.configure_task(data.class_names, data.template)
+    data.set_image_transform(model.image_transform)
+    fabric.setup_module(model)
+    together = FeatureCache(fabric, model, data)
+    together.build([0, 1, 2], test=False)
+    assert set(together.features) == {"0", "1", "2", "local_test/0", "local_test/1",
+                                      "local_test/2"}  # fmt: skip
+    for client in (0, 1, 2):
+        alone = FeatureCache(fabric, model, data)
+        alone.build([client], test=False)
+        for key in (str(client), f"local_test/{client}"):
+            assert torch.equal(together.features[key][0], alone.features[key][0])
+            assert torch.equal(together.features[key][1], alone.features[key][1])
+    # ... and the features of the client's own loader, batch by batch (no cache involved)
+    loader = DataLoader(data.client_dataset(1), batch_size=64, collate_fn=data.collate)
+    model.eval()
+    with torch.no_grad(), fabric.autocast():
+        expected = torch.cat([model.frozen_image_features(x).float() for x, _ in loader])
+    assert len(expected) == data.num_samples(1) > 64  # more than one batch
+    assert torch.equal(together.features["1"][0], expected)
