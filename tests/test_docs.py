@@ -6,7 +6,9 @@ a deliberately broken input and see it fail:
 - every module under ``flora_lightning/`` is named by its path in ``docs/architecture.md``;
 - every relative Markdown link in ``README.md`` and ``docs/**/*.md`` points at an existing file,
   and its ``#anchor``, if any, at a heading of that file (GitHub's slugs);
-- ``README.md`` has at most 250 lines.
+- ``README.md`` has at most 250 lines;
+- every repository path the pages name in prose or code (``flora_lightning/clip/hub.py``,
+  ``configs/quickstart.yaml``, ...) exists, so a moved module cannot leave a stale path behind.
 
 Plain text and ``pathlib`` only: no import of the package (fast, and it cannot hide a module).
 """
@@ -30,6 +32,10 @@ INLINE_CODE = re.compile(r"`+[^`]*`+")
 LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]*)>?(?:\s+\"[^\"]*\")?\s*\)")
 HEADING = re.compile(r"^\s{0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
 EXTERNAL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")  # https:, mailto:, ...
+REPO_PATH = re.compile(
+    r"(?<![\w/.])((?:flora_lightning|tests|configs|experiments|flower_app|flower_app_secagg|docs)"
+    r"/[\w/.\-]*\.(?:py|md|yaml|toml|json|png))(?![\w/])"
+)
 
 
 def package_modules(package: Path) -> list[str]:
@@ -106,6 +112,15 @@ def too_long(markdown_file: Path, limit: int) -> int | None:
     return count if count > limit else None
 
 
+def missing_paths(markdown_file: Path, root: Path) -> list[str]:
+    """Repository paths named in ``markdown_file`` (anywhere, code included) that exist neither
+    from the repository root nor from the file's folder."""
+    named = REPO_PATH.findall(markdown_file.read_text(encoding="utf-8"))
+    return sorted(
+        {p for p in named if not (root / p).exists() and not (markdown_file.parent / p).exists()}
+    )
+
+
 def markdown_files() -> list[Path]:
     return [README, *sorted((ROOT / "docs").rglob("*.md"))]
 
@@ -125,6 +140,16 @@ def test_every_module_is_named_in_the_architecture_page():
 )
 def test_every_relative_link_resolves(markdown_file):
     assert not broken_links(markdown_file)
+
+
+# Dated result files record what was true when they were measured: not checked for paths.
+@pytest.mark.parametrize(
+    "markdown_file",
+    [f for f in markdown_files() if "results" not in f.relative_to(ROOT).parts],
+    ids=lambda p: p.relative_to(ROOT).as_posix(),
+)
+def test_every_named_repository_path_exists(markdown_file):
+    assert not missing_paths(markdown_file, ROOT)
 
 
 def test_readme_is_a_front_door():
@@ -212,6 +237,17 @@ def test_a_heading_in_a_code_block_is_no_anchor():
 )  # fmt: skip
 def test_github_slugs(heading, slug):
     assert github_slug(heading) == slug
+
+
+def test_a_stale_repository_path_is_reported(tmp_path):
+    (tmp_path / "flora_lightning" / "clip").mkdir(parents=True)
+    (tmp_path / "flora_lightning" / "clip" / "hub.py").write_text("")
+    doc = tmp_path / "doc.md"
+    doc.write_text(
+        "`flora_lightning/clip/hub.py` and `flora_lightning/hub.py`;\n"
+        "```\npython flora_lightning/loop.py\n```\nnot a path: my_flora_lightning/x.py\n"
+    )
+    assert missing_paths(doc, tmp_path) == ["flora_lightning/hub.py", "flora_lightning/loop.py"]
 
 
 def test_a_readme_over_the_limit_is_reported(tmp_path):
