@@ -15,6 +15,7 @@ Plain text and ``pathlib`` only: no import of the package (fast, and it cannot h
 
 from __future__ import annotations
 
+import bisect
 import re
 from pathlib import Path
 
@@ -88,21 +89,34 @@ def anchors(markdown: str) -> set[str]:
     return result
 
 
+def link_targets(markdown: str) -> list[tuple[int, str]]:
+    """(line number, target) of every link outside code; a link's text may wrap lines."""
+    lines = prose_lines(markdown)
+    text = "\n".join(line for _, line in lines)
+    starts = [0]
+    for _, line in lines:
+        starts.append(starts[-1] + len(line) + 1)
+    found = []
+    for match in LINK.finditer(text):
+        index = bisect.bisect_right(starts, match.start()) - 1
+        found.append((lines[index][0], match.group(1)))
+    return found
+
+
 def broken_links(markdown_file: Path) -> list[str]:
     """Relative links of ``markdown_file`` whose file, or whose ``#anchor``, does not exist."""
     problems = []
-    for number, line in prose_lines(markdown_file.read_text(encoding="utf-8")):
-        for target in LINK.findall(line):
-            if not target or EXTERNAL.match(target):
-                continue
-            path_part, _, anchor = target.partition("#")
-            destination = (markdown_file.parent / path_part) if path_part else markdown_file
-            where = f"{markdown_file.name}:{number}: ({target})"
-            if not destination.exists():
-                problems.append(f"{where} no such file {destination}")
-            elif anchor and destination.suffix == ".md":
-                if anchor not in anchors(destination.read_text(encoding="utf-8")):
-                    problems.append(f"{where} no heading with anchor #{anchor} in {destination}")
+    for number, target in link_targets(markdown_file.read_text(encoding="utf-8")):
+        if not target or EXTERNAL.match(target):
+            continue
+        path_part, _, anchor = target.partition("#")
+        destination = (markdown_file.parent / path_part) if path_part else markdown_file
+        where = f"{markdown_file.name}:{number}: ({target})"
+        if not destination.exists():
+            problems.append(f"{where} no such file {destination}")
+        elif anchor and destination.suffix == ".md":
+            if anchor not in anchors(destination.read_text(encoding="utf-8")):
+                problems.append(f"{where} no heading with anchor #{anchor} in {destination}")
     return problems
 
 
@@ -186,6 +200,7 @@ def test_a_module_missing_from_the_page_is_reported(tmp_path):
         ("[a](#nowhere)", "no heading with anchor #nowhere"),
         ("![plot](sub/plot.png)", "no such file"),
         ("[a](page.md#the-papers-grid)", "no heading with anchor #the-papers-grid"),
+        ("[a link whose text\nwraps](missing.md)", "doc.md:3: (missing.md) no such file"),
     ],
 )
 def test_a_broken_link_is_reported(tmp_path, link, problem):
