@@ -1,6 +1,6 @@
 """The README stays a front door and the docs stay true to the tree.
 
-Three checks, each a small function of files and text so that the tests below can also feed it
+Four checks, each a small function of files and text so that the tests below can also feed it
 a deliberately broken input and see it fail:
 
 - every module under ``flora_lightning/`` is named by its path in ``docs/architecture.md``;
