@@ -117,13 +117,15 @@ def personalize(model, source, clients, trainer, steps: int, round_: int, measur
     """
     data = source.data if isinstance(source, FeatureCache) else source
     # A throwaway trainer: the run's Fabric and seed, but its own (empty) optimizer states,
-    # enough epochs to reach ``steps`` (each epoch has >= 1 batch), and the plain local step.
+    # enough epochs to reach ``steps`` (each epoch has >= 1 batch), and the run's local step
+    # without DP-SGD's.
     tuner = LocalTrainer(
         trainer.fabric,
         local_epochs=steps,
         max_local_steps=steps,
         keep_optimizer_state=False,
         seed=trainer.seed,
+        capture=trainer.capture,  # the run's compiled step (compiled once)
     )
     global_state = model.communicated_state()  # detached copies
     scores = {}

@@ -19,6 +19,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from flora_lightning.client_state.stores import ClientStates, client_states
+from flora_lightning.federation.step_capture import CompiledStep, log_once
 from flora_lightning.strategy import ClientUpdate
 
 
@@ -90,6 +91,8 @@ class LocalTrainer:
         client_state_dir: keep the clients' optimizer states on disk, one safetensors file per
             client in this folder (:class:`~flora_lightning.client_state.stores.DiskStates`), read at
             the client's fit and written after it; None: in memory.
+        capture: run the step compiled or captured in CUDA graphs (see
+            :func:`~flora_lightning.federation.step_capture.plan_capture`); None: eager.
     """
 
     def __init__(
@@ -101,8 +104,12 @@ class LocalTrainer:
         seed: int = 42,
         step_fn=None,
         client_state_dir: str | None = None,
+        capture: CompiledStep | None = None,
     ) -> None:
         self.fabric = fabric
+        self.capture = capture
+        """The compiled/captured step runner (``trainer.compile``/``cuda_graphs``); None:
+        eager."""
         self.local_epochs = local_epochs
         self.max_local_steps = max_local_steps
         self.keep_optimizer_state = keep_optimizer_state
@@ -157,45 +164,86 @@ class LocalTrainer:
         """
         if not proximal_mu >= 0:
             raise ValueError(f"trainer.strategy.mu must be >= 0 (got {proximal_mu}).")
-        fabric = self.fabric
         torch.manual_seed(self.seed_for(round_, client))  # dropout etc.
         generator = torch.Generator().manual_seed(self.seed_for(round_, client, 1))
-        source = source or data
+        loader = self.client_loader(data, source or data, client, generator)
+        optimizer = self.client_optimizer(model, client)
+        proximal = ProximalTerm(model, proximal_mu) if proximal_mu > 0 else None
+        step = self.step_for(model, optimizer, proximal, self.seed_for(round_, client, 2))
+        cap = min(max_steps or math.inf, self.max_local_steps or math.inf)
+        train_loss, seen = self.run_steps(model, loader, step, cap)
+        state = model.communicated_state()
+        self.keep_optimizer_state_of(client, optimizer, state, train_loss, seen)
+        return ClientUpdate(
+            client_id=client,
+            state=state,
+            num_samples=data.num_samples(client),
+            train_loss=train_loss,
+        )
+
+    def client_loader(self, data, source, client: int, generator: torch.Generator):
+        """The client's batches for one fit, in the order ``generator`` draws (DP-SGD's
+        Poisson sampling draws them with its batch sampler)."""
         batch_sampler = None
         if self.step_fn is not None:
             n, batch_size = data.num_samples(client), data.batch_size
             batch_sampler = self.step_fn.batch_sampler(
                 n, batch_size, steps_per_epoch(n, batch_size), generator
             )
-        loader = fabric.setup_dataloaders(
+        return self.fabric.setup_dataloaders(
             source.client_dataloader(client, generator, batch_sampler),
             use_distributed_sampler=False,
         )
+
+    def client_optimizer(self, model, client: int):
+        """A fresh optimizer for this fit, holding the client's kept state if any."""
         optimizer = model.configure_optimizers()
         if self.keep_optimizer_state and client in self.state_store:
             saved = optimizer.state_dict()
             saved["state"] = self.state_store[client]
             optimizer.load_state_dict(saved)
-        optimizer = fabric.setup_optimizers(optimizer)
-        proximal = ProximalTerm(model, proximal_mu) if proximal_mu > 0 else None
+        return self.fabric.setup_optimizers(optimizer)
+
+    @property
+    def uses_capture(self) -> bool:
+        """Whether fits run the compiled/captured step: set up, and no replaced step."""
+        if self.capture is None:
+            return False
+        if self.step_fn is not None:
+            log_once(
+                f"The local step is not {self.capture.what}: {type(self.step_fn).__name__} "
+                "replaces it (per-example gradients run eagerly)."
+            )
+            return False
+        return True
+
+    def step_for(self, model, optimizer, proximal, step_seed: int):
+        """``step(batch, batch_idx) -> loss``: the fit's local step (eager, compiled or
+        ``step_fn``, which starts its fit with ``step_seed``)."""
+        fabric = self.fabric
         if self.step_fn is not None:
             if proximal is not None:
                 raise ValueError(
                     "privacy.level=sample does not support FedProx's proximal term; use "
                     "trainer.strategy FedAvg with DP-SGD."
                 )
-            self.step_fn.start_fit(self.seed_for(round_, client, 2))
-        cap = min(max_steps or math.inf, self.max_local_steps or math.inf)
+            self.step_fn.start_fit(step_seed)
+            return lambda batch, i: self.step_fn(fabric, model, optimizer, batch, i)
+        if self.uses_capture:
+            return lambda batch, i: self.capture.step(fabric, model, optimizer, batch, i, proximal)
+        return lambda batch, i: local_step(fabric, model, optimizer, batch, i, proximal)
+
+    def run_steps(self, model, loader, step, cap: float) -> tuple[float, int]:
+        """Up to ``local_epochs`` epochs of ``step`` over ``loader``, at most ``cap`` steps;
+        returns the sample-weighted mean training loss (NaN when no example was drawn: only
+        empty Poisson batches) and the examples seen."""
         model.train()
         mean_loss = MeanMetric(nan_strategy="disable").set_dtype(torch.float64)
-        mean_loss = mean_loss.to(fabric.device)
+        mean_loss = mean_loss.to(self.fabric.device)
         steps = seen = 0
         for _ in range(self.local_epochs):
             for batch_idx, batch in enumerate(loader):
-                if self.step_fn is None:
-                    loss = local_step(fabric, model, optimizer, batch, batch_idx, proximal)
-                else:
-                    loss = self.step_fn(fabric, model, optimizer, batch, batch_idx)
+                loss = step(batch, batch_idx)
                 if len(batch[1]):  # a Poisson batch may be empty: a step, but no loss
                     mean_loss.update(loss.detach(), weight=len(batch[1]))
                     seen += len(batch[1])
@@ -205,24 +253,17 @@ class LocalTrainer:
             if steps >= cap:
                 break
         model.eval()
-        state = model.communicated_state()
-        # No example drawn in the whole fit (only empty Poisson batches): no loss to report,
-        # and not a divergence.
-        train_loss = float(mean_loss.compute()) if seen else math.nan
+        return (float(mean_loss.compute()) if seen else math.nan), seen
+
+    def keep_optimizer_state_of(self, client: int, optimizer, state, train_loss, seen) -> None:
+        """Keep the client's optimizer state for its next fit; a diverged fit (NaN/Inf loss or
+        state) drops it instead: its moments would poison every later round of this client,
+        so it starts the next one fresh (the strategy refuses the update itself)."""
         finite = all(t.isfinite().all() for t in state.values())
         if not (finite and (math.isfinite(train_loss) or not seen)):
-            # A diverged fit: its NaN/Inf moments would poison every later round of this
-            # client, so it starts the next one with a fresh optimizer (the strategy refuses
-            # the update itself).
             self.optimizer_states.pop(client, None)
         elif self.keep_optimizer_state:  # the store copies what it keeps
             self.optimizer_states[client] = {
                 i: {k: v.detach().to("cpu") if torch.is_tensor(v) else v for k, v in slots.items()}
                 for i, slots in optimizer.state_dict()["state"].items()
             }
-        return ClientUpdate(
-            client_id=client,
-            state=state,
-            num_samples=data.num_samples(client),
-            train_loss=train_loss,
-        )
