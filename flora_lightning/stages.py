@@ -12,7 +12,9 @@ before that (a missing config file, a YAML syntax error) at once.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
@@ -84,6 +86,39 @@ def check_run_dir(run_dir: str | Path | None, field: str = "trainer.default_root
             return
 
 
+@dataclass
+class RunParts:
+    """What a parsed stage config builds: the method, the data, the loop and the config dump."""
+
+    model: Any
+    """The federated method (``--model``), not set up yet."""
+    data: Any
+    """The :class:`~flora_lightning.data.datamodule.FederatedDataModule` (``--data``)."""
+    loop: Any
+    """The :class:`~flora_lightning.federation.loop.FederatedLoop` (``--trainer``), with the
+    run's privacy (``--privacy``) in use."""
+    config_yaml: str
+    """The resolved config as YAML (what ``config.yaml`` of the run directory holds)."""
+    ckpt_path: str | None = None
+    """``--ckpt_path`` of ``validate``/``test``."""
+
+
+def build_run(parser: ArgumentParser, config: Namespace) -> RunParts:
+    """Instantiate model, data and loop from ``config`` (parsed by ``parser``) and put the
+    privacy settings in use: every runtime builds a run's parts here (``flora`` stages, the
+    Flower apps), so all of them train the same thing from one config. Nothing is set up yet."""
+    init = parser.instantiate_classes(config)
+    loop = init.trainer
+    loop.use_privacy(init.privacy)
+    return RunParts(
+        model=init.model,
+        data=init.data,
+        loop=loop,
+        config_yaml=dump_config(parser, config),
+        ckpt_path=init.get("ckpt_path"),
+    )
+
+
 def run_stage(stage: str, parser: ArgumentParser, config: Namespace) -> dict:
     """Build model, data and loop from ``config`` (parsed by ``parser``) and run ``stage``.
 
@@ -93,13 +128,12 @@ def run_stage(stage: str, parser: ArgumentParser, config: Namespace) -> dict:
     run_dir = config.trainer.default_root_dir
     check_run_dir(run_dir)
     with run_log(run_dir, f"flora {stage}"):
-        init = parser.instantiate_classes(config)
-        loop = init.trainer
-        loop.use_privacy(init.privacy)
+        parts = build_run(parser, config)
         if stage == "fit":
-            result = loop.fit(init.model, init.data, config_yaml=dump_config(parser, config))
+            result = parts.loop.fit(parts.model, parts.data, config_yaml=parts.config_yaml)
         else:
-            result = getattr(loop, stage)(init.model, init.data, ckpt_path=init.ckpt_path)
+            evaluate = getattr(parts.loop, stage)
+            result = evaluate(parts.model, parts.data, ckpt_path=parts.ckpt_path)
         log.info("flora %s finished; outputs in %s.", stage, run_dir)
         return result
 

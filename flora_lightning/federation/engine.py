@@ -1,19 +1,30 @@
-"""``RoundEngine``: the round steps every runtime shares, on top of a launched Fabric.
+"""``RoundEngine``: the run and the round steps every runtime shares, on top of a launched Fabric.
 
-A federated round, whoever drives it::
+A run, whoever drives it (:meth:`RoundEngine.run`)::
 
-    begin_round(round, clients) → client_update(...) per arriving update
-    → (the strategy aggregates) → end_round: evaluate, RunRecorder.record, checkpoint
+    open the run directory → restore (trainer.resume) → cache features → on_fit_start
+    → round 0 (evaluation) → the rounds → finish (final model, summary.json)
 
-:class:`~flora_lightning.federation.loop.FederatedLoop` drives it in-process (clients one after another);
-the Flower ServerApp's :class:`~flora_lightning.flower.server_strategy.FloraFedAvg` drives it from the
-replies of the nodes. Both therefore fire the same callbacks, evaluate the same way and write
-the same run directory.
+A federated round::
+
+    begin_round(round, clients) → record_update(...) per arriving update (record_dropped,
+    record_straggler, record_rejected for those that sent none or failed) → (the strategy
+    aggregates) → close_round: too few updates raise or skip (trainer.on_too_few_updates)
+    → end_round: evaluate, RunRecorder.record, checkpoint
+
+:class:`~flora_lightning.federation.loop.FederatedLoop` drives it in-process (clients one after
+another); the Flower ServerApp's :class:`~flora_lightning.flower.server_strategy.FloraFedAvg`
+and the SecAgg+ ServerApp's :class:`~flora_lightning.flower.secagg_server.SecAggFedAvg` drive it
+from the replies of the nodes. The engine is the only writer of a
+:class:`~flora_lightning.rundir.round_record.RoundTally`, so all three fire the same callbacks,
+apply the same failure policy, evaluate the same way and write the same run directory.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable, Mapping
 
 from flora_lightning.client_state.optimizer_shards import (
     optimizer_state_shards,
@@ -28,19 +39,33 @@ from flora_lightning.federation.ranks import (
     padded_state,
     sliced_update,
 )
-from flora_lightning.federation.setup import setup_run
+from flora_lightning.federation.setup import OnTooFewUpdates, check_on_too_few_updates, setup_run
 from flora_lightning.privacy.config import PrivacyConfig
 from flora_lightning.privacy.run import PrivacyRun
 from flora_lightning.rundir.checkpoint import load_state, write_json
 from flora_lightning.rundir.round_record import RoundRecord, RoundTally
 from flora_lightning.strategy import ClientUpdate, State, for_rank, state_bytes
 
+log = logging.getLogger(__name__)
+
+
+class RoundFailedError(RuntimeError):
+    """Too few client updates were accepted for a round to change the global state (and
+    ``trainer.on_too_few_updates`` is ``raise``)."""
+
 
 class RoundEngine:
-    """Set-up, the per-round steps and the run's end; subclasses hold the settings.
+    """Set-up, the run sequence, the per-round steps and the run's end; subclasses hold the
+    settings.
 
-    Expects ``recorder`` (a :class:`~flora_lightning.rundir.recorder.RunRecorder`), ``callbacks``,
-    ``strategy`` and the ``trainer.*`` settings :func:`~flora_lightning.federation.setup.setup_run` reads.
+    A subclass (:class:`~flora_lightning.federation.loop.FederatedLoop`) sets ``recorder`` (a
+    :class:`~flora_lightning.rundir.recorder.RunRecorder`), ``strategy`` and the ``trainer.*``
+    settings :func:`~flora_lightning.federation.setup.setup_run` reads. A bare engine (no
+    Fabric, no run directory) only keeps tallies, with the same policy: what a Flower strategy
+    uses when no loop drives it.
+
+    Args:
+        on_too_few_updates: ``trainer.on_too_few_updates`` (see :meth:`close_round`).
     """
 
     availability = None
@@ -53,6 +78,14 @@ class RoundEngine:
     """Each client's LoRA rank, resolved at :meth:`set_up`; None: all at the model's."""
     _rank_mask: RankMask | None = None
 
+    def __init__(self, on_too_few_updates: OnTooFewUpdates = "raise") -> None:
+        check_on_too_few_updates(on_too_few_updates)
+        self.on_too_few_updates = on_too_few_updates
+        self.fabric = self.model = self.datamodule = self.trainer = None  # set_up sets them
+        self.recorder = None
+        self.callbacks: list = []
+        self.round = 0
+
     def use_privacy(self, privacy: PrivacyConfig) -> None:
         """Train with ``privacy`` (``--privacy.*``; level none changes nothing). Call before
         :meth:`set_up`: its callback joins the loop's."""
@@ -63,7 +96,7 @@ class RoundEngine:
 
     @property
     def run_dir(self):
-        return self.recorder.run_dir
+        return None if self.recorder is None else self.recorder.run_dir
 
     @property
     def history(self) -> list[RoundRecord]:
@@ -109,27 +142,133 @@ class RoundEngine:
         self.recorder.caching_seconds = time.perf_counter() - t0
         self.fabric.print(f"Cached image features in {self.recorder.caching_seconds:.1f}s.")
 
+    def run(
+        self,
+        model,
+        datamodule,
+        rounds: Callable[[int], object],
+        config_yaml: str | None = None,
+        cache_clients: list[int] | None = None,
+    ) -> dict:
+        """The run sequence of every runtime; returns the summary (as summary.json).
+
+        Opens the run directory (:meth:`open_run`), restores the last complete round with
+        ``trainer.resume`` (:meth:`restore`), caches the image features of ``cache_clients``
+        (None: every client; a ServerApp passes ``[]``, the test set only), fires
+        ``on_fit_start``, evaluates round 0 (a new run only), calls ``rounds(done)`` to run
+        the rounds after ``done`` (the in-process loop's, or a Flower strategy's, numbered as
+        the run's), then :meth:`finish`.
+        """
+        self.open_run(model, datamodule, config_yaml)
+        shown = self.recorder.shown_label_table(datamodule.label_table())
+        self.fabric.print(f"Client label counts:\n{shown}")
+        if self.ranks is not None:
+            self.fabric.print(f"Client LoRA ranks: {self.ranks}")
+        done = self.restore() if self.resume else 0
+        if cache_clients is None:
+            cache_clients = list(range(datamodule.num_clients))
+        self.cache_image_features(model, datamodule, cache_clients)
+        self._call("on_fit_start", loop=self, model=model)
+        if done == 0:
+            self.end_round(RoundTally(round=0))
+        rounds(done)
+        return self.finish()
+
     # ======================================================== round engine
+    def _call(self, hook: str, **kwargs) -> None:
+        """The callbacks' ``hook`` (none on a bare engine, which has no Fabric)."""
+        if self.fabric is not None:
+            self.fabric.call(hook, **kwargs)
+
     def begin_round(self, round_: int, clients: list[int]) -> RoundTally:
         """Start a round's tally and the callbacks' ``on_round_start``."""
         self.round = round_
         tally = RoundTally(round=round_, clients=list(clients))
-        self.fabric.call("on_round_start", loop=self, round=round_, clients=tally.clients)
+        self._call("on_round_start", loop=self, round=round_, clients=tally.clients)
         return tally
 
-    def client_steps(self, tally: RoundTally, client: int) -> int | None:
-        """The local steps ``client`` runs this round under ``trainer.availability``: 0 when it
-        drops out (recorded), a straggler's share (recorded), None for a full fit."""
-        if self.availability is None:
-            return None
-        full = self.trainer.planned_steps(self.datamodule.num_samples(client),
-                                          self.datamodule.batch_size)  # fmt: skip
-        event = self.availability.draw(self.seed, tally.round, client, full)
-        if event.dropped:
-            tally.dropped[str(client)] = event.reason
-        elif event.kind == "straggler":
-            tally.stragglers[str(client)] = event.steps
-        return event.steps
+    def record_sent(self, tally: RoundTally, bytes_down: int) -> None:
+        """The bytes of the global state (or each client's rank slice) sent this round."""
+        tally.bytes_down = bytes_down
+
+    def record_dropped(self, tally: RoundTally, client: int, reason: str) -> None:
+        """``client`` sent nothing this round (``trainer.availability``: dropout, deadline)."""
+        tally.dropped[str(client)] = reason
+
+    def record_straggler(self, tally: RoundTally, client: int, steps: int) -> None:
+        """``client`` ran only ``steps`` local steps this round (``trainer.availability``)."""
+        tally.stragglers[str(client)] = steps
+
+    def record_rejected(self, tally: RoundTally, who: str, reason: str) -> None:
+        """``who`` (a client id, ``"node N"``, a SecAgg+ failure) is left out, and why."""
+        tally.rejected[who] = reason
+
+    def record_update(
+        self,
+        tally: RoundTally,
+        update: ClientUpdate,
+        seconds: float,
+        masked_bytes: int | None = None,
+    ) -> None:
+        """A client's update arrived (before the strategy sees it): the callbacks'
+        ``on_client_fit_end``, the bytes it sent, its loss and its fit ``seconds``.
+
+        ``masked_bytes``: under SecAgg+ the server never sees ``update.state``, only the
+        client's masked vector of this many bytes; then no callback sees the update and no
+        loss is recorded (the loss stays on the node).
+        """
+        if masked_bytes is None:
+            self._call("on_client_fit_end", loop=self, model=self.model, update=update)
+            sent = state_bytes(update.state)
+            tally.train_loss[update.client_id] = update.train_loss
+        else:
+            sent = masked_bytes
+        tally.bytes_up += sent
+        tally.client_bytes_up[update.client_id] = sent
+        tally.train_seconds += seconds
+
+    def close_round(
+        self,
+        tally: RoundTally,
+        accepted: list[int],
+        rejected: Mapping[int | str, str],
+        min_clients: int,
+        clients: list[int] | None = None,
+    ) -> bool:
+        """Close the round's tally with the strategy's ``accepted`` and ``rejected`` clients
+        (``clients``: who trained, when only the replies tell); True when it aggregates.
+
+        With fewer than ``min_clients`` accepted updates the global state must stay as it
+        was, and ``trainer.on_too_few_updates`` decides: ``raise`` stops the run (the last
+        complete round stays saved) unless clients were dropped by the simulated
+        ``trainer.availability`` (then the round is expected to come up short, on every
+        runtime), ``skip`` records the round unaggregated and goes on.
+
+        Raises:
+            RoundFailedError: too few updates under ``raise``, naming the fields and the fix.
+        """
+        tally.accepted = sorted(accepted)  # arrival order varies
+        tally.rejected.update({str(c): r for c, r in rejected.items()})
+        if clients is not None:
+            tally.clients = sorted(clients)
+        if len(tally.accepted) >= min_clients:
+            tally.aggregated = True
+            return True
+        if self.on_too_few_updates == "raise" and not tally.dropped:
+            where = self.run_dir or "the run directory"
+            raise RoundFailedError(
+                f"round {tally.round}: {len(tally.accepted)} client update(s) accepted, fewer "
+                f"than trainer.strategy.min_clients={min_clients}; rejected: {tally.rejected}. "
+                f"The run stopped; {where} keeps the last complete round: fix the cause, then "
+                "rerun with --trainer.resume true (or set --trainer.on_too_few_updates skip to "
+                "record such rounds unaggregated and go on)."
+            )
+        log.error(
+            "round %d not aggregated: %d update(s) accepted, fewer than min_clients=%d; the "
+            "global state stays as it was. Rejected: %s; dropped: %s",
+            tally.round, len(tally.accepted), min_clients, tally.rejected, tally.dropped,
+        )  # fmt: skip
+        return False
 
     def client_rank(self, client: int) -> int | None:
         """``client``'s LoRA rank when it differs from the global model's, else None."""
@@ -167,15 +306,6 @@ class RoundEngine:
         rank = self.client_rank(client)
         return global_state if rank is None else for_rank(global_state, rank)
 
-    def client_update(self, tally: RoundTally, update: ClientUpdate, seconds: float) -> None:
-        """A client's update arrived: callbacks' ``on_client_fit_end``, traffic and loss."""
-        self.fabric.call("on_client_fit_end", loop=self, model=self.model, update=update)
-        sent = state_bytes(update.state)
-        tally.bytes_up += sent
-        tally.client_bytes_up[update.client_id] = sent
-        tally.train_loss[update.client_id] = update.train_loss
-        tally.train_seconds += seconds
-
     def end_round(self, tally: RoundTally) -> RoundRecord:
         """Evaluate the global model; record the round; save it (rounds after 0)."""
         t0 = time.perf_counter()
@@ -185,7 +315,7 @@ class RoundEngine:
             metrics["eval_seconds"] = time.perf_counter() - t0
             metrics["seconds"] = time.perf_counter() - tally.started
         record = self.recorder.record(self.fabric, self, tally, metrics)
-        self.fabric.call("on_round_end", loop=self, round=tally.round, record=record)
+        self._call("on_round_end", loop=self, round=tally.round, record=record)
         if tally.round > 0:
             self.recorder.save(tally.round, self.model, *self.resume_state())
         return record
@@ -227,7 +357,7 @@ class RoundEngine:
     def finish(self) -> dict:
         """Callbacks' ``on_fit_end``, the exported final model, summary.json; returns it."""
         summary = self.summary()
-        self.fabric.call("on_fit_end", loop=self, model=self.model, summary=summary)
+        self._call("on_fit_end", loop=self, model=self.model, summary=summary)
         self.recorder.finish(self.model, summary)
         for logger in self.fabric.loggers:
             logger.finalize("success")

@@ -4,21 +4,24 @@ One model lives in memory whatever the number of clients: before each client tra
 communicated state (e.g. the LoRA adapters) is copied into it; afterwards the client's state is
 copied out and folded into the aggregation strategy. A round is::
 
-    begin_round (sampled clients) → for each: load global → LocalTrainer.fit → client_update
-    → strategy.add → strategy.result becomes the global state → end_round (evaluate;
-    RunRecorder: record, TensorBoard, checkpoint)
+    begin_round (sampled clients) → for each: the client runner (availability draw, load
+    global, LocalTrainer.fit) → record_update → strategy.add → close_round → strategy.result
+    becomes the global state → end_round (evaluate; RunRecorder: record, TensorBoard,
+    checkpoint)
 
-``begin_round``, ``client_update`` and ``end_round`` are the round engine every runtime shares:
-the Flower ServerApp's strategy calls them too (:mod:`flora_lightning.flower.server_strategy`). Every
-random choice is seeded from ``(seed, round, client)`` so a resumed run repeats exactly what an
-uninterrupted one would have done.
+The run sequence (:meth:`RoundEngine.run`), ``begin_round``, ``record_update``, ``close_round``
+and ``end_round`` are the round engine every runtime shares: the Flower ServerApps' strategies
+call them too (:mod:`flora_lightning.flower.server_strategy`,
+:mod:`flora_lightning.flower.secagg_server`), and the Flower ClientApp trains with the same
+client runner (:mod:`flora_lightning.federation.client_runner`). Every random choice is seeded
+from ``(seed, round, client)`` so a resumed run repeats exactly what an uninterrupted one would
+have done.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -27,18 +30,22 @@ from flora_lightning.callbacks.base import Callback
 from flora_lightning.callbacks.communication import CommunicationLogger
 from flora_lightning.clip.feature_cache import FeatureCache
 from flora_lightning.federation.availability import Availability
-from flora_lightning.federation.engine import RoundEngine
+from flora_lightning.federation.client_runner import availability_event, fit_client
+from flora_lightning.federation.engine import RoundEngine, RoundFailedError
 from flora_lightning.federation.ranks import ClientRanks
-from flora_lightning.federation.setup import OnClientError, Precision, check_settings
+from flora_lightning.federation.setup import (
+    OnClientError,
+    OnTooFewUpdates,
+    Precision,
+    check_settings,
+)
 from flora_lightning.rundir.recorder import RunRecorder
-from flora_lightning.rundir.round_record import RoundRecord, RoundTally
+from flora_lightning.rundir.round_record import RoundRecord
 from flora_lightning.strategy import FedAvg, Strategy, state_bytes
 
 log = logging.getLogger(__name__)
 
-
-class RoundFailedError(RuntimeError):
-    """Too few client updates were accepted for a round to change the global state."""
+__all__ = ["FederatedLoop", "RoundFailedError"]
 
 
 class FederatedLoop(RoundEngine):
@@ -72,9 +79,11 @@ class FederatedLoop(RoundEngine):
             :mod:`flora_lightning.federation.ranks`). null: every client at ``model.lora.rank``.
         on_client_error: a client whose local fit raises (e.g. out of memory) is left out of
             the round with the error as its reason (``skip``, as a failed Flower ClientApp),
-            or stops the run (``raise``). Either way, a round with fewer than
-            ``strategy.min_clients`` accepted updates stops the run; the last complete round
-            stays saved.
+            or stops the run (``raise``).
+        on_too_few_updates: a round with fewer than ``strategy.min_clients`` accepted updates
+            stops the run, the last complete round saved (``raise``; a round short only
+            because ``availability`` dropped clients passes), or is recorded unaggregated, the
+            global state kept, and the run goes on (``skip``). The same on the Flower apps.
         callbacks: extra Fabric callbacks (a CommunicationLogger, which logs ``comm/*``, is
             added when none is given).
         default_root_dir: run directory for config, TensorBoard, checkpoints, summary.
@@ -105,6 +114,7 @@ class FederatedLoop(RoundEngine):
         availability: Availability | None = None,
         client_ranks: ClientRanks = None,
         on_client_error: OnClientError = "skip",
+        on_too_few_updates: OnTooFewUpdates = "raise",
         callbacks: list[Callback] | None = None,
         default_root_dir: str = "runs/flora",
         resume: bool = False,
@@ -113,7 +123,8 @@ class FederatedLoop(RoundEngine):
         seed: int = 42,
         progress: bool = True,
     ) -> None:
-        check_settings(**{k: v for k, v in locals().items() if k != "self"})
+        check_settings(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
+        super().__init__(on_too_few_updates)
         self.rounds, self.local_epochs, self.max_local_steps = rounds, local_epochs, max_local_steps
         self.join_ratio, self.precision, self.accelerator = join_ratio, precision, accelerator
         self.keep_client_optimizer_state = keep_client_optimizer_state
@@ -131,8 +142,6 @@ class FederatedLoop(RoundEngine):
             default_root_dir, resume, resume_every_n_rounds, keep_last_checkpoints, rounds
         )
         self.feature_cache: FeatureCache | None = None
-        self.fabric = self.trainer = self.model = self.datamodule = None
-        self.round = 0
 
     def clients_per_round(self, num_clients: int) -> int:
         # floor, as Flower; the epsilon keeps 0.29 * 100 at 29 despite float rounding
@@ -151,69 +160,53 @@ class FederatedLoop(RoundEngine):
     # ================================================================= fit
     def fit(self, model, datamodule, config_yaml: str | None = None) -> dict:
         """Run (or resume) the federated training; returns the summary written to summary.json."""
-        self.open_run(model, datamodule, config_yaml)
-        shown = self.recorder.shown_label_table(datamodule.label_table())
-        self.fabric.print(f"Client label counts:\n{shown}")
-        if self.ranks is not None:
-            self.fabric.print(f"Client LoRA ranks: {self.ranks}")
-        start = self.restore() if self.resume else 0
-        self.cache_image_features(model, datamodule, list(range(datamodule.num_clients)))
-        self.fabric.call("on_fit_start", loop=self, model=model)
-        if start == 0:
-            self.end_round(RoundTally(round=0))
-        bar = tqdm(range(start + 1, self.rounds + 1), desc="rounds", disable=not self.progress,
-                   initial=start, total=self.rounds)  # fmt: skip
+        return self.run(model, datamodule, self.run_rounds, config_yaml)
+
+    def run_rounds(self, done: int) -> None:
+        """The rounds after ``done``, in-process."""
+        bar = tqdm(range(done + 1, self.rounds + 1), desc="rounds", disable=not self.progress,
+                   initial=done, total=self.rounds)  # fmt: skip
         for round_ in bar:
             record = self.run_round(round_)
             bar.set_postfix(acc=f"{record.test_acc:.4f}", loss=f"{record.test_loss:.3f}")
-        return self.finish()
 
     def run_round(self, round_: int) -> RoundRecord:
         """One in-process round: the sampled clients train one after another, then aggregate."""
-        model, data = self.model, self.datamodule
+        model = self.model
         tally = self.begin_round(round_, self.round_clients(round_))
         global_state = model.communicated_state()
         self.strategy.begin(global_state)
+        self.record_sent(tally, sum(state_bytes(self.state_for_client(global_state, c))
+                                    for c in tally.clients))  # fmt: skip
         for client in tqdm(tally.clients, desc=f"round {round_} clients", leave=False,
                            disable=not self.progress):  # fmt: skip
-            steps = self.client_steps(tally, client)
-            if steps == 0:
-                continue  # dropped: it sends nothing
-            self.prepare_client(global_state, client)
-            self.fabric.call("on_client_fit_start", loop=self, model=model, client_id=client)
-            t0 = time.perf_counter()
+            event = availability_event(self, round_, client)
+            if event is not None and event.dropped:
+                self.record_dropped(tally, client, event.reason)
+                continue  # it sends nothing
+            if event is not None and event.kind == "straggler":
+                self.record_straggler(tally, client, event.steps)
             try:
-                update = self.trainer.fit(model, data, client, round_, self.feature_cache,
-                                          self.strategy.proximal_mu, steps)  # fmt: skip
-                update = self.client_state_to_send(update)
+                fit = fit_client(self, global_state, client, round_,
+                                 None if event is None else event.steps)  # fmt: skip
             except Exception as err:
                 if self.on_client_error == "raise":
                     raise
                 log.warning("client %d excluded from round %d: its fit raised %r", client,
                             round_, err)  # fmt: skip
-                tally.rejected[str(client)] = f"its fit raised {type(err).__name__}: {err}"
+                reason = f"its fit raised {type(err).__name__}: {err}"
+                self.record_rejected(tally, str(client), reason)
                 # Adam updates its (kept) state in place: a fit stopped midway leaves it half
                 # updated, so the client starts its next round with a fresh optimizer.
                 self.trainer.optimizer_states.pop(client, None)
                 continue
-            self.client_update(tally, update, time.perf_counter() - t0)
-            self.strategy.add(update)
-        tally.bytes_down = sum(state_bytes(self.state_for_client(global_state, c))
-                               for c in tally.clients)  # fmt: skip
-        tally.accepted = sorted(self.strategy.accepted)
-        tally.rejected.update({str(c): r for c, r in self.strategy.rejected.items()})
-        if len(tally.accepted) < self.strategy.min_clients:
-            model.load_communicated_state(global_state)
-            if tally.dropped:  # simulated availability: the round passes, as on Flower
-                log.warning("round %d not aggregated: %d update(s), %d client(s) dropped",
-                            round_, len(tally.accepted), len(tally.dropped))  # fmt: skip
-                return self.end_round(tally)
-            raise RoundFailedError(
-                f"round {round_}: {len(tally.accepted)} client update(s) accepted, fewer than "
-                f"trainer.strategy.min_clients={self.strategy.min_clients}; rejected: "
-                f"{tally.rejected}. The run stopped; {self.run_dir} keeps the last complete "
-                "round: fix the cause, then rerun with --trainer.resume true."
-            )
-        model.load_communicated_state(self.strategy.result())
-        tally.aggregated = True
+            self.record_update(tally, fit.update, fit.seconds)
+            self.strategy.add(fit.update)
+        try:
+            aggregated = self.close_round(tally, self.strategy.accepted, self.strategy.rejected,
+                                          self.strategy.min_clients)  # fmt: skip
+        except RoundFailedError:
+            model.load_communicated_state(global_state)  # the run stops at the last global state
+            raise
+        model.load_communicated_state(self.strategy.result() if aggregated else global_state)
         return self.end_round(tally)

@@ -19,6 +19,9 @@ from flora_lightning.federation.ranks import ClientRanks, check_client_ranks
 
 Precision = Literal["32-true", "16-mixed", "bf16-mixed"]
 OnClientError = Literal["skip", "raise"]
+OnTooFewUpdates = Literal["raise", "skip"]
+ON_TOO_FEW_UPDATES = ("raise", "skip")
+"""Values of ``trainer.on_too_few_updates``."""
 
 
 def check_settings(
@@ -32,6 +35,7 @@ def check_settings(
     on_client_error: str,
     client_ranks: ClientRanks = None,
     client_state_dir: str | None = None,
+    on_too_few_updates: str = "raise",
     **_: object,
 ) -> None:
     """Refuse bad ``trainer.*`` values, naming the field and the fix."""
@@ -62,11 +66,22 @@ def check_settings(
         raise ValueError(
             f"trainer.on_client_error must be skip or raise (got {on_client_error!r})."
         )
+    check_on_too_few_updates(on_too_few_updates)
     check_client_ranks(client_ranks)
     if client_state_dir is not None and Path(client_state_dir).is_file():
         raise ValueError(
             f"trainer.client_state_dir={client_state_dir!r} is a file; give a folder (created "
             "when missing) or null to keep the clients' optimizer states in memory."
+        )
+
+
+def check_on_too_few_updates(value: str) -> None:
+    """Refuse a ``trainer.on_too_few_updates`` other than raise or skip, naming the field."""
+    if value not in ON_TOO_FEW_UPDATES:
+        raise ValueError(
+            f"trainer.on_too_few_updates must be raise or skip (got {value!r}): raise stops the "
+            "run at a round with fewer than trainer.strategy.min_clients accepted updates, skip "
+            "records that round unaggregated and goes on."
         )
 
 

@@ -24,8 +24,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from flora_lightning.cli import stage_parser
-from flora_lightning.federation.loop import FederatedLoop
+from flora_lightning.stages import RunParts, build_run, stage_parser
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 """Where ``configs/`` lives in a source checkout (editable install)."""
@@ -124,29 +123,18 @@ class FlowerRunConfig:
 
 
 @dataclass
-class Components:
-    """What one app builds from the YAML: the method, the data, the loop and the config dump."""
+class Components(RunParts):
+    """What one app builds from the YAML (:class:`~flora_lightning.stages.RunParts`: the
+    method, the data, the loop and the config dump) and the round's fewest updates."""
 
-    model: object
-    data: object
-    loop: FederatedLoop
-    config_yaml: str
-    min_clients: int
+    min_clients: int = 1
+    """Fewest accepted updates per round: the run config's ``min-clients``, else the YAML's
+    ``trainer.strategy.min_clients``."""
 
 
 def build_components(run: FlowerRunConfig, run_dir: str | None = None) -> Components:
-    """Parse and instantiate exactly as ``flora fit`` does (nothing is set up yet)."""
+    """Parse and build exactly as ``flora fit`` does (:func:`~flora_lightning.stages.build_run`;
+    nothing is set up yet)."""
     parser = stage_parser("fit")
-    config = parser.parse_args(run.cli_args(run_dir))
-    init = parser.instantiate_classes(config)
-    dump = config.clone()
-    dump.pop("config", None)
-    loop: FederatedLoop = init.trainer
-    loop.use_privacy(init.privacy)
-    return Components(
-        model=init.model,
-        data=init.data,
-        loop=loop,
-        config_yaml=parser.dump(dump, skip_none=False),
-        min_clients=run.min_clients or loop.strategy.min_clients,
-    )
+    parts = build_run(parser, parser.parse_args(run.cli_args(run_dir)))
+    return Components(**vars(parts), min_clients=run.min_clients or parts.loop.strategy.min_clients)

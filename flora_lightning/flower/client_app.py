@@ -1,9 +1,10 @@
 """The Flower ``ClientApp``: one flora client, trained by the in-process loop's ``LocalTrainer``.
 
 A train message carries the global communicated state (``arrays``) and the round
-(``config["server-round"]``). The client loads the state into its model, runs
-:meth:`LocalTrainer.fit <flora_lightning.federation.local_trainer.LocalTrainer.fit>` for its partition (``node_config["partition-id"]``) under the
-YAML's Fabric settings and with the loop's seeds per ``(seed, round, client)``, and replies
+(``config["server-round"]``). The client trains its partition (``node_config["partition-id"]``)
+with the in-process loop's client runner (:mod:`flora_lightning.federation.client_runner`:
+availability draw, the received state loaded, ``LocalTrainer.fit``) under the YAML's Fabric
+settings and with the loop's seeds per ``(seed, round, client)``, and replies
 with its communicated state, ``num-examples``, ``train-loss`` (not under DP, unless
 ``privacy.log_client_stats``: the loss is outside epsilon), ``train-seconds`` and
 ``partition-id``. A FedProx ``trainer.strategy`` in the (shared) YAML gives the fit its
@@ -27,8 +28,6 @@ share them; see :func:`client_components`).
 
 from __future__ import annotations
 
-import time
-
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -42,11 +41,12 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from flora_lightning.federation.availability import Event
+from flora_lightning.federation.client_runner import availability_event, fit_client
 from flora_lightning.flower.app_config import Components, FlowerRunConfig, build_components
 from flora_lightning.flower.arrays import to_state
 from flora_lightning.flower.nodes import DROPPED_KEY, PARTITION_KEY, STRAGGLER_KEY
 from flora_lightning.flower.optimizer_store import OptimizerStore
-from flora_lightning.rundir.round_record import RoundTally
 
 _built: dict[FlowerRunConfig, Components] = {}
 """This process's model, data and loop per run config (see :func:`client_components`)."""
@@ -112,41 +112,41 @@ def client_components(run: FlowerRunConfig, context: Context) -> Components:
 def fit_message(msg: Message, context: Context, run: FlowerRunConfig) -> Message:
     """Local fit of this node's partition from the received global state."""
     parts = client_components(run, context)
-    loop, model, data = parts.loop, parts.model, parts.data
-    client = partition_of(context, data.num_clients)
+    loop = parts.loop
+    client = partition_of(context, parts.data.num_clients)
     round_ = int(msg.content["config"]["server-round"])
 
-    trainer = loop.trainer
     # trainer.availability: the same seeded draw as flora fit; a dropped client sends nothing
-    tally = RoundTally(round=round_)
-    steps = loop.client_steps(tally, client)
-    if steps == 0:
-        return dropped_reply(msg, tally, client)
-    # trainer.client_ranks: a lower-rank client starts from its slice, zero-padded and masked
-    loop.prepare_client(to_state(msg.content["arrays"]), client)
+    event = availability_event(loop, round_, client)
+    if event is not None and event.dropped:
+        return dropped_reply(msg, event)
     # The server may resume from an earlier round: keep states back to its last resume point.
     store = OptimizerStore(context, client, keep=loop.recorder.resume_every_n_rounds + 1)
-    trainer.optimizer_states = store.load(round_)
-    t0 = time.perf_counter()
-    update = trainer.fit(model, data, client, round_, loop.feature_cache,
-                         loop.strategy.proximal_mu, steps)  # fmt: skip
-    seconds = time.perf_counter() - t0
-    store.save(round_, trainer.optimizer_states)  # none after a divergence: afresh next time
-    update = loop.client_state_to_send(update)  # its own rank's slice
+    loop.trainer.optimizer_states = store.load(round_)
+    # trainer.client_ranks: a lower-rank client starts from its slice, zero-padded and masked,
+    # and sends its own rank's slice
+    steps = None if event is None else event.steps
+    fit = fit_client(loop, to_state(msg.content["arrays"]), client, round_, steps)
+    store.save(round_, loop.trainer.optimizer_states)  # none after a divergence: afresh next
+    update = fit.update
 
-    values = {"num-examples": update.num_samples, "train-seconds": seconds, PARTITION_KEY: client}
+    values = {
+        "num-examples": update.num_samples,
+        "train-seconds": fit.seconds,
+        PARTITION_KEY: client,
+    }
     if loop.recorder.client_stats:  # under DP the loss stays on the node (outside epsilon)
         values["train-loss"] = update.train_loss
-    if str(client) in tally.stragglers:
-        values[STRAGGLER_KEY] = tally.stragglers[str(client)]
+    if event is not None and event.kind == "straggler":
+        values[STRAGGLER_KEY] = event.steps
     content = RecordDict({"arrays": ArrayRecord(update.state), "metrics": MetricRecord(values)})
     return Message(content=content, reply_to=msg)
 
 
-def dropped_reply(msg: Message, tally: RoundTally, client: int) -> Message:
+def dropped_reply(msg: Message, event: Event) -> Message:
     """The reply of a client the availability draw dropped this round: no arrays."""
-    config = ConfigRecord({DROPPED_KEY: tally.dropped[str(client)]})
-    metrics = MetricRecord({PARTITION_KEY: client})
+    config = ConfigRecord({DROPPED_KEY: event.reason})
+    metrics = MetricRecord({PARTITION_KEY: event.client})
     return Message(RecordDict({"config": config, "metrics": metrics}), reply_to=msg)
 
 
@@ -163,9 +163,9 @@ def clipping_mod(defaults: dict | None = None):
         run = FlowerRunConfig.from_run_config(context.run_config, defaults)
         parts = client_components(run, context)
         loop, client = parts.loop, partition_of(context, parts.data.num_clients)
-        tally = RoundTally(round=int(config["server-round"]))
-        if loop.client_steps(tally, client) == 0:
-            return dropped_reply(msg, tally, client)
+        event = availability_event(loop, int(config["server-round"]), client)
+        if event is not None and event.dropped:
+            return dropped_reply(msg, event)
         adaptive = loop.privacy_run is not None and loop.privacy_run.privacy.adaptive_clipping
         flower_mod = adaptiveclipping_mod if adaptive else fixedclipping_mod
         return flower_mod(msg, context, call_next)

@@ -8,14 +8,19 @@ call a legacy :class:`flwr.server.strategy.Strategy` (``configure_fit``/``aggreg
 client mod reads the legacy ``fitres.*`` reply layout. The plain app's
 :class:`~flora_lightning.flower.server_strategy.FloraFedAvg` is a Message-API strategy that runs its own
 rounds (``start``), so it cannot be the workflow's strategy; this app is SecAgg+ as Flower
-intends it, on the same round engine::
+intends it, on the same round engine and run sequence (:meth:`RoundEngine.run
+<flora_lightning.federation.engine.RoundEngine.run>`)::
 
-    FederatedLoop.open_run (as flora fit) → DefaultWorkflow: initial parameters =
-    model.communicated_state() → evaluate(0) = loop.end_round
+    open the run directory (as flora fit), restore with trainer.resume, round 0
+    → DefaultWorkflow: initial parameters = model.communicated_state()
     → per round: SecAggFedAvg.configure_fit → loop.begin_round; SecAgg+ stages (setup, share
       keys, collect masked vectors: the clients train here, unmask) → the unmasked weighted
-      mean → SecAggFedAvg.aggregate_fit → evaluate(round) = loop.end_round (evaluation,
-      summary.json, checkpoints) → final/ adapter
+      mean → SecAggFedAvg.aggregate_fit → loop.record_update per client, loop.close_round
+      → evaluate(round) = loop.end_round (evaluation, summary.json, checkpoints)
+    → finish: final/ adapter
+
+A resumed run (``resume = true``) continues after its last complete round, with Flower's rounds
+offset so that the clients' seeds per ``(seed, round, client)`` are the uninterrupted run's.
 
 The workflow computes ``sum_k r_k w_k / sum_k r_k`` with ``r_k ~= n_k / w_max`` (see
 :mod:`~flora_lightning.flower.secagg_config` for the quantisation bound): flora's FedAvg
@@ -25,7 +30,9 @@ client, only the partition id, ``num-examples`` and fit seconds travel in clear;
 counts the masked vectors (one int64 per communicated value plus the weight factor). A client
 that fails after key sharing is a dropout the protocol recovers from (its masks are
 reconstructed from its neighbours' shares) while every client keeps at least
-``reconstruction_threshold`` live neighbours; the round's record lists it as rejected.
+``reconstruction_threshold`` live neighbours; the round's record lists it as rejected. Fewer
+than ``min_clients`` in the sum: ``trainer.on_too_few_updates`` (raise by default, as
+``flora fit``; skip leaves the global state as it was).
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ from flora_lightning.flower.app_config import FlowerRunConfig, build_components
 from flora_lightning.flower.secagg_config import SecAggConfig, split_run_config
 from flora_lightning.flower.server_strategy import PARTITION_KEY
 from flora_lightning.rundir.round_record import RoundTally
-from flora_lightning.strategy import FedAvg, FedProx
+from flora_lightning.strategy import ClientUpdate, FedAvg, FedProx
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +84,17 @@ class SecAggFedAvg(LegacyFedAvg):
         names: the communicated tensors' names, in the order the arrays travel.
         num_clients: partitions, one node each.
         min_clients: fewest clients whose masked vectors enter the sum for a round to count.
+        round_offset: rounds already done (a resumed run): Flower's round ``r`` is the run's
+            round ``r + round_offset`` (train config, so the clients' seeds; tallies; records).
     """
 
     def __init__(
-        self, loop: FederatedLoop, names: list[str], num_clients: int, min_clients: int
+        self,
+        loop: FederatedLoop,
+        names: list[str],
+        num_clients: int,
+        min_clients: int,
+        round_offset: int = 0,
     ) -> None:
         per_round = loop.clients_per_round(num_clients)
         super().__init__(
@@ -89,8 +103,9 @@ class SecAggFedAvg(LegacyFedAvg):
             min_fit_clients=per_round,
             min_evaluate_clients=0,
             min_available_clients=num_clients,
-            on_fit_config_fn=lambda round_: {"server-round": round_},
+            on_fit_config_fn=lambda server_round: {"server-round": server_round + round_offset},
         )
+        self.round_offset = round_offset
         self.loop = loop
         self.names = names
         self.num_clients = num_clients
@@ -109,13 +124,13 @@ class SecAggFedAvg(LegacyFedAvg):
     ) -> list[tuple[ClientProxy, FitIns]]:
         """Flower's sampling; starts the round's tally (partitions are learnt from replies
         unless every client trains)."""
+        round_ = server_round + self.round_offset
         instructions = super().configure_fit(server_round, parameters, client_manager)
         clients = list(range(self.num_clients)) if self.everyone else []
-        tally = self.loop.begin_round(server_round, clients)
-        tally.bytes_down = sum(a.nbytes for a in parameters_to_ndarrays(parameters)) * len(
-            instructions
-        )
-        self.reports[server_round] = tally
+        tally = self.loop.begin_round(round_, clients)
+        sent = sum(a.nbytes for a in parameters_to_ndarrays(parameters)) * len(instructions)
+        self.loop.record_sent(tally, sent)
+        self.reports[round_] = tally
         return instructions
 
     def aggregate_fit(
@@ -124,31 +139,27 @@ class SecAggFedAvg(LegacyFedAvg):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """The unmasked weighted mean SecAgg+ put in every result (the same object)."""
-        tally = self.reports.setdefault(server_round, RoundTally(round=server_round))
+        """The unmasked weighted mean SecAgg+ put in every result (the same object); each
+        client recorded by the loop's ``record_update`` (its masked vector's bytes, its fit
+        seconds), the round closed by ``close_round`` (``trainer.on_too_few_updates``)."""
+        round_ = server_round + self.round_offset
+        tally = self.reports.setdefault(round_, RoundTally(round=round_))
+        rejected = {}
         for i, reason in enumerate(dict.fromkeys(str(f) for f in failures)):  # repeats: once
-            tally.rejected[f"failure {i}"] = reason
-            log.warning("round %d: a client dropped out of SecAgg+: %s", server_round, reason)
+            rejected[f"failure {i}"] = reason
+            log.warning("round %d: a client dropped out of SecAgg+: %s", round_, reason)
+        accepted = []
         for _, res in results:
             client = int(res.metrics[PARTITION_KEY])
-            tally.accepted.append(client)
-            tally.client_bytes_up[client] = masked_bytes(res.parameters)
-            tally.bytes_up += tally.client_bytes_up[client]
-            tally.train_seconds += float(res.metrics.get("train-seconds", 0.0))
-        tally.accepted.sort()
-        if not self.everyone:
-            tally.clients = list(tally.accepted)
+            accepted.append(client)
+            # The server sees no individual state: only the id, samples and seconds in clear.
+            update = ClientUpdate(client, {}, res.num_examples, float("nan"))
+            seconds = float(res.metrics.get("train-seconds", 0.0))
+            self.loop.record_update(tally, update, seconds, masked_bytes(res.parameters))
         metrics: dict[str, Scalar] = {"num-accepted": len(results), "num-failures": len(failures)}
-        if not results or len(results) < self.min_clients:
-            log.error(
-                "round %d not aggregated: %d client(s) in the sum, fewer than min_clients=%d; "
-                "the global state stays as it was.",
-                server_round,
-                len(results),
-                self.min_clients,
-            )
+        clients = None if self.everyone else accepted  # who trained: known from the replies
+        if not self.loop.close_round(tally, accepted, rejected, self.min_clients, clients):
             return None, metrics
-        tally.aggregated = True
         dtypes = [t.dtype for t in self.loop.model.communicated_state().values()]
         mean = [
             torch.from_numpy(a).to(dtype).numpy()
@@ -161,11 +172,16 @@ class SecAggFedAvg(LegacyFedAvg):
     def evaluate(
         self, server_round: int, parameters: Parameters
     ) -> tuple[float, dict[str, Scalar]] | None:
-        """The loop's ``end_round`` on the global parameters: evaluate, record, checkpoint."""
+        """The loop's ``end_round`` on the global parameters: evaluate, record, checkpoint.
+        Flower's initial evaluation (round 0) is skipped: the run sequence evaluated round 0
+        before the workflow started (or restored it)."""
+        if server_round == 0:
+            return None
+        round_ = server_round + self.round_offset
         arrays = parameters_to_ndarrays(parameters)
         state = {n: torch.from_numpy(np.array(a)) for n, a in zip(self.names, arrays, strict=True)}
         self.loop.model.load_communicated_state(state)
-        tally = self.reports.get(server_round, RoundTally(round=server_round))
+        tally = self.reports.get(round_, RoundTally(round=round_))
         record = self.loop.end_round(tally)
         return record.test_loss, {"test-acc": record.test_acc}
 
@@ -190,30 +206,34 @@ def check_supported(loop: FederatedLoop, num_clients: int) -> None:
 
 
 def serve(grid: Grid, context: Context, run: FlowerRunConfig, secagg: SecAggConfig) -> dict:
-    """Run the federated rounds of ``run`` with SecAgg+ on ``grid``; returns the summary."""
+    """Run (or, with ``trainer.resume``, continue) the federated rounds of ``run`` with SecAgg+
+    on ``grid``; returns the summary."""
     parts = build_components(run)
     loop, model, data = parts.loop, parts.model, parts.data
-    check_supported(loop, data.num_clients)  # before open_run writes the run directory
-    loop.open_run(model, data, parts.config_yaml)  # same seeded init as ``flora fit``
-    loop.cache_image_features(model, data, clients=[])  # the test set only: clients train
-    loop.fabric.call("on_fit_start", loop=loop, model=model)
-    largest = max(data.num_samples(c) for c in range(data.num_clients))
-    if secagg.max_weight and secagg.max_weight < largest:
-        raise ValueError(
-            f"secagg-max-weight={secagg.max_weight} is below the largest partition ({largest} "
-            "samples): its weight would exceed 1 and may overflow; raise it or set 0 (auto)."
+    check_supported(loop, data.num_clients)  # before the run directory is written
+
+    def rounds(done: int) -> None:
+        largest = max(data.num_samples(c) for c in range(data.num_clients))
+        if secagg.max_weight and secagg.max_weight < largest:
+            raise ValueError(
+                f"secagg-max-weight={secagg.max_weight} is below the largest partition "
+                f"({largest} samples): its weight would exceed 1 and may overflow; raise it or "
+                "set 0 (auto)."
+            )
+        if done >= loop.rounds:
+            return
+        max_weight = secagg.max_weight or float(largest)
+        strategy = SecAggFedAvg(
+            loop, list(model.communicated_state()), data.num_clients, parts.min_clients, done
         )
-    max_weight = secagg.max_weight or float(largest)
-    strategy = SecAggFedAvg(
-        loop, list(model.communicated_state()), data.num_clients, parts.min_clients
-    )
-    legacy = LegacyContext(
-        context=context, config=ServerConfig(num_rounds=loop.rounds), strategy=strategy
-    )
-    workflow = DefaultWorkflow(fit_workflow=secagg.workflow(max_weight))
-    log.info("SecAgg+ with max_weight=%s (%s)", max_weight, secagg)
-    workflow(grid, legacy)
-    return loop.finish()
+        config = ServerConfig(num_rounds=loop.rounds - done)
+        legacy = LegacyContext(context=context, config=config, strategy=strategy)
+        workflow = DefaultWorkflow(fit_workflow=secagg.workflow(max_weight))
+        log.info("SecAgg+ with max_weight=%s (%s)", max_weight, secagg)
+        workflow(grid, legacy)
+
+    # the test set only: the clients train (and cache) on the nodes
+    return loop.run(model, data, rounds, parts.config_yaml, cache_clients=[])
 
 
 def make_secagg_server_app(defaults: dict | None = None) -> ServerApp:

@@ -3,13 +3,14 @@
 Reads the same YAML as ``flora fit`` and drives the same round engine (the YAML's
 :class:`~flora_lightning.federation.loop.FederatedLoop`), with the nodes training instead of the loop::
 
-    FederatedLoop.open_run (seeded setup, run directory) → initial arrays =
-    model.communicated_state() → end_round(0): evaluate, record
+    RoundEngine.run: open the run directory (seeded setup), restore with trainer.resume,
+    end_round(0): evaluate, record → initial arrays = model.communicated_state()
     → per round: FloraFedAvg.configure_train → engine.begin_round; the connected nodes
       holding the partitions the loop's seeded sampler picks train (all partitions at
-      join_ratio 1) → every reply: engine.client_update, trainer.strategy.add
-      → the aggregate → end_round: evaluate on the global test set, RunRecorder
-      (TensorBoard, summary.json, checkpoints/round_XXX.safetensors) → final/ adapter
+      join_ratio 1) → every reply: engine.record_update, trainer.strategy.add
+      → engine.close_round → the aggregate → end_round: evaluate on the global test set,
+      RunRecorder (TensorBoard, summary.json, checkpoints/round_XXX.safetensors)
+    → finish: final/ adapter
 
 Any :class:`~flora_lightning.strategy.Strategy` in ``trainer.strategy`` aggregates, through
 its public methods (``begin``, ``add``, ``result``, ``accepted``, ``rejected``). The run
@@ -19,8 +20,10 @@ ArrayRecords actually sent and received).
 Dead SuperNodes: a round waits at most ``node-wait-seconds`` (run config) for the nodes of its
 partitions, then trains with those connected; the others are recorded per round in
 ``rejected_clients`` ("node not connected: ..."), and a restarted SuperNode trains again from
-the next round on. A round with fewer than ``min-clients`` accepted updates is recorded but not
-aggregated: the global state stays that of the round before, and the run goes on.
+the next round on. A round with fewer than ``min-clients`` accepted updates follows
+``trainer.on_too_few_updates``, as in ``flora fit``: ``raise`` (the default) stops the run with
+the last complete round saved (resume it), ``skip`` records the round unaggregated, the global
+state that of the round before, and the run goes on.
 
 Client-level DP (``privacy.level client``): the strategy is wrapped in Flower's own DP wrapper,
 clipping on the server or, with the run config's ``dp-clipping = "client"``, on the nodes
@@ -55,8 +58,9 @@ class GlobalEvaluation:
     """Flower's ``evaluate_fn``: the loop's ``end_round`` on the global arrays of a round.
 
     Flower counts a resumed run's rounds from 1 again; ``strategy.round_offset`` maps them
-    back to the run's rounds, and Flower's initial evaluation ("round 0") of a resumed run is
-    skipped: that round is already in the restored history.
+    back to the run's rounds. Flower's initial evaluation ("round 0") is skipped: the run
+    sequence (:meth:`~flora_lightning.federation.engine.RoundEngine.run`) evaluated round 0
+    before the strategy started, or restored it.
     """
 
     def __init__(self, loop: FederatedLoop, strategy: FloraFedAvg) -> None:
@@ -64,7 +68,7 @@ class GlobalEvaluation:
         self.strategy = strategy
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round == 0 and self.strategy.round_offset > 0:
+        if server_round == 0:
             return None
         round_ = server_round + self.strategy.round_offset
         self.loop.model.load_communicated_state(to_state(arrays))
@@ -78,35 +82,35 @@ def serve(grid: Grid, run: FlowerRunConfig, timeout: float = 3600.0) -> dict:
     returns the summary (as summary.json)."""
     parts = build_components(run)
     loop, model, data = parts.loop, parts.model, parts.data
-    loop.open_run(model, data, parts.config_yaml)  # same seeded init as ``flora fit``
-    done = loop.restore() if loop.resume else 0  # the last complete round's global state
+
+    def rounds(done: int) -> None:  # after the restored round ``done`` (0: a new run)
+        strategy = FloraFedAvg(
+            min_clients=parts.min_clients,
+            average=loop.strategy,  # the YAML's trainer.strategy: its state is what resume saves
+            engine=loop,
+            # The same seeded clients per round as ``flora fit`` (all of them at join_ratio 1).
+            select_clients=loop.round_clients,
+            node_wait_seconds=run.node_wait_seconds,
+            round_offset=done,
+        )
+        outer = strategy
+        if isinstance(loop.strategy, DPFedAvg):  # Flower clips and noises (restored bound)
+            from flora_lightning.flower.dp import with_flower_dp
+
+            outer = with_flower_dp(strategy, loop.strategy, run.dp_clipping)
+        outer.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(model.communicated_state()),
+            num_rounds=max(0, loop.rounds - done),
+            timeout=timeout,
+            evaluate_fn=GlobalEvaluation(loop, strategy),
+        )
+
     # The test set only (clients train), unless a callback evaluates clients' own data here
     # (PersonalizedEvaluation: from the same dataset the server holds for the global test set).
     needed = any(getattr(c, "needs_client_data", False) for c in loop.callbacks)
-    loop.cache_image_features(model, data, clients=list(range(data.num_clients)) if needed else [])
-    loop.fabric.call("on_fit_start", loop=loop, model=model)
-    strategy = FloraFedAvg(
-        min_clients=parts.min_clients,
-        average=loop.strategy,  # the YAML's trainer.strategy: its state is what resume saves
-        engine=loop,
-        # The same seeded clients per round as ``flora fit`` (all of them at join_ratio 1).
-        select_clients=loop.round_clients,
-        node_wait_seconds=run.node_wait_seconds,
-        round_offset=done,
-    )
-    outer = strategy
-    if isinstance(loop.strategy, DPFedAvg):  # Flower clips and noises (restored bound on resume)
-        from flora_lightning.flower.dp import with_flower_dp
-
-        outer = with_flower_dp(strategy, loop.strategy, run.dp_clipping)
-    outer.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(model.communicated_state()),
-        num_rounds=max(0, loop.rounds - done),
-        timeout=timeout,
-        evaluate_fn=GlobalEvaluation(loop, strategy),
-    )
-    return loop.finish()
+    cached = list(range(data.num_clients)) if needed else []
+    return loop.run(model, data, rounds, parts.config_yaml, cache_clients=cached)
 
 
 def make_server_app(defaults: dict | None = None) -> ServerApp:

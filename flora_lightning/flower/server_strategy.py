@@ -15,8 +15,16 @@ Aggregation is flora's, the code the in-process loop runs: the YAML's ``trainer.
 float64, ``n_k`` the ``num-examples`` metric) over the *accepted* replies. A reply is excluded,
 with a logged reason, when its ClientApp raised, when it lacks arrays or ``num-examples``, or
 when :meth:`Strategy.rejection_reason` refuses it (NaN/Inf, other names or shapes, no
-samples). With fewer than ``min_clients`` accepted the round returns no arrays and Flower keeps
-the previous global state (never modified in place); the run goes on.
+samples). With fewer than ``min_clients`` accepted the round engine's
+:meth:`~flora_lightning.federation.engine.RoundEngine.close_round` applies
+``trainer.on_too_few_updates``: ``raise`` (the default, as ``flora fit``) stops the ServerApp
+with :class:`~flora_lightning.federation.engine.RoundFailedError`, the last complete round saved;
+``skip`` returns no arrays and Flower keeps the previous global state (never modified in place).
+
+Every count goes through the round engine (``begin_round``, ``record_sent``, ``record_update``,
+``record_rejected``, ``record_dropped``, ``record_straggler``, ``close_round``), the one writer
+of a round's tally; without a loop a bare :class:`~flora_lightning.federation.engine.RoundEngine`
+keeps them.
 
 Traffic is what travels: ``bytes_down`` the ``nbytes`` of each train message's ArrayRecord
 (with ``trainer.client_ranks``, a client's rank slice), ``bytes_up`` those of each update.
@@ -28,13 +36,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from typing import Protocol
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
+from flora_lightning.federation.engine import RoundEngine
 from flora_lightning.flower.arrays import array_record_bytes, to_state
 from flora_lightning.flower.nodes import (
     DROPPED_KEY,
@@ -44,21 +52,9 @@ from flora_lightning.flower.nodes import (
     NodeRoster,
 )
 from flora_lightning.rundir.round_record import RoundTally
-from flora_lightning.strategy import ClientUpdate, FedAvg, State, Strategy, state_bytes
+from flora_lightning.strategy import ClientUpdate, FedAvg, State, Strategy
 
 log = logging.getLogger(__name__)
-
-
-class RoundEngine(Protocol):
-    """The round steps the strategy drives (:class:`flora_lightning.federation.engine.RoundEngine`)."""
-
-    def begin_round(self, round_: int, clients: list[int]) -> RoundTally: ...
-
-    def client_update(self, tally: RoundTally, update: ClientUpdate, seconds: float) -> None: ...
-
-    def client_rank(self, client: int) -> int | None: ...
-
-    def state_for_client(self, global_state: dict, client: int) -> dict: ...
 
 
 class FloraFedAvg(FlowerFedAvg):
@@ -72,8 +68,10 @@ class FloraFedAvg(FlowerFedAvg):
         min_available_nodes: Flower's sampling waits until this many nodes are connected
             (without limit; with ``select_clients`` the wait is ``node_wait_seconds``).
         engine: the round engine (the ServerApp's loop): ``begin_round`` starts each round's
-            tally, ``client_update`` sees every decoded reply before it is aggregated (as in
-            ``flora fit``). ``None``: the strategy keeps plain tallies itself.
+            tally, ``record_update`` sees every decoded reply before it is aggregated and
+            ``close_round`` applies ``trainer.on_too_few_updates`` (as in ``flora fit``).
+            ``None``: a bare :class:`~flora_lightning.federation.engine.RoundEngine` (policy
+            ``raise``) keeps the tallies.
         select_clients: ``round -> partition ids`` that train in that round (the ServerApp
             passes the loop's seeded sampler); ``None`` keeps Flower's random node sampling.
         query_timeout: seconds to wait for the nodes' partition ids.
@@ -107,7 +105,7 @@ class FloraFedAvg(FlowerFedAvg):
         )
         self.average = average if average is not None else FedAvg()
         self.average.min_clients = min_clients
-        self.engine = engine
+        self.engine = engine if engine is not None else RoundEngine()
         self.select_clients = select_clients
         self.roster = NodeRoster(wait_seconds=node_wait_seconds, query_timeout=query_timeout)
         self.round_offset = round_offset
@@ -139,17 +137,19 @@ class FloraFedAvg(FlowerFedAvg):
             messages, clients, missing = self._configure_selected(round_, arrays, config, grid)
         self._global = to_state(arrays)
         self._sent = messages
-        if self.engine is not None:
-            tally = self.engine.begin_round(round_, clients)
-        else:
-            tally = RoundTally(round=round_, clients=clients)
+        tally = self.engine.begin_round(round_, clients)
         for partition in missing:
-            tally.rejected[str(partition)] = (
+            self.engine.record_rejected(
+                tally,
+                str(partition),
                 f"{NOT_CONNECTED}: no connected SuperNode held partition {partition} within "
-                f"node-wait-seconds={self.roster.wait_seconds:g}"
+                f"node-wait-seconds={self.roster.wait_seconds:g}",
             )
-        tally.bytes_down = sum(
-            array_record_bytes(m.content.array_records[self.arrayrecord_key]) for m in messages
+        self.engine.record_sent(
+            tally,
+            sum(
+                array_record_bytes(m.content.array_records[self.arrayrecord_key]) for m in messages
+            ),
         )
         self.reports[round_] = tally
         return messages
@@ -167,7 +167,7 @@ class FloraFedAvg(FlowerFedAvg):
         config["server-round"] = round_
         messages, global_state = [], to_state(arrays)
         for partition in trained:  # each client gets what it trains from (its rank's slice)
-            rank = self.engine.client_rank(partition) if self.engine is not None else None
+            rank = self.engine.client_rank(partition)
             sent = arrays
             if rank is not None:
                 sent = ArrayRecord(self.engine.state_for_client(global_state, partition))
@@ -179,7 +179,12 @@ class FloraFedAvg(FlowerFedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Stream the accepted replies into flora's FedAvg; ``(None, metrics)`` when too few
-        (then Flower keeps the previous global arrays: the round changes nothing)."""
+        under ``trainer.on_too_few_updates=skip`` (then Flower keeps the previous global arrays:
+        the round changes nothing).
+
+        Raises:
+            RoundFailedError: too few under ``raise`` (the engine's :meth:`close_round`).
+        """
         server_round += self.round_offset
         report = self.reports.setdefault(server_round, RoundTally(round=server_round))
         self.average.begin(self._global)
@@ -188,13 +193,11 @@ class FloraFedAvg(FlowerFedAvg):
             if decoded is None:
                 continue
             update, seconds = decoded
-            if self.engine is not None:
-                self.engine.client_update(report, update, seconds)
-            else:
-                self._count(report, update, seconds)
+            self.engine.record_update(report, update, seconds)
             self.average.add(update)  # logs and records its own rejections
-        report.accepted = sorted(self.average.accepted)  # arrival order varies
-        report.rejected.update({str(c): r for c, r in self.average.rejected.items()})
+        aggregated = self.engine.close_round(
+            report, self.average.accepted, self.average.rejected, self.min_clients
+        )
         metrics = MetricRecord(
             {
                 "num-accepted": len(report.accepted),
@@ -204,17 +207,8 @@ class FloraFedAvg(FlowerFedAvg):
                 else float("nan"),
             }
         )
-        if len(report.accepted) < self.min_clients:
-            log.error(
-                "round %d not aggregated: %d update(s) accepted, fewer than min_clients=%d; "
-                "the global state stays as it was. Rejected: %s",
-                server_round,
-                len(report.accepted),
-                self.min_clients,
-                report.rejected,
-            )
+        if not aggregated:
             return None, metrics
-        report.aggregated = True
         return ArrayRecord(self.average.result()), metrics
 
     def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
@@ -251,7 +245,9 @@ class FloraFedAvg(FlowerFedAvg):
         config = content.config_records.get("config")
         if config is not None and DROPPED_KEY in config:  # trainer.availability: sent nothing
             metrics = content.metric_records["metrics"]
-            report.dropped[str(int(metrics[PARTITION_KEY]))] = str(config[DROPPED_KEY])
+            self.engine.record_dropped(
+                report, int(metrics[PARTITION_KEY]), str(config[DROPPED_KEY])
+            )
             return None
         if self.arrayrecord_key not in content.array_records:
             return self._reject(report, f"node {node}", "its reply carries no arrays")
@@ -262,7 +258,9 @@ class FloraFedAvg(FlowerFedAvg):
             )
         record = content.array_records[self.arrayrecord_key]
         if STRAGGLER_KEY in metrics:
-            report.stragglers[str(int(metrics[PARTITION_KEY]))] = int(metrics[STRAGGLER_KEY])
+            self.engine.record_straggler(
+                report, int(metrics[PARTITION_KEY]), int(metrics[STRAGGLER_KEY])
+            )
         update = ClientUpdate(
             client_id=int(metrics.get(PARTITION_KEY, node)),
             state=to_state(record),
@@ -281,18 +279,9 @@ class FloraFedAvg(FlowerFedAvg):
                 return sent.metadata.dst_node_id
         return reply.metadata.src_node_id
 
-    @staticmethod
-    def _count(report: RoundTally, update: ClientUpdate, seconds: float) -> None:  # no engine
-        sent = state_bytes(update.state)
-        report.bytes_up += sent
-        report.client_bytes_up[update.client_id] = sent
-        report.train_loss[update.client_id] = update.train_loss
-        report.train_seconds += seconds
-
-    @staticmethod
-    def _reject(report: RoundTally, who: str, reason: str) -> None:
+    def _reject(self, report: RoundTally, who: str, reason: str) -> None:
         log.warning("%s excluded from aggregation: %s", who, reason)
-        report.rejected[who] = reason
+        self.engine.record_rejected(report, who, reason)
 
     def summary(self) -> None:
         super().summary()

@@ -318,6 +318,7 @@ def test_existing_run_without_resume_refused(make_flora, make_datamodule, make_l
         ({"join_ratio": 1.5}, "trainer.join_ratio"),
         ({"precision": "64-true"}, "trainer.precision"),
         ({"keep_last_checkpoints": 0}, "trainer.keep_last_checkpoints"),
+        ({"on_too_few_updates": "ignore"}, "trainer.on_too_few_updates"),
     ],
 )
 def test_invalid_settings_name_the_field(tmp_path, kwargs, field):
@@ -436,3 +437,30 @@ def test_resume_state_written_in_shards_resumes_the_same(
     a, b = load_state(full.run_dir / name), load_state(resumed.run_dir / name)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
+
+
+def test_on_too_few_updates_skip_records_the_round_and_goes_on(
+    make_flora, make_datamodule, make_loop
+):
+    """``trainer.on_too_few_updates=skip``: a round with fewer than min_clients accepted
+    updates keeps the global state and the run goes on (the default, raise, stops it:
+    tests/test_client_faults.py)."""
+    from flora_lightning.strategy import FedAvg
+
+    model = make_flora()
+    loop = make_loop(rounds=3, on_too_few_updates="skip", strategy=FedAvg(min_clients=3))
+    loop.callbacks.append(Diverge(model, client=1, round_=2))
+    summary = loop.fit(model, make_datamodule())
+    rounds = summary["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+    assert rounds[2]["accepted_clients"] == [0, 2] and set(rounds[2]["rejected_clients"]) == {"1"}
+    assert (rounds[2]["test_acc"], rounds[2]["test_loss"]) == (
+        rounds[1]["test_acc"],
+        rounds[1]["test_loss"],
+    )
+    checkpoints = loop.run_dir / "checkpoints"
+    before = load_state(checkpoints / "round_001.safetensors")
+    after = load_state(checkpoints / "round_002.safetensors")
+    for name, tensor in before.items():
+        assert torch.equal(after[name], tensor), name
+    assert rounds[3]["accepted_clients"] == [0, 1, 2]  # it trains again

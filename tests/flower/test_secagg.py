@@ -49,6 +49,7 @@ from flwr.server.workflow import SecAggPlusWorkflow  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from flora_lightning import cli  # noqa: E402
+from flora_lightning.federation.engine import RoundEngine, RoundFailedError  # noqa: E402
 from flora_lightning.flower.app_config import FlowerRunConfig, build_components  # noqa: E402
 from flora_lightning.flower.client_app import client_components, fit_message  # noqa: E402
 from flora_lightning.flower.secagg_client import (  # noqa: E402
@@ -181,12 +182,14 @@ def test_client_handler_speaks_the_mods_layout_and_trains_like_the_plain_client(
 
 
 # --------------------------------------------------------------------- server strategy
-class StubLoop:
-    """The round-engine surface :class:`SecAggFedAvg` uses, with a two-tensor model."""
+class StubLoop(RoundEngine):
+    """A bare round engine with the loop surface :class:`SecAggFedAvg` uses, and a two-tensor
+    model."""
 
     join_ratio = 1.0
 
-    def __init__(self) -> None:
+    def __init__(self, on_too_few_updates: str = "skip") -> None:
+        super().__init__(on_too_few_updates)
         self.state = {"a": torch.zeros(2, 3), "b": torch.zeros(4)}
         self.model = self
         self.rounds: list[int] = []
@@ -199,7 +202,18 @@ class StubLoop:
 
     def begin_round(self, round_: int, clients: list[int]) -> RoundTally:
         self.rounds.append(round_)
-        return RoundTally(round=round_, clients=clients)
+        return super().begin_round(round_, clients)
+
+
+class Manager:  # Flower's client manager, as far as FedAvg.configure_fit asks
+    def num_available(self):
+        return 3
+
+    def wait_for(self, *_):
+        return True
+
+    def sample(self, num_clients, min_num_clients=None, criterion=None):
+        return [object()] * num_clients
 
 
 def fit_result(mean: list[np.ndarray], client: int, n: int) -> tuple[None, FitRes]:
@@ -212,16 +226,6 @@ def test_server_strategy_records_only_what_secagg_tells_it():
     strategy = SecAggFedAvg(loop, ["a", "b"], num_clients=3, min_clients=2)
     mean = [np.full((2, 3), 0.25), np.arange(4.0)]  # the unmasked mean, float64
     params = ndarrays_to_parameters([np.zeros((2, 3), np.float32), np.zeros(4, np.float32)])
-
-    class Manager:  # Flower's client manager, as far as FedAvg.configure_fit asks
-        def num_available(self):
-            return 3
-
-        def wait_for(self, *_):
-            return True
-
-        def sample(self, num_clients, min_num_clients=None, criterion=None):
-            return [object()] * num_clients
 
     instructions = strategy.configure_fit(1, params, Manager())
     assert len(instructions) == 3 and instructions[0][1].config == {"server-round": 1}
@@ -246,6 +250,33 @@ def test_server_strategy_records_only_what_secagg_tells_it():
     assert aggregate is None and not strategy.reports[2].aggregated  # fewer than min_clients
 
 
+def test_too_few_in_the_sum_raises_by_default_as_flora_fit():
+    """``trainer.on_too_few_updates`` (default raise) holds on the SecAgg+ server too; it used
+    to log and go on."""
+    strategy = SecAggFedAvg(StubLoop("raise"), ["a", "b"], num_clients=3, min_clients=2)
+    params = ndarrays_to_parameters([np.zeros((2, 3), np.float32), np.zeros(4, np.float32)])
+    strategy.configure_fit(1, params, Manager())
+    mean = [np.full((2, 3), 0.25), np.arange(4.0)]
+    with pytest.raises(RoundFailedError, match="round 1: 1 client update"):
+        strategy.aggregate_fit(1, [fit_result(mean, 1, 10)], [Exception("node 9 failed")])
+    tally = strategy.reports[1]
+    assert tally.accepted == [1] and not tally.aggregated
+    assert tally.rejected == {"failure 0": "node 9 failed"}
+
+
+def test_round_offset_numbers_rounds_as_the_run_does():
+    """A resumed SecAgg+ run: Flower counts from 1 again; the clients' seeds (server-round),
+    the tallies and the records use the run's rounds."""
+    loop = StubLoop()
+    strategy = SecAggFedAvg(loop, ["a", "b"], num_clients=3, min_clients=1, round_offset=2)
+    params = ndarrays_to_parameters([np.zeros((2, 3), np.float32), np.zeros(4, np.float32)])
+    instructions = strategy.configure_fit(1, params, Manager())
+    assert instructions[0][1].config == {"server-round": 3} and loop.rounds == [3]
+    strategy.aggregate_fit(1, [fit_result([np.zeros((2, 3)), np.zeros(4)], 0, 10)], [])
+    assert set(strategy.reports) == {3} and strategy.reports[3].accepted == [0]
+    assert strategy.evaluate(0, params) is None  # round 0: evaluated by the run sequence
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -268,6 +299,60 @@ def test_a_max_weight_below_the_largest_partition_is_refused(offline_assets, tmp
     run = FlowerRunConfig(config=str(QUICKSTART), out_dir=str(tmp_path), overrides=OVERRIDES)
     with pytest.raises(ValueError, match="secagg-max-weight=10.0 is below the largest partition"):
         serve(None, None, run, SecAggConfig(max_weight=10.0))  # fails before any message
+
+
+class ScriptedWorkflow:
+    """Stands in for Flower's ``DefaultWorkflow`` with SecAgg+: drives the server strategy as
+    the workflow does (initial parameters, evaluate(0), then per round configure_fit → the
+    unmasked mean → aggregate_fit → evaluate), the clients' "mean" a fixed function of the
+    parameters sent and the round they were told."""
+
+    told: list[int] = []
+    """The ``server-round`` of each round's train config (the clients' seeds)."""
+
+    def __init__(self, fit_workflow=None) -> None:
+        pass
+
+    def __call__(self, grid, legacy) -> None:
+        strategy = legacy.strategy
+        params = strategy.initialize_parameters(Manager())
+        strategy.evaluate(0, params)
+        for server_round in range(1, legacy.config.num_rounds + 1):
+            instructions = strategy.configure_fit(server_round, params, Manager())
+            told = int(instructions[0][1].config["server-round"])
+            ScriptedWorkflow.told.append(told)
+            mean = [a + 1e-3 * told for a in parameters_to_ndarrays(params)]
+            results = [fit_result(mean, client, 10) for client in range(3)]
+            params, _ = strategy.aggregate_fit(server_round, results, [])
+            strategy.evaluate(server_round, params)
+
+
+def test_a_resumed_secagg_run_ends_as_an_uninterrupted_one(offline_assets, tmp_path, monkeypatch):
+    """The SecAgg+ ServerApp runs the shared run sequence: with resume it restores the last
+    complete round and continues, the clients told the run's rounds (their seeds)."""
+    from flora_lightning.flower import secagg_server
+
+    monkeypatch.setattr(secagg_server, "DefaultWorkflow", ScriptedWorkflow)
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+
+    def run(out_dir: Path, rounds: int, resume: bool = False) -> tuple[dict, list[int]]:
+        ScriptedWorkflow.told = []
+        config = FlowerRunConfig(config=str(QUICKSTART), out_dir=str(out_dir),
+                                 num_server_rounds=rounds, resume=resume,
+                                 overrides=OVERRIDES)  # fmt: skip
+        return serve(None, context, config, SecAggConfig()), ScriptedWorkflow.told
+
+    full, told = run(tmp_path / "full", 3)
+    assert told == [1, 2, 3]
+    run(tmp_path / "cut", 2)
+    resumed, told = run(tmp_path / "cut", 3, resume=True)
+    assert told == [3]  # restored after round 2: only round 3 trains, told its run round
+    assert [r["round"] for r in resumed["rounds"]] == [0, 1, 2, 3]
+    assert [r["test_acc"] for r in resumed["rounds"]] == [r["test_acc"] for r in full["rounds"]]
+    expected = load_file(tmp_path / "full" / "checkpoints" / "round_003.safetensors")
+    got = load_file(tmp_path / "cut" / "checkpoints" / "round_003.safetensors")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=0)
 
 
 def test_secagg_workflow_refuses_a_plain_context():

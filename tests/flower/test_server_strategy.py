@@ -21,8 +21,11 @@ from flwr.app import (  # noqa: E402
     RecordDict,
 )
 
+from flora_lightning.federation.engine import RoundEngine, RoundFailedError  # noqa: E402
 from flora_lightning.flower.server_strategy import FloraFedAvg, array_record_bytes, to_state  # noqa: E402
-from flora_lightning.rundir.round_record import RoundTally
+
+SKIP = RoundEngine("skip")
+"""A bare round engine whose too-few-updates policy is ``skip`` (the default raises)."""
 
 
 @pytest.fixture(autouse=True)
@@ -113,7 +116,7 @@ def test_sample_weighted_average_and_bytes():
 
 
 def test_failed_and_non_finite_clients_are_excluded_with_reasons(caplog):
-    strategy = FloraFedAvg(min_clients=2, min_available_nodes=4, min_train_nodes=4)
+    strategy = FloraFedAvg(min_clients=2, min_available_nodes=4, min_train_nodes=4, engine=SKIP)
     sent = sorted(train_round(strategy, [1, 2, 3, 4]), key=lambda m: m.metadata.dst_node_id)
     nan_state = client_state(1.0)
     nan_state["a"][0, 0] = float("nan")
@@ -172,7 +175,7 @@ def test_global_state_never_modified():
 
 
 def test_reply_without_num_examples_is_excluded():
-    strategy = FloraFedAvg(min_clients=1, min_available_nodes=1, min_train_nodes=1)
+    strategy = FloraFedAvg(min_clients=1, min_available_nodes=1, min_train_nodes=1, engine=SKIP)
     sent = train_round(strategy, [9])
     content = RecordDict(
         {"arrays": ArrayRecord(client_state(1.0)), "metrics": MetricRecord({"x": 1})}
@@ -268,10 +271,10 @@ def test_a_strategy_not_derived_from_fedavg_aggregates_with_rejections():
 def test_round_start_is_announced_when_the_round_is_configured():
     started = []
 
-    class Engine:  # the loop's round engine, as the ServerApp passes it
+    class Engine(RoundEngine):  # the loop's round engine, as the ServerApp passes it
         def begin_round(self, round_, clients):
             started.append(round_)
-            return RoundTally(round=round_, clients=clients)
+            return super().begin_round(round_, clients)
 
     strategy = FloraFedAvg(min_available_nodes=2, engine=Engine())
     train_round(strategy, [1, 2], server_round=3)
@@ -324,7 +327,9 @@ def test_a_round_waits_for_a_node_that_connects():
 
 
 def test_too_few_nodes_alive_leaves_the_round_unaggregated(caplog):
-    strategy = FloraFedAvg(min_clients=2, select_clients=lambda r: [0, 1], node_wait_seconds=0)
+    strategy = FloraFedAvg(
+        min_clients=2, select_clients=lambda r: [0, 1], node_wait_seconds=0, engine=SKIP
+    )
     sent = configure(strategy, ChangingGrid({11: 0, 12: 1}, [[11]]))
     with caplog.at_level(logging.ERROR):
         arrays, _ = strategy.aggregate_train(1, [reply(sent[0], client_state(2.0), 10, 0)])
@@ -381,3 +386,35 @@ def test_round_offset_numbers_rounds_as_the_run_does():
 def test_node_wait_seconds_must_not_be_negative():
     with pytest.raises(ValueError, match="node-wait-seconds must be >= 0"):
         FloraFedAvg(node_wait_seconds=-1)
+
+
+def test_too_few_updates_raise_by_default_and_skip_on_request(caplog):
+    """``trainer.on_too_few_updates``: the engine's policy, raise as ``flora fit`` by default
+    (Flower servers used to log and go on)."""
+    for engine in (None, RoundEngine("raise")):
+        strategy = FloraFedAvg(min_clients=2, min_available_nodes=2, engine=engine)
+        sent = sorted(train_round(strategy, [1, 2]), key=lambda m: m.metadata.dst_node_id)
+        nan_state = client_state(1.0)
+        nan_state["b"][0] = float("nan")
+        replies = [reply(sent[0], client_state(1.0), 10, 0), reply(sent[1], nan_state, 10, 1)]
+        with pytest.raises(RoundFailedError) as info:
+            strategy.aggregate_train(1, replies)
+        message = str(info.value)
+        assert message.startswith("round 1: 1 client update(s) accepted, fewer than ")
+        assert "trainer.strategy.min_clients=2" in message
+        assert "--trainer.on_too_few_updates skip" in message
+        report = strategy.reports[1]
+        assert report.accepted == [0] and not report.aggregated
+        assert report.rejected == {"1": "tensor b holds NaN or Inf"}
+
+    strategy = FloraFedAvg(min_clients=2, min_available_nodes=2, engine=RoundEngine("skip"))
+    sent = sorted(train_round(strategy, [1, 2]), key=lambda m: m.metadata.dst_node_id)
+    with caplog.at_level(logging.ERROR):
+        arrays, metrics = strategy.aggregate_train(1, replies[:1])
+    assert arrays is None and metrics["num-accepted"] == 1
+    assert not strategy.reports[1].aggregated and "round 1 not aggregated" in caplog.text
+
+
+def test_a_bad_too_few_updates_policy_names_the_field():
+    with pytest.raises(ValueError, match="trainer.on_too_few_updates must be raise or skip"):
+        RoundEngine("ignore")

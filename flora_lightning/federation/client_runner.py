@@ -1,0 +1,72 @@
+"""One client's local fit in one round, as both runtimes run it.
+
+::
+
+    availability_event (trainer.availability, seeded per (seed, round, client): dropped,
+    straggler or a full fit) → prepare_client (the received global state; a lower rank's
+    slice, zero-padded and masked) → on_client_fit_start → LocalTrainer.fit
+    → client_state_to_send (the client's rank slice)
+
+:class:`~flora_lightning.federation.loop.FederatedLoop` runs it for each sampled client; the
+Flower ClientApp (:mod:`flora_lightning.flower.client_app`) for its partition on the received
+state, and its clipping mod asks the same draw whether the client drops out before Flower's mod
+sees the reply. Both runtimes therefore train a client identically for the same seed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from flora_lightning.federation.availability import Event
+from flora_lightning.strategy import ClientUpdate, State
+
+
+def availability_event(engine, round_: int, client: int) -> Event | None:
+    """What ``trainer.availability`` makes of ``client`` in ``round_`` (None without it):
+    the draw seeded by ``(seed, round, client)`` over the client's full local steps."""
+    if engine.availability is None:
+        return None
+    data = engine.datamodule
+    full = engine.trainer.planned_steps(data.num_samples(client), data.batch_size)
+    return engine.availability.draw(engine.seed, round_, client, full)
+
+
+@dataclass(frozen=True)
+class ClientFit:
+    """What one client's fit produced."""
+
+    update: ClientUpdate
+    """What the client sends: its communicated state (its rank's slice), samples and loss."""
+    seconds: float
+    """Wall time of the local fit (data loading included)."""
+
+
+def fit_client(
+    engine, received: State, client: int, round_: int, steps: int | None = None
+) -> ClientFit:
+    """Train ``client`` in ``round_`` from ``received`` (the global state, or its rank slice)
+    on ``engine``'s set-up model, data and local trainer.
+
+    Args:
+        engine: a set-up :class:`~flora_lightning.federation.engine.RoundEngine`.
+        received: the state the client starts from.
+        client: the client (partition) id.
+        round_: the run's round (seeds the client's data order and dropout).
+        steps: local steps to run (a straggler's share, from :func:`availability_event`);
+            None: a full fit.
+    """
+    engine.prepare_client(received, client)
+    engine.fabric.call("on_client_fit_start", loop=engine, model=engine.model, client_id=client)
+    t0 = time.perf_counter()
+    update = engine.trainer.fit(
+        engine.model,
+        engine.datamodule,
+        client,
+        round_,
+        engine.feature_cache,
+        engine.strategy.proximal_mu,
+        steps,
+    )
+    seconds = time.perf_counter() - t0
+    return ClientFit(engine.client_state_to_send(update), seconds)
