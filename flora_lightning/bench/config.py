@@ -68,6 +68,16 @@ class BenchConfig:
     """Where to train."""
     precision: Literal["32-true", "16-mixed", "bf16-mixed"] = "32-true"
     """Fabric precision (paper: fp32)."""
+    compile: Literal["off", "on", "ab"] = "off"
+    """``trainer.compile`` for every method: off, on, or ab (each method measured eager and then
+    compiled, side by side in one run; on CUDA the compiled arm also captures CUDA graphs as
+    ``--cuda_graphs`` says, the eager arm never)."""
+    cuda_graphs: Literal["auto", "off"] = "auto"
+    """``trainer.cuda_graphs``: capture the local step in CUDA graphs on ``--device cuda``
+    (auto) or never (off); CPU runs are eager unless compiled."""
+    results: str | None = None
+    """Also copy the report to a dated file in this folder (e.g. docs/results):
+    ``<date>-bench-<arch>-<device>-<precision>[-<compile>].md`` and ``.json``."""
     arch: Literal["vit-b-32", "tiny"] = "vit-b-32"
     """CLIP shapes: vit-b-32 (transformers.CLIPConfig defaults) or tiny (the offline tiny CLIP)."""
     loop_overhead: bool = True

@@ -210,3 +210,91 @@ def check_targets(rows: list[dict], loop: dict | None) -> list[str]:
             f"{100 * loop['overhead_fraction']:.2f}% without ({met})"
         )
     return checks or ["not checked (needs FLoRA and FedFFT)"]
+
+
+AB_ROW = (
+    "| {method} | {runner} | {eager:.3g} | {compiled:.3g} | {step_x} | {eager_round:.4g} "
+    "| {compiled_round:.4g} | {eager_fft} | {compiled_fft} | {flops} | {eager_eff} "
+    "| {compiled_eff} |"
+)
+
+
+def ab_rows(eager: list[dict], compiled: list[dict]) -> list[dict]:
+    """One row per method: its step and round, eager and compiled, and the round ratio vs
+    FedFFT in each arm with its share of the FLOP ratio (1.0: as fast as the work allows)."""
+    rows = []
+    for e, c in zip(eager, compiled, strict=True):
+
+        def share(row: dict) -> float | None:
+            if row["round_speedup_vs_fft"] is None or not row["work_reduction_vs_fft"]:
+                return None
+            return row["round_speedup_vs_fft"] / row["work_reduction_vs_fft"]
+
+        rows.append(
+            {
+                "method": e["method"],
+                "runner": c.get("step_runner", "compiled"),
+                "eager_step_seconds": e["step_seconds"],
+                "compiled_step_seconds": c["step_seconds"],
+                "step_speedup": e["step_seconds"] / c["step_seconds"],
+                "eager_round_seconds": e["round_seconds"],
+                "compiled_round_seconds": c["round_seconds"],
+                "eager_round_speedup_vs_fft": e["round_speedup_vs_fft"],
+                "compiled_round_speedup_vs_fft": c["round_speedup_vs_fft"],
+                "work_reduction_vs_fft": c["work_reduction_vs_fft"],
+                "eager_share_of_flop_ratio": share(e),
+                "compiled_share_of_flop_ratio": share(c),
+            }
+        )
+    return rows
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def ab_markdown(report: dict) -> str:
+    """``bench.md`` of ``flora bench --compile ab``: both arms side by side."""
+    cfg = BenchConfig(**report["config"])
+    arms = report["arms"]
+    rows = ab_rows(arms["eager"]["methods"], arms["compiled"]["methods"])
+    lines = [
+        f"# flora bench A/B: eager vs compiled, {cfg.arch} shapes, {cfg.device}, {cfg.precision}",
+        "",
+        f"`flora bench {' '.join(cfg.to_argv())}`  ",
+        f"{report['machine']}; wall time {report['wall_seconds']:.0f} s. Each method was "
+        "measured eager and then compiled, one after the other, each in a fresh process; "
+        "each arm's full report: [eager](eager/bench.md), [compiled](compiled/bench.md).",
+        "",
+        "| method | compiled step | eager s / step | compiled s / step | step eager / compiled "
+        "| eager s / round | compiled s / round | eager vs FedFFT / round | compiled vs FedFFT "
+        "/ round | FLOP ratio / round | eager share of FLOP ratio | compiled share |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in rows:
+        lines.append(
+            AB_ROW.format(
+                method=r["method"],
+                runner=r["runner"],
+                eager=r["eager_step_seconds"],
+                compiled=r["compiled_step_seconds"],
+                step_x=f"{r['step_speedup']:.2f}x",
+                eager_round=r["eager_round_seconds"],
+                compiled_round=r["compiled_round_seconds"],
+                eager_fft=_x(r["eager_round_speedup_vs_fft"]),
+                compiled_fft=_x(r["compiled_round_speedup_vs_fft"]),
+                flops=_x(r["work_reduction_vs_fft"]),
+                eager_eff=_share(r["eager_share_of_flop_ratio"]),
+                compiled_eff=_share(r["compiled_share_of_flop_ratio"]),
+            )
+        )
+    lines += [
+        "",
+        "- s / step: median wall seconds of the timed local steps (the compiled arm compiles "
+        "in its warm-up, untimed); s / round as in each arm's report (steps of one epoch plus "
+        "amortised caching, or per-epoch preprocessing from pixels).",
+        "- share of FLOP ratio: the round speed-up vs FedFFT divided by the FLOP ratio; 1.0 "
+        "means FLoRA is as much faster as it does less work.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -8,15 +8,23 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
+from datetime import date
 from pathlib import Path
 
 from flora_lightning.bench.config import BenchConfig
 from flora_lightning.bench.overhead import measure_loop_overhead
-from flora_lightning.bench.report import check_targets, derive, machine_description, markdown
+from flora_lightning.bench.report import (
+    ab_markdown,
+    check_targets,
+    derive,
+    machine_description,
+    markdown,
+)
 
 
 def run_bench(cfg: BenchConfig) -> dict:
@@ -31,15 +39,61 @@ def run_bench(cfg: BenchConfig) -> dict:
         from flora_lightning.bench.clients import run_client_scan
 
         return run_client_scan(cfg)
+    if cfg.compile == "ab":
+        return run_ab(cfg)
     start = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
+    results = [measure(cfg, variant, cfg.compile == "on" and "compiled") for variant in cfg.methods]
+    report = finish_report(cfg, results, start)
+    copy_results(cfg, out)
+    return report
+
+
+def measure(cfg: BenchConfig, variant: str, label: str | bool = "") -> dict:
+    """:func:`run_worker` with progress lines."""
+    t0 = time.perf_counter()
+    arm = f" ({label})" if label else ""
+    print(f"[bench] {variant}{arm}: measuring in a fresh process ...", flush=True)
+    result = run_worker(cfg, variant)
+    print(f"[bench] {variant}{arm}: done in {time.perf_counter() - t0:.0f}s", flush=True)
+    return result
+
+
+def run_ab(cfg: BenchConfig) -> dict:
+    """Each method eager and then compiled (CUDA graphs as ``cfg.cuda_graphs`` says), one
+    after the other in one run, so both arms see the same machine; each arm writes a full
+    report in ``<out>/eager`` and ``<out>/compiled``, and ``<out>/bench.md`` sets them side
+    by side."""
+    start = time.perf_counter()
+    out = Path(cfg.out)
+    arms = {
+        "eager": replace(cfg, compile="off", cuda_graphs="off", out=str(out / "eager")),
+        "compiled": replace(cfg, compile="on", out=str(out / "compiled"), loop_overhead=False),
+    }
+    results = {arm: [] for arm in arms}
     for variant in cfg.methods:
-        t0 = time.perf_counter()
-        print(f"[bench] {variant}: measuring in a fresh process ...", flush=True)
-        results.append(run_worker(cfg, variant))
-        print(f"[bench] {variant}: done in {time.perf_counter() - t0:.0f}s", flush=True)
+        for arm, arm_cfg in arms.items():
+            results[arm].append(measure(arm_cfg, variant, arm))
+    reports = {arm: finish_report(arm_cfg, results[arm], start) for arm, arm_cfg in arms.items()}
+    report = {
+        "config": asdict(cfg),
+        "machine": machine_description(cfg),
+        "wall_seconds": time.perf_counter() - start,
+        "arms": reports,
+    }
+    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    text = ab_markdown(report)
+    (out / "bench.md").write_text(text)
+    print(text)
+    copy_results(cfg, out)
+    return report
+
+
+def finish_report(cfg: BenchConfig, results: list[dict], start: float) -> dict:
+    """The loop overhead (if asked), the ratios and targets; writes ``bench.json``/``.md``."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
     loop = None
     if cfg.loop_overhead:
         print("[bench] loop overhead: 2 rounds of FederatedLoop ...", flush=True)
@@ -60,6 +114,20 @@ def run_bench(cfg: BenchConfig) -> dict:
     (out / "bench.md").write_text(text)
     print(text)
     return report
+
+
+def copy_results(cfg: BenchConfig, out: Path) -> None:
+    """With ``cfg.results``: ``bench.md``/``.json`` copied to a dated file there."""
+    if cfg.results is None:
+        return
+    folder = Path(cfg.results)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"{date.today().isoformat()}-bench-{cfg.arch}-{cfg.device}-{cfg.precision}"
+    if cfg.compile != "off":
+        name += f"-{cfg.compile}"
+    for suffix in (".md", ".json"):
+        shutil.copyfile(out / f"bench{suffix}", folder / f"{name}{suffix}")
+    print(f"[bench] results: {folder / name}.md", flush=True)
 
 
 def run_worker(cfg: BenchConfig, variant: str) -> dict:

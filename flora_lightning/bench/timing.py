@@ -27,7 +27,14 @@ class StepTiming:
 
 
 def time_steps(
-    fabric, module, batch, steps: int, warmup: int = 1, min_seconds: float = 0.0, step_fn=None
+    fabric,
+    module,
+    batch,
+    steps: int,
+    warmup: int = 1,
+    min_seconds: float = 0.0,
+    step_fn=None,
+    capture=None,
 ) -> StepTiming:
     """Time local optimizer steps on ``batch`` with ``torch.utils.benchmark.Timer``.
 
@@ -56,6 +63,9 @@ def time_steps(
         min_seconds: the Timer's ``min_run_time``.
         step_fn: replaces ``local_step`` (same signature), e.g. a
             :class:`~flora_lightning.privacy.dpsgd.DPSGDStep`. None: the plain step.
+        capture: a :class:`~flora_lightning.federation.step_capture.CompiledStep`: the plain
+            step compiled (or captured in CUDA graphs), as ``LocalTrainer`` runs it with
+            ``trainer.compile``/``cuda_graphs``; its compilation happens in the warm-up.
     """
     import torch
     from torch.utils.benchmark import Measurement, Timer
@@ -66,7 +76,8 @@ def time_steps(
         raise ValueError(f"steps must be >= 1 and warmup >= 0 (got {steps}, {warmup}).")
     batch = fabric.to_device(batch)
     optimizer = fabric.setup_optimizers(module.configure_optimizers())
-    step_fn = step_fn or local_step
+    if step_fn is None:
+        step_fn = capture.step if capture is not None else local_step
     ran = 0  # steps run so far
 
     def step() -> None:

@@ -25,7 +25,7 @@ def measure_method(cfg: BenchConfig, variant: str) -> dict:
     from transformers import CLIPModel  # noqa: F401
 
     from flora_lightning.callbacks.memory import PeakMemoryMeter, release_free_memory
-    from flora_lightning.strategy import state_bytes
+    from flora_lightning.federation.step_capture import plan_capture
 
     load_at_start = os.getloadavg()[0]
     torch.manual_seed(cfg.seed)
@@ -40,88 +40,25 @@ def measure_method(cfg: BenchConfig, variant: str) -> dict:
     module = fabric.setup_module(module).module
     build_seconds = time.perf_counter() - t0
     cached = module.image_encoder_frozen and not variant.endswith("-uncached")
-
-    n = cfg.batch_size
-    labels = torch.arange(n) % cfg.num_classes
-    encode_per_image, encode_cpu_per_image, encoded, encode_flops_per_image = 0.0, 0.0, 0, 0.0
-    load_per_image, load_cpu_per_image = 0.0, 0.0
+    labels = torch.arange(cfg.batch_size) % cfg.num_classes
     if cached:
-        # Time what FeatureCache.build does per image (preprocess + frozen forward) in its
-        # steady state: caching encodes every client's partition batch after batch, so the
-        # first batch's one-off cost (allocator, kernel set-up) is paid once per process and
-        # is excluded here as the steps' warm-up is; the first features are the training batch.
-        encoded = cfg.encoded_images
-        images = synthetic_images(encoded, cfg.input_size, cfg.seed)
-        warm_up = preprocess(module.image_transform, images[:n])
-        encode_flops_per_image = counted_flops(lambda: _encode(fabric, module, warm_up)) / n
-        start, cpu_start = time.perf_counter(), time.process_time()
-        features = torch.cat(
-            [
-                _encode(fabric, module, preprocess(module.image_transform, images[i : i + n]))
-                for i in range(0, encoded, n)
-            ]
-        )
-        encode_per_image = (time.perf_counter() - start) / encoded
-        encode_cpu_per_image = (time.process_time() - cpu_start) / encoded
-        batch = (features[:n].clone(), labels)
-        del images, features
-        module.release_image_encoder()
+        inputs, result = measure_caching(cfg, fabric, module)
     else:
-        images = synthetic_images(n, cfg.input_size, cfg.seed)
-        preprocess(module.image_transform, images[:2])  # warm-up
-        start, cpu_start = time.perf_counter(), time.process_time()
-        batch = (preprocess(module.image_transform, images), labels)
-        # Training from pixels pays CLIP preprocessing for every image every epoch (the loop's
-        # default num_workers=0 does it in the training process); cached training paid it once.
-        load_per_image = (time.perf_counter() - start) / n
-        load_cpu_per_image = (time.process_time() - cpu_start) / n
-        del images
-    batch = fabric.to_device(batch)
+        inputs, result = measure_loading(cfg, module)
+    batch = fabric.to_device((inputs, labels))
     release_free_memory()
-
+    capture = plan_capture(fabric.device, cfg.cuda_graphs, cfg.compile == "on")
     meter.start()
-    times = time_steps(fabric, module, batch, cfg.steps, cfg.warmup, cfg.min_timed_seconds)
+    result |= measure_steps(cfg, fabric, module, batch, capture)
     memory = meter.stop()
-    # An epoch ends with a smaller batch when the batch size does not divide the client's
-    # samples (5,000 = 39 x 128 + 8): its step is timed too, not assumed to cost a full one.
-    remainder = cfg.client_samples % n
-    last, part = None, None
-    if remainder:
-        part = (batch[0][:remainder], batch[1][:remainder])
-        last = time_steps(fabric, module, part, cfg.steps, cfg.warmup, cfg.min_timed_seconds)
-    # The work itself, counted by torch's FlopCounterMode on one more step of each kind.
-    step_flops = counted_flops(lambda: _step_once(fabric, module, batch))
-    last_flops = counted_flops(lambda: _step_once(fabric, module, part)) if part else 0
-    state = module.communicated_state()
-    result = {
-        "method": variant,
-        "cached": cached,
-        "image_encoder_frozen": module.image_encoder_frozen,
-        "trainable_params": module.num_trainable_parameters(),
-        "communicated_params": sum(t.numel() for t in state.values()),
-        "bytes_per_round_per_client": state_bytes(state),
-        "step_seconds": times.seconds,
-        "timed_steps": times.timed_steps,
-        "step_seconds_all": times.block_seconds,
-        "step_cpu_seconds": times.cpu_seconds,
-        "step_flops": step_flops,
-        "last_step_flops": last_flops,
-        "encode_flops_per_image": encode_flops_per_image,
-        "last_batch_size": remainder,
-        "last_step_seconds": last.seconds if last else 0.0,
-        "last_step_cpu_seconds": last.cpu_seconds if last else 0.0,
-        "encode_seconds_per_image": encode_per_image,
-        "load_seconds_per_image": load_per_image,
-        "load_cpu_seconds_per_image": load_cpu_per_image,
-        "encode_cpu_seconds_per_image": encode_cpu_per_image,
-        "encoded_images": encoded,
+    result |= describe(module, variant, cached, capture)
+    result |= {
         "peak_memory_bytes": memory.peak_bytes,
         "memory_at_start_bytes": memory.start_bytes,
         "memory_growth_bytes": memory.growth_bytes,
         "runtime_memory_bytes": runtime,
         "peak_memory_excl_runtime_bytes": max(memory.peak_bytes - runtime, 0),
         "memory_measure": memory.measure,
-        "caption_tokens": int(module.caption_ids.shape[1]),
         "build_seconds": build_seconds,
         "load_average": [load_at_start, os.getloadavg()[0]],
     }
@@ -130,6 +67,102 @@ def measure_method(cfg: BenchConfig, variant: str) -> dict:
 
         result["dp_sgd"] = measure_dp_sgd(fabric, module, batch, cfg, variant, meter, runtime)
     return result
+
+
+def measure_caching(cfg: BenchConfig, fabric, module) -> tuple:
+    """Time what FeatureCache.build does per image (preprocess + frozen forward) in its steady
+    state, then release the vision tower; returns the first batch's features and the figures.
+
+    Caching encodes every client's partition batch after batch, so the first batch's one-off
+    cost (allocator, kernel set-up) is paid once per process and is excluded here as the
+    steps' warm-up is.
+    """
+    import torch
+
+    n, encoded = cfg.batch_size, cfg.encoded_images
+    images = synthetic_images(encoded, cfg.input_size, cfg.seed)
+    warm_up = preprocess(module.image_transform, images[:n])
+    flops_per_image = counted_flops(lambda: _encode(fabric, module, warm_up)) / n
+    start, cpu_start = time.perf_counter(), time.process_time()
+    features = torch.cat(
+        [
+            _encode(fabric, module, preprocess(module.image_transform, images[i : i + n]))
+            for i in range(0, encoded, n)
+        ]
+    )
+    figures = {
+        "encode_seconds_per_image": (time.perf_counter() - start) / encoded,
+        "encode_cpu_seconds_per_image": (time.process_time() - cpu_start) / encoded,
+        "encoded_images": encoded,
+        "encode_flops_per_image": flops_per_image,
+        "load_seconds_per_image": 0.0,
+        "load_cpu_seconds_per_image": 0.0,
+    }
+    inputs = features[:n].clone()
+    del images, features
+    module.release_image_encoder()
+    return inputs, figures
+
+
+def measure_loading(cfg: BenchConfig, module) -> tuple:
+    """Time CLIP preprocessing of one batch of pixels: training from pixels pays it for every
+    image every epoch (the loop's default num_workers=0 does it in the training process);
+    cached training paid it once. Returns the batch's pixels and the figures."""
+    n = cfg.batch_size
+    images = synthetic_images(n, cfg.input_size, cfg.seed)
+    preprocess(module.image_transform, images[:2])  # warm-up
+    start, cpu_start = time.perf_counter(), time.process_time()
+    pixels = preprocess(module.image_transform, images)
+    figures = {
+        "load_seconds_per_image": (time.perf_counter() - start) / n,
+        "load_cpu_seconds_per_image": (time.process_time() - cpu_start) / n,
+        "encode_seconds_per_image": 0.0,
+        "encode_cpu_seconds_per_image": 0.0,
+        "encoded_images": 0,
+        "encode_flops_per_image": 0.0,
+    }
+    return pixels, figures
+
+
+def measure_steps(cfg: BenchConfig, fabric, module, batch, capture) -> dict:
+    """Time full-batch local steps and, when the batch size does not divide the client's
+    samples (5,000 = 39 x 128 + 8), the last smaller one (not assumed to cost a full one);
+    count each kind's FLOPs on one more step (torch's FlopCounterMode)."""
+    args = (cfg.steps, cfg.warmup, cfg.min_timed_seconds)
+    times = time_steps(fabric, module, batch, *args, capture=capture)
+    remainder = cfg.client_samples % cfg.batch_size
+    last, part = None, None
+    if remainder:
+        part = (batch[0][:remainder], batch[1][:remainder])
+        last = time_steps(fabric, module, part, *args, capture=capture)
+    return {
+        "step_seconds": times.seconds,
+        "timed_steps": times.timed_steps,
+        "step_seconds_all": times.block_seconds,
+        "step_cpu_seconds": times.cpu_seconds,
+        "step_flops": counted_flops(lambda: _step_once(fabric, module, batch)),
+        "last_step_flops": counted_flops(lambda: _step_once(fabric, module, part)) if part else 0,
+        "last_batch_size": remainder,
+        "last_step_seconds": last.seconds if last else 0.0,
+        "last_step_cpu_seconds": last.cpu_seconds if last else 0.0,
+    }
+
+
+def describe(module, variant: str, cached: bool, capture) -> dict:
+    """What was measured: the method, its sizes, and how its step ran."""
+    from flora_lightning.strategy import state_bytes
+
+    state = module.communicated_state()
+    return {
+        "method": variant,
+        "cached": cached,
+        "image_encoder_frozen": module.image_encoder_frozen,
+        "step_runner": "eager" if capture is None else capture.what,
+        "trainable_params": module.num_trainable_parameters(),
+        "communicated_params": sum(t.numel() for t in state.values()),
+        "bytes_per_round_per_client": state_bytes(state),
+        "caption_tokens": int(module.caption_ids.shape[1]),
+    }
 
 
 def counted_flops(run) -> int:

@@ -81,3 +81,35 @@ def test_tiny_bench_end_to_end(tmp_path):
     assert flora["timed_steps"] >= 1 and len(flora["step_seconds_all"]) >= 1
     assert min(flora["step_seconds_all"]) <= flora["step_seconds"] <= max(flora["step_seconds_all"])
     assert flora["step_cpu_seconds"] > 0
+
+
+@pytest.mark.slow  # four worker processes, two of them compiling (minutes on 2 cores)
+def test_compile_ab_measures_each_method_eager_and_compiled_side_by_side(tmp_path):
+    """``--compile ab``: both arms in one run, each a full report; the A/B table's ratios come
+    from the arms' rows; ``--results`` copies the report to a dated file."""
+    from datetime import date
+
+    from flora_lightning.bench.report import ab_rows
+
+    out, results = tmp_path / "bench", tmp_path / "results"
+    report = main(
+        ["--arch", "tiny", "--batch_size", "8", "--steps", "1", "--client_samples", "36"]
+        + ["--methods", "[FLoRA, FedFFT]", "--min_timed_seconds", "0", "--out", str(out)]
+        + ["--compile", "ab", "--loop_overhead", "false", "--results", str(results)]
+    )
+    eager, compiled = (report["arms"][arm]["methods"] for arm in ("eager", "compiled"))
+    assert [r["step_runner"] for r in eager] == ["eager", "eager"]
+    assert [r["step_runner"] for r in compiled] == ["compiled", "compiled"]  # CPU: no graphs
+    assert (out / "eager" / "workers" / "FLoRA.json").exists()
+    assert (out / "compiled" / "workers" / "FedFFT.json").exists()
+    rows = ab_rows(eager, compiled)
+    flora = rows[0]
+    assert flora["step_speedup"] == eager[0]["step_seconds"] / compiled[0]["step_seconds"]
+    assert flora["compiled_share_of_flop_ratio"] == pytest.approx(
+        compiled[0]["round_speedup_vs_fft"] / compiled[0]["work_reduction_vs_fft"]
+    )
+    text = (out / "bench.md").read_text()
+    assert "| FLoRA | compiled |" in text and "[eager](eager/bench.md)" in text
+    name = f"{date.today().isoformat()}-bench-tiny-cpu-32-true-ab"
+    assert (results / f"{name}.md").read_text() == text
+    assert json.loads((results / f"{name}.json").read_text())["arms"]["eager"]["methods"] == eager
