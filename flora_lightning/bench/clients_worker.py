@@ -122,7 +122,7 @@ def run_loop(spec: dict, config: Path) -> dict:
     """The in-process loop: round times from its summary, store time, peak RSS, state bytes."""
     from flora_lightning.bench.client_memory import kept_state
     from flora_lightning.callbacks.base import Callback
-    from flora_lightning.callbacks.memory import PeakMemoryMeter, _status_kib
+    from flora_lightning.callbacks.memory import PeakMemoryMeter, status_kib
     from flora_lightning.flower.app_config import FlowerRunConfig, build_components
 
     parts = build_components(FlowerRunConfig(config=str(config)))
@@ -150,7 +150,7 @@ def run_loop(spec: dict, config: Path) -> dict:
     memory = meter.stop()
     # The RSS at the end by kind: anonymous (heap: what the process allocated) and file-backed
     # (mapped files: the dataset's memory-mapped Arrow pages read, libraries' code).
-    anon, file = _status_kib("RssAnon"), _status_kib("RssFile")
+    anon, file = status_kib("RssAnon"), status_kib("RssFile")
     rounds = [r for r in summary["rounds"] if r["round"] > 0]
     store = [ends[r["round"]] for r in rounds]
     fits = [r["train_seconds"] - s for r, s in zip(rounds, store, strict=True)]

@@ -51,7 +51,7 @@ class MemoryReading:
         return max(self.peak_bytes - self.start_bytes, 0)
 
 
-def _status_kib(field: str) -> int | None:
+def status_kib(field: str) -> int | None:
     """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes, or None."""
     try:
         for line in _STATUS.read_text().splitlines():
@@ -68,7 +68,7 @@ def _reset_rss_high_water_mark() -> bool:
         _CLEAR_REFS.write_text("5")
     except OSError:
         return False
-    return _status_kib("VmHWM") is not None
+    return status_kib("VmHWM") is not None
 
 
 def _max_rss_since_start() -> int:
@@ -114,7 +114,7 @@ class PeakMemoryMeter:
         """In use now: CUDA ``memory_allocated``, or the process's RSS (0 if unreadable)."""
         if self.device.type == "cuda":
             return torch.cuda.memory_allocated(self.device)
-        return _status_kib("VmRSS") or 0
+        return status_kib("VmRSS") or 0
 
     def start(self) -> None:
         if self.device.type == "cuda":
@@ -136,7 +136,7 @@ class PeakMemoryMeter:
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)
         elif self._hwm_reset:
-            peak = _status_kib("VmHWM") or _max_rss_since_start()
+            peak = status_kib("VmHWM") or _max_rss_since_start()
         else:
             peak = _max_rss_since_start()
         return MemoryReading(
