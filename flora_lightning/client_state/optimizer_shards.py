@@ -8,9 +8,8 @@ Two layouts, both read by :func:`unflatten_optimizer_states`:
   each :class:`~flora_lightning.client_state.stores.DiskStates` file): one buffer per client and
   dtype, ``"<client>.packed.<dtype>"``, and per shard ``"layout.<shard>"``, a uint8 tensor
   holding the JSON of where each slot lies in its client's buffers. 1,000 clients are then
-  about 1,000 tensors to serialise, not 12,000 (serialising each small tensor costs the
-  allocator ~2 KB of transient objects: +30 MB of peak RSS per resume write at 1,000 tiny-CLIP
-  clients, +4 MB packed).
+  about 1,000 tensors to serialise, not one per slot (each small tensor serialised costs the
+  allocator transient objects, which add up in a resume write's peak memory).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ class PackedState:
     Args:
         state: one client's ``optimizer.state_dict()["state"]``; its tensors are copied (to CPU).
         layouts: layouts seen before (``{layout: layout}``); an equal one is shared, not kept
-            again (1.7 KB of Python tuples per client for FLoRA's 12 Adam slots).
+            again (a layout is Python tuples, one per slot, for every client).
     """
 
     __slots__ = ("buffers", "layout", "values")

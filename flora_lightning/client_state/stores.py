@@ -107,7 +107,7 @@ class DiskStates(ClientStates):
     state; a write replaces the file atomically (temporary file, then rename) but is not
     fsynced, unlike checkpoints (:func:`~flora_lightning.rundir.checkpoint.save_state`): the files are
     scratch space, rebuilt from the resume state after a crash, and an fsync per client fit
-    costs milliseconds (15 ms per client on this project's 2-core machine). The store starts empty and knows only the files
+    costs milliseconds per client. The store starts empty and knows only the files
     it wrote: files of an earlier run in the folder are never read (a resumed run gets its
     clients' states from the resume state, as with :class:`MemoryStates`) and are overwritten
     when their client trains. Two runs at once must not share one ``trainer.client_state_dir``.

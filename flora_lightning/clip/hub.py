@@ -1,7 +1,7 @@
 """Fail fast without the Hugging Face hub, through the libraries' public switches.
 
 Without network, ``from_pretrained``/``load_dataset`` on a hub id retry for tens of seconds
-(about 50 s and 23 s measured here, DNS failing at once) before failing. When a name is not a
+before failing. When a name is not a
 local path and the hub is off (``HF_HUB_OFFLINE``, :func:`huggingface_hub.is_offline_mode`) or
 cannot be reached (one TCP connect to ``$HF_ENDPOINT``, 3 s timeout, once per process), loading
 uses local files only, so a cached copy still loads and anything else fails at once with the

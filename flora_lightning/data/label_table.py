@@ -5,8 +5,8 @@ on, after few-shot selection or a class-block mapping, so the partitioner that d
 asked again. They are flwr-datasets' counts (``flwr_datasets.metrics.compute_counts`` over
 :class:`GivenPartitions`, which the tests check them against), computed with ``numpy.bincount``:
 ``compute_counts`` selects each partition out of a ``datasets.Dataset`` and counts it with
-pandas, about 2.3 ms a client (2.3 s at 1,000 clients) and paid again by every Flower node's
-set-up, where ``bincount`` takes 3 ms for all 1,000.
+pandas, milliseconds per client and paid again by every Flower node's set-up, where one
+``bincount`` counts all clients at once.
 """
 
 from collections.abc import Sequence

@@ -30,7 +30,7 @@ class FedLC(FederatedCLIPModule):
     about 100x faster at the same learning rate. Not the released baseline, hence off by default.
     :math:`s` multiplies the head rather than being folded into :math:`W_0` because with the
     paper's coupled weight decay (0.2) a head with ~100x larger entries is dominated by the
-    decay term and Adam only shrinks it (measured on the offline digits: no accuracy change).
+    decay term and Adam only shrinks it.
 
     The head is built in :meth:`configure_task`, once the classes are known.
 

@@ -136,5 +136,5 @@ def _build(folder: Path) -> None:
 
 
 def tiny_clip_path() -> Path:
-    """Build the tiny CLIP on first use (about 15 s on 2 CPU cores) and return its folder."""
+    """Build the tiny CLIP on first use (seconds: a short pre-training) and return its folder."""
     return build_once(cache_dir() / f"tiny-clip-{_VERSION}", _build)

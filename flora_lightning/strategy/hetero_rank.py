@@ -142,8 +142,8 @@ class SvdRedistribution(RankPadding, LoraProductAverage):
     Args:
         min_clients: fewest accepted client updates for a round to count; with fewer, the
             round raises and the global state stays as it was.
-        factor_alignment: ``none`` sends the raw SVD factors (measured better here with mixed
-            ranks), ``sign`` flips each SVD component to the sign nearest the previous factors.
+        factor_alignment: ``none`` sends the raw SVD factors (see docs/strategies.md for the
+            measured comparison), ``sign`` flips each SVD component to the sign nearest the previous factors.
             A rotation (``procrustes``) would mix components and change the slices lower-rank
             clients get, so it is refused.
     """
