@@ -58,7 +58,10 @@ def make_flora(tiny_clip) -> Callable:
 
     def make(lora: LoraSettings | None = None, lr: float = 1e-3, seed: int = 0):
         bundle = CLIPBundle(
-            copy.deepcopy(tiny_clip.model), tiny_clip.tokenizer, tiny_clip.image_transform
+            copy.deepcopy(tiny_clip.model),
+            tiny_clip.tokenizer,
+            tiny_clip.image_transform,
+            tiny_clip.device_preprocess,
         )
         module = FLoRA(TINY_CLIP, lora=lora or LoraSettings(), optimizer=OptimizerConfig(lr=lr))
         torch.manual_seed(seed)  # peft draws LoRA A from the global RNG

@@ -41,9 +41,15 @@ def build_clip_bundle(arch: str, words: Sequence[str] = ()):
     """:func:`build_clip_parts` as the :class:`~flora_lightning.clip.backbone.CLIPBundle` the
     methods attach (the image processor becomes CLIP's preprocessing transform)."""
     from flora_lightning.clip.backbone import CLIPBundle, build_image_transform
+    from flora_lightning.clip.preprocess import DevicePreprocess
 
     model, tokenizer, processor = build_clip_parts(arch, words)
-    return CLIPBundle(model, tokenizer, build_image_transform(processor))
+    return CLIPBundle(
+        model,
+        tokenizer,
+        build_image_transform(processor),
+        DevicePreprocess.from_processor(processor),
+    )
 
 
 def save_clip(arch: str, folder: str | Path, words: Sequence[str] = ()) -> str:

@@ -114,7 +114,8 @@ def full_finetuning_copy(module):
     if any(p.is_meta for p in clip.vision_model.parameters()):
         clip.vision_model = type(clip.vision_model)(clip.config.vision_config)
     fft = FedFFT(name_or_path=module.name_or_path, optimizer=module.optimizer_config)
-    build_model_from_bundle(fft, CLIPBundle(clip, module.tokenizer, module.image_transform))
+    bundle = CLIPBundle(clip, module.tokenizer, module.image_transform, module.device_preprocess)
+    build_model_from_bundle(fft, bundle)
     fft.class_names = list(module.class_names)
     fft.caption_ids = module.caption_ids.clone()
     fft.caption_mask = module.caption_mask.clone()

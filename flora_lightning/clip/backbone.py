@@ -15,6 +15,7 @@ from torchvision.transforms import v2
 
 from flora_lightning.clip.features import build_image_transform, image_features, text_features
 from flora_lightning.clip.hub import NotAvailableError, local_files_only
+from flora_lightning.clip.preprocess import DevicePreprocess
 
 __all__ = [
     "CLIPBundle",
@@ -44,6 +45,10 @@ class CLIPBundle:
     model: torch.nn.Module
     tokenizer: object
     image_transform: v2.Compose
+    """Per image, on the CPU in the loader (``data.preprocess: processor``)."""
+    device_preprocess: DevicePreprocess | None = None
+    """The same in batches of decoded uint8 images on the model's device
+    (``data.preprocess: device``); None: not available for this bundle."""
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -76,4 +81,10 @@ def load_clip(name_or_path: str, field: str = "model.name_or_path") -> CLIPBundl
             f"{field}: could not load CLIP model '{name_or_path}' ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else err}). {hint}"
         ) from err
-    return CLIPBundle(model, processor.tokenizer, build_image_transform(processor.image_processor))
+    image_processor = processor.image_processor
+    return CLIPBundle(
+        model,
+        processor.tokenizer,
+        build_image_transform(image_processor),
+        DevicePreprocess.from_processor(image_processor),
+    )

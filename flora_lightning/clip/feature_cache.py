@@ -9,6 +9,10 @@ every client and the test set are encoded, the vision tower can leave memory.
 The cached loader yields ``(features [B, D], labels)`` batches in exactly the order the
 uncached loader yields ``(pixels, labels)``: both shuffle ``range(n)`` with the same generator,
 or both take their batches from the same Poisson sampler (sample-level DP-SGD).
+
+With ``data.preprocess: device`` the loader's workers only decode; each uint8 batch moves to
+the Fabric's device and is resized, cropped and normalised there, in the batch, by the method's
+``frozen_image_features`` (:mod:`flora_lightning.clip.preprocess`).
 """
 
 from __future__ import annotations
@@ -65,6 +69,8 @@ class FeatureCache:
             "precision": str(self.fabric.strategy.precision.__class__.__name__),
             "parts": parts,
         }
+        if self.data.preprocess == "device":  # absent for processor: older caches stay valid
+            key["preprocess"] = repr(self.model.device_preprocess)
         if self.data.has_local_test:  # absent otherwise: older disk caches stay valid
             key["local_test"] = [
                 hashlib.sha256(i.tobytes()).hexdigest() for i in self.data.client_test_indices

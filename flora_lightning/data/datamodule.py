@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from flora_lightning.clip.preprocess import decode_image
 from flora_lightning.data.label_table import format_label_table, label_counts
 from flora_lightning.data.partition import PartitionConfig, partition_indices
 from flora_lightning.data.source import load_source
@@ -22,6 +23,9 @@ from flora_lightning.data.splits import (
 
 POOLED = "pooled"
 """``data.test_split`` value for the released code's protocol: pool, then hold out 20%."""
+
+Preprocess = Literal["device", "processor"]
+PREPROCESS = ("device", "processor")
 
 
 class FederatedDataModule(L.LightningDataModule):
@@ -50,6 +54,9 @@ class FederatedDataModule(L.LightningDataModule):
         batch_size: local training batch size (paper: 128).
         eval_batch_size: batch size for evaluation.
         num_workers: DataLoader worker processes.
+        preprocess: ``device``: the loader only decodes (uint8), resize/crop/normalise run
+            batched on the model's device (the PIL processor's pixels within 2 uint8 levels);
+            ``processor``: the checkpoint's preprocessing per image in the loader (CPU).
         partition: how the training set is split across clients.
         local_test_fraction: each client keeps this seeded share of its partition as a local
             test set (personalised evaluation), taken out of its training data and only from
@@ -75,6 +82,7 @@ class FederatedDataModule(L.LightningDataModule):
         batch_size: int = 128,
         eval_batch_size: int = 256,
         num_workers: int = 0,
+        preprocess: Preprocess = "device",
         partition: PartitionConfig = PartitionConfig(),
         local_test_fraction: float | None = None,
     ) -> None:
@@ -103,6 +111,12 @@ class FederatedDataModule(L.LightningDataModule):
             )
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0 (got {num_workers}).")
+        if preprocess not in PREPROCESS:
+            raise ValueError(
+                f"data.preprocess must be device or processor (got {preprocess!r}); device "
+                "resizes, crops and normalises on the model's device, processor per image in "
+                "the loader."
+            )
         if test_split == POOLED and (not pool_splits or len(set(pool_splits)) < len(pool_splits)):
             raise ValueError(
                 f"data.pool_splits must name one or more distinct splits (got {pool_splits}); "
@@ -124,6 +138,7 @@ class FederatedDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
+        self.preprocess = preprocess
         self.partition = partition
         self.local_test_fraction = local_test_fraction
         self.image_transform: Callable | None = None
@@ -246,10 +261,22 @@ class FederatedDataModule(L.LightningDataModule):
         """The model's own preprocessing (CLIP resize, crop, normalise)."""
         self.image_transform = transform
 
-    def collate(self, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dataset rows -> ``(pixels [B, 3, H, W], labels [B])`` with the model's preprocessing."""
-        pixels = torch.stack([self.image_transform(row[self.image_column]) for row in rows])
+    def collate(self, rows: list[dict]) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]:
+        """Dataset rows -> ``(pixels, labels [B])``.
+
+        ``data.preprocess: processor``: float pixels ``[B, 3, H, W]``, the model's
+        preprocessing applied per image. ``device``: the decoded uint8 RGB images, one tensor
+        ``[B, 3, H, W]`` (a list of ``[3, H, W]`` when their sizes differ), which the method
+        preprocesses on its device (:meth:`~flora_lightning.methods.base.FederatedCLIPModule.
+        prepare_images`).
+        """
         labels = torch.tensor([row[self.label_column] for row in rows], dtype=torch.long)
+        if self.preprocess == "device":
+            images = [decode_image(row[self.image_column]) for row in rows]
+            if len({image.shape for image in images}) == 1:
+                return torch.stack(images), labels
+            return [image.contiguous() for image in images], labels
+        pixels = torch.stack([self.image_transform(row[self.image_column]) for row in rows])
         return pixels, labels
 
     def train_rows(self, indices):

@@ -83,6 +83,7 @@ class FederatedCLIPModule(L.LightningModule):
         self.clip: torch.nn.Module | None = None
         self.tokenizer = None
         self.image_transform = None
+        self.device_preprocess = None
         self.class_names: list[str] = []
         self.register_buffer("caption_ids", torch.zeros(0, 0, dtype=torch.long), persistent=False)
         self.register_buffer("caption_mask", torch.zeros(0, 0, dtype=torch.long), persistent=False)
@@ -99,6 +100,7 @@ class FederatedCLIPModule(L.LightningModule):
         self.clip = bundle.model
         self.tokenizer = bundle.tokenizer
         self.image_transform = bundle.image_transform
+        self.device_preprocess = bundle.device_preprocess
         self.clip.requires_grad_(False)
         self.clip.eval()
         self.setup_trainable()
@@ -198,12 +200,31 @@ class FederatedCLIPModule(L.LightningModule):
     """Names what :meth:`frozen_image_features` returns when it is not the default normalised
     embedding (e.g. FedAA's raw projection), so a disk feature cache keeps them apart."""
 
+    def prepare_images(self, images):
+        """What the vision tower reads: decoded uint8 images (``data.preprocess: device``; a
+        batch ``[B, 3, H, W]`` or a list of ``[3, H, W]`` of mixed sizes) are resized, cropped
+        and normalised here, in one batch on the device they were moved to, as the checkpoint's
+        processor does (:class:`~flora_lightning.clip.preprocess.DevicePreprocess`); float
+        pixels and cached features pass through unchanged."""
+        if torch.is_tensor(images) and images.dtype != torch.uint8:
+            return images
+        if self.device_preprocess is None:
+            raise RuntimeError(
+                f"{type(self).__name__} got decoded uint8 images (data.preprocess=device) but "
+                "was built without its checkpoint's DevicePreprocess (CLIPBundle."
+                "device_preprocess); load it with load_clip or set --data.preprocess processor."
+            )
+        return self.device_preprocess(images)
+
     def frozen_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Normalised CLIP image embeddings: what frozen-feature caching stores."""
-        return F.normalize(image_features(self.clip_model(), pixel_values), dim=-1)
+        pixels = self.prepare_images(pixel_values)
+        return F.normalize(image_features(self.clip_model(), pixels), dim=-1)
 
     def image_inputs_to_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Pixels ``[B, 3, H, W]`` are encoded; cached features ``[B, D]`` pass through."""
+        """Pixels ``[B, 3, H, W]`` (float, or uint8 for :meth:`prepare_images`) are encoded;
+        cached features ``[B, D]`` pass through."""
+        images = self.prepare_images(images)
         if images.dim() == 2:
             return images
         if next(self.clip_model().vision_model.parameters()).is_meta:

@@ -103,7 +103,7 @@ class FedAA(FederatedCLIPModule):
         Feature caching stores these (not the normalised ones), so the cached and uncached
         paths give the same :math:`a(x)`: the adapter is not scale invariant.
         """
-        return image_features(self.clip_model(), pixel_values)
+        return image_features(self.clip_model(), self.prepare_images(pixel_values))
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """:math:`\\tilde f(x)` from pixels ``[B, 3, H, W]`` or cached features ``[B, d]``."""

@@ -243,6 +243,10 @@ class DPSGDStep:
                 "scaler would unscale again: use trainer.precision bf16-mixed or 32-true."
             )
         inputs, labels = batch
+        if not torch.is_tensor(inputs) or inputs.dtype == torch.uint8:
+            # decoded images (data.preprocess=device): preprocessed once for the whole batch,
+            # not per example under vmap
+            inputs = module.prepare_images(inputs)
         with fabric.autocast():
             grads, losses = per_example_gradients(module, inputs, labels, self.chunk_size)
         noisy = private_gradient(

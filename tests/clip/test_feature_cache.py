@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import lightning as L
+import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from flora_lightning.clip.feature_cache import FeatureCache
 
 
-def test_one_pass_over_all_clients_equals_each_client_alone(make_datamodule, make_flora):
+@pytest.mark.parametrize("preprocess", ["processor", "device"])
+def test_one_pass_over_all_clients_equals_each_client_alone(
+    make_datamodule, make_flora, preprocess
+):
     """The in-process loop encodes all clients at once, a Flower node one partition at a
-    time: the features must be the same bits (batches never span two clients)."""
+    time: the features must be the same bits (batches never span two clients); with
+    ``data.preprocess: device`` too (uint8 batches preprocessed by the model)."""
     fabric = L.Fabric(accelerator="cpu", devices=1)
-    data = make_datamodule(local_test_fraction=0.25, eval_batch_size=64)
+    data = make_datamodule(local_test_fraction=0.25, eval_batch_size=64, preprocess=preprocess)
     data.setup()
     model = make_flora()
     model.configure_task(data.class_names, data.template)
@@ -36,3 +41,26 @@ def test_one_pass_over_all_clients_equals_each_client_alone(make_datamodule, mak
         expected = torch.cat([model.frozen_image_features(x).float() for x, _ in loader])
     assert len(expected) == data.num_samples(1) > 64  # more than one batch
     assert torch.equal(together.features["1"][0], expected)
+
+
+def test_device_preprocess_has_its_own_disk_cache(make_datamodule, make_flora, tmp_path):
+    """Features from device preprocessing differ from the processor's by rounding (<= 2 uint8
+    levels per pixel): a disk cache must not hand one's features to the other."""
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    model = make_flora()
+    caches = {}
+    for preprocess in ("processor", "device"):
+        data = make_datamodule(preprocess=preprocess)
+        data.setup()
+        model.configure_task(data.class_names, data.template)
+        data.set_image_transform(model.image_transform)
+        cache = FeatureCache(fabric, model, data, disk_dir=str(tmp_path))
+        cache.build([0], test=True)
+        caches[preprocess] = cache
+    processor, device = caches["processor"], caches["device"]
+    assert processor.fingerprint(["0", "test"]) != device.fingerprint(["0", "test"])
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+    for key in ("0", "test"):
+        assert torch.equal(processor.features[key][1], device.features[key][1])  # labels
+        # each its own encoding (the processor's differ by the rounding of a few pixels)
+        assert not torch.equal(processor.features[key][0], device.features[key][0])

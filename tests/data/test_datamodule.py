@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from flora_lightning.data.datamodule import FederatedDataModule
 from flora_lightning.data.partition import PartitionConfig
@@ -263,3 +264,83 @@ def test_dataset_not_available_offline_fails_fast(monkeypatch):
     assert "uoft-cs/cifar10" in message
     assert "--data.dataset" in message
     assert "flora-offline/digits" in message
+
+
+# ------------------------------------------------------------------ data.preprocess
+def test_preprocess_value_is_checked_first():
+    with pytest.raises(ValueError, match=r"^data\.preprocess must be device or processor"):
+        FederatedDataModule(preprocess="gpu")
+
+
+def per_image(model):
+    """The device transform applied image by image in the loader (``processor`` mode): the
+    same pixels as ``device`` mode's batches, but made on the CPU before the model sees them."""
+    from flora_lightning.clip.preprocess import decode_image
+
+    return lambda image: model.device_preprocess(decode_image(image)[None])[0]
+
+
+def test_device_preprocess_collates_uint8_and_the_model_preprocesses(make_datamodule, make_flora):
+    """``device``: the loader yields decoded uint8 images; the model turns them into the
+    pixels the processor makes (within 2 uint8 levels: see tests/clip/test_preprocess.py)."""
+    model = make_flora()
+    device, processor = make_datamodule(), make_datamodule(preprocess="processor")
+    assert device.preprocess == "device"  # the default
+    for data in (device, processor):
+        data.setup()
+        data.set_image_transform(model.image_transform)
+    rows = [device.test_set[i] for i in range(40)]
+    images, labels = device.collate(rows)
+    pixels, same_labels = processor.collate(rows)
+    assert images.dtype == torch.uint8 and images.shape == (40, 3, 8, 8)  # digits: 8x8
+    assert torch.equal(labels, same_labels)
+    prepared = model.prepare_images(images)
+    assert prepared.shape == pixels.shape == (40, 3, 32, 32)  # tiny CLIP: 32 px
+    std = torch.tensor(model.device_preprocess.std).view(3, 1, 1)
+    assert ((prepared - pixels).abs() * std * 255).max() <= 2 + 1e-3
+    assert model.prepare_images(pixels) is pixels  # float pixels pass through
+    # bit for bit what the same transform gives image by image
+    assert torch.equal(prepared, torch.stack([per_image(model)(row["image"]) for row in rows]))
+
+
+def test_device_preprocess_keeps_mixed_sizes_apart(make_flora):
+    """Images of different sizes cannot stack as uint8: a list, preprocessed per size."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    sizes = [(8, 8), (12, 9), (8, 8), (20, 31)]
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+    data = FederatedDataModule(image_column="image", preprocess="device")
+    batch, _ = data.collate([{"image": image, "label": 0} for image in images])
+    assert [tuple(image.shape) for image in batch] == [(3, h, w) for h, w in sizes]
+    model = make_flora()
+    expected = torch.stack([per_image(model)(image) for image in images])
+    assert torch.equal(model.prepare_images(batch), expected)
+
+
+def test_device_preprocess_trains_and_evaluates_as_per_image(make_datamodule, make_flora):
+    """Wiring: a client fit from pixels (uncached FLoRA, as FedFFT and FedVM-LC train) and the
+    global evaluation see, with ``device``, exactly the pixels of the same transform run per
+    image in the loader: the same update and the same accuracy, bit for bit."""
+    import lightning as L
+
+    from flora_lightning.federation.evaluation import evaluate
+    from flora_lightning.federation.local_trainer import LocalTrainer
+
+    results = []
+    for preprocess in ("device", "processor"):
+        data = make_datamodule(preprocess=preprocess)
+        data.setup()
+        model = make_flora()
+        model.configure_task(data.class_names, data.template)
+        data.set_image_transform(per_image(model))  # used by processor mode only
+        fabric = L.Fabric(accelerator="cpu", devices=1)
+        fabric.setup_module(model)
+        update = LocalTrainer(fabric, seed=42, max_local_steps=2).fit(model, data, 1, 1)
+        results.append((update, evaluate(fabric, model, data, len(data.class_names))))
+    (device, device_eval), (processor, processor_eval) = results
+    assert device.train_loss == processor.train_loss
+    for name, tensor in device.state.items():
+        assert torch.equal(tensor, processor.state[name])
+    assert device_eval == processor_eval
+    assert 0 < device_eval["test_acc"] <= 1

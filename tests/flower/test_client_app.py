@@ -269,3 +269,36 @@ def test_one_partition_per_node_frees_the_image_encoder_after_caching(offline_as
     with pytest.raises(RuntimeError, match="set one-partition-per-node = false"):
         fit_message(train_message(start, 1), context(partition=0), deployed)
     client_app._built.clear()
+
+
+def test_device_preprocessing_on_the_node_caches_what_flora_fit_caches(offline_assets):
+    """``--data.preprocess device`` reaches the ClientApp (same data code as ``flora fit``):
+    the node caches its partition from uint8 batches preprocessed by the model, the same bits
+    as the in-process feature cache on the same data and checkpoint, and it trains."""
+    import lightning as L
+
+    from flora_lightning.clip.backbone import load_clip
+    from flora_lightning.clip.feature_cache import FeatureCache
+    from flora_lightning.methods import FLoRA
+    from flora_lightning.methods.base import build_model_from_bundle
+
+    run = FlowerRunConfig(config=RUN.config, overrides=RUN.overrides + " --data.preprocess device")
+    ctx = context()
+    parts = client_components(run, ctx)
+    assert parts.data.preprocess == "device"
+    images, _ = parts.data.collate([parts.data.client_dataset(0)[0]])
+    assert images.dtype == torch.uint8
+    start = parts.model.communicated_state()
+    reply = fit_message(train_message(start, 1), ctx, run)
+    trained = to_state(reply.content["arrays"])
+    assert any(not torch.equal(trained[k], start[k]) for k in start)
+
+    model = build_model_from_bundle(
+        FLoRA(parts.model.name_or_path), load_clip(parts.model.name_or_path)
+    )
+    model.configure_task(parts.data.class_names, parts.data.template)
+    in_process = FeatureCache(L.Fabric(accelerator="cpu", devices=1), model, parts.data)
+    in_process.build([0], test=False)
+    node_x, node_y = parts.loop.feature_cache.features["0"]
+    assert torch.equal(in_process.features["0"][0], node_x)
+    assert torch.equal(in_process.features["0"][1], node_y)

@@ -28,7 +28,10 @@ def make_method(tiny_clip):
 
     def make(cls, lr: float = 1e-3, seed: int = 0, task: bool = True):
         bundle = CLIPBundle(
-            copy.deepcopy(tiny_clip.model), tiny_clip.tokenizer, tiny_clip.image_transform
+            copy.deepcopy(tiny_clip.model),
+            tiny_clip.tokenizer,
+            tiny_clip.image_transform,
+            tiny_clip.device_preprocess,
         )
         torch.manual_seed(seed)  # FedAA's adapter init
         module = build_model_from_bundle(cls(TINY_CLIP, optimizer=OptimizerConfig(lr=lr)), bundle)

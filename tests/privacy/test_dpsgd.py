@@ -320,3 +320,23 @@ def test_a_private_fit_draws_poisson_batches_cached_or_not(make_flora, datamodul
     trainer.max_local_steps = 3  # pixels: a per-example vision forward, keep it short
     trainer.fit(model, datamodule, client=0, round_=2)  # no cache: the pixel loader
     assert seen == by_features[:3]
+
+
+def test_a_private_pixel_fit_preprocesses_uint8_batches_on_the_device(make_flora, make_datamodule):
+    """``data.preprocess: device`` under DP-SGD: each uint8 batch is preprocessed once, before
+    the per-example ``vmap``, to exactly the pixels of the same transform run per image in
+    the loader: the same private update, bit for bit."""
+    from flora_lightning.clip.preprocess import decode_image
+
+    updates = []
+    for preprocess in ("device", "processor"):
+        data = make_datamodule(preprocess=preprocess)
+        trainer, model, _, _ = private_trainer(make_flora, data)
+        data.set_image_transform(  # processor mode: the device transform, image by image
+            lambda image, model=model: model.device_preprocess(decode_image(image)[None])[0]
+        )
+        trainer.max_local_steps = 1  # pixels: a per-example vision forward, keep it short
+        updates.append(trainer.fit(model, data, client=0, round_=1))  # no cache: pixels
+    device, processor = updates
+    assert math.isfinite(device.train_loss) and device.train_loss == processor.train_loss
+    assert all(torch.equal(device.state[k], processor.state[k]) for k in device.state)
