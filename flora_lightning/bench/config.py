@@ -77,7 +77,8 @@ class BenchConfig:
     (auto) or never (off); CPU runs are eager unless compiled."""
     results: str | None = None
     """Also copy the report to a dated file in this folder (e.g. docs/results):
-    ``<date>-bench-<arch>-<device>-<precision>[-<compile>].md`` and ``.json``."""
+    ``<date>-bench-<arch>-<device>-<precision>[-<compile>][-<methods>].md`` and ``.json``
+    (the methods named when not all were measured)."""
     arch: Literal["vit-b-32", "tiny"] = "vit-b-32"
     """CLIP shapes: vit-b-32 (transformers.CLIPConfig defaults) or tiny (the offline tiny CLIP)."""
     loop_overhead: bool = True

@@ -16,7 +16,7 @@ from dataclasses import asdict, replace
 from datetime import date
 from pathlib import Path
 
-from flora_lightning.bench.config import BenchConfig
+from flora_lightning.bench.config import BenchConfig, variants
 from flora_lightning.bench.overhead import measure_loop_overhead
 from flora_lightning.bench.report import (
     ab_markdown,
@@ -125,6 +125,8 @@ def copy_results(cfg: BenchConfig, out: Path) -> None:
     name = f"{date.today().isoformat()}-bench-{cfg.arch}-{cfg.device}-{cfg.precision}"
     if cfg.compile != "off":
         name += f"-{cfg.compile}"
+    if cfg.methods != list(variants()):  # a subset: its own file, not the full table's
+        name += "-" + "-".join(cfg.methods)
     for suffix in (".md", ".json"):
         shutil.copyfile(out / f"bench{suffix}", folder / f"{name}{suffix}")
     print(f"[bench] results: {folder / name}.md", flush=True)

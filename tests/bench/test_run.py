@@ -110,6 +110,6 @@ def test_compile_ab_measures_each_method_eager_and_compiled_side_by_side(tmp_pat
     )
     text = (out / "bench.md").read_text()
     assert "| FLoRA | compiled |" in text and "[eager](eager/bench.md)" in text
-    name = f"{date.today().isoformat()}-bench-tiny-cpu-32-true-ab"
+    name = f"{date.today().isoformat()}-bench-tiny-cpu-32-true-ab-FLoRA-FedFFT"
     assert (results / f"{name}.md").read_text() == text
     assert json.loads((results / f"{name}.json").read_text())["arms"]["eager"]["methods"] == eager
