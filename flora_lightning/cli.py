@@ -8,8 +8,10 @@ with a one-line docstring, which is what ``flora fit --help`` prints.
 Errors: one line ``flora: error: ...`` with exit code 2 (the command or config is wrong) or 1
 (the run failed: disk, damaged file, out of memory, a bug); ``--debug`` (anywhere on the command
 line) or ``FLORA_DEBUG=1`` also prints the traceback. See :mod:`flora_lightning.error_report`.
-Problems visible without the heavy imports (a missing ``--config`` file, a YAML syntax error, a
-run directory that is a file) are reported before torch and transformers are imported.
+Config errors are reported before torch, Lightning, transformers, peft, datasets, Flower and
+Opacus are imported (:func:`precheck`): a missing ``--config`` file, a YAML syntax error, a run
+directory that is a file, and (:mod:`flora_lightning.config_check`) unknown fields, wrong types,
+invalid choices, out-of-range values, unknown classes and missing files.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from jsonargparse import ArgumentParser, set_parsing_settings
 
+from flora_lightning.config_check import check_stage_args
 from flora_lightning.error_report import ConfigError, classify
 from flora_lightning.stages import STAGES, check_run_dir, run_stage, stage_parser
 
@@ -102,11 +105,13 @@ def _check_config_file(value: str) -> dict | None:
 def precheck(args: list[str]) -> None:
     """Errors found without the heavy imports, for the fit / validate / test stages.
 
-    Every ``--config`` file must exist and be valid YAML, and ``trainer.default_root_dir`` (the
-    last one given, by a config file or an override) must not be a file.
+    Every ``--config`` file must exist and be valid YAML, ``trainer.default_root_dir`` (the
+    last one given, by a config file or an override) must not be a file, and the config must
+    pass :func:`~flora_lightning.config_check.check_stage_args`.
 
     Raises:
         ConfigError: naming the file and line, or the field.
+        ValueError: a config class's own check, naming the field.
     """
     stage = next((arg for arg in args if not arg.startswith("-")), None)
     if stage not in STAGES:
@@ -122,6 +127,7 @@ def precheck(args: list[str]) -> None:
     printing = any(arg == "--print_config" or arg.startswith("--print_config=") for arg in rest)
     if settings and not printing:  # --print_config only prints: no run directory is used
         check_run_dir(max(settings)[1])
+    check_stage_args(args)
 
 
 def run(args: list[str] | None = None) -> dict:

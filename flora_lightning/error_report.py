@@ -98,6 +98,13 @@ def _is_cuda_oom(err: BaseException) -> bool:
     return oom is not None and isinstance(err, oom)
 
 
+def _loaded(module: str, *names: str) -> tuple[type, ...]:
+    """Exception classes of ``flora_lightning.<module>`` if it is imported (only then can it
+    have raised them): classifying a config error found early imports nothing heavy."""
+    loaded = sys.modules.get(f"flora_lightning.{module}")
+    return tuple(getattr(loaded, name) for name in names if hasattr(loaded, name))
+
+
 def classify(err: BaseException) -> Report:
     """Sort an exception into config / runtime / oom / internal, with its message."""
     if isinstance(err, argparse.ArgumentError):  # jsonargparse parse errors
@@ -119,15 +126,14 @@ def classify(err: BaseException) -> Report:
             "data.batch_size or data.num_workers, or run on a machine with more memory.",
             RUNTIME_EXIT,
         )
-    from flora_lightning.clip.hub import NotAvailableError
-    from flora_lightning.rundir.checkpoint import CorruptCheckpointError, RunDirWriteError
-
-    if isinstance(err, RunDirWriteError | CorruptCheckpointError):
+    if isinstance(err, _loaded("rundir.checkpoint", "RunDirWriteError", "CorruptCheckpointError")):
         return Report("runtime", str(err), RUNTIME_EXIT)
     if isinstance(err, OSError) and err.errno in _ONLY_ON_WRITE:  # a write elsewhere (TensorBoard)
+        from flora_lightning.rundir.checkpoint import RunDirWriteError
+
         path = Path(err.filename or "(a file in the run directory)")
         return Report("runtime", str(RunDirWriteError(path, err, atomic=False)), RUNTIME_EXIT)
-    if isinstance(err, NotAvailableError):
+    if isinstance(err, _loaded("clip.hub", "NotAvailableError")):
         return Report("config", str(err), CONFIG_EXIT)
     if raised_on_purpose(err):
         if isinstance(err, _ON_PURPOSE_CONFIG):

@@ -31,9 +31,9 @@ STAGES = {
 
 def stage_parser(stage: str) -> ArgumentParser:
     """The parser of one stage: model, data and trainer groups plus --config."""
-    import flora_lightning.methods  # noqa: F401  (registers the method classes for --model)
     from flora_lightning.data.datamodule import FederatedDataModule
     from flora_lightning.federation.loop import FederatedLoop
+    from flora_lightning.methods import METHODS  # noqa: F401  (imports each: --model FedFFT)
     from flora_lightning.methods.base import FederatedCLIPModule
     from flora_lightning.privacy.config import PrivacyConfig
 

@@ -30,11 +30,16 @@ differently scaled updates, so that combination is refused.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
+from flora_lightning.federation.settings import (  # noqa: F401  (re-exported: the old import paths)
+    SHARE_TOLERANCE,
+    ClientRanks,
+    RankTier,
+    as_tiers,
+    check_client_ranks,
+)
 from flora_lightning.strategy import ClientUpdate, State, for_rank
 from flora_lightning.strategy.hetero_rank import RankPadding, pad_to_global
 from flora_lightning.strategy.lora_product import lora_pairs
@@ -42,66 +47,6 @@ from flora_lightning.strategy.lora_product import lora_pairs
 RANK_STREAM = 102
 """Stream of the seeded tier assignment (``default_rng([seed, RANK_STREAM])``); the
 availability draws use 100 and 101, the local fits 0-2."""
-SHARE_TOLERANCE = 1e-6
-"""How far the tiers' shares may sum from 1."""
-
-
-@dataclass
-class RankTier:
-    """A share of the clients that trains at one LoRA rank."""
-
-    rank: int
-    """LoRA rank of these clients (1 to ``model.lora.rank``)."""
-    share: float
-    """Share of the clients in (0, 1]; the tiers' shares sum to 1."""
-
-    def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"trainer.client_ranks: a tier's rank must be >= 1 (got {self.rank}).")
-        if not 0 < self.share <= 1:
-            raise ValueError(
-                f"trainer.client_ranks: a tier's share must be in (0, 1] (got {self.share})."
-            )
-
-
-ClientRanks = list[int] | list[RankTier] | None
-"""``trainer.client_ranks``: one rank per client, tiers, or null (all at ``model.lora.rank``)."""
-
-
-def _tiers(client_ranks: list) -> list[RankTier] | None:
-    """The entries as tiers (dicts become :class:`RankTier`), or None for a list of ranks."""
-    is_tier = [isinstance(e, (RankTier, dict)) for e in client_ranks]
-    if all(is_tier):
-        return [e if isinstance(e, RankTier) else RankTier(**e) for e in client_ranks]
-    if any(is_tier) or not all(
-        isinstance(e, int) and not isinstance(e, bool) for e in client_ranks
-    ):
-        raise ValueError(
-            f"trainer.client_ranks must be a list of ints (one rank per client) or a list of "
-            f"tiers {{rank, share}}, not a mix (got {client_ranks})."
-        )
-    return None
-
-
-def check_client_ranks(client_ranks: ClientRanks) -> None:
-    """Refuse what is wrong whatever the model and data: empty, ranks < 1, shares not summing
-    to 1 (at construction, before anything loads)."""
-    if client_ranks is None:
-        return
-    if not client_ranks:
-        raise ValueError("trainer.client_ranks is empty; give one rank per client, tiers or null.")
-    tiers = _tiers(client_ranks)
-    if tiers is None:
-        low = [r for r in client_ranks if r < 1]
-        if low:
-            raise ValueError(f"trainer.client_ranks: every rank must be >= 1 (got {low[0]}).")
-        return
-    total = sum(t.share for t in tiers)
-    if abs(total - 1) > SHARE_TOLERANCE:
-        raise ValueError(
-            f"trainer.client_ranks: the tiers' shares must sum to 1 (got {total:.6g}); e.g. "
-            "[{rank: 8, share: 0.2}, {rank: 2, share: 0.8}]."
-        )
 
 
 def tier_counts(tiers: list[RankTier], num_clients: int) -> list[int]:
@@ -126,7 +71,7 @@ def assign_ranks(client_ranks: ClientRanks, num_clients: int, seed: int) -> list
     check_client_ranks(client_ranks)
     if client_ranks is None:
         return None
-    tiers = _tiers(client_ranks)
+    tiers = as_tiers(client_ranks)
     if tiers is None:
         if len(client_ranks) != num_clients:
             raise ValueError(

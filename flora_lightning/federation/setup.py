@@ -1,88 +1,27 @@
 """Setting up a federated run: the trainer settings' checks and the Fabric launch.
 
-:func:`check_settings` validates ``trainer.*`` when the loop is built (before anything heavy
-loads); :func:`setup_run` builds the Fabric, loads data and model in the order that fails fastest
-on bad input, and gives the loop its :class:`~flora_lightning.federation.local_trainer.LocalTrainer`.
+:func:`check_settings` (from the torch-free :mod:`flora_lightning.federation.settings`)
+validates ``trainer.*`` when the loop is built, before anything heavy loads; :func:`setup_run`
+builds the Fabric, loads data and model in the order that fails fastest on bad input, and gives the loop its :class:`~flora_lightning.federation.local_trainer.LocalTrainer`.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
-from typing import Literal
 
 import lightning as L
 import torch
 
 from flora_lightning.clip.hub import NotAvailableError
 from flora_lightning.federation.local_trainer import LocalTrainer
-from flora_lightning.federation.ranks import ClientRanks, check_client_ranks
-
-Precision = Literal["32-true", "16-mixed", "bf16-mixed"]
-OnClientError = Literal["skip", "raise"]
-OnTooFewUpdates = Literal["raise", "skip"]
-ON_TOO_FEW_UPDATES = ("raise", "skip")
-"""Values of ``trainer.on_too_few_updates``."""
-
-
-def check_settings(
-    rounds: int,
-    local_epochs: int,
-    max_local_steps: int | None,
-    join_ratio: float,
-    precision: str,
-    resume_every_n_rounds: int,
-    keep_last_checkpoints: int | None,
-    on_client_error: str,
-    client_ranks: ClientRanks = None,
-    client_state_dir: str | None = None,
-    on_too_few_updates: str = "raise",
-    **_: object,
-) -> None:
-    """Refuse bad ``trainer.*`` values, naming the field and the fix."""
-    if rounds < 0:
-        raise ValueError(f"trainer.rounds must be >= 0 (got {rounds}).")
-    if local_epochs < 1:
-        raise ValueError(f"trainer.local_epochs must be >= 1 (got {local_epochs}).")
-    if max_local_steps is not None and max_local_steps < 1:
-        raise ValueError(f"trainer.max_local_steps must be >= 1 or null (got {max_local_steps}).")
-    if not 0 < join_ratio <= 1:
-        raise ValueError(
-            f"trainer.join_ratio must be in (0, 1] (got {join_ratio}); 1.0 means every "
-            "client joins every round."
-        )
-    if precision not in ("32-true", "16-mixed", "bf16-mixed"):
-        raise ValueError(
-            f"trainer.precision must be 32-true, 16-mixed or bf16-mixed (got {precision!r})."
-        )
-    if resume_every_n_rounds < 1:
-        raise ValueError(
-            f"trainer.resume_every_n_rounds must be >= 1 (got {resume_every_n_rounds})."
-        )
-    if keep_last_checkpoints is not None and keep_last_checkpoints < 1:
-        raise ValueError(
-            f"trainer.keep_last_checkpoints must be >= 1 or null (got {keep_last_checkpoints})."
-        )
-    if on_client_error not in ("skip", "raise"):
-        raise ValueError(
-            f"trainer.on_client_error must be skip or raise (got {on_client_error!r})."
-        )
-    check_on_too_few_updates(on_too_few_updates)
-    check_client_ranks(client_ranks)
-    if client_state_dir is not None and Path(client_state_dir).is_file():
-        raise ValueError(
-            f"trainer.client_state_dir={client_state_dir!r} is a file; give a folder (created "
-            "when missing) or null to keep the clients' optimizer states in memory."
-        )
-
-
-def check_on_too_few_updates(value: str) -> None:
-    """Refuse a ``trainer.on_too_few_updates`` other than raise or skip, naming the field."""
-    if value not in ON_TOO_FEW_UPDATES:
-        raise ValueError(
-            f"trainer.on_too_few_updates must be raise or skip (got {value!r}): raise stops the "
-            "run at a round with fewer than trainer.strategy.min_clients accepted updates, skip "
-            "records that round unaggregated and goes on."
-        )
+from flora_lightning.federation.settings import (  # noqa: F401  (re-exported: the old import paths)
+    ON_TOO_FEW_UPDATES,
+    ClientRanks,
+    CudaGraphs,
+    OnClientError,
+    OnTooFewUpdates,
+    Precision,
+    check_on_too_few_updates,
+    check_settings,
+)
 
 
 def setup_run(loop, model, data, loggers: list) -> None:

@@ -1,29 +1,37 @@
-"""Federated methods: each is a small :class:`FederatedCLIPModule` subclass."""
+"""Federated methods: each is a small :class:`FederatedCLIPModule` subclass.
 
-from flora_lightning.methods.base import FederatedCLIPModule, OptimizerConfig
-from flora_lightning.methods.fedaa import FedAA
-from flora_lightning.methods.fedfft import FedFFT
-from flora_lightning.methods.fedlc import FedLC
-from flora_lightning.methods.fedvmlc import FedVMLC
-from flora_lightning.methods.flora import FLoRA, LoraSettings
+The names below are imported on first use (PEP 562), so ``methods.settings`` (torch-free)
+loads without torch: ``flora`` checks ``--model.*`` before the heavy imports. ``METHODS``
+(short names, as in ``configs/<stem>_<name>.yaml``, of the methods the paper compares, to their
+classes) imports every method.
+"""
 
-METHODS: dict[str, type[FederatedCLIPModule]] = {
-    "flora": FLoRA,
-    "fedfft": FedFFT,
-    "fedlc": FedLC,
-    "fedvmlc": FedVMLC,
-    "fedaa": FedAA,
+from importlib import import_module
+
+_EXPORTS = {
+    "FederatedCLIPModule": "base",
+    "OptimizerConfig": "settings",
+    "LoraSettings": "settings",
+    "FLoRA": "flora",
+    "FedFFT": "fedfft",
+    "FedLC": "fedlc",
+    "FedVMLC": "fedvmlc",
+    "FedAA": "fedaa",
 }
-"""Short names (as in ``configs/<stem>_<name>.yaml``) of the methods the paper compares."""
+_SHORT_NAMES = {"flora": "FLoRA", "fedfft": "FedFFT", "fedlc": "FedLC", "fedvmlc": "FedVMLC",
+                "fedaa": "FedAA"}  # fmt: skip
+__all__ = sorted(["METHODS", *_EXPORTS])
 
-__all__ = [
-    "METHODS",
-    "FLoRA",
-    "FedAA",
-    "FedFFT",
-    "FedLC",
-    "FedVMLC",
-    "FederatedCLIPModule",
-    "LoraSettings",
-    "OptimizerConfig",
-]
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    if name == "METHODS":
+        methods = {short: __getattr__(cls) for short, cls in _SHORT_NAMES.items()}
+        globals()["METHODS"] = methods
+        return methods
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -13,13 +13,12 @@ talks to this interface:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import lightning as L
 import torch
 import torch.nn.functional as F
 
 from flora_lightning.clip.backbone import CLIPBundle, image_features, load_clip, text_features
+from flora_lightning.methods.settings import OptimizerConfig
 
 
 def fp32(tensor: torch.Tensor):
@@ -29,34 +28,6 @@ def fp32(tensor: torch.Tensor):
     rounding of the logits cannot flip the argmax of near-ties.
     """
     return torch.autocast(device_type=tensor.device.type, enabled=False)
-
-
-@dataclass
-class OptimizerConfig:
-    """Adam with coupled weight decay, no schedule: the paper's settings for every method."""
-
-    lr: float = 5e-5
-    """Learning rate."""
-    betas: tuple[float, float] = (0.9, 0.98)
-    """Adam betas."""
-    eps: float = 1e-6
-    """Adam epsilon."""
-    weight_decay: float = 0.2
-    """L2 weight decay added to the gradient (torch.optim.Adam, coupled, as the paper)."""
-    fused: bool = False
-    """torch's fused Adam: one kernel for all parameters per step (CPU and CUDA), the same
-    update up to float rounding; faster for methods with many parameters (FedFFT)."""
-
-    def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise ValueError(f"model.optimizer.lr must be > 0 (got {self.lr}); e.g. 5e-5.")
-        if not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"model.optimizer.betas must be in [0, 1) (got {self.betas}).")
-        if self.eps <= 0 or self.weight_decay < 0:
-            raise ValueError(
-                "model.optimizer.eps must be > 0 and model.optimizer.weight_decay >= 0 "
-                f"(got eps={self.eps}, weight_decay={self.weight_decay})."
-            )
 
 
 class FederatedCLIPModule(L.LightningModule):

@@ -1,0 +1,86 @@
+"""``data.partition``: how the training set is split across clients (torch-free config).
+
+:func:`~flora_lightning.data.partition.partition_indices` does the splitting; this module holds
+only the settings and their checks, so ``flora`` can check them before the heavy imports
+(:mod:`flora_lightning.config_check`).
+"""
+
+from dataclasses import dataclass
+from typing import Literal
+
+_KINDS = ("iid", "dirichlet", "pathological", "fewshot")
+_IID_RULES = ("per_class", "random_chunks")
+
+
+@dataclass
+class PartitionConfig:
+    """How the training set is split across clients."""
+
+    kind: Literal["iid", "dirichlet", "pathological", "fewshot"] = "iid"
+    """Partition scheme: iid, dirichlet (non-IID by Dirichlet(beta) per class),
+    pathological (disjoint classes per client), fewshot (n shots per class per client)."""
+    num_clients: int = 10
+    """Number of clients (data owners)."""
+    iid_rule: Literal["per_class", "random_chunks"] = "per_class"
+    """kind=iid: per_class (released; each class cut in row order, equal shares) or random_chunks."""
+    beta: float = 0.1
+    """Dirichlet concentration (kind=dirichlet); smaller is more skewed."""
+    classes_per_client: int | None = None
+    """Classes each client holds (kind=pathological); null: num_classes // num_clients shuffled
+    classes per client, the remainder to the last client (the released code's few-shot split)."""
+    shots: int | None = None
+    """Samples per class per client: required for kind=fewshot; for kind=pathological, exactly
+    this many of each of a client's classes (pathological few-shot; null: all of them)."""
+    self_balancing: bool = True
+    """kind=dirichlet: a client already holding more than n/num_clients samples gets no share
+    of the next classes (flwr-datasets ``self_balancing``, the released code's rule; that code
+    also stops a client at exactly n/num_clients, a tie only when it is a whole number)."""
+    shots_overlap: bool = True
+    """kind=fewshot: every client draws its shots from the whole training pool independently,
+    so two clients may hold the same sample (the released code); false deals disjoint shots."""
+    min_samples: int = 1
+    """Every client must receive at least this many samples (kind=dirichlet redraws until it
+    holds, as the released code with 1), else a clear error."""
+    seed: int = 42
+    """Seed: same seed and labels give the same partition."""
+    partitioner: dict | None = None
+    """Any flwr-datasets ``Partitioner`` subclass, ``{class_path: ..., init_args: {...}}``, used
+    instead of ``kind``; it gets ``num_partitions=num_clients``, ``partition_by`` (the name of
+    the label column) and ``seed`` (where its signature takes them) plus its ``init_args``."""
+
+    def __post_init__(self) -> None:
+        """Reject invalid settings with a message naming the CLI field and the fix."""
+        p = "data.partition."
+        if self.kind not in _KINDS:
+            raise ValueError(f"{p}kind must be one of {', '.join(_KINDS)} (got {self.kind!r})")
+        if self.iid_rule not in _IID_RULES:
+            raise ValueError(
+                f"{p}iid_rule must be one of {', '.join(_IID_RULES)} (got {self.iid_rule!r}); "
+                "per_class is the released code's IID split"
+            )
+        if self.num_clients < 1:
+            raise ValueError(f"{p}num_clients must be >= 1 (got {self.num_clients})")
+        if not self.beta > 0:
+            raise ValueError(
+                f"{p}beta must be > 0 (got {self.beta}); "
+                "use e.g. 0.1 for strong non-IID or 1.0 for mild"
+            )
+        if self.classes_per_client is not None and self.classes_per_client < 1:
+            raise ValueError(
+                f"{p}classes_per_client must be >= 1 or null (got {self.classes_per_client}); "
+                "null gives every client num_classes // num_clients classes"
+            )
+        if self.shots is not None and self.shots < 1:
+            raise ValueError(f"{p}shots must be >= 1 when given (got {self.shots}); use e.g. 16")
+        if self.kind == "fewshot" and self.shots is None:
+            raise ValueError(f"{p}shots is required for {p}kind=fewshot; set e.g. {p}shots=16")
+        if self.min_samples < 1:
+            raise ValueError(
+                f"{p}min_samples must be >= 1 (got {self.min_samples}); "
+                "use 1 to only forbid empty clients"
+            )
+        if self.partitioner is not None:
+            # flwr-datasets is imported only for a custom partitioner
+            from flora_lightning.data.custom_partitioner import partitioner_class
+
+            partitioner_class(self.partitioner)
