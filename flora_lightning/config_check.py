@@ -366,10 +366,12 @@ def check_model(args: list[str]) -> None:
 
 def _validate(parser: ArgumentParser, stage: str, config, args: list[str]) -> None:
     """The config classes' own checks, the trainer's checks, class paths and files."""
+    from flora_lightning.data.settings import check_data_settings
     from flora_lightning.federation.settings import check_settings
 
     init = parser.instantiate_classes(config)[stage]  # PartitionConfig, PrivacyConfig, ...
-    check_settings(**{k: v for k, v in vars(init.trainer).items()})
+    check_data_settings(**vars(init.data))
+    check_settings(**vars(init.trainer))
     check_class_path("model", config[stage].model)
     check_class_path("trainer.strategy", config[stage].trainer.strategy)
     check_paths(stage, config[stage])

@@ -78,6 +78,9 @@ CASES = [
      lambda tmp: [*FIT, "--trainer.join_ratio", "1.5"],
      lambda tmp: "trainer.join_ratio must be in (0, 1] (got 1.5); 1.0 means every client "
      "joins every round."),
+    ("data-fraction-above-1",
+     lambda tmp: [*FIT, "--data.test_fraction", "1.5"],
+     lambda tmp: "data.test_fraction must be in (0, 1) (got 1.5)."),
     ("dataclass-range",
      lambda tmp: [*FIT, "--data.partition.beta", "-1"],
      lambda tmp: "data.partition.beta must be > 0 (got -1.0); use e.g. 0.1 for strong "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -13,6 +13,12 @@ from torch.utils.data import DataLoader
 from flora_lightning.clip.preprocess import decode_image
 from flora_lightning.data.label_table import format_label_table, label_counts
 from flora_lightning.data.partition import PartitionConfig, partition_indices
+from flora_lightning.data.settings import (  # noqa: F401  (re-exported: the old import paths)
+    POOLED,
+    PREPROCESS,
+    Preprocess,
+    check_data_settings,
+)
 from flora_lightning.data.source import load_source
 from flora_lightning.data.splits import (
     check_labels,
@@ -20,12 +26,6 @@ from flora_lightning.data.splits import (
     resolve_class_names,
     split_local_tests,
 )
-
-POOLED = "pooled"
-"""``data.test_split`` value for the released code's protocol: pool, then hold out 20%."""
-
-Preprocess = Literal["device", "processor"]
-PREPROCESS = ("device", "processor")
 
 
 class FederatedDataModule(L.LightningDataModule):
@@ -87,41 +87,18 @@ class FederatedDataModule(L.LightningDataModule):
         local_test_fraction: float | None = None,
     ) -> None:
         super().__init__()
-        if "{}" not in template:
-            raise ValueError(
-                f"data.template must contain '{{}}' where the class name goes (got {template!r}); "
-                "e.g. 'a photo of a {}.'"
-            )
-        if not 0 < test_fraction < 1:
-            raise ValueError(f"data.test_fraction must be in (0, 1) (got {test_fraction}).")
-        if batch_size < 1 or eval_batch_size < 1:
-            raise ValueError(
-                f"data.batch_size and data.eval_batch_size must be >= 1 "
-                f"(got {batch_size}, {eval_batch_size})."
-            )
-        if max_test_samples is not None and max_test_samples < 1:
-            raise ValueError(
-                f"data.max_test_samples must be >= 1 or null (got {max_test_samples})."
-            )
-        if local_test_fraction is not None and not 0 < local_test_fraction < 1:
-            raise ValueError(
-                f"data.local_test_fraction must be in (0, 1) or null (got "
-                f"{local_test_fraction}); e.g. 0.2 keeps a fifth of each client's partition "
-                "for its local test set."
-            )
-        if num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0 (got {num_workers}).")
-        if preprocess not in PREPROCESS:
-            raise ValueError(
-                f"data.preprocess must be device or processor (got {preprocess!r}); device "
-                "resizes, crops and normalises on the model's device, processor per image in "
-                "the loader."
-            )
-        if test_split == POOLED and (not pool_splits or len(set(pool_splits)) < len(pool_splits)):
-            raise ValueError(
-                f"data.pool_splits must name one or more distinct splits (got {pool_splits}); "
-                "e.g. [train, test]."
-            )
+        check_data_settings(
+            template=template,
+            test_fraction=test_fraction,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            max_test_samples=max_test_samples,
+            local_test_fraction=local_test_fraction,
+            num_workers=num_workers,
+            preprocess=preprocess,
+            test_split=test_split,
+            pool_splits=pool_splits,
+        )
         self.dataset = dataset
         self.subset = subset
         self.data_dir = data_dir
