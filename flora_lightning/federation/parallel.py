@@ -1,0 +1,248 @@
+"""``ParallelFit``: K clients' local fits in one batched computation over the shared frozen CLIP.
+
+FLoRA's clients share one frozen CLIP and, with cached image features, the same class captions;
+they differ only in their adapters, their optimizer states and their batches. ``ParallelFit``
+stacks the K clients' trainable parameters along a leading client dimension and takes each
+local step for all K at once::
+
+    each client's next batch (its own seeded loader, as LocalTrainer.fit) → pad to one length
+    → vmap(grad(client loss)) over the stacked parameters (functional_call: the frozen weights
+    are shared, so each frozen matmul runs once on all K clients' rows) → BatchedAdam.step
+    (each client's own moments and step count; clients whose fit has ended are masked)
+
+so each client ends with what :meth:`LocalTrainer.fit` gives it alone, up to float rounding:
+the same seeds (:meth:`LocalTrainer.seed_for`), data order, starting state, kept Adam state,
+step cap (``max_local_steps``, a straggler's ``max_steps``) and sample-weighted mean loss; its
+optimizer state goes to the trainer's store the same way. Where the batched math would differ,
+:func:`parallel_refusal` says why (``trainer.parallel_clients`` then refuses or falls back).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.func import functional_call, grad_and_value, vmap
+from torchmetrics import MeanMetric
+
+from flora_lightning.clip.feature_cache import FeatureCache
+from flora_lightning.federation.batched_adam import BatchedAdam
+from flora_lightning.federation.batched_loss import (
+    ClientObjective,
+    loss_kind,
+    pad_rows,
+    union_labels,
+)
+from flora_lightning.strategy import ClientUpdate
+
+PRECISIONS = ("32-true", "64-true")
+"""Fabric precisions the batched fit runs in (autocast and loss scaling are not batched)."""
+
+# functorch runs CPU flash attention once per client (no batching rule yet): correct, and the
+# linear layers, most of the work, are still batched. Not worth a warning per step.
+_SDPA_FALLBACK = "There is a performance drop because we have not yet implemented the batching"
+
+
+def parallel_refusal(trainer, model, source) -> str | None:
+    """Why K clients of ``model`` cannot train batched with ``trainer`` from ``source`` (None:
+    they can)."""
+    name = type(model).__name__
+    if trainer.step_fn is not None:
+        return (
+            f"sample-level DP-SGD ({type(trainer.step_fn).__name__}) computes per-example "
+            "gradients one client at a time"
+        )
+    if loss_kind(model) is None:
+        return (
+            f"{name} trains (part of) the vision tower or has a loss the batched fit does not "
+            "reproduce; only FLoRA (text tower), FedLC and FedAA train batched"
+        )
+    if not isinstance(source, FeatureCache):
+        return (
+            "the batched fit trains from cached image features; set trainer.cache_features "
+            "true (and model.lora.tower text for FLoRA)"
+        )
+    lora = getattr(model, "lora", None)
+    if lora is not None and lora.dropout > 0:
+        return (
+            f"model.lora.dropout={lora.dropout} draws a dropout mask per client from torch's "
+            "global generator, which a batched step cannot reproduce; set it to 0 (paper)"
+        )
+    precision = getattr(trainer.fabric.strategy.precision, "precision", None)
+    if precision not in PRECISIONS:
+        return f"trainer.precision={precision} is not batched (use 32-true)"
+    names = [id(p) for p in model.optimized_parameters()]
+    if names != [id(p) for p in model.trainable_parameters()]:
+        return f"{name} optimizes other parameters than it communicates"
+    return None
+
+
+def loss_meter(device) -> MeanMetric:
+    """The training-loss meter of :meth:`LocalTrainer.run_steps`, built the same way, so a
+    client's ``train_loss`` is the same number whichever way it trained. (With
+    ``nan_strategy="disable"`` torchmetrics 1.9 drops the ``weight`` it is given: that meter
+    averages the batch losses unweighted.)"""
+    return MeanMetric(nan_strategy="disable").set_dtype(torch.float64).to(device)
+
+
+class _KeptState:
+    """What :meth:`LocalTrainer.keep_optimizer_state_of` reads of an optimizer."""
+
+    def __init__(self, state: dict) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return {"state": self.state}
+
+
+def client_batches(loader, local_epochs: int, cap: float) -> Iterator:
+    """A client's batches of one fit: ``local_epochs`` passes over ``loader``, at most ``cap``
+    (LocalTrainer.run_steps's order; the loader is drawn lazily, so each epoch's shuffle
+    happens when it starts, from the client's own generator)."""
+    steps = 0
+    for _ in range(local_epochs):
+        for batch in loader:
+            yield batch
+            steps += 1
+            if steps >= cap:
+                return
+
+
+class ParallelFit:
+    """Batched local fits with a :class:`LocalTrainer`'s settings, seeds and state store.
+
+    Args:
+        trainer: the run's local trainer (epochs, step cap, seeds, kept optimizer states).
+    """
+
+    def __init__(self, trainer) -> None:
+        self.trainer = trainer
+
+    def fit(
+        self,
+        model,
+        data,
+        clients: Sequence[int],
+        round_: int,
+        source,
+        proximal_mu: float = 0.0,
+        max_steps: Sequence[int | None] | None = None,
+    ) -> list[ClientUpdate]:
+        """Train ``clients`` in ``round_`` from the state ``model`` holds; their updates in
+        order. The model's own parameters are not changed.
+
+        Args:
+            model: the method, holding the state every client starts from.
+            data: the federated datamodule (sample counts, batch size).
+            clients: the clients to train together (distinct ids).
+            round_: the round (seeds).
+            source: the run's :class:`~flora_lightning.clip.feature_cache.FeatureCache`.
+            proximal_mu: FedProx's ``mu`` (see :meth:`LocalTrainer.fit`).
+            max_steps: each client's straggler cap (None entries: a full fit).
+
+        Raises:
+            ValueError: :func:`parallel_refusal` gives a reason, naming the field.
+        """
+        trainer = self.trainer
+        reason = parallel_refusal(trainer, model, source)
+        if reason is not None:
+            raise ValueError(f"trainer.parallel_clients: {reason}.")
+        if not proximal_mu >= 0:
+            raise ValueError(f"trainer.strategy.mu must be >= 0 (got {proximal_mu}).")
+        if len(set(clients)) != len(clients):
+            raise ValueError(f"ParallelFit: clients repeat in {list(clients)}.")
+        max_steps = list(max_steps) if max_steps is not None else [None] * len(clients)
+        streams = []
+        for client, steps in zip(clients, max_steps, strict=True):
+            torch.manual_seed(trainer.seed_for(round_, client))  # as LocalTrainer.fit
+            generator = torch.Generator().manual_seed(trainer.seed_for(round_, client, 1))
+            loader = trainer.client_loader(data, source, client, generator)
+            cap = min(steps or math.inf, trainer.max_local_steps or math.inf)
+            streams.append(client_batches(loader, trainer.local_epochs, cap))
+        named = model.trainable_named_parameters()
+        names = [n for n, _ in named]
+        start = [p.detach() for _, p in named]
+        stacked = [p.unsqueeze(0).repeat(len(clients), *([1] * p.dim())) for p in start]
+        kept = [
+            trainer.state_store[c] if trainer.keep_optimizer_state and c in trainer.state_store
+            else None
+            for c in clients
+        ]  # fmt: skip
+        adam = BatchedAdam(stacked, model.optimizer_config, kept)
+        meters, seen = self.run(model, names, stacked, start, adam, streams, proximal_mu)
+        updates = []
+        for k, client in enumerate(clients):
+            loss = float(meters[k].compute()) if seen[k] else math.nan
+            state = {n: p[k].clone() for n, p in zip(names, stacked, strict=True)}
+            trainer.keep_optimizer_state_of(
+                client, _KeptState(adam.client_state(k)), state, loss, seen[k]
+            )
+            updates.append(ClientUpdate(client, state, data.num_samples(client), loss))
+        return updates
+
+    def run(self, model, names, stacked, start, adam, streams, mu) -> tuple[list, list]:
+        """Step every client until its stream ends; each client's loss meter (the one
+        :meth:`LocalTrainer.run_steps` keeps, updated the same way) and examples seen."""
+        objective = ClientObjective(model)
+        fabric = self.trainer.fabric
+
+        def client_loss(params, features, labels, valid, union, inverse):
+            swapped = {f"model.{n}": p for n, p in zip(names, params, strict=True)}
+            loss = functional_call(objective, swapped, (features, labels, valid, union, inverse))
+            total = loss
+            if mu > 0:  # FedProx: mu/2 ||w - w_global||^2, as ProximalTerm
+                total = loss + mu / 2 * sum(
+                    (p - p0).pow(2).sum() for p, p0 in zip(params, start, strict=True)
+                )
+            return total, loss.detach()
+
+        batched = vmap(grad_and_value(client_loss, has_aux=True), in_dims=(0, 0, 0, 0, None, 0))
+        meters = [loss_meter(stacked[0].device) for _ in streams]
+        seen = [0] * len(streams)
+        live = list(range(len(streams)))
+        model.train()
+        try:
+            while live:
+                batches = {}
+                for k in list(live):
+                    batch = next(streams[k], None)
+                    if batch is None:
+                        live.remove(k)
+                    else:
+                        batches[k] = batch
+                if not batches:
+                    break
+                losses = self.step(batched, fabric, stacked, adam, batches)
+                for k, loss in losses.items():
+                    rows = len(batches[k][1])
+                    meters[k].update(loss, weight=rows)
+                    seen[k] += rows
+        finally:
+            model.eval()
+        return meters, seen
+
+    def step(self, batched, fabric, stacked, adam, batches: dict) -> dict[int, torch.Tensor]:
+        """One local step of the clients in ``batches`` (client row -> its batch)."""
+        rows = list(batches)
+        width = max(len(batches[k][1]) for k in rows)
+        union, inverse = union_labels([batches[k][1] for k in rows])
+        device = stacked[0].device
+        index = torch.tensor(rows, device=device)
+        features = torch.stack([pad_rows(batches[k][0], width) for k in rows])
+        labels = torch.stack([pad_rows(batches[k][1][:, None], width)[:, 0] for k in rows])
+        inverse = torch.stack([pad_rows(i[:, None], width)[:, 0] for i in inverse])
+        valid = torch.stack([torch.arange(width, device=device) < len(batches[k][1]) for k in rows])
+        params = tuple(p.index_select(0, index) for p in stacked)
+        with warnings.catch_warnings(), fabric.autocast():
+            warnings.filterwarnings("ignore", message=_SDPA_FALLBACK)
+            grads, (_, losses) = batched(params, features, labels, valid, union, inverse)
+        active = torch.zeros(len(stacked[0]), dtype=torch.bool, device=device)
+        active[index] = True
+        full = [
+            torch.zeros_like(p).index_copy_(0, index, g)
+            for p, g in zip(stacked, grads, strict=True)
+        ]
+        adam.step(full, active)
+        return dict(zip(rows, losses.unbind(), strict=True))
