@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from flora_lightning.clip.preprocess import decode_image
+from flora_lightning.clip.preprocess import decode_image, stack_images
 from flora_lightning.data.label_table import format_label_table, label_counts
 from flora_lightning.data.partition import PartitionConfig, partition_indices
 from flora_lightning.data.settings import (  # noqa: F401  (re-exported: the old import paths)
@@ -251,7 +251,7 @@ class FederatedDataModule(L.LightningDataModule):
         if self.preprocess == "device":
             images = [decode_image(row[self.image_column]) for row in rows]
             if len({image.shape for image in images}) == 1:
-                return torch.stack(images), labels
+                return stack_images(images), labels
             return [image.contiguous() for image in images], labels
         pixels = torch.stack([self.image_transform(row[self.image_column]) for row in rows])
         return pixels, labels

@@ -90,9 +90,13 @@ def check_close(ours: torch.Tensor, reference: torch.Tensor, std) -> None:
 
 
 @pytest.mark.parametrize("reference", sorted(REFERENCES))
-def test_equals_the_processor_on_random_images(reference):
+@pytest.mark.parametrize("uint8_kernel", [True, False], ids=["cpu-kernel", "float-passes"])
+def test_equals_the_processor_on_random_images(reference, uint8_kernel):
+    """Both resize paths: torch's uint8 kernel (used on CPU tensors) and the float passes (used
+    on a GPU), each checked here on the CPU."""
     processor = REFERENCES[reference]()  # CLIP's defaults: shortest edge 224, crop 224
     transform = DevicePreprocess.from_processor(processor)
+    transform = dataclasses.replace(transform, uint8_kernel_on_cpu=uint8_kernel)
     images = random_images()
     expected = processor(images=images, return_tensors="pt")["pixel_values"]
     # one call: a list of mixed sizes, resized one batch per size, in the original order
@@ -103,7 +107,8 @@ def test_equals_the_processor_on_random_images(reference):
 
 
 @pytest.mark.parametrize("reference", sorted(REFERENCES))
-def test_equals_the_processor_on_digits_in_one_batch(reference, digits_images):
+@pytest.mark.parametrize("uint8_kernel", [True, False], ids=["cpu-kernel", "float-passes"])
+def test_equals_the_processor_on_digits_in_one_batch(reference, uint8_kernel, digits_images):
     """Equal-sized real images: one uint8 tensor, one resize; the tiny CLIP's own settings
     (32 px) and CLIP's (224 px)."""
     batch = torch.stack([decode_image(image) for image in digits_images])
@@ -113,7 +118,8 @@ def test_equals_the_processor_on_digits_in_one_batch(reference, digits_images):
             size={"shortest_edge": size}, crop_size={"height": size, "width": size}
         )
         expected = processor(images=digits_images, return_tensors="pt")["pixel_values"]
-        ours = DevicePreprocess.from_processor(processor)(batch)
+        transform = DevicePreprocess.from_processor(processor)
+        ours = dataclasses.replace(transform, uint8_kernel_on_cpu=uint8_kernel)(batch)
         for got, want in zip(ours, expected, strict=True):
             check_close(got, want, processor.image_std)
 
@@ -160,8 +166,8 @@ def test_a_wrong_transform_fails_the_check():
         return False
 
     class OnePass(DevicePreprocess):
-        def _resize(self, x, height, width):
-            x = F.interpolate(x, (height, width), mode="bicubic", antialias=True)
+        def _resize(self, images, height, width):
+            x = F.interpolate(images.float(), (height, width), mode="bicubic", antialias=True)
             return x.round().clamp(0, 255)
 
     class RoundedCrop(DevicePreprocess):
