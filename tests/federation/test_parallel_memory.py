@@ -1,0 +1,56 @@
+"""The memory cost model of trainer.parallel_clients and K picked from a budget."""
+
+from __future__ import annotations
+
+import pytest
+
+from flora_lightning.federation.parallel_memory import (
+    MB,
+    ClientStepShape,
+    check_parallel_settings,
+    client_step_bytes,
+    pick_parallel_clients,
+)
+
+# FLoRA at ViT-B/32 (text tower: 12 layers, width 512, 8 heads), 10 captions of 12 tokens
+VIT_B32 = ClientStepShape(
+    trainable=24_576, layers=12, width=512, heads=8, captions=10, tokens=12, rows=128,
+    feature_dim=512,
+)  # fmt: skip
+
+
+def test_client_bytes_follow_the_stated_model():
+    # by hand: per token 17*512 + 2.5*8*12 = 8944 elements; 12 layers x 10 captions x 12
+    # tokens of those; head 4 x 128 x 512; Adam and friends 6 x 24,576; 4 bytes each
+    expected = (12 * 10 * 12 * 8944 + 4 * 128 * 512 + 6 * 24_576) * 4
+    assert client_step_bytes(VIT_B32) == expected
+    assert 49 * MB < expected < 53 * MB
+    # activations scale with the captions, the adapter state is small
+    twice = ClientStepShape(**{**VIT_B32.__dict__, "captions": 20})
+    assert client_step_bytes(twice) - client_step_bytes(VIT_B32) == 12 * 10 * 12 * 8944 * 4
+    assert client_step_bytes(ClientStepShape(trainable=1000)) == 6 * 1000 * 4
+
+
+@pytest.mark.parametrize(
+    "budget_mb, per_client, clients, k",
+    [(1000, 100 * MB, 10, 10), (1000, 100 * MB, 20, 10), (999, 100 * MB, 20, 9),
+     (50, 100 * MB, 10, 1), (1000, 100 * MB, 3, 3)],
+)  # fmt: skip
+def test_pick_parallel_clients(budget_mb, per_client, clients, k):
+    assert pick_parallel_clients(budget_mb, per_client, clients) == k
+
+
+@pytest.mark.parametrize(
+    "clients, budget, message",
+    [(0, None, "trainer.parallel_clients must be"), ("many", None, "integer >= 1 or auto"),
+     (True, None, "trainer.parallel_clients must be"), ("auto", 0, "parallel_memory_mb must"),
+     (4, 512, "only sizes trainer.parallel_clients=auto")],
+)  # fmt: skip
+def test_bad_settings_name_the_field(clients, budget, message):
+    with pytest.raises(ValueError, match=message):
+        check_parallel_settings(clients, budget)
+
+
+def test_good_settings_pass():
+    for clients, budget in ((1, None), (8, None), ("auto", None), ("auto", 4096)):
+        check_parallel_settings(clients, budget)
