@@ -79,6 +79,10 @@ class BenchConfig:
     """Also copy the report to a dated file in this folder (e.g. docs/results):
     ``<date>-bench-<arch>-<device>-<precision>[-<compile>][-<methods>].md`` and ``.json``
     (the methods named when not all were measured)."""
+    preprocess: Literal["device", "processor"] = "device"
+    """``data.preprocess``: CLIP's resize/crop/normalise in batches on the device, inside the
+    timed encode and step (device), or per image on the CPU, timed as loading (processor).
+    The synthetic images arrive decoded (uint8): decoding is not timed either way."""
     arch: Literal["vit-b-32", "tiny"] = "vit-b-32"
     """CLIP shapes: vit-b-32 (transformers.CLIPConfig defaults) or tiny (the offline tiny CLIP)."""
     loop_overhead: bool = True

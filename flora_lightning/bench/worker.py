@@ -81,12 +81,12 @@ def measure_caching(cfg: BenchConfig, fabric, module) -> tuple:
 
     n, encoded = cfg.batch_size, cfg.encoded_images
     images = synthetic_images(encoded, cfg.input_size, cfg.seed)
-    warm_up = preprocess(module.image_transform, images[:n])
+    warm_up = pixels_for(cfg, module, images[:n])
     flops_per_image = counted_flops(lambda: _encode(fabric, module, warm_up)) / n
     start, cpu_start = time.perf_counter(), time.process_time()
     features = torch.cat(
         [
-            _encode(fabric, module, preprocess(module.image_transform, images[i : i + n]))
+            _encode(fabric, module, pixels_for(cfg, module, images[i : i + n]))
             for i in range(0, encoded, n)
         ]
     )
@@ -104,15 +104,26 @@ def measure_caching(cfg: BenchConfig, fabric, module) -> tuple:
     return inputs, figures
 
 
+def pixels_for(cfg: BenchConfig, module, images):
+    """What the loader hands the method: the decoded uint8 images (``preprocess: device``:
+    the method resizes, crops and normalises them on its device, inside the timed encode or
+    step) or CLIP's per-image CPU preprocessing of them (``processor``)."""
+    if cfg.preprocess == "device":
+        return images
+    return preprocess(module.image_transform, images)
+
+
 def measure_loading(cfg: BenchConfig, module) -> tuple:
-    """Time CLIP preprocessing of one batch of pixels: training from pixels pays it for every
+    """Time what the loader does to one batch of pixels: training from pixels pays it for every
     image every epoch (the loop's default num_workers=0 does it in the training process);
-    cached training paid it once. Returns the batch's pixels and the figures."""
+    cached training paid it once. With ``preprocess: device`` the loader only hands over the
+    decoded images (the transform runs in the timed step). Returns the batch and the
+    figures."""
     n = cfg.batch_size
     images = synthetic_images(n, cfg.input_size, cfg.seed)
-    preprocess(module.image_transform, images[:2])  # warm-up
+    pixels_for(cfg, module, images[:2])  # warm-up
     start, cpu_start = time.perf_counter(), time.process_time()
-    pixels = preprocess(module.image_transform, images)
+    pixels = pixels_for(cfg, module, images)
     figures = {
         "load_seconds_per_image": (time.perf_counter() - start) / n,
         "load_cpu_seconds_per_image": (time.process_time() - cpu_start) / n,
