@@ -34,6 +34,7 @@ from flora_lightning.federation.client_runner import availability_event, fit_cli
 from flora_lightning.federation.engine import RoundEngine, RoundFailedError
 from flora_lightning.federation.ranks import ClientRanks
 from flora_lightning.federation.setup import (
+    CudaGraphs,
     OnClientError,
     OnTooFewUpdates,
     Precision,
@@ -58,6 +59,12 @@ class FederatedLoop(RoundEngine):
         join_ratio: share of clients sampled each round, in (0, 1] (paper: 1.0).
         precision: ``32-true``, ``16-mixed`` (CUDA) or ``bf16-mixed``.
         accelerator: ``auto``, ``cpu``, ``cuda``, ...
+        cuda_graphs: ``auto`` captures each method's local step (forward and backward; the
+            optimizer step is one fused Adam kernel) in CUDA graphs on a CUDA device and replays
+            it for every client and round (eager elsewhere, and for DP-SGD's per-example step;
+            the reason is logged once); ``off``: never.
+        compile: ``torch.compile`` the local step of every method (any device; the first
+            steps pay the compilation). Same math as eager up to float rounding.
         keep_client_optimizer_state: each client keeps its Adam state across rounds (paper).
         client_state_dir: spill those per-client optimizer states to disk, one safetensors file
             per client in this folder, read at the client's fit and written after it, so RAM
@@ -105,6 +112,8 @@ class FederatedLoop(RoundEngine):
         join_ratio: float = 1.0,
         precision: Precision = "32-true",
         accelerator: str = "auto",
+        cuda_graphs: CudaGraphs = "auto",
+        compile: bool = False,
         keep_client_optimizer_state: bool = True,
         client_state_dir: str | None = None,
         cache_features: bool = True,
@@ -127,6 +136,7 @@ class FederatedLoop(RoundEngine):
         super().__init__(on_too_few_updates)
         self.rounds, self.local_epochs, self.max_local_steps = rounds, local_epochs, max_local_steps
         self.join_ratio, self.precision, self.accelerator = join_ratio, precision, accelerator
+        self.cuda_graphs, self.compile = cuda_graphs, compile
         self.keep_client_optimizer_state = keep_client_optimizer_state
         self.client_state_dir = client_state_dir
         self.cache_features, self.feature_cache_dir = cache_features, feature_cache_dir

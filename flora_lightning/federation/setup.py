@@ -22,6 +22,7 @@ from flora_lightning.federation.settings import (  # noqa: F401  (re-exported: t
     check_on_too_few_updates,
     check_settings,
 )
+from flora_lightning.federation.step_capture import plan_capture
 
 
 def setup_run(loop, model, data, loggers: list) -> None:
@@ -68,4 +69,5 @@ def setup_run(loop, model, data, loggers: list) -> None:
         keep_optimizer_state=loop.keep_client_optimizer_state,
         seed=loop.seed,
         client_state_dir=loop.client_state_dir,
+        capture=plan_capture(fabric.device, loop.cuda_graphs, loop.compile),
     )
