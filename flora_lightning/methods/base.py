@@ -91,13 +91,17 @@ class FederatedCLIPModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         cfg = self.optimizer_config
+        params = self.optimized_parameters()
+        fused = cfg.fused
+        if fused is None:  # one kernel per step on CUDA; torch's default on CPU
+            fused = bool(params) and params[0].is_cuda
         return torch.optim.Adam(
-            self.optimized_parameters(),
+            params,
             lr=cfg.lr,
             betas=tuple(cfg.betas),
             eps=cfg.eps,
             weight_decay=cfg.weight_decay,
-            fused=cfg.fused or None,  # None: torch's default implementation
+            fused=fused or None,  # None: torch's default implementation
         )
 
     # ----------------------------------------------------------- federation

@@ -23,9 +23,10 @@ class OptimizerConfig:
     """Adam epsilon."""
     weight_decay: float = 0.2
     """L2 weight decay added to the gradient (torch.optim.Adam, coupled, as the paper)."""
-    fused: bool = False
-    """torch's fused Adam: one kernel for all parameters per step (CPU and CUDA), the same
-    update up to float rounding; faster for methods with many parameters (FedFFT)."""
+    fused: bool | None = None
+    """torch's fused Adam: one kernel for all parameters per step, the same update up to float
+    rounding. null: fused on CUDA, torch's default implementation on CPU; true: fused
+    everywhere (faster on CPU for methods with many parameters, FedFFT); false: never."""
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
