@@ -12,6 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from flora_lightning.federation.parallel_memory import (
+    ParallelClients,
+    check_parallel_settings,
+)
+
 Precision = Literal["32-true", "16-mixed", "bf16-mixed"]
 OnClientError = Literal["skip", "raise"]
 OnTooFewUpdates = Literal["raise", "skip"]
@@ -98,6 +103,8 @@ def check_settings(
     cuda_graphs: CudaGraphs = "auto",
     compile: bool = False,
     on_too_few_updates: str = "raise",
+    parallel_clients: ParallelClients = 1,
+    parallel_memory_mb: float | None = None,
     **_: object,
 ) -> None:
     """Refuse bad ``trainer.*`` values, naming the field and the fix."""
@@ -131,6 +138,7 @@ def check_settings(
     check_on_too_few_updates(on_too_few_updates)
     check_client_ranks(client_ranks)
     check_capture_settings(cuda_graphs, compile)
+    check_parallel_settings(parallel_clients, parallel_memory_mb)
     if client_state_dir is not None and Path(client_state_dir).is_file():
         raise ValueError(
             f"trainer.client_state_dir={client_state_dir!r} is a file; give a folder (created "

@@ -54,3 +54,14 @@ def test_bad_settings_name_the_field(clients, budget, message):
 def test_good_settings_pass():
     for clients, budget in ((1, None), (8, None), ("auto", None), ("auto", 4096)):
         check_parallel_settings(clients, budget)
+
+
+def test_check_settings_runs_the_parallel_checks():
+    from flora_lightning.federation.settings import check_settings
+
+    base = dict(rounds=1, local_epochs=1, max_local_steps=None, join_ratio=1.0,
+                precision="32-true", resume_every_n_rounds=1, keep_last_checkpoints=None,
+                on_client_error="skip")  # fmt: skip
+    check_settings(**base, parallel_clients="auto", parallel_memory_mb=1024)
+    with pytest.raises(ValueError, match="trainer.parallel_clients must be"):
+        check_settings(**base, parallel_clients=0)
