@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -259,6 +260,7 @@ def _methods(cls: ast.ClassDef) -> tuple[set[str], set[str]]:
     return defined, abstract
 
 
+@functools.cache
 def subclass_names(base: str, package_dir: Path = PACKAGE_DIR) -> dict[str, str]:
     """Public, concrete classes of this package deriving (by name, transitively) from a class
     named ``base``: ``{class name: dotted path}``, read from the source files. Concrete: no
