@@ -62,7 +62,7 @@ def test_a_client_whose_fit_raises(
             "1": "its fit raised RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
         }
         assert summary["rounds"][3]["accepted_clients"] == [0, 1, 2]  # it trains again
-        assert sorted(loop.trainer.optimizer_states) == [0, 1, 2]
+        assert sorted(loop.local_trainer.optimizer_states) == [0, 1, 2]
         assert len(summary["rounds"]) == 4
         return
     error = RoundFailedError if expected == "run stops" else RuntimeError

@@ -62,7 +62,7 @@ def kept_state(loop, data) -> dict[str, dict[str, int]]:
     Returns ``{structure: {"bytes": total over all clients, "objects": how many}}``, plus
     ``total``: their sum.
     """
-    store = loop.trainer.state_store
+    store = loop.local_trainer.state_store
     from flora_lightning.client_state.stores import MemoryStates
 
     inner = getattr(store, "inner", store)

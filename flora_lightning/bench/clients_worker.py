@@ -132,7 +132,7 @@ def run_loop(spec: dict, config: Path) -> dict:
 
     class Probe(Callback):
         def on_fit_start(self, loop, model) -> None:  # after launch: the trainer exists
-            timed["store"] = loop.trainer.state_store = TimedStates(loop.trainer.state_store)
+            timed["store"] = loop.local_trainer.state_store = TimedStates(loop.local_trainer.state_store)
 
         def on_round_start(self, loop, round, clients) -> None:
             timed["store"].seconds = 0.0
@@ -155,7 +155,7 @@ def run_loop(spec: dict, config: Path) -> dict:
     store = [ends[r["round"]] for r in rounds]
     fits = [r["train_seconds"] - s for r, s in zip(rounds, store, strict=True)]
     overhead = [r["seconds"] - f - r["eval_seconds"] for r, f in zip(rounds, fits, strict=True)]
-    kept = loop.trainer.state_store.inner
+    kept = loop.local_trainer.state_store.inner
     per_client = kept_state(loop, parts.data)
     return {
         "seconds_per_client_round": sum(r["seconds"] for r in rounds) / (n * len(rounds)),

@@ -69,7 +69,7 @@ class PersonalizedEvaluation(Callback):
             loop.feature_cache or data,
             list(range(data.num_clients)),
             len(data.class_names),
-            trainer=loop.trainer,
+            trainer=loop.local_trainer,
             finetune_steps=self.finetune_steps,
             round_=record.round,
         )

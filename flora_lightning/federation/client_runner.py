@@ -28,7 +28,7 @@ def availability_event(engine, round_: int, client: int) -> Event | None:
     if engine.availability is None:
         return None
     data = engine.datamodule
-    full = engine.trainer.planned_steps(data.num_samples(client), data.batch_size)
+    full = engine.local_trainer.planned_steps(data.num_samples(client), data.batch_size)
     return engine.availability.draw(engine.seed, round_, client, full)
 
 
@@ -59,7 +59,7 @@ def fit_client(
     engine.prepare_client(received, client)
     engine.fabric.call("on_client_fit_start", loop=engine, model=engine.model, client_id=client)
     t0 = time.perf_counter()
-    update = engine.trainer.fit(
+    update = engine.local_trainer.fit(
         engine.model,
         engine.datamodule,
         client,

@@ -81,7 +81,7 @@ class RoundEngine:
     def __init__(self, on_too_few_updates: OnTooFewUpdates = "raise") -> None:
         check_on_too_few_updates(on_too_few_updates)
         self.on_too_few_updates = on_too_few_updates
-        self.fabric = self.model = self.datamodule = self.trainer = None  # set_up sets them
+        self.fabric = self.model = self.datamodule = self.local_trainer = None  # set_up sets them
         self.recorder = None
         self.callbacks: list = []
         self.round = 0
@@ -325,7 +325,7 @@ class RoundEngine:
         optimizer states, the strategy's server state (e.g. FedAdam's moments) as tensors, and
         the precision plugin's state (the 16-mixed GradScaler's scale and growth tracker)."""
         states = {
-            "optimizers": optimizer_state_shards(self.trainer.optimizer_states),
+            "optimizers": optimizer_state_shards(self.local_trainer.optimizer_states),
             "strategy": self.strategy.state_dict(),
         }
         meta = {"precision": self.fabric.strategy.precision.state_dict()}
@@ -342,7 +342,7 @@ class RoundEngine:
             )
             return 0
         self.model.load_communicated_state(global_state)
-        self.trainer.optimizer_states = unflatten_optimizer_states(states["optimizers"])
+        self.local_trainer.optimizer_states = unflatten_optimizer_states(states["optimizers"])
         self.strategy.load_state_dict(states.get("strategy", {}))
         if meta.get("precision"):
             self.fabric.strategy.precision.load_state_dict(meta["precision"])

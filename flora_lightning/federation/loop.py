@@ -208,7 +208,7 @@ class FederatedLoop(RoundEngine):
                 self.record_rejected(tally, str(client), reason)
                 # Adam updates its (kept) state in place: a fit stopped midway leaves it half
                 # updated, so the client starts its next round with a fresh optimizer.
-                self.trainer.optimizer_states.pop(client, None)
+                self.local_trainer.optimizer_states.pop(client, None)
                 continue
             self.record_update(tally, fit.update, fit.seconds)
             self.strategy.add(fit.update)

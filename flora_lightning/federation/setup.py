@@ -26,10 +26,10 @@ from flora_lightning.federation.step_capture import plan_capture
 
 
 def setup_run(loop, model, data, loggers: list) -> None:
-    """Fabric, data, model and ``loop.trainer`` for ``loop``'s settings.
+    """Fabric, data, model and ``loop.local_trainer`` for ``loop``'s settings.
 
     Sets ``loop.fabric``, ``loop.model``, ``loop.module`` (the Fabric-wrapped model),
-    ``loop.datamodule`` and ``loop.trainer``.
+    ``loop.datamodule`` and ``loop.local_trainer``.
     """
     if loop.precision == "16-mixed" and not torch.cuda.is_available():
         raise ValueError("trainer.precision=16-mixed needs CUDA; use bf16-mixed or 32-true on CPU.")
@@ -62,7 +62,7 @@ def setup_run(loop, model, data, loggers: list) -> None:
     loop.module = fabric.setup_module(model)
     loop.model = model
     loop.datamodule = data
-    loop.trainer = LocalTrainer(
+    loop.local_trainer = LocalTrainer(
         fabric,
         local_epochs=loop.local_epochs,
         max_local_steps=loop.max_local_steps,

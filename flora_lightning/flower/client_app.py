@@ -122,12 +122,12 @@ def fit_message(msg: Message, context: Context, run: FlowerRunConfig) -> Message
         return dropped_reply(msg, event)
     # The server may resume from an earlier round: keep states back to its last resume point.
     store = OptimizerStore(context, client, keep=loop.recorder.resume_every_n_rounds + 1)
-    loop.trainer.optimizer_states = store.load(round_)
+    loop.local_trainer.optimizer_states = store.load(round_)
     # trainer.client_ranks: a lower-rank client starts from its slice, zero-padded and masked,
     # and sends its own rank's slice
     steps = None if event is None else event.steps
     fit = fit_client(loop, to_state(msg.content["arrays"]), client, round_, steps)
-    store.save(round_, loop.trainer.optimizer_states)  # none after a divergence: afresh next
+    store.save(round_, loop.local_trainer.optimizer_states)  # none after a divergence: afresh next
     update = fit.update
 
     values = {

@@ -108,7 +108,7 @@ class PrivacyRun(Callback):
         rates = {k: min(1.0, data.batch_size / data.num_samples(k)) for k in clients}
         planned = loop.rounds * max(self.steps.values())
         self.noise_multiplier = resolve_noise_multiplier(privacy, max(rates.values()), planned)
-        loop.trainer.step_fn = DPSGDStep.from_config(privacy, self.noise_multiplier)
+        loop.local_trainer.step_fn = DPSGDStep.from_config(privacy, self.noise_multiplier)
         self.accountant = ClientAccountants(
             rates, self.noise_multiplier, privacy.delta, privacy.accountant
         )

@@ -94,7 +94,7 @@ class Snapshot(Callback):
         self.in_memory: dict[int, list] = {}
 
     def on_round_end(self, loop, round, record) -> None:
-        store = loop.trainer.optimizer_states
+        store = loop.local_trainer.optimizer_states
         self.flat[round] = {k: v.clone() for k, v in flatten_optimizer_states(store).items()}
         if isinstance(store, DiskStates):
             assert not any(torch.is_tensor(v) for v in vars(store).values())

@@ -349,7 +349,7 @@ def test_a_diverging_client_is_recorded_and_its_optimizer_state_reset(
 
     class Snapshot(Callback):
         def on_round_end(self, loop, round, record) -> None:
-            states[round] = {c: dict(s) for c, s in loop.trainer.optimizer_states.items()}
+            states[round] = {c: dict(s) for c, s in loop.local_trainer.optimizer_states.items()}
 
     loop = FederatedLoop(
         rounds=3,

@@ -207,8 +207,8 @@ def test_a_low_rank_client_trains_as_a_real_rank_2_lora(make_flora, make_datamod
         if round_ == 1:
             for name, tensor in sim.model.communicated_state().items():
                 assert torch.equal(tensor, from_slice[name])
-        got = sim.client_state_to_send(sim.trainer.fit(sim.model, data, 0, round_))
-        want = real.trainer.fit(real.model, real.datamodule, 0, round_)
+        got = sim.client_state_to_send(sim.local_trainer.fit(sim.model, data, 0, round_))
+        want = real.local_trainer.fit(real.model, real.datamodule, 0, round_)
         assert got.state.keys() == want.state.keys()
         for name, tensor in want.state.items():
             assert got.state[name].shape == tensor.shape and tensor.dtype == torch.float64

@@ -55,7 +55,7 @@ def test_client_app_fit_equals_flora_fit_with_poisson_batches(
     loop, data = parts.loop, parts.data
     for client in (0, 1):
         n = data.num_samples(client)
-        generator = torch.Generator().manual_seed(loop.trainer.seed_for(1, client, 1))
+        generator = torch.Generator().manual_seed(loop.local_trainer.seed_for(1, client, 1))
         labels = loop.feature_cache.features[str(client)][1]  # the partition's, in order
         expected = []
         for _ in range(2):  # trainer.max_local_steps

@@ -51,7 +51,7 @@ def test_sample_level_run_uses_dpsgd_and_accounts_each_client(
     loop.use_privacy(PrivacyConfig(level="sample", noise_multiplier=1.0, max_grad_norm=1.0))
     summary = loop.fit(make_flora(), data)
 
-    assert isinstance(loop.trainer.step_fn, DPSGDStep)
+    assert isinstance(loop.local_trainer.step_fn, DPSGDStep)
     # Every client joined both rounds with 2 local steps at q = batch / n_k; the run reports
     # the largest client epsilon.
     expected = max(opacus_epsilon(32 / data.num_samples(k), 1.0, 2 * 2, 1e-5) for k in range(3))
@@ -70,7 +70,7 @@ def test_shuffled_batches_are_an_option_reported_as_such(make_flora, make_datamo
     loop.use_privacy(privacy)
     with pytest.warns(UserWarning, match="approximation"):
         summary = loop.fit(make_flora(), data)
-    assert loop.trainer.step_fn.sampling == "shuffle"
+    assert loop.local_trainer.step_fn.sampling == "shuffle"
     assert summary["privacy"]["sampling"] == "shuffle"
     # The accountant composes the same Poisson bound either way (q = batch / n_k, 1 step).
     expected = max(opacus_epsilon(32 / data.num_samples(k), 1.0, 1, 1e-5) for k in range(3))
