@@ -1,0 +1,18 @@
+"""The parallel-clients bench: one round both ways, timed, with the adapters' agreement."""
+
+from __future__ import annotations
+
+from flora_lightning.bench.parallel_clients import markdown, measure_parallel_round
+
+
+def test_a_round_both_ways_reports_times_and_agreement():
+    result = measure_parallel_round(
+        "tiny", clients=3, parallel_clients=(1, 3), per_client=10, batch_size=4, rounds=1
+    )
+    assert result["local_steps_per_client"] == 3  # 4 + 4 + 2 rows: a partial last batch
+    assert [r["parallel_clients"] for r in result["rows"]] == [1, 3]
+    for row in result["rows"]:
+        assert row["sequential_s_per_round"] > 0 and row["parallel_s_per_round"] > 0
+        assert row["speedup"] == row["sequential_s_per_round"] / row["parallel_s_per_round"]
+        assert row["max_adapter_diff"] <= 1e-5  # the same clients' adapters both ways
+    assert "| 3 |" in markdown(result)
