@@ -4,11 +4,14 @@ The batched counterpart of :func:`~flora_lightning.federation.client_runner.fit_
 
     resolve_parallel_clients (trainer.parallel_clients: K, or auto from
     trainer.parallel_memory_mb; refused or K = 1 where the batched fit cannot apply)
-    → fit_client_group: load the global state → on_client_fit_start per client
-    → ParallelFit.fit (each client's own seeds, data, straggler cap, Adam state)
+    → run_client_groups: each sampled client's availability draw (dropped, straggler cap),
+    then the others K at a time: fit_client_group (load the global state →
+    on_client_fit_start per client → ParallelFit.fit: each client's own seeds, data, step
+    cap, Adam state) → record_update and strategy.add per client, in client order
 
-The availability draw (dropped, straggler) stays per client and comes first, as in the
-sequential round: a dropped client is not in the group, a straggler brings its step cap.
+A dropped client is not in a group, a straggler brings its step cap. A group whose fit raises
+is left out of the round as a whole (``trainer.on_client_error: skip``; one client's failure
+cannot be told apart inside a batched step), each of its clients with the error as reason.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import time
 
 import torch
 
-from flora_lightning.federation.client_runner import ClientFit
+from flora_lightning.federation.client_runner import ClientFit, availability_event
 from flora_lightning.federation.parallel import ParallelFit, parallel_refusal
 from flora_lightning.federation.parallel_memory import (
     ClientStepShape,
@@ -76,7 +79,7 @@ def resolve_parallel_clients(
     """
     if setting == 1:
         return 1
-    reason = parallel_refusal(engine.trainer, engine.model, engine.feature_cache)
+    reason = parallel_refusal(engine.local_trainer, engine.model, engine.feature_cache)
     if reason is None and engine.ranks is not None:
         reason = "clients train at mixed LoRA ranks (trainer.client_ranks)"
     if reason is not None:
@@ -109,7 +112,7 @@ def fit_client_group(
     for client in clients:
         engine.fabric.call("on_client_fit_start", loop=engine, model=engine.model, client_id=client)
     t0 = time.perf_counter()
-    updates = ParallelFit(engine.trainer).fit(
+    updates = ParallelFit(engine.local_trainer).fit(
         engine.model,
         engine.datamodule,
         clients,
@@ -120,3 +123,39 @@ def fit_client_group(
     )
     seconds = (time.perf_counter() - t0) / len(clients)
     return [ClientFit(engine.client_state_to_send(u), seconds) for u in updates]
+
+
+def run_client_groups(loop, tally, received: State, round_: int, k: int) -> None:
+    """Train ``tally``'s sampled clients K at a time from ``received`` (the global state) and
+    hand each update to ``loop``'s round (``record_update``, ``strategy.add``), as
+    :meth:`~flora_lightning.federation.loop.FederatedLoop.run_round` does one at a time."""
+    ready, caps = [], []
+    for client in tally.clients:
+        event = availability_event(loop, round_, client)
+        if event is not None and event.dropped:
+            loop.record_dropped(tally, client, event.reason)
+            continue  # it sends nothing
+        if event is not None and event.kind == "straggler":
+            loop.record_straggler(tally, client, event.steps)
+        ready.append(client)
+        caps.append(None if event is None else event.steps)
+    for i in range(0, len(ready), k):
+        group = ready[i : i + k]
+        try:
+            fits = fit_client_group(loop, received, group, round_, caps[i : i + k])
+        except Exception as err:
+            if loop.on_client_error == "raise":
+                raise
+            log.warning("clients %s excluded from round %d: their batched fit raised %r",
+                        group, round_, err)  # fmt: skip
+            for client in group:
+                loop.record_rejected(
+                    tally, str(client), f"its batched fit raised {type(err).__name__}: {err}"
+                )
+                # no kept state was written (the store is written after the whole fit), but a
+                # client that failed starts its next round fresh, as in the sequential round
+                loop.local_trainer.optimizer_states.pop(client, None)
+            continue
+        for fit in fits:
+            loop.record_update(tally, fit.update, fit.seconds)
+            loop.strategy.add(fit.update)

@@ -27,10 +27,10 @@ def engine(tiny_clip, data, cls=FLoRA, cached=True, ranks=None):
     model = build_model_from_bundle(cls(TINY_CLIP, optimizer=OptimizerConfig()), bundle)
     model.configure_task(data.class_names, data.template)
     fabric = L.Fabric(accelerator="cpu", devices=1)
-    return SimpleNamespace(
-        trainer=LocalTrainer(fabric), model=model, fabric=fabric, datamodule=data, ranks=ranks,
-        feature_cache=FeatureCache(fabric, model, data) if cached else None,
-    )  # fmt: skip
+    trainer = LocalTrainer(fabric)
+    cache = FeatureCache(fabric, model, data) if cached else None
+    return SimpleNamespace(local_trainer=trainer, model=model, fabric=fabric, datamodule=data,
+                           ranks=ranks, feature_cache=cache)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
