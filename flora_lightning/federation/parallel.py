@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch.func import functional_call, grad_and_value, vmap
@@ -40,9 +41,35 @@ from flora_lightning.strategy import ClientUpdate
 PRECISIONS = ("32-true", "64-true")
 """Fabric precisions the batched fit runs in (autocast and loss scaling are not batched)."""
 
-# functorch runs CPU flash attention once per client (no batching rule yet): correct, and the
-# linear layers, most of the work, are still batched. Not worth a warning per step.
+# functorch has no batching rule for CPU flash attention: it would run once per client, its
+# backward 2-3x slower than the whole rest of the step (measured at ViT-B/32). The batched fit
+# therefore runs the text tower's attention as eager matmul + softmax (batched by vmap): the
+# same math in fp32. HF's eager attention takes its softmax in fp32 whatever the dtype, so a
+# float64 model keeps sdpa (and the fallback, correct and slow: no warning for it).
 _SDPA_FALLBACK = "There is a performance drop because we have not yet implemented the batching"
+
+
+@contextmanager
+def eager_attention(model):
+    """The CLIP text tower's attention as HF's eager implementation while inside (the configs'
+    ``_attn_implementation``, read at each forward), restored after; unchanged for a model
+    in float64, whose eager softmax would drop to fp32."""
+    params = model.trainable_parameters()
+    if params and params[0].dtype == torch.float64:
+        yield
+        return
+    configs = {}
+    for module in model.clip_model().text_model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            configs[id(config)] = (config, config._attn_implementation)
+    try:
+        for config, _ in configs.values():
+            config._attn_implementation = "eager"
+        yield
+    finally:
+        for config, implementation in configs.values():
+            config._attn_implementation = implementation
 
 
 def parallel_refusal(trainer, model, source) -> str | None:
@@ -204,21 +231,22 @@ class ParallelFit:
         live = list(range(len(streams)))
         model.train()
         try:
-            while live:
-                batches = {}
-                for k in list(live):
-                    batch = next(streams[k], None)
-                    if batch is None:
-                        live.remove(k)
-                    else:
-                        batches[k] = batch
-                if not batches:
-                    break
-                losses = self.step(batched, fabric, stacked, adam, batches)
-                for k, loss in losses.items():
-                    rows = len(batches[k][1])
-                    meters[k].update(loss, weight=rows)
-                    seen[k] += rows
+            with eager_attention(model):
+                while live:
+                    batches = {}
+                    for k in list(live):
+                        batch = next(streams[k], None)
+                        if batch is None:
+                            live.remove(k)
+                        else:
+                            batches[k] = batch
+                    if not batches:
+                        break
+                    losses = self.step(batched, fabric, stacked, adam, batches)
+                    for k, loss in losses.items():
+                        rows = len(batches[k][1])
+                        meters[k].update(loss, weight=rows)
+                        seen[k] += rows
         finally:
             model.eval()
         return meters, seen

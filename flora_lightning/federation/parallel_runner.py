@@ -80,7 +80,7 @@ def resolve_parallel_clients(
     if setting == 1:
         return 1
     reason = parallel_refusal(engine.local_trainer, engine.model, engine.feature_cache)
-    if reason is None and engine.ranks is not None:
+    if reason is None and engine.ranks is not None and len(set(engine.ranks)) > 1:
         reason = "clients train at mixed LoRA ranks (trainer.client_ranks)"
     if reason is not None:
         if setting == "auto":

@@ -173,13 +173,17 @@ def test_kept_optimizer_state_off_keeps_nothing(tiny_clip, data):
     assert len(pair.trainers[1].optimizer_states) == 0
 
 
-def test_model_keeps_its_state_and_repeated_clients_are_refused(tiny_clip, data):
+def test_model_keeps_its_state_and_attention_and_repeated_clients_are_refused(tiny_clip, data):
     pair = Pair(tiny_clip, data, FLoRA, lr=1e-3, max_local_steps=1)
     model = pair.models[1]
     before = model.communicated_state()
+    text_config = model.clip_model().text_model.config
+    attention = text_config._attn_implementation
+    assert attention != "eager"  # the batched fit switches it for its steps only
     ParallelFit(pair.trainers[1]).fit(model, data, [0, 1], 1, pair.cache)
     for name, tensor in model.communicated_state().items():
         assert torch.equal(tensor, before[name])
+    assert text_config._attn_implementation == attention
     with pytest.raises(ValueError, match="clients repeat"):
         ParallelFit(pair.trainers[1]).fit(model, data, [0, 0], 1, pair.cache)
 
