@@ -262,9 +262,13 @@ def ab_markdown(report: dict) -> str:
         f"# flora bench A/B: eager vs compiled, {cfg.arch} shapes, {cfg.device}, {cfg.precision}",
         "",
         f"`flora bench {' '.join(cfg.to_argv())}`  ",
-        f"{report['machine']}; wall time {report['wall_seconds']:.0f} s. Each method was "
-        "measured eager and then compiled, one after the other, each in a fresh process; "
-        "each arm's full report: [eager](eager/bench.md), [compiled](compiled/bench.md).",
+        f"{report['machine']}; wall time {report['wall_seconds']:.0f} s; load average (1 min) "
+        f"while the methods ran: {_load_range(arms['eager']['methods'] + arms['compiled']['methods'])}"
+        f" on {arms['eager']['cpu_count']} cores (above the core count other jobs shared the CPU; "
+        "small steps suffer most). Each method was measured eager and then compiled, one after "
+        "the other, each in a fresh process; each arm's full report: `eager/bench.md` and "
+        "`compiled/bench.md` beside this file's `bench.md` (with ``--results``: "
+        "`<name>-eager.md`, `<name>-compiled.md`).",
         "",
         "| method | compiled step | eager s / step | compiled s / step | step eager / compiled "
         "| eager s / round | compiled s / round | eager vs FedFFT / round | compiled vs FedFFT "

@@ -129,6 +129,9 @@ def copy_results(cfg: BenchConfig, out: Path) -> None:
         name += "-" + "-".join(cfg.methods)
     for suffix in (".md", ".json"):
         shutil.copyfile(out / f"bench{suffix}", folder / f"{name}{suffix}")
+    if cfg.compile == "ab":  # each arm's full report beside the side-by-side one
+        for arm in ("eager", "compiled"):
+            shutil.copyfile(out / arm / "bench.md", folder / f"{name}-{arm}.md")
     print(f"[bench] results: {folder / name}.md", flush=True)
 
 

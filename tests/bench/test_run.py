@@ -109,7 +109,9 @@ def test_compile_ab_measures_each_method_eager_and_compiled_side_by_side(tmp_pat
         compiled[0]["round_speedup_vs_fft"] / compiled[0]["work_reduction_vs_fft"]
     )
     text = (out / "bench.md").read_text()
-    assert "| FLoRA | compiled |" in text and "[eager](eager/bench.md)" in text
+    assert "| FLoRA | compiled |" in text and "`eager/bench.md`" in text
     name = f"{date.today().isoformat()}-bench-tiny-cpu-32-true-ab-FLoRA-FedFFT"
     assert (results / f"{name}.md").read_text() == text
     assert json.loads((results / f"{name}.json").read_text())["arms"]["eager"]["methods"] == eager
+    for arm in ("eager", "compiled"):
+        assert (results / f"{name}-{arm}.md").read_text() == (out / arm / "bench.md").read_text()
