@@ -36,7 +36,9 @@ from flora_lightning.federation.batched_loss import (
     pad_rows,
     union_labels,
 )
+from flora_lightning.federation.ranks import padded_state
 from flora_lightning.strategy import ClientUpdate
+from flora_lightning.strategy.lora_product import lora_pairs
 
 PRECISIONS = ("32-true", "64-true")
 """Fabric precisions the batched fit runs in (autocast and loss scaling are not batched)."""
@@ -137,6 +139,30 @@ def client_batches(loader, local_epochs: int, cap: float) -> Iterator:
                 return
 
 
+def rank_masks(named: dict, stacked, ranks) -> list[torch.Tensor | None] | None:
+    """Per stacked parameter, ones with zeros where a client's LoRA slots lie beyond its rank
+    (``lora_A`` rows, ``lora_B`` columns, as :class:`~flora_lightning.federation.ranks.RankMask`);
+    None entries for other parameters; None when every client is at the model's rank.
+    ``named``: the model's trainable parameters (unstacked), in the order of ``stacked``."""
+    if all(r is None for r in ranks):
+        return None
+    pairs = lora_pairs(named)
+    masks: list[torch.Tensor | None] = [None] * len(named)
+    for i, name in enumerate(named):
+        is_a, is_b = name in pairs, name in pairs.values()
+        if not (is_a or is_b):
+            continue
+        mask = torch.ones_like(stacked[i])
+        for k, rank in enumerate(ranks):
+            if rank is not None:
+                if is_a:
+                    mask[k, rank:] = 0  # lora_A [K, r, in]: rows beyond the rank
+                else:
+                    mask[k, :, rank:] = 0  # lora_B [K, out, r]: columns beyond it
+        masks[i] = mask
+    return masks
+
+
 class ParallelFit:
     """Batched local fits with a :class:`LocalTrainer`'s settings, seeds and state store.
 
@@ -156,9 +182,11 @@ class ParallelFit:
         source,
         proximal_mu: float = 0.0,
         max_steps: Sequence[int | None] | None = None,
+        ranks: Sequence[int | None] | None = None,
     ) -> list[ClientUpdate]:
         """Train ``clients`` in ``round_`` from the state ``model`` holds; their updates in
-        order. The model's own parameters are not changed.
+        order (whole: a lower-rank client's zero-padded, as the model holds it). The model's
+        own parameters are not changed.
 
         Args:
             model: the method, holding the state every client starts from.
@@ -168,6 +196,11 @@ class ParallelFit:
             source: the run's :class:`~flora_lightning.clip.feature_cache.FeatureCache`.
             proximal_mu: FedProx's ``mu`` (see :meth:`LocalTrainer.fit`).
             max_steps: each client's straggler cap (None entries: a full fit).
+            ranks: each client's LoRA rank when below the model's (``trainer.client_ranks``;
+                None entries: the model's). As ``RoundEngine.prepare_client`` and
+                :class:`~flora_lightning.federation.ranks.RankMask` do one at a time, such a
+                client starts from its rank's slice, zero-padded, and the gradient of its
+                slots beyond its rank is zero.
 
         Raises:
             ValueError: :func:`parallel_refusal` gives a reason, naming the field.
@@ -188,17 +221,23 @@ class ParallelFit:
             loader = trainer.client_loader(data, source, client, generator)
             cap = min(steps or math.inf, trainer.max_local_steps or math.inf)
             streams.append(client_batches(loader, trainer.local_epochs, cap))
-        named = model.trainable_named_parameters()
-        names = [n for n, _ in named]
-        start = [p.detach() for _, p in named]
-        stacked = [p.unsqueeze(0).repeat(len(clients), *([1] * p.dim())) for p in start]
+        ranks = list(ranks) if ranks is not None else [None] * len(clients)
+        named = dict(model.trainable_named_parameters())
+        names = list(named)
+        starts = [
+            named if r is None else padded_state(model.communicated_state(), r, named)
+            for r in ranks
+        ]
+        stacked = [torch.stack([s[n].detach() for s in starts]).clone() for n in names]
+        anchors = [p.clone() for p in stacked]  # FedProx's w_global: each client's start
+        masks = rank_masks(named, stacked, ranks)
         kept = [
             trainer.state_store[c] if trainer.keep_optimizer_state and c in trainer.state_store
             else None
             for c in clients
         ]  # fmt: skip
         adam = BatchedAdam(stacked, model.optimizer_config, kept)
-        meters, seen = self.run(model, names, stacked, start, adam, streams, proximal_mu)
+        meters, seen = self.run(model, names, stacked, anchors, masks, adam, streams, proximal_mu)
         updates = []
         for k, client in enumerate(clients):
             loss = float(meters[k].compute()) if seen[k] else math.nan
@@ -209,23 +248,23 @@ class ParallelFit:
             updates.append(ClientUpdate(client, state, data.num_samples(client), loss))
         return updates
 
-    def run(self, model, names, stacked, start, adam, streams, mu) -> tuple[list, list]:
+    def run(self, model, names, stacked, anchors, masks, adam, streams, mu) -> tuple[list, list]:
         """Step every client until its stream ends; each client's loss meter (the one
         :meth:`LocalTrainer.run_steps` keeps, updated the same way) and examples seen."""
         objective = ClientObjective(model)
         fabric = self.trainer.fabric
 
-        def client_loss(params, features, labels, valid, union, inverse):
+        def client_loss(params, anchor, features, labels, valid, union, inverse):
             swapped = {f"model.{n}": p for n, p in zip(names, params, strict=True)}
             loss = functional_call(objective, swapped, (features, labels, valid, union, inverse))
             total = loss
             if mu > 0:  # FedProx: mu/2 ||w - w_global||^2, as ProximalTerm
                 total = loss + mu / 2 * sum(
-                    (p - p0).pow(2).sum() for p, p0 in zip(params, start, strict=True)
+                    (p - p0).pow(2).sum() for p, p0 in zip(params, anchor, strict=True)
                 )
             return total, loss.detach()
 
-        batched = vmap(grad_and_value(client_loss, has_aux=True), in_dims=(0, 0, 0, 0, None, 0))
+        batched = vmap(grad_and_value(client_loss, has_aux=True), in_dims=(0, 0, 0, 0, 0, None, 0))
         meters = [loss_meter(stacked[0].device) for _ in streams]
         seen = [0] * len(streams)
         live = list(range(len(streams)))
@@ -242,7 +281,7 @@ class ParallelFit:
                             batches[k] = batch
                     if not batches:
                         break
-                    losses = self.step(batched, fabric, stacked, adam, batches)
+                    losses = self.step(batched, fabric, stacked, anchors, masks, adam, batches)
                     for k, loss in losses.items():
                         rows = len(batches[k][1])
                         meters[k].update(loss, weight=rows)
@@ -251,7 +290,9 @@ class ParallelFit:
             model.eval()
         return meters, seen
 
-    def step(self, batched, fabric, stacked, adam, batches: dict) -> dict[int, torch.Tensor]:
+    def step(
+        self, batched, fabric, stacked, anchors, masks, adam, batches: dict
+    ) -> dict[int, torch.Tensor]:
         """One local step of the clients in ``batches`` (client row -> its batch)."""
         rows = list(batches)
         width = max(len(batches[k][1]) for k in rows)
@@ -263,14 +304,17 @@ class ParallelFit:
         inverse = torch.stack([pad_rows(i[:, None], width)[:, 0] for i in inverse])
         valid = torch.stack([torch.arange(width, device=device) < len(batches[k][1]) for k in rows])
         params = tuple(p.index_select(0, index) for p in stacked)
+        anchor = tuple(p.index_select(0, index) for p in anchors)
         with warnings.catch_warnings(), fabric.autocast():
             warnings.filterwarnings("ignore", message=_SDPA_FALLBACK)
-            grads, (_, losses) = batched(params, features, labels, valid, union, inverse)
+            grads, (_, losses) = batched(params, anchor, features, labels, valid, union, inverse)
         active = torch.zeros(len(stacked[0]), dtype=torch.bool, device=device)
         active[index] = True
         full = [
             torch.zeros_like(p).index_copy_(0, index, g)
             for p, g in zip(stacked, grads, strict=True)
         ]
+        if masks is not None:  # a lower-rank client's slots beyond its rank: zero gradient
+            full = [g * m if m is not None else g for g, m in zip(full, masks, strict=True)]
         adam.step(full, active)
         return dict(zip(rows, losses.unbind(), strict=True))

@@ -74,14 +74,12 @@ def resolve_parallel_clients(
     """K for the run: ``setting`` (``trainer.parallel_clients``), ``auto`` picked from
     ``memory_mb`` (null: the device's free memory) and the method's step shape.
 
-    Where the batched fit cannot apply (:func:`parallel_refusal`, mixed client ranks), an
-    explicit K > 1 raises, naming the field; ``auto`` falls back to 1 and logs why.
+    Where the batched fit cannot apply (:func:`parallel_refusal`), an explicit K > 1 raises,
+    naming the field; ``auto`` falls back to 1 and logs why.
     """
     if setting == 1:
         return 1
     reason = parallel_refusal(engine.local_trainer, engine.model, engine.feature_cache)
-    if reason is None and engine.ranks is not None and len(set(engine.ranks)) > 1:
-        reason = "clients train at mixed LoRA ranks (trainer.client_ranks)"
     if reason is not None:
         if setting == "auto":
             log.warning("trainer.parallel_clients=auto trains one client at a time: %s.", reason)
@@ -106,9 +104,9 @@ def fit_client_group(
 ) -> list[ClientFit]:
     """Train ``clients`` in ``round_`` together from ``received`` (the global state) on
     ``engine``'s model, data, feature cache and local trainer; one :class:`ClientFit` each,
-    in order. Each gets an equal share of the group's wall time, so the round's summed
+    in order (each cut to its rank by ``client_state_to_send``). Each gets an equal share of the group's wall time, so the round's summed
     ``train_seconds`` is the time it took."""
-    engine.prepare_client(received, clients[0])  # no ranks here: the global state
+    engine.model.load_communicated_state(received)  # each client's rank slice: ParallelFit
     for client in clients:
         engine.fabric.call("on_client_fit_start", loop=engine, model=engine.model, client_id=client)
     t0 = time.perf_counter()
@@ -120,6 +118,7 @@ def fit_client_group(
         engine.feature_cache,
         engine.strategy.proximal_mu,
         steps,
+        [engine.client_rank(c) for c in clients],
     )
     seconds = (time.perf_counter() - t0) / len(clients)
     return [ClientFit(engine.client_state_to_send(u), seconds) for u in updates]

@@ -13,6 +13,7 @@ from flora_lightning.clip.backbone import CLIPBundle
 from flora_lightning.clip.feature_cache import FeatureCache
 from flora_lightning.federation.local_trainer import LocalTrainer
 from flora_lightning.federation.parallel import ParallelFit, parallel_refusal
+from flora_lightning.federation.ranks import RankMask, padded_state
 from flora_lightning.methods import FedAA, FedFFT, FedLC, FLoRA, LoraSettings, OptimizerConfig
 from flora_lightning.methods.base import build_model_from_bundle
 
@@ -71,28 +72,36 @@ class Pair:
         # the cache keeps fp32 features; a float64 run trains from them in float64
         self.cache.features = {k: (x.to(dtype), y) for k, (x, y) in self.cache.features.items()}
 
-    def sequential(self, start, clients, round_, max_steps, mu=0.0):
+    def sequential(self, start, clients, round_, max_steps, mu=0.0, ranks=None):
+        """One after another; a lower-rank client as RoundEngine.prepare_client sets it up."""
         model, trainer = self.models[0], self.trainers[0]
         updates = []
-        for client, steps in zip(clients, max_steps, strict=True):
-            model.load_communicated_state(start)
+        for i, (client, steps) in enumerate(zip(clients, max_steps, strict=True)):
+            rank = None if ranks is None else ranks[i]
+            params = dict(model.trainable_named_parameters())
+            model.load_communicated_state(start if rank is None else
+                                          padded_state(start, rank, params))  # fmt: skip
+            mask = None if rank is None else RankMask(params, rank)
             updates.append(trainer.fit(model, self.data, client, round_, self.cache, mu, steps))
+            if mask is not None:
+                mask.remove()
         return updates
 
-    def parallel(self, start, clients, round_, max_steps, mu=0.0):
+    def parallel(self, start, clients, round_, max_steps, mu=0.0, ranks=None):
         model = self.models[1]
         model.load_communicated_state(start)
         fit = ParallelFit(self.trainers[1])
-        return fit.fit(model, self.data, clients, round_, self.cache, mu, max_steps)
+        return fit.fit(model, self.data, clients, round_, self.cache, mu, max_steps, ranks)
 
-    def rounds(self, schedule, adapter_tol, loss_tol, mu=0.0):
+    def rounds(self, schedule, adapter_tol, loss_tol, mu=0.0, ranks=None):
         """Run ``schedule`` (per round: clients and straggler caps) both ways from the same
         global state each round (the mean of the sequential updates); assert each client's
         update and kept Adam state agree."""
         start = self.models[0].communicated_state()
         for round_, (clients, caps) in enumerate(schedule, start=1):
-            seq = self.sequential(start, clients, round_, caps, mu)
-            par = self.parallel(start, clients, round_, caps, mu)
+            round_ranks = None if ranks is None else [ranks[c] for c in clients]
+            seq = self.sequential(start, clients, round_, caps, mu, round_ranks)
+            par = self.parallel(start, clients, round_, caps, mu, round_ranks)
             for a, b in zip(seq, par, strict=True):
                 assert (a.client_id, a.num_samples) == (b.client_id, b.num_samples)
                 assert set(a.state) == set(b.state)
@@ -148,6 +157,21 @@ def test_flora_freeze_a_batched_equals_sequential(tiny_clip, data):
     pair = Pair(tiny_clip, data, FLoRA, lr=1e-3, method={"lora": LoraSettings(freeze_a=True)})
     assert all("lora_B" in n for n in pair.models[0].communicated_state())
     pair.rounds(SCHEDULE, ADAPTER_TOL_32, LOSS_TOL_32)
+
+
+def test_mixed_lora_ranks_batched_equal_sequential(tiny_clip, data):
+    """Model rank 4; clients 1 and 2 train at ranks 2 and 1 (zero-padded, masked slots: both
+    factors of a padded slot are zero, so its gradient is zero even without the mask, which
+    mirrors RankMask; starting from the padded slice is what this checks)."""
+    pair = Pair(tiny_clip, data, FLoRA, lr=1e-3, method={"lora": LoraSettings(rank=4)})
+    ranks = {0: None, 1: 2, 2: 1, 3: None}
+    pair.rounds(SCHEDULE, ADAPTER_TOL_32, LOSS_TOL_32, ranks=ranks)
+    kept = pair.trainers[1].optimizer_states[2]  # rank 1: its slots beyond stay untouched
+    names = list(pair.models[1].communicated_state())
+    for i, name in enumerate(names):
+        moments = kept[i]["exp_avg_sq"]
+        beyond = moments[1:] if "lora_A" in name else moments[:, 1:]
+        assert torch.count_nonzero(beyond) == 0
 
 
 def test_fedprox_batched_equals_sequential(tiny_clip, data):
