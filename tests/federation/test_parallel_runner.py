@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import lightning as L
 import pytest
+import torch
 
 from flora_lightning.clip.backbone import CLIPBundle
 from flora_lightning.clip.feature_cache import FeatureCache
@@ -19,6 +20,9 @@ from flora_lightning.methods import FedLC, FLoRA, OptimizerConfig
 from flora_lightning.methods.base import build_model_from_bundle
 
 TINY_CLIP = "flora-offline/tiny-clip"
+# as tests/federation/test_parallel.py (where they are derived): rounding of the same math
+ADAPTER_TOL = 1e-5
+LOSS_TOL = 4 * torch.finfo(torch.float32).eps * 100
 
 
 def engine(tiny_clip, data, cls=FLoRA, cached=True, ranks=None):
@@ -66,10 +70,8 @@ def test_step_shape_reads_the_text_tower_for_flora_only(tiny_clip, data):
     assert head.layers == 0 and head.trainable == 10 * (head.feature_dim + 1)
 
 
-@pytest.mark.parametrize("case", ["uncached", "ranks"])
-def test_refused_k_raises_and_auto_falls_back(tiny_clip, data, case, caplog):
-    e = engine(tiny_clip, data, cached=case != "uncached", ranks=[2, 1, 2, 1] if case == "ranks"
-               else None)  # fmt: skip
+def test_refused_k_raises_and_auto_falls_back(tiny_clip, data, caplog):
+    e = engine(tiny_clip, data, cached=False)
     with pytest.raises(ValueError, match="trainer.parallel_clients=4: .*Set trainer.parallel"):
         resolve_parallel_clients(e, 4, None, 4)
     with caplog.at_level(logging.WARNING):
