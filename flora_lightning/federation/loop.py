@@ -32,6 +32,8 @@ from flora_lightning.clip.feature_cache import FeatureCache
 from flora_lightning.federation.availability import Availability
 from flora_lightning.federation.client_runner import availability_event, fit_client
 from flora_lightning.federation.engine import RoundEngine, RoundFailedError
+from flora_lightning.federation.parallel_memory import ParallelClients
+from flora_lightning.federation.parallel_runner import resolve_parallel_clients, run_client_groups
 from flora_lightning.federation.ranks import ClientRanks
 from flora_lightning.federation.setup import (
     CudaGraphs,
@@ -65,6 +67,14 @@ class FederatedLoop(RoundEngine):
             the reason is logged once); ``off``: never.
         compile: ``torch.compile`` the local step of every method (any device; the first
             steps pay the compilation). Same math as eager up to float rounding.
+        parallel_clients: train the round's sampled clients K at a time in one batched
+            computation over the shared frozen CLIP (FLoRA, FedLC, FedAA from cached features:
+            each client's update as one at a time, up to float rounding; see
+            :mod:`flora_lightning.federation.parallel`); ``auto``: K from
+            ``parallel_memory_mb``; 1: one after another.
+        parallel_memory_mb: the memory budget ``parallel_clients: auto`` sizes K by
+            (activations x K, see :mod:`flora_lightning.federation.parallel_memory`); null:
+            the device's free memory.
         keep_client_optimizer_state: each client keeps its Adam state across rounds (paper).
         client_state_dir: spill those per-client optimizer states to disk, one safetensors file
             per client in this folder, read at the client's fit and written after it, so RAM
@@ -114,6 +124,8 @@ class FederatedLoop(RoundEngine):
         accelerator: str = "auto",
         cuda_graphs: CudaGraphs = "auto",
         compile: bool = False,
+        parallel_clients: ParallelClients = 1,
+        parallel_memory_mb: float | None = None,
         keep_client_optimizer_state: bool = True,
         client_state_dir: str | None = None,
         cache_features: bool = True,
@@ -137,6 +149,9 @@ class FederatedLoop(RoundEngine):
         self.rounds, self.local_epochs, self.max_local_steps = rounds, local_epochs, max_local_steps
         self.join_ratio, self.precision, self.accelerator = join_ratio, precision, accelerator
         self.cuda_graphs, self.compile = cuda_graphs, compile
+        self.parallel_clients, self.parallel_memory_mb = parallel_clients, parallel_memory_mb
+        self.clients_at_once: int | None = None
+        """K, resolved from ``parallel_clients`` at the run's first round."""
         self.keep_client_optimizer_state = keep_client_optimizer_state
         self.client_state_dir = client_state_dir
         self.cache_features, self.feature_cache_dir = cache_features, feature_cache_dir
@@ -181,37 +196,46 @@ class FederatedLoop(RoundEngine):
             bar.set_postfix(acc=f"{record.test_acc:.4f}", loss=f"{record.test_loss:.3f}")
 
     def run_round(self, round_: int) -> RoundRecord:
-        """One in-process round: the sampled clients train one after another, then aggregate."""
+        """One in-process round: the sampled clients train one after another (or K at a time,
+        ``trainer.parallel_clients``), then aggregate."""
         model = self.model
         tally = self.begin_round(round_, self.round_clients(round_))
         global_state = model.communicated_state()
         self.strategy.begin(global_state)
         self.record_sent(tally, sum(state_bytes(self.state_for_client(global_state, c))
                                     for c in tally.clients))  # fmt: skip
-        for client in tqdm(tally.clients, desc=f"round {round_} clients", leave=False,
-                           disable=not self.progress):  # fmt: skip
-            event = availability_event(self, round_, client)
-            if event is not None and event.dropped:
-                self.record_dropped(tally, client, event.reason)
-                continue  # it sends nothing
-            if event is not None and event.kind == "straggler":
-                self.record_straggler(tally, client, event.steps)
-            try:
-                fit = fit_client(self, global_state, client, round_,
-                                 None if event is None else event.steps)  # fmt: skip
-            except Exception as err:
-                if self.on_client_error == "raise":
-                    raise
-                log.warning("client %d excluded from round %d: its fit raised %r", client,
-                            round_, err)  # fmt: skip
-                reason = f"its fit raised {type(err).__name__}: {err}"
-                self.record_rejected(tally, str(client), reason)
-                # Adam updates its (kept) state in place: a fit stopped midway leaves it half
-                # updated, so the client starts its next round with a fresh optimizer.
-                self.local_trainer.optimizer_states.pop(client, None)
-                continue
-            self.record_update(tally, fit.update, fit.seconds)
-            self.strategy.add(fit.update)
+        if self.clients_at_once is None:
+            self.clients_at_once = resolve_parallel_clients(
+                self, self.parallel_clients, self.parallel_memory_mb,
+                self.clients_per_round(self.datamodule.num_clients),
+            )  # fmt: skip
+        if self.clients_at_once > 1:
+            run_client_groups(self, tally, global_state, round_, self.clients_at_once)
+        else:
+            for client in tqdm(tally.clients, desc=f"round {round_} clients", leave=False,
+                               disable=not self.progress):  # fmt: skip
+                event = availability_event(self, round_, client)
+                if event is not None and event.dropped:
+                    self.record_dropped(tally, client, event.reason)
+                    continue  # it sends nothing
+                if event is not None and event.kind == "straggler":
+                    self.record_straggler(tally, client, event.steps)
+                try:
+                    fit = fit_client(self, global_state, client, round_,
+                                     None if event is None else event.steps)  # fmt: skip
+                except Exception as err:
+                    if self.on_client_error == "raise":
+                        raise
+                    log.warning("client %d excluded from round %d: its fit raised %r", client,
+                                round_, err)  # fmt: skip
+                    reason = f"its fit raised {type(err).__name__}: {err}"
+                    self.record_rejected(tally, str(client), reason)
+                    # Adam updates its (kept) state in place: a fit stopped midway leaves it half
+                    # updated, so the client starts its next round with a fresh optimizer.
+                    self.local_trainer.optimizer_states.pop(client, None)
+                    continue
+                self.record_update(tally, fit.update, fit.seconds)
+                self.strategy.add(fit.update)
         try:
             aggregated = self.close_round(tally, self.strategy.accepted, self.strategy.rejected,
                                           self.strategy.min_clients)  # fmt: skip

@@ -13,7 +13,9 @@ import torch
 
 from flora_lightning.clip.backbone import CLIPBundle
 from flora_lightning.clip.feature_cache import FeatureCache
+from flora_lightning.federation.availability import Availability
 from flora_lightning.federation.local_trainer import LocalTrainer
+from flora_lightning.federation.parallel import ParallelFit
 from flora_lightning.federation.parallel_memory import client_step_bytes
 from flora_lightning.federation.parallel_runner import resolve_parallel_clients, step_shape
 from flora_lightning.methods import FedLC, FLoRA, OptimizerConfig
@@ -77,3 +79,61 @@ def test_refused_k_raises_and_auto_falls_back(tiny_clip, data, caplog):
     with caplog.at_level(logging.WARNING):
         assert resolve_parallel_clients(e, "auto", 1e6, 4) == 1
     assert "trainer.parallel_clients=auto trains one client at a time" in caplog.text
+
+
+def test_loop_trains_k_at_a_time_as_one_at_a_time(
+    make_flora, make_datamodule, make_loop, monkeypatch
+):
+    """A run with trainer.parallel_clients 3 (4 clients: groups of 3 and 1, fewer when a client
+    drops) records the same rounds and ends at the same global adapters as one at a time."""
+    availability = Availability(dropout=0.3, straggler=0.5, straggler_fraction=0.5)
+    groups, fit = [], ParallelFit.fit
+
+    def spy(self, model, data, clients, *args):
+        groups.append(list(clients))
+        return fit(self, model, data, clients, *args)
+
+    monkeypatch.setattr(ParallelFit, "fit", spy)
+    runs = {}
+    for k in (1, 3):
+        model, data = make_flora(), make_datamodule(num_clients=4, batch_size=64)
+        loop = make_loop(rounds=2, max_local_steps=None, availability=availability,
+                         parallel_clients=k, run=f"k{k}")  # fmt: skip
+        runs[k] = (loop.fit(model, data), model.communicated_state())
+    (seq, seq_state), (par, par_state) = runs[1], runs[3]
+    trained = [sorted(r["accepted_clients"]) for r in par["rounds"][1:]]
+    assert sorted(c for g in groups for c in g) == sorted(c for t in trained for c in t)
+    assert max(len(g) for g in groups) == 3  # batched, three at a time
+    events = 0
+    for a, b in zip(seq["rounds"][1:], par["rounds"][1:], strict=True):
+        for key in ("accepted_clients", "dropped_clients", "straggler_clients"):
+            assert a[key] == b[key]
+        events += len(a["dropped_clients"]) + len(a["straggler_clients"])
+        assert set(a["client_train_loss"]) == set(b["client_train_loss"])
+        for client, loss in a["client_train_loss"].items():
+            assert abs(b["client_train_loss"][client] - loss) <= LOSS_TOL
+    assert events > 0  # this seed drops or slows some client: groups shrink, caps differ
+    moved = max(float((seq_state[n] - make_flora().communicated_state()[n]).abs().max())
+                for n in seq_state)  # fmt: skip
+    assert moved > 1e-3
+    for name, tensor in seq_state.items():
+        # the mean of client adapters each within ADAPTER_TOL: within it too
+        torch.testing.assert_close(par_state[name], tensor, rtol=0, atol=ADAPTER_TOL)
+
+
+def test_a_group_whose_fit_raises_is_left_out_whole(
+    make_flora, make_datamodule, make_loop, monkeypatch
+):
+    def boom(self, model, data, clients, *args):
+        raise RuntimeError(f"out of memory training {clients}")
+
+    monkeypatch.setattr(ParallelFit, "fit", boom)
+    model, data = make_flora(), make_datamodule(num_clients=4, batch_size=64)
+    loop = make_loop(rounds=1, parallel_clients=3, on_too_few_updates="skip")
+    record = loop.fit(model, data)["rounds"][1]
+    assert record["accepted_clients"] == []
+    assert record["rejected_clients"] == {
+        str(c): f"its batched fit raised RuntimeError: out of memory training {group}"
+        for group in ([0, 1, 2], [3])
+        for c in group
+    }
