@@ -16,11 +16,32 @@ import math
 
 import numpy as np
 import torch
-from torchmetrics import MeanMetric
 
 from flora_lightning.client_state.stores import ClientStates, client_states
 from flora_lightning.federation.step_capture import CompiledStep, log_once
 from flora_lightning.strategy import ClientUpdate
+
+
+class MeanLoss:
+    """The sample-weighted mean of a fit's batch losses, in float64 on the loss's device (no
+    host sync per step). A NaN or Inf loss makes the mean NaN/Inf, as a diverged fit must.
+
+    (torchmetrics' ``MeanMetric(nan_strategy="disable")``, used before, drops the weights it is
+    given: it averaged batch losses unweighted, so a last batch of 5 rows counted as much as
+    one of 32.)
+    """
+
+    def __init__(self, device) -> None:
+        self.total = torch.zeros((), dtype=torch.float64, device=device)
+        self.rows = 0
+
+    def update(self, loss: torch.Tensor, rows: int) -> None:
+        self.total += loss.detach().to(torch.float64) * rows
+        self.rows += rows
+
+    def compute(self) -> float:
+        """The mean over every row seen; NaN when none was."""
+        return float(self.total / self.rows) if self.rows else math.nan
 
 
 class ProximalTerm:
@@ -238,14 +259,13 @@ class LocalTrainer:
         returns the sample-weighted mean training loss (NaN when no example was drawn: only
         empty Poisson batches) and the examples seen."""
         model.train()
-        mean_loss = MeanMetric(nan_strategy="disable").set_dtype(torch.float64)
-        mean_loss = mean_loss.to(self.fabric.device)
+        mean_loss = MeanLoss(self.fabric.device)
         steps = seen = 0
         for _ in range(self.local_epochs):
             for batch_idx, batch in enumerate(loader):
                 loss = step(batch, batch_idx)
                 if len(batch[1]):  # a Poisson batch may be empty: a step, but no loss
-                    mean_loss.update(loss.detach(), weight=len(batch[1]))
+                    mean_loss.update(loss, len(batch[1]))
                     seen += len(batch[1])
                 steps += 1
                 if steps >= cap:
@@ -253,7 +273,7 @@ class LocalTrainer:
             if steps >= cap:
                 break
         model.eval()
-        return (float(mean_loss.compute()) if seen else math.nan), seen
+        return mean_loss.compute(), seen
 
     def keep_optimizer_state_of(self, client: int, optimizer, state, train_loss, seen) -> None:
         """Keep the client's optimizer state for its next fit; a diverged fit (NaN/Inf loss or

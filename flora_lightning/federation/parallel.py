@@ -26,7 +26,6 @@ from contextlib import contextmanager
 
 import torch
 from torch.func import functional_call, grad_and_value, vmap
-from torchmetrics import MeanMetric
 
 from flora_lightning.clip.feature_cache import FeatureCache
 from flora_lightning.federation.batched_adam import BatchedAdam
@@ -36,6 +35,7 @@ from flora_lightning.federation.batched_loss import (
     pad_rows,
     union_labels,
 )
+from flora_lightning.federation.local_trainer import MeanLoss
 from flora_lightning.federation.ranks import padded_state
 from flora_lightning.strategy import ClientUpdate
 from flora_lightning.strategy.lora_product import lora_pairs
@@ -108,12 +108,10 @@ def parallel_refusal(trainer, model, source) -> str | None:
     return None
 
 
-def loss_meter(device) -> MeanMetric:
-    """The training-loss meter of :meth:`LocalTrainer.run_steps`, built the same way, so a
-    client's ``train_loss`` is the same number whichever way it trained. (With
-    ``nan_strategy="disable"`` torchmetrics 1.9 drops the ``weight`` it is given: that meter
-    averages the batch losses unweighted.)"""
-    return MeanMetric(nan_strategy="disable").set_dtype(torch.float64).to(device)
+def loss_meter(device) -> MeanLoss:
+    """The training-loss meter of :meth:`LocalTrainer.run_steps`, so a client's
+    ``train_loss`` is the same number whichever way it trained."""
+    return MeanLoss(device)
 
 
 class _KeptState:
@@ -240,7 +238,7 @@ class ParallelFit:
         meters, seen = self.run(model, names, stacked, anchors, masks, adam, streams, proximal_mu)
         updates = []
         for k, client in enumerate(clients):
-            loss = float(meters[k].compute()) if seen[k] else math.nan
+            loss = meters[k].compute() if seen[k] else math.nan
             state = {n: p[k].clone() for n, p in zip(names, stacked, strict=True)}
             trainer.keep_optimizer_state_of(
                 client, _KeptState(adam.client_state(k)), state, loss, seen[k]
@@ -284,7 +282,7 @@ class ParallelFit:
                     losses = self.step(batched, fabric, stacked, anchors, masks, adam, batches)
                     for k, loss in losses.items():
                         rows = len(batches[k][1])
-                        meters[k].update(loss, weight=rows)
+                        meters[k].update(loss, rows)
                         seen[k] += rows
         finally:
             model.eval()

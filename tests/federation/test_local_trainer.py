@@ -71,3 +71,19 @@ def test_local_step_changes_only_trainable_parameters(make_flora, datamodule):
     after = model.communicated_state()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert all(p.grad is None for p in model.parameters())  # zero_grad(set_to_none=True)
+
+
+def test_train_loss_is_the_sample_weighted_mean_of_the_batch_losses():
+    """A last batch of 5 rows weighs 5/37 of the fit's loss, not half (batch losses 1 and 3
+    over 32 and 5 rows: (32 + 15) / 37); a NaN batch loss makes the fit's loss NaN."""
+    import math
+
+    from flora_lightning.federation.local_trainer import MeanLoss
+
+    meter = MeanLoss("cpu")
+    meter.update(torch.tensor(1.0), 32)
+    meter.update(torch.tensor(3.0), 5)
+    assert meter.compute() == (32 * 1.0 + 5 * 3.0) / 37
+    meter.update(torch.tensor(float("nan")), 1)
+    assert math.isnan(meter.compute())
+    assert math.isnan(MeanLoss("cpu").compute())  # no row seen
