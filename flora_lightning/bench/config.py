@@ -98,6 +98,12 @@ class BenchConfig:
     """Scan these numbers of clients instead of measuring methods: the loop's seconds, overhead
     and memory per client (``flora_lightning.bench.clients``; ``--arch``: the model, its image
     features cached)."""
+    parallel_clients: list[int] | None = None
+    """Instead of measuring methods: one round of ``parallel_round_clients`` cached-FLoRA
+    clients (``--arch`` shapes, ``--batch_size``) one after another and K at a time for each K
+    here, side by side in one process (``flora_lightning.bench.parallel_clients``)."""
+    parallel_round_clients: int = 10
+    """With ``parallel_clients``: clients in the round."""
     flower_clients: list[int] = field(default_factory=list)
     """With ``clients``: also run these N (among ``clients``) on Flower's simulation engine."""
     client_rounds: int = 2
@@ -124,6 +130,12 @@ class BenchConfig:
             )
         if self.encode_samples is not None and self.encode_samples < 1:
             raise ValueError(f"bench --encode_samples must be >= 1 (got {self.encode_samples}).")
+        if self.parallel_clients is not None and (
+            not self.parallel_clients or any(k < 1 for k in self.parallel_clients)
+        ):
+            raise ValueError(
+                f"bench --parallel_clients needs K values >= 1 (got {self.parallel_clients})."
+            )
         if self.clients is not None or self.flower_clients:
             check_client_scan(self.clients or [], self.flower_clients)
         if self.precision == "16-mixed" and self.device != "cuda":

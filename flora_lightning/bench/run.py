@@ -39,6 +39,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         from flora_lightning.bench.clients import run_client_scan
 
         return run_client_scan(cfg)
+    if cfg.parallel_clients:
+        return run_parallel_round(cfg)
     if cfg.compile == "ab":
         return run_ab(cfg)
     start = time.perf_counter()
@@ -48,6 +50,41 @@ def run_bench(cfg: BenchConfig) -> dict:
     report = finish_report(cfg, results, start)
     copy_results(cfg, out)
     return report
+
+
+def run_parallel_round(cfg: BenchConfig) -> dict:
+    """``--parallel_clients K ...``: a round of clients one after another and K at a time;
+    writes ``parallel_clients.json``/``.md`` (and the dated copy with ``--results``)."""
+    from flora_lightning.bench.parallel_clients import markdown as parallel_markdown
+    from flora_lightning.bench.parallel_clients import measure_parallel_round
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"[bench] {cfg.parallel_round_clients} clients, K = {cfg.parallel_clients} ...")
+    result = measure_parallel_round(
+        arch=cfg.arch,
+        clients=cfg.parallel_round_clients,
+        parallel_clients=tuple(cfg.parallel_clients),
+        batch_size=cfg.batch_size,
+        num_classes=cfg.num_classes,
+        rounds=3,
+        accelerator=cfg.device,
+        seed=cfg.seed,
+    )
+    result["command"] = "flora bench " + " ".join(cfg.to_argv())
+    (out / "parallel_clients.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = f"# flora bench --parallel_clients\n\n`{result['command']}`\n\n" + parallel_markdown(
+        result
+    )
+    (out / "parallel_clients.md").write_text(text)
+    print(text)
+    if cfg.results is not None:
+        folder = Path(cfg.results)
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"{date.today().isoformat()}-bench-parallel-clients-{cfg.arch}-{cfg.device}"
+        for suffix in (".md", ".json"):
+            shutil.copyfile(out / f"parallel_clients{suffix}", folder / f"{name}{suffix}")
+    return result
 
 
 def measure(cfg: BenchConfig, variant: str, label: str | bool = "") -> dict:

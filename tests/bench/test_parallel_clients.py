@@ -16,3 +16,20 @@ def test_a_round_both_ways_reports_times_and_agreement():
         assert row["speedup"] == row["sequential_s_per_round"] / row["parallel_s_per_round"]
         assert row["max_adapter_diff"] <= 1e-5  # the same clients' adapters both ways
     assert "| 3 |" in markdown(result)
+
+
+def test_flora_bench_parallel_clients_writes_the_table(tmp_path):
+    """``flora bench --parallel_clients [K]`` runs the round both ways and writes its files."""
+    import json
+
+    from flora_lightning.bench.run import main
+
+    out = tmp_path / "bench"
+    result = main(
+        ["--arch", "tiny", "--batch_size", "8", "--parallel_clients", "[2]"]
+        + ["--parallel_round_clients", "2", "--out", str(out)]
+    )
+    assert [r["parallel_clients"] for r in result["rows"]] == [2]
+    saved = json.loads((out / "parallel_clients.json").read_text())
+    assert saved["rows"] == result["rows"] and saved["clients"] == 2
+    assert "| 2 |" in (out / "parallel_clients.md").read_text()
