@@ -43,6 +43,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from flora_lightning.federation.availability import Event
 from flora_lightning.federation.client_runner import availability_event, fit_client
+from flora_lightning.federation.step_capture import log_once
 from flora_lightning.flower.app_config import Components, FlowerRunConfig, build_components
 from flora_lightning.flower.arrays import to_state
 from flora_lightning.flower.nodes import DROPPED_KEY, PARTITION_KEY, STRAGGLER_KEY
@@ -93,6 +94,12 @@ def client_components(run: FlowerRunConfig, context: Context) -> Components:
         parts = build_components(run)
         parts.loop.release_image_encoder &= run.one_partition_per_node
         parts.loop.set_up(parts.model, parts.data, tensorboard=False)  # a client writes nothing
+        if parts.loop.parallel_clients != 1:
+            log_once(
+                f"trainer.parallel_clients={parts.loop.parallel_clients}: a Flower node trains "
+                "its own partition, one client per call; the updates equal flora fit's "
+                "batched ones up to float rounding (the batched fit is tested equal to this one)."
+            )
         _built[run] = parts
     loop, model, data = parts.loop, parts.model, parts.data
     partition = partition_of(context, data.num_clients)
