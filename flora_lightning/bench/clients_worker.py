@@ -132,7 +132,9 @@ def run_loop(spec: dict, config: Path) -> dict:
 
     class Probe(Callback):
         def on_fit_start(self, loop, model) -> None:  # after launch: the trainer exists
-            timed["store"] = loop.local_trainer.state_store = TimedStates(loop.local_trainer.state_store)
+            timed["store"] = loop.local_trainer.state_store = TimedStates(
+                loop.local_trainer.state_store
+            )
 
         def on_round_start(self, loop, round, clients) -> None:
             timed["store"].seconds = 0.0
