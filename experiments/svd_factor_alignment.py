@@ -14,7 +14,7 @@ partition keeps the config's seed):
 - ``LoraProductAverage`` at the config's rank with ``factor_alignment`` none, sign and
   procrustes, and none with ``trainer.keep_client_optimizer_state: false`` (a fresh Adam every
   round: the moments reset);
-- ``SvdRedistribution`` with ``trainer.client_ranks`` ``--hetero_ranks`` (default the README's
+- ``SvdRedistribution`` with ``trainer.client_ranks`` ``--hetero_ranks`` (default docs/strategies.md's
   tiers: 60% rank 2, 40% rank 1), with none, sign and the reset. Mixed ranks need
   ``model.lora.alpha: null`` (the quickstart's default; another config must set it).
 

@@ -267,7 +267,7 @@ def assert_same_run(flower_dir: Path, reference: Path) -> None:
 
 @pytest.mark.slow
 def test_deployment_matches_in_process_loop(tmp_path, flower_env, in_process):
-    """One SuperNode per partition, as the README deploys it: the nodes free their image
+    """One SuperNode per partition, as docs/flower.md deploys it: the nodes free their image
     encoders after caching (one-partition-per-node) and the run still equals flora fit."""
     out_dir = tmp_path / "flower_run"
     with federation(tmp_path, flower_env):
