@@ -79,7 +79,11 @@ def run_parallel_round(cfg: BenchConfig) -> dict:
     (out / "parallel_clients.md").write_text(text)
     print(text)
     if cfg.results is not None:
-        copy_dated(cfg, out / "parallel_clients", f"parallel-clients-{cfg.arch}-{cfg.device}")
+        folder = Path(cfg.results)
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"{date.today().isoformat()}-bench-parallel-clients-{cfg.arch}-{cfg.device}"
+        for suffix in (".md", ".json"):
+            shutil.copyfile(out / f"parallel_clients{suffix}", folder / f"{name}{suffix}")
     return result
 
 
@@ -153,25 +157,19 @@ def copy_results(cfg: BenchConfig, out: Path) -> None:
     """With ``cfg.results``: ``bench.md``/``.json`` copied to a dated file there."""
     if cfg.results is None:
         return
-    name = f"{cfg.arch}-{cfg.device}-{cfg.precision}"
+    folder = Path(cfg.results)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"{date.today().isoformat()}-bench-{cfg.arch}-{cfg.device}-{cfg.precision}"
     if cfg.compile != "off":
         name += f"-{cfg.compile}"
     if cfg.methods != list(variants()):  # a subset: its own file, not the full table's
         name += "-" + "-".join(cfg.methods)
-    copy_dated(cfg, out / "bench", name)
+    for suffix in (".md", ".json"):
+        shutil.copyfile(out / f"bench{suffix}", folder / f"{name}{suffix}")
     if cfg.compile == "ab":  # each arm's full report beside the side-by-side one
         for arm in ("eager", "compiled"):
-            copy_dated(cfg, out / arm / "bench", f"{name}-{arm}", suffixes=(".md",))
-
-
-def copy_dated(cfg: BenchConfig, report: Path, name: str, suffixes=(".md", ".json")) -> None:
-    """``<report><suffix>`` copied to ``<cfg.results>/<date>-bench-<name><suffix>``."""
-    folder = Path(cfg.results)
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{date.today().isoformat()}-bench-{name}"
-    for suffix in suffixes:
-        shutil.copyfile(f"{report}{suffix}", f"{target}{suffix}")
-    print(f"[bench] results: {target}{suffixes[0]}", flush=True)
+            shutil.copyfile(out / arm / "bench.md", folder / f"{name}-{arm}.md")
+    print(f"[bench] results: {folder / name}.md", flush=True)
 
 
 def run_worker(cfg: BenchConfig, variant: str) -> dict:

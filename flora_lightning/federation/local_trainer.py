@@ -61,24 +61,17 @@ class ProximalTerm:
 
 
 def local_step(
-    fabric,
-    module,
-    optimizer,
-    batch,
-    batch_idx: int,
-    proximal: ProximalTerm | None = None,
-    training_step=None,
+    fabric, module, optimizer, batch, batch_idx: int, proximal: ProximalTerm | None = None
 ) -> torch.Tensor:
     """One local optimizer step; returns the (still attached) loss.
 
     ``training_step`` runs under the Fabric precision autocast (Fabric only wraps ``forward``
     itself), then ``fabric.backward``, the optimizer step and ``zero_grad(set_to_none=True)``.
     With ``proximal`` (FedProx) the step minimises ``loss + proximal()``; the returned loss is
-    the training loss alone. ``training_step`` replaces ``module.training_step`` (the compiled
-    one of :class:`~flora_lightning.federation.step_capture.CompiledStep`).
+    the training loss alone.
     """
     with fabric.autocast():
-        loss = (training_step or module.training_step)(batch, batch_idx)
+        loss = module.training_step(batch, batch_idx)
     fabric.backward(loss if proximal is None else loss + proximal())
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

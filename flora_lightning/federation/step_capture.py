@@ -83,9 +83,11 @@ class CompiledStep:
 
     def step(self, fabric, model, optimizer, batch, batch_idx: int, proximal=None) -> torch.Tensor:
         """One local step: :func:`~.local_trainer.local_step` with the compiled forward."""
-        from flora_lightning.federation.local_trainer import local_step  # it imports this module
-
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
-        forward = self.compiled_forward(model)
-        return local_step(fabric, model, optimizer, batch, batch_idx, proximal, forward)
+        with fabric.autocast():
+            loss = self.compiled_forward(model)(batch, batch_idx)
+        fabric.backward(loss if proximal is None else loss + proximal())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
