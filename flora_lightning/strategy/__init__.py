@@ -12,6 +12,7 @@ from flora_lightning.strategy.fedopt import (
 from flora_lightning.strategy.fedprox import FedProx
 from flora_lightning.strategy.hetero_rank import SvdRedistribution, ZeroPaddingAverage, for_rank
 from flora_lightning.strategy.lora_product import LoraProductAverage
+from flora_lightning.strategy.robust import Krum, Median, MultiKrum, TrimmedMean
 from flora_lightning.strategy.sparsity_weighted import SparsityWeightedAverage
 
 __all__ = [
@@ -22,12 +23,16 @@ __all__ = [
     "FedAvgM",
     "FedProx",
     "FedYogi",
+    "Krum",
     "LoraProductAverage",
+    "Median",
+    "MultiKrum",
     "ServerOptimizer",
     "SparsityWeightedAverage",
     "State",
     "Strategy",
     "SvdRedistribution",
+    "TrimmedMean",
     "ZeroPaddingAverage",
     "for_rank",
     "state_bytes",
