@@ -4,8 +4,9 @@
 
     availability_event (trainer.availability, seeded per (seed, round, client): dropped,
     straggler or a full fit) → prepare_client (the received global state; a lower rank's
-    slice, zero-padded and masked) → on_client_fit_start → LocalTrainer.fit
-    → client_state_to_send (the client's rank slice)
+    slice, zero-padded and masked) → on_client_fit_start → LocalTrainer.fit (an attacker of
+    trainer.attack label_flip: on flipped labels) → client_state_to_send (the client's rank
+    slice) → attacked_update (trainer.attack: what an attacker sends instead)
 
 :class:`~flora_lightning.federation.loop.FederatedLoop` runs it for each sampled client; the
 Flower ClientApp (:mod:`flora_lightning.flower.client_app`) for its partition on the received
@@ -18,6 +19,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from flora_lightning.federation.attack import FlippedLabels
 from flora_lightning.federation.availability import Event
 from flora_lightning.strategy import ClientUpdate, State
 
@@ -30,6 +32,32 @@ def availability_event(engine, round_: int, client: int) -> Event | None:
     data = engine.datamodule
     full = engine.local_trainer.planned_steps(data.num_samples(client), data.batch_size)
     return engine.availability.draw(engine.seed, round_, client, full)
+
+
+def attacked_source(engine, round_: int, clients: list[int]):
+    """The batch source ``clients`` train from in ``round_``: the feature cache (None: the
+    datamodule, as LocalTrainer.fit takes it), with ``trainer.attack: label_flip``
+    attackers' labels flipped."""
+    source = engine.feature_cache
+    attack = getattr(engine, "attack", None)
+    if attack is None or attack.kind != "label_flip":
+        return source
+    attackers = [c for c in engine.round_attackers(round_) if c in clients]
+    if not attackers:
+        return source
+    num_classes = len(engine.datamodule.class_names)
+    return FlippedLabels(source or engine.datamodule, attackers, num_classes)
+
+
+def attacked_update(engine, received: State, update: ClientUpdate, round_: int) -> ClientUpdate:
+    """What ``update.client_id`` sends in ``round_``: ``update``, or, for an attacker of
+    ``trainer.attack``, the attack's :meth:`~flora_lightning.federation.attack.Attack.corrupt`
+    of it (``received``: the global state or its rank slice, as the client got it)."""
+    attack = getattr(engine, "attack", None)
+    if attack is None or update.client_id not in engine.round_attackers(round_):
+        return update
+    own = engine.state_for_client(received, update.client_id)  # its rank's slice
+    return attack.corrupt(update, own, engine.seed, round_)
 
 
 @dataclass(frozen=True)
@@ -64,9 +92,10 @@ def fit_client(
         engine.datamodule,
         client,
         round_,
-        engine.feature_cache,
+        attacked_source(engine, round_, [client]),
         engine.strategy.proximal_mu,
         steps,
     )
     seconds = time.perf_counter() - t0
-    return ClientFit(engine.client_state_to_send(update), seconds)
+    sent = engine.client_state_to_send(update)
+    return ClientFit(attacked_update(engine, received, sent, round_), seconds)

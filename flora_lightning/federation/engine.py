@@ -31,6 +31,7 @@ from flora_lightning.client_state.optimizer_shards import (
     unflatten_optimizer_states,
 )
 from flora_lightning.clip.feature_cache import FeatureCache
+from flora_lightning.federation.attack import AttackRecord
 from flora_lightning.federation.evaluation import evaluate
 from flora_lightning.federation.ranks import (
     RankMask,
@@ -70,6 +71,8 @@ class RoundEngine:
 
     availability = None
     """Simulated unreliable clients (:class:`~flora_lightning.federation.availability.Availability`)."""
+    attack = None
+    """Seeded Byzantine clients (:class:`~flora_lightning.federation.attack.Attack`); None: none."""
     privacy_run: PrivacyRun | None = None
     """The run's differential privacy (:meth:`use_privacy`); None: none."""
     client_ranks = None
@@ -112,6 +115,8 @@ class RoundEngine:
         self.ranks = assign_ranks(self.client_ranks, data.num_clients, self.seed)
         if self.ranks is not None:
             check_rank_run(self.ranks, model, self.strategy, self.privacy_run is not None)
+        if self.attack is not None and not any(isinstance(c, AttackRecord) for c in self.callbacks):
+            self.callbacks.append(AttackRecord(self.attack))
         setup_run(self, model, data, [self.recorder.tensorboard()] if tensorboard else [])
         self.recorder.callbacks = self.callbacks
         if self.privacy_run is not None:
@@ -269,6 +274,13 @@ class RoundEngine:
             tally.round, len(tally.accepted), min_clients, tally.rejected, tally.dropped,
         )  # fmt: skip
         return False
+
+    def round_attackers(self, round_: int) -> list[int]:
+        """``trainer.attack``'s attackers of ``round_`` among its sampled clients (the seeded
+        sampler's, which the Flower ServerApp uses too), or [] without an attack."""
+        if self.attack is None:
+            return []
+        return self.attack.attackers(self.seed, round_, self.round_clients(round_))
 
     def client_rank(self, client: int) -> int | None:
         """``client``'s LoRA rank when it differs from the global model's, else None."""

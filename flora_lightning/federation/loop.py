@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from flora_lightning.callbacks.base import Callback
 from flora_lightning.callbacks.communication import CommunicationLogger
 from flora_lightning.clip.feature_cache import FeatureCache
+from flora_lightning.federation.attack import Attack
 from flora_lightning.federation.availability import Availability
 from flora_lightning.federation.client_runner import availability_event, fit_client
 from flora_lightning.federation.engine import RoundEngine, RoundFailedError
@@ -90,6 +91,10 @@ class FederatedLoop(RoundEngine):
         availability: simulated unreliable clients: per-round dropout, stragglers that run
             only part of their local steps, a round deadline (seeded per round and client; see
             :mod:`flora_lightning.federation.availability`). null: every sampled client trains fully.
+        attack: seeded Byzantine clients, for robustness experiments: each round a
+            ``fraction`` of the sampled clients sends a scaled, sign-flipped or noise update,
+            claims ``scale`` times its samples, or trains on flipped labels (see
+            :mod:`flora_lightning.federation.attack`). null: no attack.
         client_ranks: each client's LoRA rank (at most ``model.lora.rank``): a list with one
             rank per client, or tiers ``[{rank: 4, share: 0.5}, ...]`` assigned by seed; mixed
             ranks need ``ZeroPaddingAverage`` or ``SvdRedistribution`` (see
@@ -110,6 +115,8 @@ class FederatedLoop(RoundEngine):
             last one written and trains the rounds after it again (identically, seeded). Raise
             it for FedFFT, whose per-client Adam states are ~1.2 GB each at ViT-B/32.
         keep_last_checkpoints: keep only this many per-round checkpoints (None: keep all).
+        resume_without_manifest: let ``resume`` load a resume state folder that has no
+            checksum manifest (an old run, or a copy without it), unverified; refused otherwise.
         seed: seeds model init, client sampling, data order and dropout.
         progress: show progress bars for rounds and clients.
     """
@@ -133,6 +140,7 @@ class FederatedLoop(RoundEngine):
         release_image_encoder: bool = True,
         strategy: Strategy | None = None,
         availability: Availability | None = None,
+        attack: Attack | None = None,
         client_ranks: ClientRanks = None,
         on_client_error: OnClientError = "skip",
         on_too_few_updates: OnTooFewUpdates = "raise",
@@ -141,6 +149,7 @@ class FederatedLoop(RoundEngine):
         resume: bool = False,
         resume_every_n_rounds: int = 1,
         keep_last_checkpoints: int | None = None,
+        resume_without_manifest: bool = False,
         seed: int = 42,
         progress: bool = True,
     ) -> None:
@@ -158,14 +167,16 @@ class FederatedLoop(RoundEngine):
         self.release_image_encoder = release_image_encoder
         self.strategy = strategy or FedAvg()
         self.availability, self.client_ranks = availability, client_ranks
+        self.attack = attack
         self.on_client_error = on_client_error
         self.callbacks = list(callbacks or [])
         if not any(isinstance(c, CommunicationLogger) for c in self.callbacks):
             self.callbacks.append(CommunicationLogger())
         self.resume, self.seed, self.progress = resume, seed, progress
         self.recorder = RunRecorder(
-            default_root_dir, resume, resume_every_n_rounds, keep_last_checkpoints, rounds
-        )
+            default_root_dir, resume, resume_every_n_rounds, keep_last_checkpoints, rounds,
+            resume_without_manifest=resume_without_manifest,
+        )  # fmt: skip
         self.feature_cache: FeatureCache | None = None
 
     def clients_per_round(self, num_clients: int) -> int:

@@ -88,7 +88,8 @@ def parallel_refusal(trainer, model, source) -> str | None:
             f"{name} trains (part of) the vision tower or has a loss the batched fit does not "
             "reproduce; only FLoRA (text tower), FedLC and FedAA train batched"
         )
-    if not isinstance(source, FeatureCache):
+    # a FlippedLabels (trainer.attack: label_flip) wraps the cache as .source
+    if not isinstance(getattr(source, "source", source), FeatureCache):
         return (
             "the batched fit trains from cached image features; set trainer.cache_features "
             "true (and model.lora.tower text for FLoRA)"

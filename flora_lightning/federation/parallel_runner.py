@@ -22,7 +22,12 @@ import time
 
 import torch
 
-from flora_lightning.federation.client_runner import ClientFit, availability_event
+from flora_lightning.federation.client_runner import (
+    ClientFit,
+    attacked_source,
+    attacked_update,
+    availability_event,
+)
 from flora_lightning.federation.parallel import ParallelFit, parallel_refusal
 from flora_lightning.federation.parallel_memory import (
     ClientStepShape,
@@ -115,13 +120,14 @@ def fit_client_group(
         engine.datamodule,
         clients,
         round_,
-        engine.feature_cache,
+        attacked_source(engine, round_, clients),
         engine.strategy.proximal_mu,
         steps,
         [engine.client_rank(c) for c in clients],
     )
     seconds = (time.perf_counter() - t0) / len(clients)
-    return [ClientFit(engine.client_state_to_send(u), seconds) for u in updates]
+    sent = [engine.client_state_to_send(u) for u in updates]
+    return [ClientFit(attacked_update(engine, received, u, round_), seconds) for u in sent]
 
 
 def run_client_groups(loop, tally, received: State, round_: int, k: int) -> None:

@@ -8,6 +8,7 @@ library here: this module must stay importable without them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -43,7 +44,7 @@ class RankTier:
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise ValueError(f"trainer.client_ranks: a tier's rank must be >= 1 (got {self.rank}).")
-        if not 0 < self.share <= 1:
+        if isinstance(self.share, bool) or not (math.isfinite(self.share) and 0 < self.share <= 1):
             raise ValueError(
                 f"trainer.client_ranks: a tier's share must be in (0, 1] (got {self.share})."
             )
@@ -105,6 +106,7 @@ def check_settings(
     on_too_few_updates: str = "raise",
     parallel_clients: ParallelClients = 1,
     parallel_memory_mb: float | None = None,
+    resume_without_manifest: bool = False,
     **_: object,
 ) -> None:
     """Refuse bad ``trainer.*`` values, naming the field and the fix."""
@@ -114,7 +116,7 @@ def check_settings(
         raise ValueError(f"trainer.local_epochs must be >= 1 (got {local_epochs}).")
     if max_local_steps is not None and max_local_steps < 1:
         raise ValueError(f"trainer.max_local_steps must be >= 1 or null (got {max_local_steps}).")
-    if not 0 < join_ratio <= 1:
+    if isinstance(join_ratio, bool) or not (math.isfinite(join_ratio) and 0 < join_ratio <= 1):
         raise ValueError(
             f"trainer.join_ratio must be in (0, 1] (got {join_ratio}); 1.0 means every "
             "client joins every round."
@@ -135,10 +137,20 @@ def check_settings(
         raise ValueError(
             f"trainer.on_client_error must be skip or raise (got {on_client_error!r})."
         )
+    if not isinstance(resume_without_manifest, bool):
+        raise ValueError(
+            "trainer.resume_without_manifest must be true or false (got "
+            f"{resume_without_manifest!r})."
+        )
     check_on_too_few_updates(on_too_few_updates)
     check_client_ranks(client_ranks)
     check_capture_settings(cuda_graphs, compile)
     check_parallel_settings(parallel_clients, parallel_memory_mb)
+    if parallel_memory_mb is not None and not math.isfinite(parallel_memory_mb):
+        raise ValueError(
+            f"trainer.parallel_memory_mb must be a finite number of MiB or null (got "
+            f"{parallel_memory_mb}); null: the device's free memory."
+        )
     if client_state_dir is not None and Path(client_state_dir).is_file():
         raise ValueError(
             f"trainer.client_state_dir={client_state_dir!r} is a file; give a folder (created "
