@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from flora_lightning.clip.preprocess import decode_image, stack_images
 from flora_lightning.data.label_table import format_label_table, label_counts
+from flora_lightning.data.local_source import LocalSource, load_local_source
 from flora_lightning.data.partition import PartitionConfig, partition_indices
 from flora_lightning.data.settings import (  # noqa: F401  (re-exported: the old import paths)
     POOLED,
@@ -24,6 +25,7 @@ from flora_lightning.data.splits import (
     check_labels,
     hold_out,
     resolve_class_names,
+    split_local_test,
     split_local_tests,
 )
 
@@ -62,6 +64,12 @@ class FederatedDataModule(L.LightningDataModule):
             test set (personalised evaluation), taken out of its training data and only from
             rows no other client holds (overlapping few-shot partitions); ``null``: no local
             test sets, clients train on their whole partition.
+        test_dataset: ``partition.kind: folders``: the global test set's data path (an
+            imagefolder DIR, a .parquet file or glob, or ``hub:ID[:SPLIT]``); ``null``: the
+            test set ``data.dataset`` gives (``test_split``), or none on a node.
+        max_unreadable_fraction: ``partition.kind: folders`` and node-local data: images that
+            do not decode are skipped and counted; a data path with more than this share of
+            them is refused (0: any unreadable image refuses the data).
     """
 
     def __init__(
@@ -85,6 +93,8 @@ class FederatedDataModule(L.LightningDataModule):
         preprocess: Preprocess = "device",
         partition: PartitionConfig = PartitionConfig(),
         local_test_fraction: float | None = None,
+        test_dataset: str | None = None,
+        max_unreadable_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         check_data_settings(
@@ -98,6 +108,9 @@ class FederatedDataModule(L.LightningDataModule):
             preprocess=preprocess,
             test_split=test_split,
             pool_splits=pool_splits,
+            max_unreadable_fraction=max_unreadable_fraction,
+            test_dataset=test_dataset,
+            partition=partition,
         )
         self.dataset = dataset
         self.subset = subset
@@ -118,6 +131,12 @@ class FederatedDataModule(L.LightningDataModule):
         self.preprocess = preprocess
         self.partition = partition
         self.local_test_fraction = local_test_fraction
+        self.test_dataset = test_dataset
+        self.max_unreadable_fraction = max_unreadable_fraction
+        self.sources: dict[int, LocalSource] = {}
+        """kind=folders or a node's own data: per client, its loaded data (what was skipped)."""
+        self.node_test_path: str | None = None
+        """A node's own local test set path (:meth:`setup_node`), if any."""
         self.image_transform: Callable | None = None
         self.train_set = None
         self.test_set = None
@@ -128,9 +147,25 @@ class FederatedDataModule(L.LightningDataModule):
 
     # ---------------------------------------------------------------- setup
     def setup(self, stage: str | None = None) -> None:
-        """Load, check columns and class names, hold out the test set, partition the rest."""
+        """Load, check columns and class names, hold out the test set, partition the rest.
+
+        With ``partition.kind: folders``: load every client's own data path instead (client
+        ``k`` holds ``client_dirs[k]``) and the global test set (:meth:`setup_server`).
+        """
         if self.train_set is not None:
             return
+        if self.partition.kind == "folders":
+            self._setup_folders()
+            return
+        train, test, class_names = self._load_dataset()
+        labels = np.asarray(train[self.label_column], dtype=np.int64)
+        check_labels(labels, len(class_names), self.label_column)
+        partitions = partition_indices(labels, len(class_names), self.partition)
+        self._use_partitions(train, labels, partitions, class_names)
+        self.test_set = test
+
+    def _load_dataset(self):
+        """``(train, test, class_names)`` of ``data.dataset`` under the ``test_split`` rule."""
         source = load_source(self.dataset, self.subset, self.data_dir, self.data_files)
         if self.test_split == POOLED:
             train = self._pool(source)
@@ -147,21 +182,158 @@ class FederatedDataModule(L.LightningDataModule):
         else:
             test = self._split(source, self.test_split, "data.test_split")
             self._check_columns(test)
+        return train, self._capped(test), class_names
+
+    def _capped(self, test):
+        """The test set, cut to a seeded ``max_test_samples`` subset when it is larger."""
         if self.max_test_samples is not None and len(test) > self.max_test_samples:
             test = test.shuffle(seed=self.partition.seed).select(range(self.max_test_samples))
-        labels = np.asarray(train[self.label_column], dtype=np.int64)
-        check_labels(labels, len(class_names), self.label_column)
-        partitions = partition_indices(labels, len(class_names), self.partition)
-        if self.local_test_fraction is not None:
+        return test
+
+    def _use_partitions(self, train, labels, partitions, class_names, tests=None) -> None:
+        """Keep ``train`` and per-client rows; local test rows from ``tests`` (per client, rows
+        of ``train``) or drawn with ``local_test_fraction``; count every client's labels."""
+        self.client_test_indices = []
+        if tests is not None:
+            self.client_indices, self.client_test_indices = partitions, tests
+        elif self.local_test_fraction is not None:
             self.client_indices, self.client_test_indices = split_local_tests(
                 partitions, self.local_test_fraction, self.partition.seed
             )
-            self.test_counts = label_counts(labels, self.client_test_indices, len(class_names))
         else:
             self.client_indices = partitions
+        if self.client_test_indices:
+            self.test_counts = label_counts(labels, self.client_test_indices, len(class_names))
         self.class_names = class_names
-        self.train_set, self.test_set = train, test
+        self.train_set = train
         self.counts = label_counts(labels, self.client_indices, len(class_names))
+
+    # ------------------------------------------------------ the owners' data
+    def _run_class_names(self, where: str) -> list[str]:
+        """``data.class_names``, required when each data owner brings its own data."""
+        if not self.class_names:
+            raise ValueError(
+                f"data.class_names is required with {where}: every data owner's labels are "
+                "matched to it by class name. List the classes in label order, e.g. "
+                "--data.class_names '[cat, dog]'."
+            )
+        return resolve_class_names(None, self.class_names, self.label_column)
+
+    def load_local(self, path: str, field: str) -> LocalSource:
+        """One data owner's data from ``path``, labelled in ``data.class_names`` order.
+
+        Args:
+            path: The data path (an imagefolder DIR, a .parquet file or glob, ``hub:ID[:SPLIT]``).
+            field: Where the path came from, named in errors (``data-path``).
+        """
+        return load_local_source(
+            path,
+            self._run_class_names(field),
+            self.image_column,
+            self.label_column,
+            self.max_unreadable_fraction,
+            field,
+        )
+
+    def _setup_folders(self) -> None:
+        """Client ``k`` holds ``data.partition.client_dirs[k]``; nothing is drawn."""
+        dirs = self.partition.client_dirs
+        owned = {
+            k: self.load_local(d, f"data.partition.client_dirs[{k}]") for k, d in enumerate(dirs)
+        }
+        tests = None
+        if self.partition.client_test_dirs is not None:
+            tests = {
+                k: self.load_local(d, f"data.partition.client_test_dirs[{k}]")
+                for k, d in enumerate(self.partition.client_test_dirs)
+            }
+        self._use_sources(owned, tests, len(dirs))
+        self.test_set = self._global_test()
+
+    def setup_node(self, data_path: str, client: int, test_path: str | None = None) -> None:
+        """Set up a deployed node: it holds only its own data, as client ``client``.
+
+        The node trains exactly as client ``client`` of the in-process twin
+        (``kind: folders`` with ``client_dirs[client] == data_path``): the same rows in the
+        same order, the same seeded local test rows (``local_test_fraction``, seeded by
+        ``(partition.seed, client)``) or ``test_path``'s rows as its local test set. Other
+        clients' rows are empty; no global test set is loaded (``test_set`` stays None).
+
+        Args:
+            data_path: The node's data (``--node-config data-path``).
+            client: The client index the run gives this node (its seeds depend on it).
+            test_path: The node's own local test set (``--node-config test-path``), or None.
+        """
+        if self.train_set is not None:
+            return
+        if test_path is not None and self.local_test_fraction is not None:
+            raise ValueError(
+                "A node has a test-path and data.local_test_fraction is set: give one local "
+                "test set, either the node's test-path or data.local_test_fraction."
+            )
+        owned = {client: self.load_local(data_path, "data-path")}
+        tests = None if test_path is None else {client: self.load_local(test_path, "test-path")}
+        self.node_test_path = test_path
+        self._use_sources(owned, tests, max(self.partition.num_clients, client + 1))
+
+    def setup_server(self) -> None:
+        """Set up a server that holds no training data: class names and the global test set.
+
+        The test set is ``data.test_dataset`` when set, else the test set ``data.dataset``
+        gives (``test_split``); ``train_set`` stays None and no client rows exist.
+        """
+        if self.test_set is not None:
+            return
+        self.test_set = self._global_test()
+
+    def _global_test(self):
+        """``data.test_dataset``'s rows, else the test set of ``data.dataset``."""
+        if self.test_dataset is not None:
+            return self._capped(self.load_local(self.test_dataset, "data.test_dataset").rows)
+        names = self._run_class_names("data.partition.kind=folders")
+        _, test, class_names = self._load_dataset()
+        if [n.lower() for n in class_names] != [n.lower() for n in names]:
+            raise ValueError(
+                f"data.dataset={self.dataset!r} (the global test set) has the classes "
+                f"{class_names}, not data.class_names {names}; set data.test_dataset to a "
+                "test set of the run's classes."
+            )
+        self.class_names = names
+        return test
+
+    def _use_sources(self, owned: dict, tests: dict | None, num_clients: int) -> None:
+        """One training set of the owners' rows (client by client, then their test rows)."""
+        from datasets import concatenate_datasets
+
+        class_names = self._run_class_names("data.partition.kind=folders")
+        parts, start = [], 0
+        blocks: dict[str, list[np.ndarray]] = {"train": [], "test": []}
+        for name, group in (("train", owned), ("test", tests or {})):
+            for client in range(num_clients):
+                source = group.get(client)
+                n = 0 if source is None else source.num_samples
+                blocks[name].append(np.arange(start, start + n, dtype=np.int64))
+                if source is not None:
+                    parts.append(source.rows)
+                start += n
+        train = concatenate_datasets(parts)
+        labels = np.asarray(train[self.label_column], dtype=np.int64)
+        if self.local_test_fraction is not None and tests is None:
+            partitions, local = blocks["train"], []
+            for client, rows in enumerate(partitions):
+                if client in owned:
+                    rows, test_rows = split_local_test(
+                        rows, self.local_test_fraction, self.partition.seed, client
+                    )
+                else:
+                    test_rows = rows
+                partitions[client] = rows
+                local.append(test_rows)
+            self._use_partitions(train, labels, partitions, class_names, local)
+        else:
+            held = blocks["test"] if tests is not None else None
+            self._use_partitions(train, labels, blocks["train"], class_names, held)
+        self.sources = dict(owned)
 
     def _pool(self, source):
         """The ``pool_splits`` of the dataset concatenated (columns checked in each)."""
@@ -211,17 +383,31 @@ class FederatedDataModule(L.LightningDataModule):
         """The client's training samples (its local test set not counted): its FedAvg weight."""
         return len(self.client_indices[client_id])
 
+    def client_report(self, client_id: int) -> tuple[int, np.ndarray]:
+        """What a node reports about its data: ``(num_samples, label_counts)``.
+
+        ``num_samples`` is its FedAvg weight (:meth:`num_samples`: training rows, local test
+        rows not counted); ``label_counts[c]`` its training rows of ``class_names[c]`` (a copy).
+        """
+        return self.num_samples(client_id), self.counts[client_id].copy()
+
     @property
     def has_local_test(self) -> bool:
-        """Whether every client holds a local test set (``data.local_test_fraction`` set)."""
-        return self.local_test_fraction is not None
+        """Whether every client holds a local test set (``data.local_test_fraction``,
+        ``data.partition.client_test_dirs`` or a node's ``test-path``)."""
+        return self.local_test_fraction is not None or self._test_paths
+
+    @property
+    def _test_paths(self) -> bool:
+        return self.partition.client_test_dirs is not None or bool(self.node_test_path)
 
     def fingerprints(self) -> dict[str, str]:
         """Content hashes of the loaded train and test sets (``train``, ``test``).
 
         The hashes ``datasets`` keeps for its own cache; this is the one place that reads them.
         """
-        return {"train": self.train_set._fingerprint, "test": self.test_set._fingerprint}
+        test = self.test_set._fingerprint if self.test_set is not None else "none"
+        return {"train": self.train_set._fingerprint, "test": test}
 
     def label_table(self) -> str:
         """Per-client label counts; with local test sets, a training and a local-test block."""
@@ -229,10 +415,12 @@ class FederatedDataModule(L.LightningDataModule):
         if not self.has_local_test:
             return table
         local = format_label_table(self.test_counts, self.class_names)
-        return (
-            f"train\n{table}\n\n"
-            f"local test (data.local_test_fraction={self.local_test_fraction})\n{local}"
+        origin = (
+            f"data.local_test_fraction={self.local_test_fraction}"
+            if self.local_test_fraction is not None
+            else "the clients' test paths"
         )
+        return f"train\n{table}\n\nlocal test ({origin})\n{local}"
 
     def set_image_transform(self, transform: Callable) -> None:
         """The model's own preprocessing (CLIP resize, crop, normalise)."""
@@ -292,7 +480,8 @@ class FederatedDataModule(L.LightningDataModule):
         """One client's local test set (``data.local_test_fraction`` of its partition)."""
         if not self.has_local_test:
             raise ValueError(
-                "data.local_test_fraction is null: clients hold no local test sets. Set it, "
+                "data.local_test_fraction is null (and no client test paths): clients hold no "
+                "local test sets. Set it, "
                 "e.g. --data.local_test_fraction 0.2, for personalised evaluation."
             )
         return self.train_rows(self.client_test_indices[client_id])

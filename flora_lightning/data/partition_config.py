@@ -5,10 +5,11 @@ only the settings and their checks, so ``flora`` can check them before the heavy
 (:mod:`flora_lightning.config_check`).
 """
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
-_KINDS = ("iid", "dirichlet", "pathological", "fewshot")
+_KINDS = ("iid", "dirichlet", "pathological", "fewshot", "folders")
 _IID_RULES = ("per_class", "random_chunks")
 
 
@@ -16,11 +17,18 @@ _IID_RULES = ("per_class", "random_chunks")
 class PartitionConfig:
     """How the training set is split across clients."""
 
-    kind: Literal["iid", "dirichlet", "pathological", "fewshot"] = "iid"
+    kind: Literal["iid", "dirichlet", "pathological", "fewshot", "folders"] = "iid"
     """Partition scheme: iid, dirichlet (non-IID by Dirichlet(beta) per class),
-    pathological (disjoint classes per client), fewshot (n shots per class per client)."""
+    pathological (disjoint classes per client), fewshot (n shots per class per client),
+    folders (client k holds client_dirs[k]: the data owners' own data, nothing drawn)."""
     num_clients: int = 10
-    """Number of clients (data owners)."""
+    """Number of clients (data owners); kind=folders sets it to len(client_dirs)."""
+    client_dirs: list[str] | None = None
+    """kind=folders: one data path per client (client k = entry k): an imagefolder DIR (one
+    sub-folder per class), a .parquet file or glob, or hub:ID[:SPLIT]."""
+    client_test_dirs: list[str] | None = None
+    """kind=folders: one local test set path per client (same syntax), instead of
+    data.local_test_fraction; null: none."""
     iid_rule: Literal["per_class", "random_chunks"] = "per_class"
     """kind=iid: per_class (released; each class cut in row order, equal shares) or random_chunks."""
     beta: float = 0.1
@@ -53,6 +61,12 @@ class PartitionConfig:
         p = "data.partition."
         if self.kind not in _KINDS:
             raise ValueError(f"{p}kind must be one of {', '.join(_KINDS)} (got {self.kind!r})")
+        if not isinstance(self.beta, int | float) or not math.isfinite(self.beta):
+            raise ValueError(
+                f"{p}beta must be a finite number (got {self.beta}); "
+                "use e.g. 0.1 for strong non-IID or 1.0 for mild"
+            )
+        self._check_folders(p)
         if self.iid_rule not in _IID_RULES:
             raise ValueError(
                 f"{p}iid_rule must be one of {', '.join(_IID_RULES)} (got {self.iid_rule!r}); "
@@ -84,3 +98,43 @@ class PartitionConfig:
             from flora_lightning.data.custom_partitioner import partitioner_class
 
             partitioner_class(self.partitioner)
+
+    def _check_folders(self, p: str) -> None:
+        """``client_dirs`` / ``client_test_dirs`` go with ``kind=folders`` and only with it."""
+        if self.kind != "folders":
+            for name in ("client_dirs", "client_test_dirs"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"{p}{name} is read only with {p}kind=folders (got kind={self.kind}); "
+                        f"set {p}kind=folders or remove {p}{name}"
+                    )
+            return
+        if self.client_dirs is None:
+            raise ValueError(
+                f"{p}kind=folders needs {p}client_dirs: one data path per client, e.g. "
+                f"{p}client_dirs=[sites/a, sites/b] (a folder with one sub-folder per class, "
+                "a .parquet file or glob, or hub:ID:SPLIT)"
+            )
+        if isinstance(self.client_dirs, str) or not len(self.client_dirs):
+            raise ValueError(
+                f"{p}client_dirs must be a non-empty list of data paths, one per client "
+                f"(got {self.client_dirs!r})"
+            )
+        repeated = sorted({d for d in self.client_dirs if self.client_dirs.count(d) > 1})
+        if repeated:
+            raise ValueError(
+                f"{p}client_dirs names {repeated} more than once: two clients would hold the "
+                "same data; give each client its own path"
+            )
+        if self.partitioner is not None:
+            raise ValueError(
+                f"{p}partitioner draws partitions; {p}kind=folders reads them from "
+                f"{p}client_dirs: remove one of them"
+            )
+        tests = self.client_test_dirs
+        if tests is not None and (isinstance(tests, str) or len(tests) != len(self.client_dirs)):
+            raise ValueError(
+                f"{p}client_test_dirs must list one test path per client, "
+                f"{len(self.client_dirs)} like {p}client_dirs (got {tests!r})"
+            )
+        self.num_clients = len(self.client_dirs)

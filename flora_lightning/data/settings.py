@@ -7,7 +7,10 @@ imported (:mod:`flora_lightning.config_check`), so a wrong value is reported at 
 
 from __future__ import annotations
 
+import math
 from typing import Literal
+
+from flora_lightning.data.source_spec import check_source_exists
 
 POOLED = "pooled"
 """``data.test_split`` value for the released code's protocol: pool, then hold out 20%."""
@@ -28,9 +31,27 @@ def check_data_settings(
     preprocess: str,
     test_split: str | None,
     pool_splits: tuple[str, ...] | list[str],
+    max_unreadable_fraction: float = 0.0,
+    test_dataset: str | None = None,
+    partition: object = None,
     **_: object,
 ) -> None:
-    """Refuse bad ``data.*`` values, naming the field and the fix."""
+    """Refuse bad ``data.*`` values, naming the field and the fix.
+
+    With ``partition.kind == "folders"`` the data paths (``data.partition.client_dirs``,
+    ``client_test_dirs``, ``data.test_dataset``) must exist here (a hub split is not checked).
+    """
+    for field, value in (
+        ("test_fraction", test_fraction),
+        ("local_test_fraction", local_test_fraction),
+        ("max_unreadable_fraction", max_unreadable_fraction),
+    ):
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            raise ValueError(f"data.{field} must be a finite number (got {value!r}).")
     if "{}" not in template:
         raise ValueError(
             f"data.template must contain '{{}}' where the class name goes (got {template!r}); "
@@ -59,8 +80,48 @@ def check_data_settings(
             "resizes, crops and normalises on the model's device, processor per image in "
             "the loader."
         )
+    if not 0 <= max_unreadable_fraction < 1:
+        raise ValueError(
+            f"data.max_unreadable_fraction must be in [0, 1) (got {max_unreadable_fraction}); "
+            "0 refuses data with any unreadable image, e.g. 0.01 skips up to 1% of them."
+        )
+    check_data_paths(partition, test_dataset, local_test_fraction)
     if test_split == POOLED and (not pool_splits or len(set(pool_splits)) < len(pool_splits)):
         raise ValueError(
             f"data.pool_splits must name one or more distinct splits (got {pool_splits}); "
             "e.g. [train, test]."
         )
+
+
+def check_data_paths(
+    partition: object, test_dataset: str | None, local_test_fraction: float | None = None
+) -> None:
+    """The local data paths of ``kind=folders`` exist (named in the error when one does not).
+
+    Args:
+        partition: The ``data.partition`` settings (a ``PartitionConfig``, or None).
+        test_dataset: ``data.test_dataset``.
+        local_test_fraction: ``data.local_test_fraction`` (not with ``client_test_dirs``).
+    """
+    if test_dataset is not None and getattr(partition, "kind", None) != "folders":
+        raise ValueError(
+            f"data.test_dataset={test_dataset!r} is read only with "
+            "data.partition.kind=folders; the other kinds take the global test set from "
+            "data.dataset (data.test_split): remove data.test_dataset."
+        )
+    if getattr(partition, "kind", None) != "folders":
+        return
+    if getattr(partition, "client_test_dirs", None) is not None and local_test_fraction is not None:
+        raise ValueError(
+            "data.local_test_fraction and data.partition.client_test_dirs both give the "
+            "clients local test sets: set one of them to null."
+        )
+    named = [
+        (f"data.partition.{name}[{k}]", path)
+        for name in ("client_dirs", "client_test_dirs")
+        for k, path in enumerate(getattr(partition, name) or [])
+    ]
+    if test_dataset is not None:
+        named.append(("data.test_dataset", test_dataset))
+    for field, path in named:
+        check_source_exists(path, field)

@@ -66,6 +66,19 @@ def split_local_tests(
     return train, test
 
 
+def split_local_test(
+    indices: np.ndarray, fraction: float, seed: int, client: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One client's ``(train, local_test)`` when it shares no row with another client.
+
+    The draw :func:`split_local_tests` makes for that client with disjoint partitions
+    (seeded by ``(seed, client)``), so a deployed node holding only its own rows gets the
+    local test rows the in-process run gives it.
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    return _split_one(indices, np.ones(len(indices), dtype=bool), fraction, seed, client)
+
+
 def _split_one(
     indices: np.ndarray, own: np.ndarray, fraction: float, seed: int, client: int
 ) -> tuple[np.ndarray, np.ndarray]:
