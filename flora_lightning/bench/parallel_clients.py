@@ -10,12 +10,35 @@ with ``trainer.cache_features`` trains from them: only the text tower runs. A wa
 state; the two ways alternate which goes first. Reported per K: the fastest round's seconds
 both ways (the least disturbed by other load), the speed-up, and the largest difference
 of any client's adapter between the two ways (the equality the issue asks for, 1e-5 in fp32).
+
+Where the time goes: one more round each way (largest K) runs under torch's profiler and the
+operators' own CPU time is summed by kind (:data:`OP_KINDS`): it shows which part of the
+step batching speeds up (on a CPU the frozen matmuls are already near their peak rate at one
+client's shapes) and which it slows (elementwise ops over K clients' activations at once).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from functools import partial
+
+OP_KINDS = {
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+    "attention + softmax": ("softmax", "scaled_dot_product", "flash_attention"),
+    "layer norm": ("layer_norm",),
+    "copies + indexing": (
+        "aten::copy_", "aten::clone", "aten::cat", "aten::stack", "aten::index", "aten::fill_",
+        "aten::zero_", "aten::zeros", "aten::empty", "aten::contiguous",
+    ),
+    "elementwise": (
+        "aten::mul", "aten::add", "aten::sub", "aten::div", "aten::sigmoid", "aten::neg",
+        "aten::sqrt", "aten::pow", "aten::exp", "aten::where", "aten::addcmul", "aten::addcdiv",
+        "aten::lerp", "aten::maximum", "aten::masked_fill", "aten::sum", "aten::mean",
+    ),
+}  # fmt: skip
+"""Operator kinds of the profile (first matching kind by name prefix or substring); the
+rest is "other" (Python, autograd, data loading)."""
 
 ARCH_HELP = "tiny: the offline tiny CLIP; vit-b-32: a random-init CLIP of ViT-B/32 shapes"
 
@@ -45,6 +68,27 @@ def synthetic_cache(fabric, model, shares: SyntheticShares, num_classes: int, se
         y = torch.arange(shares.per_client) % num_classes
         cache.features[str(client)] = (x.to(fabric.device), y.to(fabric.device))
     return cache
+
+
+def op_kind(name: str) -> str:
+    """The :data:`OP_KINDS` kind of a profiled operator ``name`` ("other" if none)."""
+    for kind, patterns in OP_KINDS.items():
+        for pattern in patterns:
+            if name.startswith(pattern) if pattern.startswith("aten::") else pattern in name:
+                return kind
+    return "other"
+
+
+def profile_by_kind(fn) -> dict[str, float]:
+    """Seconds of operators' own CPU time by :func:`op_kind` while ``fn()`` runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    kinds = dict.fromkeys([*OP_KINDS, "other"], 0.0)
+    for event in prof.key_averages():
+        kinds[op_kind(event.key)] += event.self_cpu_time_total / 1e6
+    return kinds
 
 
 def measure_parallel_round(
@@ -94,7 +138,7 @@ def measure_parallel_round(
         if fabric.device.type == "cuda":
             torch.cuda.synchronize(fabric.device)
 
-    rows = []
+    rows, profile = [], {}
     for k in parallel_clients:
         seq_trainer, par_trainer = LocalTrainer(fabric, seed=seed), LocalTrainer(fabric, seed=seed)
         sequential(seq_trainer, 0), batched(par_trainer, 0, k)  # warm-up, not timed
@@ -113,6 +157,13 @@ def measure_parallel_round(
                 (seq_s if name == "seq" else par_s).append(time.perf_counter() - t0)
             for a, b in zip(out["seq"], out["par"], strict=True):
                 diff = max(diff, max(float((a.state[n] - b.state[n]).abs().max()) for n in a.state))
+        if k == max(parallel_clients) and accelerator == "cpu":
+            last = rounds + 1
+            profile = {
+                "parallel_clients": k,
+                "sequential": profile_by_kind(partial(sequential, seq_trainer, last)),
+                "parallel": profile_by_kind(partial(batched, par_trainer, last, k)),
+            }
         rows.append(
             {
                 "parallel_clients": k,
@@ -132,6 +183,7 @@ def measure_parallel_round(
         "device": str(fabric.device),
         "torch_threads": torch.get_num_threads(),
         "rows": rows,
+        "profile": profile,
     }
 
 
@@ -145,8 +197,24 @@ def markdown(result: dict) -> str:
         "| K | sequential s / round | K at a time s / round | speed-up | max adapter diff |\n"
         "|--:|--:|--:|--:|--:|\n"
     )
-    return head + "".join(
+    table = head + "".join(
         f"| {r['parallel_clients']} | {r['sequential_s_per_round']:.3f} | "
         f"{r['parallel_s_per_round']:.3f} | {r['speedup']:.2f}x | {r['max_adapter_diff']:.1e} |\n"
         for r in result["rows"]
     )
+    profile = result.get("profile")
+    if not profile:
+        return table
+    seq, par = profile["sequential"], profile["parallel"]
+    lines = [
+        f"\nWhere a round's CPU time goes (profiled round, operators' own time, "
+        f"K = {profile['parallel_clients']}):\n",
+        "| operators | one at a time s | K at a time s | ratio |",
+        "|---|--:|--:|--:|",
+    ]
+    for kind in [*seq, "total"]:
+        a = sum(seq.values()) if kind == "total" else seq[kind]
+        b = sum(par.values()) if kind == "total" else par[kind]
+        ratio = f"{a / b:.2f}x" if b > 0 else "-"
+        lines.append(f"| {kind} | {a:.3f} | {b:.3f} | {ratio} |")
+    return table + "\n".join(lines) + "\n"

@@ -16,6 +16,22 @@ def test_a_round_both_ways_reports_times_and_agreement():
         assert row["speedup"] == row["sequential_s_per_round"] / row["parallel_s_per_round"]
         assert row["max_adapter_diff"] <= 1e-5  # the same clients' adapters both ways
     assert "| 3 |" in markdown(result)
+    profile = result["profile"]
+    assert profile["parallel_clients"] == 3
+    for way in ("sequential", "parallel"):
+        assert profile[way]["matmul"] > 0 and profile[way]["elementwise"] > 0
+    assert "| matmul |" in markdown(result)
+
+
+def test_op_kinds():
+    from flora_lightning.bench.parallel_clients import op_kind
+
+    assert op_kind("aten::mm") == op_kind("aten::addmm") == "matmul"
+    assert op_kind("aten::mul") == op_kind("aten::sigmoid_backward") == "elementwise"
+    assert op_kind("aten::_softmax") == "attention + softmax"
+    assert op_kind("aten::native_layer_norm_backward") == "layer norm"
+    assert op_kind("aten::copy_") == "copies + indexing"
+    assert op_kind("Optimizer.step#Adam.step") == "other"
 
 
 def test_flora_bench_parallel_clients_writes_the_table(tmp_path):
