@@ -162,22 +162,26 @@ class RoundEngine:
         (None: every client; a ServerApp passes ``[]``, the test set only), fires
         ``on_fit_start``, evaluates round 0 (a new run only), calls ``rounds(done)`` to run
         the rounds after ``done`` (the in-process loop's, or a Flower strategy's, numbered as
-        the run's), then :meth:`finish`.
+        the run's), then :meth:`finish`. The run directory's lock is held from opening it to
+        the end, also when the run fails (:mod:`flora_lightning.rundir.lock`).
         """
         self.open_run(model, datamodule, config_yaml)
-        shown = self.recorder.shown_label_table(datamodule.label_table())
-        self.fabric.print(f"Client label counts:\n{shown}")
-        if self.ranks is not None:
-            self.fabric.print(f"Client LoRA ranks: {self.ranks}")
-        done = self.restore() if self.resume else 0
-        if cache_clients is None:
-            cache_clients = list(range(datamodule.num_clients))
-        self.cache_image_features(model, datamodule, cache_clients)
-        self._call("on_fit_start", loop=self, model=model)
-        if done == 0:
-            self.end_round(RoundTally(round=0))
-        rounds(done)
-        return self.finish()
+        try:
+            shown = self.recorder.shown_label_table(datamodule.label_table())
+            self.fabric.print(f"Client label counts:\n{shown}")
+            if self.ranks is not None:
+                self.fabric.print(f"Client LoRA ranks: {self.ranks}")
+            done = self.restore() if self.resume else 0
+            if cache_clients is None:
+                cache_clients = list(range(datamodule.num_clients))
+            self.cache_image_features(model, datamodule, cache_clients)
+            self._call("on_fit_start", loop=self, model=model)
+            if done == 0:
+                self.end_round(RoundTally(round=0))
+            rounds(done)
+            return self.finish()
+        finally:
+            self.recorder.close()
 
     # ======================================================== round engine
     def _call(self, hook: str, **kwargs) -> None:

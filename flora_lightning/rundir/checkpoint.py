@@ -68,6 +68,7 @@ __all__ = [
     "write_folder",
     "write_json",
     "write_manifest",
+    "write_text",
 ]
 
 if TYPE_CHECKING:
@@ -175,17 +176,30 @@ def load_state(path: str | Path, sha256: str | None = None) -> State:
         ) from err
 
 
-def write_json(data: dict, path: Path) -> str:
-    """Write JSON atomically; returns the file's sha256."""
+def write_text(text: str, path: Path) -> str:
+    """Write a text file atomically, never through a symlink; returns the file's sha256.
+
+    The temporary file is created anew (``O_EXCL | O_NOFOLLOW``: a symlink planted at its name
+    is refused, never followed) and renamed over ``path``: a symlink at ``path`` is replaced by
+    the file, and what it pointed to is left untouched.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     with _writing(path):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(data, indent=2) + "\n")
+            tmp.unlink(missing_ok=True)  # a stale temporary file (or a link) of an earlier crash
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+            with open(os.open(tmp, flags, 0o666), "w", encoding="utf-8") as handle:
+                handle.write(text)
             return _replace(tmp, path)
         finally:
             _remove(tmp)
+
+
+def write_json(data: dict, path: Path) -> str:
+    """Write JSON atomically (:func:`write_text`); returns the file's sha256."""
+    return write_text(json.dumps(data, indent=2) + "\n", path)
 
 
 def link_or_copy(source: Path, target: Path) -> None:

@@ -5,7 +5,8 @@ A folder's ``manifest.json`` records the sha256 and size of its files (written b
 :func:`~flora_lightning.rundir.checkpoint.write_folder`). :func:`verify_folder` checks a folder against
 it, :func:`check_file` one file; :func:`newest_valid_folder` picks ``target`` or, when that is
 damaged, the previous complete copy ``<target>.prev``. Folders without a manifest (written
-before manifests existed) pass unverified.
+before manifests existed) pass unverified, unless the caller requires one
+(``require_manifest``: the resume state, unless ``trainer.resume_without_manifest``).
 """
 
 from __future__ import annotations
@@ -106,19 +107,27 @@ def check_file(path: Path, expected: dict, hint: str) -> None:
         )
 
 
-def verify_folder(folder: Path) -> None:
+def verify_folder(folder: Path, require_manifest: bool = False) -> None:
     """Check every file listed in ``folder/manifest.json`` (presence, size, sha256).
 
-    A folder without a manifest (written before manifests existed) passes unverified.
+    A folder without a manifest (written before manifests existed) passes unverified, unless
+    ``require_manifest``.
 
     Raises:
         FileNotFoundError: ``folder`` does not exist.
-        CorruptCheckpointError: naming the first file that is missing, truncated or altered.
+        CorruptCheckpointError: naming the first file that is missing, truncated or altered,
+            or the missing manifest (with ``require_manifest``).
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist")
     files = read_manifest(folder)
+    if files is None and require_manifest:
+        raise CorruptCheckpointError(
+            f"{folder} has no {MANIFEST}: its files cannot be verified (written before "
+            "checksums existed, or copied without it); check the folder, then resume with "
+            "--trainer.resume_without_manifest true to load it unverified."
+        )
     hint = (
         f"restore {folder.name} from a copy, or use {prev_folder(folder).name} if it verifies"
         if not folder.name.endswith(".prev")
@@ -133,8 +142,9 @@ def prev_folder(target: Path) -> Path:
     return target.with_name(f"{target.name}.prev")
 
 
-def newest_valid_folder(target: Path) -> Path | None:
-    """``target`` if it verifies, else ``<target>.prev`` if that does (with a warning), else None.
+def newest_valid_folder(target: Path, require_manifest: bool = False) -> Path | None:
+    """``target`` if it verifies, else ``<target>.prev`` if that does (with a warning), else None
+    (``require_manifest``: a folder without its manifest does not verify).
 
     Logs a warning naming what was wrong with each folder passed over.
     """
@@ -145,7 +155,7 @@ def newest_valid_folder(target: Path) -> Path | None:
             problems.append(f"{folder} does not exist")
             continue
         try:
-            verify_folder(folder)
+            verify_folder(folder, require_manifest)
         except CorruptCheckpointError as err:
             problems.append(str(err))
             continue

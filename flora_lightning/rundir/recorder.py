@@ -3,6 +3,7 @@
 Both runtimes record through it (``flora fit`` and the Flower ServerApp), so their run
 directories have one layout::
 
+    run.lock                            held by the process writing the run (pid, host, since)
     config.yaml (config.resumed.yaml)   the resolved config, once setup succeeded
     label_table.txt                     samples per class per client
     tensorboard/                        scalars per round
@@ -12,12 +13,16 @@ directories have one layout::
     summary.json                        the run's summary; ``rounds`` holds one RoundRecord each
 
 Files are written atomically (:mod:`flora_lightning.rundir.checkpoint`), so an interrupted run leaves
-the last complete round loadable.
+the last complete round loadable, and never through a symlink planted at their names. One process
+at a time writes the directory (:mod:`flora_lightning.rundir.lock`): :meth:`RunRecorder.open`
+takes its lock before the first file is written, :meth:`RunRecorder.finish` (or
+:meth:`RunRecorder.close`, or the process's exit) gives it back.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +37,24 @@ from flora_lightning.rundir.checkpoint import (
     write_folder,
     write_json,
     write_manifest,
+    write_text,
 )
 from flora_lightning.rundir.integrity import newest_valid_folder, prev_folder
+from flora_lightning.rundir.lock import RunDirLock
 from flora_lightning.rundir.resume_check import check_resumable
 from flora_lightning.rundir.round_record import RoundRecord, RoundTally
 from flora_lightning.strategy import State, state_bytes
+
+_CHECKPOINT = re.compile(r"round_(\d+)\.safetensors")
+
+
+def checkpoint_rounds(folder: Path) -> list[tuple[int, Path]]:
+    """``(round, path)`` of the per-round checkpoints in ``folder``, by round number (not by
+    name: ``round_1000`` sorts before ``round_999`` as text)."""
+    if not folder.is_dir():
+        return []
+    found = [(_CHECKPOINT.fullmatch(p.name), p) for p in folder.iterdir()]
+    return sorted((int(m.group(1)), p) for m, p in found if m)
 
 
 def shard_file(name: str, shard: int) -> str:
@@ -54,6 +72,9 @@ class RunRecorder:
         resume_every_n_rounds: write the resume state every n rounds and after the last.
         keep_last_checkpoints: keep only this many per-round checkpoints (None: all).
         rounds: the planned number of rounds (the last one always writes the resume state).
+        resume_without_manifest: resume from a ``resume/`` folder that has no checksum
+            manifest (written before manifests existed, or copied without it), unverified.
+            False: such a folder is refused, since nothing says its files are whole.
     """
 
     def __init__(
@@ -63,8 +84,12 @@ class RunRecorder:
         resume_every_n_rounds: int = 1,
         keep_last_checkpoints: int | None = None,
         rounds: int = 0,
+        resume_without_manifest: bool = False,
     ) -> None:
         self.run_dir = Path(run_dir)
+        self.resume_without_manifest = resume_without_manifest
+        self.lock = RunDirLock(self.run_dir)
+        """The run directory's lock, held from :meth:`open` to :meth:`finish`."""
         self.resume = resume
         self.resume_every_n_rounds = resume_every_n_rounds
         self.keep_last_checkpoints = keep_last_checkpoints
@@ -100,14 +125,28 @@ class RunRecorder:
         return TensorBoardLogger(root_dir=str(self.run_dir), name="tensorboard", version="")
 
     def open(self, config_yaml: str | None, label_table: str) -> None:
-        """Create the directory; write the config (once setup succeeded) and the label table."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        """Create the directory and take its lock; write the config (once setup succeeded) and
+        the label table (atomically, never through a symlink).
+
+        Raises:
+            RunDirLockedError: another process is writing the directory (naming it).
+        """
+        self.lock.acquire()
+        try:
+            self.check(config_yaml)  # again, now that no other process can change the folder
+        except BaseException:
+            self.lock.release()
+            raise
         if config_yaml is not None:
             name = (
                 "config.resumed.yaml" if (self.run_dir / "config.yaml").exists() else "config.yaml"
             )
-            (self.run_dir / name).write_text(config_yaml)
-        (self.run_dir / "label_table.txt").write_text(self.shown_label_table(label_table) + "\n")
+            write_text(config_yaml, self.run_dir / name)
+        write_text(self.shown_label_table(label_table) + "\n", self.run_dir / "label_table.txt")
+
+    def close(self) -> None:
+        """Give the run directory's lock back (also done by :meth:`finish`)."""
+        self.lock.release()
 
     def shown_label_table(self, label_table: str) -> str:
         """``label_table``, or a line saying why it is withheld (:attr:`client_stats`)."""
@@ -190,8 +229,7 @@ class RunRecorder:
             metadata={"round": str(round_), "method": model.method_name},
         )
         if self.keep_last_checkpoints is not None:
-            old = sorted(checkpoints.glob("round_*.safetensors"))[: -self.keep_last_checkpoints]
-            for path in old:
+            for _, path in checkpoint_rounds(checkpoints)[: -self.keep_last_checkpoints]:
                 path.unlink()
         write_manifest(checkpoints, [checkpoint.name])  # verified by load_state
         if round_ % self.resume_every_n_rounds == 0 or round_ == self.rounds:
@@ -213,17 +251,20 @@ class RunRecorder:
 
         Reads ``resume/`` if its manifest verifies, else the previous resume state kept at
         ``resume.prev/`` (one resume point earlier; a warning names what was wrong). Round 0
-        and empty states when there is nothing to resume.
+        and empty states when there is nothing to resume. A folder without its
+        ``manifest.json`` is refused unless :attr:`resume_without_manifest`.
 
         Raises:
-            CorruptCheckpointError: both copies are damaged (naming the files).
+            CorruptCheckpointError: both copies are damaged (naming the files), or the folder
+                has no manifest.
         """
         target = self.run_dir / "resume"
         if not target.exists() and not prev_folder(target).exists():
             return 0, {}, {}, {}
-        folder = newest_valid_folder(target)
-        if folder is None:
-            verify_folder(target if target.exists() else prev_folder(target))  # names the file
+        required = not self.resume_without_manifest
+        folder = newest_valid_folder(target, required)
+        if folder is None:  # names the file (or the missing manifest)
+            verify_folder(target if target.exists() else prev_folder(target), required)
             raise CorruptCheckpointError(f"{target}: no complete resume state")
         saved = json.loads((folder / "state.json").read_text())
         round_ = saved.pop("round")
@@ -267,3 +308,4 @@ class RunRecorder:
         """The exported final model and summary.json."""
         write_folder(self.run_dir / "final", lambda folder: model.export(str(folder)))
         write_json(summary, self.run_dir / "summary.json")
+        self.close()

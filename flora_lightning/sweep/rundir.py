@@ -4,7 +4,7 @@
 - **resumable**: unfinished, with a ``resume/`` state to continue from (``--trainer.resume``);
 - **failed**: unfinished, with the sweep's ``failed.json`` and nothing to resume;
 - **incomplete**: something is there (a run stopped before its first resume state);
-- **missing**: nothing is there.
+- **missing**: nothing is there (an empty folder, or only its ``run.lock``).
 
 Both the runner (what to do with a cell) and the report (which cells count) use this.
 """
@@ -12,6 +12,7 @@ Both the runner (what to do with a cell) and the report (which cells count) use 
 from __future__ import annotations
 
 import json
+import shutil
 import traceback
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -20,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from flora_lightning.rundir.checkpoint import write_json
+from flora_lightning.rundir.lock import LOCK_FILE
 
 FAILED_FILE = "failed.json"
 
@@ -73,7 +75,7 @@ def run_state(run_dir: Path, rounds: int | None = None) -> RunState:
         return RunState.RESUMABLE
     if (run_dir / FAILED_FILE).is_file():
         return RunState.FAILED
-    if run_dir.is_dir() and any(run_dir.iterdir()):
+    if run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
         return RunState.INCOMPLETE
     return RunState.MISSING
 
@@ -93,6 +95,18 @@ def write_failure(run_dir: Path, cell_id: str, err: BaseException, args: list[st
         path,
     )
     return path
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Remove everything in ``run_dir`` but its ``run.lock`` (held by the caller: removing the
+    lock file would let another process lock a new one while this one still holds the old)."""
+    for path in Path(run_dir).iterdir():
+        if path.name == LOCK_FILE:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def read_failure(run_dir: Path) -> dict | None:

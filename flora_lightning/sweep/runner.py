@@ -8,7 +8,12 @@ depends on its folder (:func:`~flora_lightning.sweep.rundir.run_state`):
 - resumable (a ``resume/`` state, unfinished): ``--trainer.resume true`` continues after the
   last saved round (also how a cell whose ``trainer.rounds`` was raised gets extended);
 - incomplete or failed without a resume state: the folder is cleared and the cell starts fresh;
-- missing: it starts.
+- missing: it starts;
+- busy (another process holds the folder's ``run.lock``: another sweep, or a ``flora fit``,
+  is writing it): left alone, its status ``busy`` naming the holder; a later run handles it.
+
+The runner holds the cell's lock (:class:`~flora_lightning.rundir.lock.RunDirLock`) from reading
+its state to the end of its run, so two sweep processes never clear or write one cell at once.
 
 A cell that raises is recorded in its ``failed.json`` (error type, message, traceback, the
 arguments) and the sweep goes on; a later run retries it. ``OUT/sweep.json`` (with ``--shard
@@ -18,16 +23,17 @@ rewritten after each cell.
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from flora_lightning.rundir.checkpoint import write_json
+from flora_lightning.rundir.lock import RunDirLock, RunDirLockedError
 from flora_lightning.sweep.cells import Cell, Shard, cell_args, expand_cells, validate_cells
 from flora_lightning.sweep.rundir import (
     FAILED_FILE,
     RunState,
+    clear_run_dir,
     read_summary,
     run_state,
     write_failure,
@@ -57,7 +63,8 @@ class CellResult:
     action: str
     """``skip``, ``resume`` or ``run`` (from scratch, in a cleared folder)."""
     status: str
-    """``skipped`` (already finished), ``done``, ``failed``, or ``planned`` (dry run)."""
+    """``skipped`` (already finished), ``done``, ``failed``, ``busy`` (another process is
+    writing its folder), or ``planned`` (dry run)."""
     seconds: float = 0.0
     """Wall-clock seconds of this run of the cell."""
     best_test_acc: float | None = None
@@ -109,7 +116,9 @@ def run_sweep(
             write_json(record, sweep_record_path(out, shard))
     statuses = [c["status"] for c in record["cells"]]
     counts = {
-        s: statuses.count(s) for s in ("done", "skipped", "failed", "planned") if s in statuses
+        s: statuses.count(s)
+        for s in ("done", "skipped", "failed", "busy", "planned")
+        if s in statuses
     }
     record["counts"] = counts
     if not dry_run:
@@ -129,7 +138,23 @@ def _plan(cell: Cell, out: Path, rounds: int) -> CellResult:
 
 
 def run_cell(spec: SweepSpec, cell: Cell, out: Path, rounds: int, tag: str = "") -> CellResult:
-    """Skip, resume or (re)start one cell; a failure is recorded, never raised."""
+    """Skip, resume or (re)start one cell under its folder's lock; a failure is recorded, never
+    raised; a folder another process holds is left alone (status ``busy``)."""
+    run_dir = cell.run_dir(out)
+    lock = RunDirLock(run_dir, field=f"cell {cell.id}: folder")
+    try:
+        lock.acquire()
+    except RunDirLockedError as err:
+        result = CellResult(cell.id, str(run_dir), "busy", "skip", "busy", error=str(err))
+        print(f"{tag} {cell.id} left alone: {err}", flush=True)
+        return result
+    try:
+        return _run_locked_cell(spec, cell, out, rounds, tag)
+    finally:
+        lock.release()
+
+
+def _run_locked_cell(spec: SweepSpec, cell: Cell, out: Path, rounds: int, tag: str) -> CellResult:
     from flora_lightning.callbacks.memory import release_free_memory
     from flora_lightning.stages import fit
 
@@ -146,7 +171,7 @@ def run_cell(spec: SweepSpec, cell: Cell, out: Path, rounds: int, tag: str = "")
         print(f"{tag} {cell.id}: resuming", flush=True)
     else:
         if run_dir.exists():  # a run that stopped before its first resume state, or failed
-            shutil.rmtree(run_dir)
+            clear_run_dir(run_dir)
         print(f"{tag} {cell.id}: running", flush=True)
     t0 = time.perf_counter()
     try:

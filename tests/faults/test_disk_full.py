@@ -118,7 +118,7 @@ CASES = [
      lambda real: safetensors_disk_full, errno.ENOSPC, "no space left on device"),
     ("save_state/os.replace", state_file, checkpoint.os, "replace",
      lambda real: fail_with(errno.ENOSPC, real), errno.ENOSPC, "no space left on device"),
-    ("write_json/write_text", json_file, Path, "write_text",
+    ("write_json/open", json_file, checkpoint.os, "open",
      lambda real: fail_with(errno.ENOSPC, real), errno.ENOSPC, "no space left on device"),
     ("write_json/fsync", json_file, checkpoint.os, "fsync",
      lambda real: fail_with(errno.EDQUOT, real), errno.EDQUOT, "disk quota exceeded"),
@@ -126,8 +126,9 @@ CASES = [
      lambda real: fail_with(errno.ENOSPC, real), errno.ENOSPC, "no space left on device"),
     ("write_folder/fill", resume_folder, safetensors.torch, "save_file",
      lambda real: partial_save_file, errno.ENOSPC, "no space left on device"),
-    ("write_folder/manifest", resume_folder, Path, "write_text",
-     lambda real: fail_with(errno.ENOSPC, real, lambda p, *a, **k: p.name == ".manifest.json.tmp"),
+    ("write_folder/manifest", resume_folder, checkpoint.os, "open",
+     lambda real: fail_with(
+         errno.ENOSPC, real, lambda p, *a, **k: Path(p).name == ".manifest.json.tmp"),
      errno.ENOSPC, "no space left on device"),
     ("write_folder/swap(prev)", resume_folder, checkpoint.os, "rename",
      lambda real: fail_with(errno.EROFS, real, is_tmp_dir), errno.EROFS, "read-only file system"),
@@ -191,7 +192,7 @@ def test_keep_previous_survives_a_failed_swap_with_both_copies(tmp_path, monkeyp
 def test_other_os_errors_are_not_relabelled(tmp_path, monkeypatch):
     """Only 'the disk cannot take it' errors become RunDirWriteError; others pass unchanged."""
     path = tmp_path / "summary.json"
-    monkeypatch.setattr(Path, "write_text", fail_with(errno.ENAMETOOLONG, Path.write_text))
+    monkeypatch.setattr(checkpoint.os, "open", fail_with(errno.ENAMETOOLONG, checkpoint.os.open))
     with pytest.raises(OSError) as info:
         write_json({"round": 1}, path)
     assert not isinstance(info.value, RunDirWriteError)
