@@ -96,7 +96,7 @@ CASES = [
     ("literal-choice-nested",
      lambda tmp: [*FIT, "--data.partition.kind", "dirichle"],
      lambda tmp: "Parser key \"data.partition.kind\": Expected a typing.Literal['iid', "
-     "'dirichlet', 'pathological', 'fewshot']. Got value: dirichle"),
+     "'dirichlet', 'pathological', 'fewshot', 'folders']. Got value: dirichle"),
     ("literal-choice-privacy",
      lambda tmp: [*FIT, "--privacy.level", "sampel"],
      lambda tmp: "Parser key \"privacy.level\": Expected a typing.Literal['none', 'sample', "
@@ -141,6 +141,22 @@ CASES = [
      lambda tmp: [*FIT, "--config", write(
          tmp, "c.yaml", "model:\n  init_args:\n    optimizer:\n      lr: -0.001\n")],
      lambda tmp: "model.optimizer.lr must be > 0 (got -0.001); e.g. 5e-5."),
+    # NaN and infinity (YAML .nan/.inf, CLI 1e400) passed the range checks (issue 25)
+    ("method-setting-nan-yaml",
+     lambda tmp: [*FIT, "--config", write(
+         tmp, "c.yaml", "model:\n  init_args:\n    optimizer:\n      eps: .nan\n")],
+     lambda tmp: "model.optimizer.eps must be a finite number (got nan); e.g. 1e-06 (the "
+     "default)."),
+    ("method-setting-inf-cli",
+     lambda tmp: [*FIT, "--model.optimizer.lr", "1e400"],
+     lambda tmp: "model.optimizer.lr must be a finite number (got inf); e.g. 5e-05 (the "
+     "default)."),
+    ("lora-alpha-nan",
+     lambda tmp: [*FIT, "--model.lora.alpha", ".nan"],
+     lambda tmp: "model.lora.alpha must be a finite number (got nan); e.g. null (the default)."),
+    ("privacy-inf",
+     lambda tmp: [*FIT, "--privacy.clip_norm", ".inf"],
+     lambda tmp: "privacy.clip_norm must be a finite number (got inf); e.g. 1.0 (the default)."),
     ("method-literal-choice",
      lambda tmp: [*FIT, "--model.lora.tower", "txt"],
      lambda tmp: "Parser key \"model\": Problem with given class_path "

@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from flora_lightning.finite_values import check_finite_fields
 from flora_lightning.methods import METHODS
 
 UNCACHED = ("FLoRA",)
@@ -110,6 +111,7 @@ class BenchConfig:
     """With ``clients``: rounds per run (from round 2 on, clients read their stored state)."""
 
     def __post_init__(self) -> None:
+        check_finite_fields(self, lambda field: f"bench --{field}")
         known = {v.lower(): v for v in variants()}
         unknown = [m for m in self.methods if m.lower() not in known]
         if not self.methods or unknown:
@@ -124,7 +126,7 @@ class BenchConfig:
                 raise ValueError(f"bench --{name} must be >= 1 (got {getattr(self, name)}).")
         if self.warmup < 0:
             raise ValueError(f"bench --warmup must be >= 0 (got {self.warmup}).")
-        if self.min_timed_seconds < 0:
+        if not self.min_timed_seconds >= 0:
             raise ValueError(
                 f"bench --min_timed_seconds must be >= 0 (got {self.min_timed_seconds})."
             )

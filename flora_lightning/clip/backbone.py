@@ -32,6 +32,15 @@ OFFLINE_HINT = (
     "(`hf download {name} --local-dir DIR`) and pass the folder instead, e.g. "
     "--model.name_or_path DIR; or use the built-in offline model flora-offline/tiny-clip."
 )
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+"""Weight files that are Python pickles: loading one can run code, so they are never loaded."""
+CONVERT_HINT = (
+    "flora loads model weights from safetensors files only: unpickling a .bin/.pt file can run "
+    'arbitrary code. Convert the checkpoint once, where you trust it: python -c "from '
+    "transformers import CLIPModel; CLIPModel.from_pretrained('{path}', "
+    "use_safetensors=False).save_pretrained('{path}')\" (writes model.safetensors), then "
+    "load it again."
+)
 
 
 class ModelNotAvailableError(NotAvailableError):
@@ -69,14 +78,21 @@ def load_clip(name_or_path: str, field: str = "model.name_or_path") -> CLIPBundl
     from transformers import AutoProcessor, CLIPModel
 
     path = resolve_model_path(name_or_path)
+    refuse_pickle_weights(path, field)
     try:
         local_only = local_files_only(path)
-        model = CLIPModel.from_pretrained(path, local_files_only=local_only)
+        # safetensors only, for a hub id too: a pickle weight file is never unpickled
+        model = CLIPModel.from_pretrained(path, local_files_only=local_only, use_safetensors=True)
         processor = AutoProcessor.from_pretrained(path, local_files_only=local_only)
     except (OSError, ValueError) as err:
         hint = OFFLINE_HINT.format(name=name_or_path)
         if Path(path).exists():
             hint = "The folder exists but is not a CLIP checkpoint saved with save_pretrained."
+        elif "safetensors" in str(err):
+            hint = (
+                f"{CONVERT_HINT.format(path='DIR')} Get DIR with `hf download {name_or_path} "
+                "--local-dir DIR`."
+            )
         raise ModelNotAvailableError(
             f"{field}: could not load CLIP model '{name_or_path}' ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else err}). {hint}"
@@ -88,3 +104,21 @@ def load_clip(name_or_path: str, field: str = "model.name_or_path") -> CLIPBundl
         build_image_transform(image_processor),
         DevicePreprocess.from_processor(image_processor),
     )
+
+
+def refuse_pickle_weights(path: str, field: str = "model.name_or_path") -> None:
+    """Refuse a local checkpoint folder whose weights exist only as pickle files.
+
+    Raises:
+        ModelNotAvailableError: naming ``field``, the folder, its pickle files and how to
+            convert them to safetensors.
+    """
+    folder = Path(path)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted({p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern)})
+    if pickles:
+        raise ModelNotAvailableError(
+            f"{field}: {folder} holds its weights only as pickle files ({', '.join(pickles)}) "
+            f"and no .safetensors file. {CONVERT_HINT.format(path=folder)}"
+        )

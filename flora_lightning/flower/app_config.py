@@ -24,6 +24,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from flora_lightning.finite_values import check_finite_fields
 from flora_lightning.stages import RunParts, build_run, stage_parser
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -61,11 +62,12 @@ class FlowerRunConfig:
     serves many virtual nodes): the image encoder stays to encode the next partition."""
 
     def __post_init__(self) -> None:
+        check_finite_fields(self, lambda field: field.replace("_", "-"))
         if self.num_server_rounds < 0:
             raise ValueError(f"num-server-rounds must be >= 0 (got {self.num_server_rounds}).")
         if self.min_clients < 0:
             raise ValueError(f"min-clients must be >= 0 (got {self.min_clients}).")
-        if self.node_wait_seconds < 0:
+        if not self.node_wait_seconds >= 0:
             raise ValueError(
                 f"node-wait-seconds must be >= 0 (got {self.node_wait_seconds}); 0 does not wait."
             )

@@ -19,6 +19,8 @@ import time
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from flora_lightning.finite_values import check_finite
+
 log = logging.getLogger(__name__)
 
 PARTITION_KEY = "partition-id"
@@ -45,8 +47,16 @@ class NodeRoster:
     def __init__(
         self, wait_seconds: float = 60.0, query_timeout: float = 600.0, poll_seconds: float = 1.0
     ) -> None:
-        if wait_seconds < 0:
-            raise ValueError(f"node-wait-seconds must be >= 0 (got {wait_seconds}).")
+        # a NaN wait never ends (its deadline is never reached), an infinite one neither
+        check_finite({"node-wait-seconds": wait_seconds}, {"node-wait-seconds": 60.0})
+        if not wait_seconds >= 0:
+            raise ValueError(
+                f"node-wait-seconds must be >= 0 (got {wait_seconds}); 0 does not wait."
+            )
+        for key, value in (("query_timeout", query_timeout), ("poll_seconds", poll_seconds)):
+            check_finite({f"NodeRoster {key}": value})
+            if not value >= 0:
+                raise ValueError(f"NodeRoster {key} must be >= 0 seconds (got {value}).")
         self.wait_seconds = wait_seconds
         self.query_timeout = query_timeout
         self.poll_seconds = poll_seconds

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 from flwr.server.workflow import SecAggPlusWorkflow
 
+from flora_lightning.finite_values import check_finite_fields
+
 PREFIX = "secagg-"
 """Run-config keys with this prefix belong to :class:`SecAggConfig`."""
 
@@ -58,12 +60,13 @@ class SecAggConfig:
     """Seconds the server waits for the replies of each stage; 0: until all have replied."""
 
     def __post_init__(self) -> None:
-        if self.max_weight < 0:
+        check_finite_fields(self, lambda field: PREFIX + field.replace("_", "-"))
+        if not self.max_weight >= 0:
             raise ValueError(
                 f"secagg-max-weight must be >= 0 (got {self.max_weight}); 0 uses the largest "
                 "partition's sample count."
             )
-        if self.timeout < 0:
+        if not self.timeout >= 0:
             raise ValueError(f"secagg-timeout must be >= 0 (got {self.timeout}); 0: no limit.")
         if not self.clipping_range > 0:
             raise ValueError(f"secagg-clipping-range must be > 0 (got {self.clipping_range}).")

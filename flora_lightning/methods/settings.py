@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from flora_lightning.finite_values import check_finite_fields
+
 
 @dataclass
 class OptimizerConfig:
@@ -29,11 +31,12 @@ class OptimizerConfig:
     everywhere (faster on CPU for methods with many parameters, FedFFT); false: never."""
 
     def __post_init__(self) -> None:
+        check_finite_fields(self, lambda field: f"model.optimizer.{field}")
         if not self.lr > 0:
             raise ValueError(f"model.optimizer.lr must be > 0 (got {self.lr}); e.g. 5e-5.")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"model.optimizer.betas must be in [0, 1) (got {self.betas}).")
-        if self.eps <= 0 or self.weight_decay < 0:
+        if not (self.eps > 0 and self.weight_decay >= 0):
             raise ValueError(
                 "model.optimizer.eps must be > 0 and model.optimizer.weight_decay >= 0 "
                 f"(got eps={self.eps}, weight_decay={self.weight_decay})."
@@ -74,9 +77,10 @@ class LoraSettings:
     is exactly the mean of the clients' B·A updates (FFA-LoRA). The paper trains both."""
 
     def __post_init__(self) -> None:
+        check_finite_fields(self, lambda field: f"model.lora.{field}")
         if self.rank < 1:
             raise ValueError(f"model.lora.rank must be >= 1 (got {self.rank}); the paper uses 2.")
-        if self.alpha is not None and self.alpha <= 0:
+        if self.alpha is not None and not self.alpha > 0:
             raise ValueError(
                 f"model.lora.alpha must be > 0 or null (got {self.alpha}); null keeps the "
                 "paper's scaling 32 at every rank."

@@ -9,7 +9,8 @@ Why pre-trained: a randomly initialised image tower maps all images to nearly th
 3. pre-trains it for a few hundred steps on the digits ``pretrain`` split only (disjoint from
    the federated train/test data), captions being the bare class word ("seven"), with the
    logit scale fixed at 100 like OpenAI CLIP;
-4. saves model + processor with ``save_pretrained``, so it loads through ``from_pretrained``.
+4. saves model + processor with ``save_pretrained`` (weights as ``model.safetensors``), so it
+   loads through ``from_pretrained(..., use_safetensors=True)`` as every model does.
 
 The federated task then uses a different template ("a photo of the digit {}."), so zero-shot
 accuracy starts well below what federated LoRA reaches.

@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from flora_lightning.finite_values import check_finite_fields
+
 LEVELS = ("none", "sample", "client")
 SAMPLINGS = ("poisson", "shuffle")
 ACCOUNTANTS = ("rdp", "prv")
@@ -74,6 +76,7 @@ class PrivacyConfig:
     NOT covered by epsilon; off by default."""
 
     def __post_init__(self) -> None:
+        check_finite_fields(self, lambda field: f"privacy.{field}")
         if self.level not in LEVELS:
             raise ValueError(f"privacy.level must be one of {list(LEVELS)} (got {self.level!r}).")
         if self.accountant not in ACCOUNTANTS:

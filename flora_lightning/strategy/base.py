@@ -50,7 +50,7 @@ class Strategy(ABC):
     <flora_lightning.federation.local_trainer.LocalTrainer.fit>`."""
 
     def __init__(self, min_clients: int = 1) -> None:
-        if min_clients < 1:
+        if not min_clients >= 1:  # `not >=`: NaN fails it too
             raise ValueError(f"trainer.strategy.min_clients must be >= 1 (got {min_clients}).")
         self.min_clients = min_clients
         self.global_state: State = {}

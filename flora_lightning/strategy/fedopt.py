@@ -33,16 +33,19 @@ from abc import abstractmethod
 
 import torch
 
+from flora_lightning.finite_values import check_finite
 from flora_lightning.strategy.base import State
 from flora_lightning.strategy.fedavg import FedAvg
 
 
 def _check_lr(server_lr: float) -> None:
+    check_finite({"trainer.strategy.server_lr": server_lr})
     if not server_lr > 0:
         raise ValueError(f"trainer.strategy.server_lr must be > 0 (got {server_lr}).")
 
 
 def _check_beta(field: str, value: float) -> None:
+    check_finite({f"trainer.strategy.{field}": value})
     if not 0 <= value < 1:
         raise ValueError(
             f"trainer.strategy.{field} must be in [0, 1) (got {value}); 0 disables it."
@@ -166,6 +169,7 @@ class AdaptiveServerOptimizer(ServerOptimizer):
     ) -> None:
         super().__init__(server_lr=server_lr, min_clients=min_clients)
         _check_beta("beta_1", beta_1)
+        check_finite({"trainer.strategy.tau": tau}, {"trainer.strategy.tau": 1e-3})
         if not tau > 0:
             raise ValueError(f"trainer.strategy.tau must be > 0 (got {tau}); the paper uses 1e-3.")
         self.beta_1 = beta_1

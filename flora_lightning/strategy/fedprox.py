@@ -17,6 +17,7 @@ squared), this is the paper's squared norm. ``mu = 0`` is FedAvg.
 
 from __future__ import annotations
 
+from flora_lightning.finite_values import check_finite
 from flora_lightning.strategy.fedavg import FedAvg
 
 
@@ -30,6 +31,7 @@ class FedProx(FedAvg):
 
     def __init__(self, mu: float = 0.01, min_clients: int = 1) -> None:
         super().__init__(min_clients=min_clients)
+        check_finite({"trainer.strategy.mu": mu}, {"trainer.strategy.mu": 0.01})
         if not mu >= 0:
             raise ValueError(
                 f"trainer.strategy.mu must be >= 0 (got {mu}); 0 is FedAvg, the paper tries "

@@ -64,6 +64,17 @@ def test_resume_and_node_wait_seconds():
         FlowerRunConfig(node_wait_seconds=-1)
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_node_wait_seconds_must_be_finite(value):
+    """TOML reads ``nan`` as a float: ``nan < 0`` was False, and the round's wait for a missing
+    node then never ended (``now >= start + nan`` is never true)."""
+    run_config = tomllib.loads(f"node-wait-seconds = {value}")
+    with pytest.raises(
+        ValueError, match=rf"^node-wait-seconds must be a finite number \(got {value}\)"
+    ):
+        FlowerRunConfig.from_run_config(run_config)
+
+
 def test_dp_clipping_side():
     assert FlowerRunConfig().dp_clipping == "server"
     assert FlowerRunConfig.from_run_config({"dp-clipping": "client"}).dp_clipping == "client"

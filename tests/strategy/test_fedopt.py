@@ -170,7 +170,7 @@ def test_stateless_strategy_has_an_empty_state_dict():
     [
         (FedAdam, {"server_lr": 0.0}, "trainer.strategy.server_lr must be > 0 (got 0.0)"),
         (FedAvgM, {"server_lr": -1.0}, "trainer.strategy.server_lr must be > 0 (got -1.0)"),
-        (FedYogi, {"server_lr": float("nan")}, "trainer.strategy.server_lr must be > 0"),
+        (FedYogi, {"server_lr": float("nan")}, "trainer.strategy.server_lr must be a finite"),
         (FedAdam, {"beta_1": 1.0}, "trainer.strategy.beta_1 must be in [0, 1) (got 1.0)"),
         (FedYogi, {"beta_1": -0.1}, "trainer.strategy.beta_1 must be in [0, 1) (got -0.1)"),
         (FedAdam, {"beta_2": 1.5}, "trainer.strategy.beta_2 must be in [0, 1) (got 1.5)"),

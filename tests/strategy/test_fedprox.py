@@ -73,9 +73,16 @@ def test_strategy_carries_mu_and_aggregates_as_fedavg():
     assert torch.equal(results[0], results[1])
 
 
-@pytest.mark.parametrize("mu", [-0.01, float("nan")])
-def test_negative_mu_is_rejected_naming_the_field(mu):
-    with pytest.raises(ValueError, match=r"trainer.strategy.mu must be >= 0"):
+@pytest.mark.parametrize(
+    ("mu", "message"),
+    [
+        (-0.01, r"trainer.strategy.mu must be >= 0"),
+        (float("nan"), r"trainer.strategy.mu must be a finite number \(got nan\)"),
+        (float("inf"), r"trainer.strategy.mu must be a finite number \(got inf\)"),
+    ],
+)
+def test_negative_mu_is_rejected_naming_the_field(mu, message):
+    with pytest.raises(ValueError, match=message):
         FedProx(mu=mu)
 
 
