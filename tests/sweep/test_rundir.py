@@ -14,6 +14,8 @@ def test_states(tmp_path):
     assert run_state(tmp_path / "none") is RunState.MISSING
     (tmp_path / "empty").mkdir()
     assert run_state(tmp_path / "empty") is RunState.MISSING
+    (tmp_path / "empty" / "run.lock").write_text("")  # left by a run that never began
+    assert run_state(tmp_path / "empty") is RunState.MISSING
 
     fake_run(tmp_path / "done", [0.5, 0.6, 0.7])
     assert configured_rounds(tmp_path / "done") == 2

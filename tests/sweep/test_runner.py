@@ -321,3 +321,39 @@ def test_help_lists_the_options(capsys):
     out = capsys.readouterr().out
     for flag in ("--config", "--out", "--shard", "--dry_run", "--report_only", "1-based"):
         assert flag in out, flag
+
+
+HOLD = (
+    "import sys, time\n"
+    "from flora_lightning.rundir.lock import RunDirLock\n"
+    "RunDirLock(sys.argv[1]).acquire()\n"
+    "print('held', flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+def test_a_cell_another_process_writes_is_left_alone(tmp_path, monkeypatch):
+    """Neither cleared nor run: its folder's lock is held (another sweep or flora fit)."""
+    import subprocess
+
+    from flora_lightning import stages
+    from flora_lightning.sweep.cells import Cell
+    from flora_lightning.sweep.runner import run_cell
+
+    cell = Cell("digits", "iid", "FedLC", 0)
+    run_dir = cell.run_dir(tmp_path / "out")
+    run_dir.mkdir(parents=True)
+    (run_dir / "stale.txt").write_text("being written")  # incomplete: would be cleared
+    monkeypatch.setattr(stages, "fit", lambda args: pytest.fail("the busy cell was run"))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = run_cell(None, cell, tmp_path / "out", rounds=1)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (result.state, result.action, result.status) == ("busy", "skip", "busy")
+    assert f"process {holder.pid} on host" in result.error
+    assert (run_dir / "stale.txt").read_text() == "being written"
