@@ -111,6 +111,7 @@ class FederatedDataModule(L.LightningDataModule):
             max_unreadable_fraction=max_unreadable_fraction,
             test_dataset=test_dataset,
             partition=partition,
+            class_names=class_names,
         )
         self.dataset = dataset
         self.subset = subset

@@ -30,6 +30,10 @@ MAX_LISTED = 10
 """At most this many unknown labels or unreadable files are named in a message."""
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+"""Image files that may not lie directly in an imagefolder (they would have no class)."""
+
+
 class LocalSourceError(ValueError):
     """A data owner's data cannot be used as it is; the message names its path and the fix."""
 
@@ -127,7 +131,7 @@ def load_local_source(
     rows = _load(spec, where)
     rows = _columns(rows, spec, where, image_column, label_column)
     labels = _labels_in_run_order(rows, label_column, names, where)
-    rows = _with_run_labels(rows, image_column, label_column, labels, names)
+    rows = _with_run_labels(rows, image_column, label_column, labels, names, where)
     bad_rows, unreadable = _unreadable(rows, image_column)
     num_read = len(rows)
     if unreadable:
@@ -160,8 +164,17 @@ def _load(spec: SourceSpec, where: str):
                 f"{where}: the folder is empty; put the images in one sub-folder per class "
                 "(DIR/<class name>/<image>)."
             )
-        try:
-            loaded = datasets.load_dataset("imagefolder", data_dir=str(folder))
+        loose = sorted(
+            p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if loose:
+            raise LocalSourceError(
+                f"{where}: files directly in the folder ({', '.join(loose[:MAX_LISTED])}) have "
+                "no class: an imagefolder holds its images in one sub-folder per class "
+                "(DIR/<class name>/<image>)."
+            )
+        try:  # drop_labels=False: a site holding one class keeps its label too
+            loaded = datasets.load_dataset("imagefolder", data_dir=str(folder), drop_labels=False)
         except (FileNotFoundError, ValueError) as err:  # datasets: no image files found
             raise LocalSourceError(
                 f"{where}: no images found ({type(err).__name__}: "
@@ -262,7 +275,9 @@ def _labels_in_run_order(rows, label_column: str, names: list[str], where: str) 
     return mapping[np.asarray(values, dtype=np.int64)]
 
 
-def _with_run_labels(rows, image_column: str, label_column: str, labels, names: list[str]):
+def _with_run_labels(
+    rows, image_column: str, label_column: str, labels, names: list[str], where: str
+):
     """The rows with ``labels`` as a ``ClassLabel(names)`` column and an ``Image`` column."""
     import datasets
 
@@ -270,11 +285,14 @@ def _with_run_labels(rows, image_column: str, label_column: str, labels, names: 
         {image_column: datasets.Image(), label_column: datasets.ClassLabel(names=names)}
     )
     rows = rows.remove_columns(label_column).add_column(label_column, labels.tolist())
-    if not isinstance(rows.features[image_column], datasets.Image):
+    try:  # an Image column, or image bytes / paths (a {bytes, path} struct) cast to one
+        return rows.cast(features)
+    except (TypeError, ValueError, NotImplementedError) as err:  # pyarrow's cast errors too
         raise LocalSourceError(
-            f"image column {image_column!r} holds {rows.features[image_column]}, not images"
-        )
-    return rows.cast(features)
+            f"{where}: the image column {image_column!r} holds "
+            f"{rows.features[image_column]}, not images (image files, bytes or "
+            "{bytes, path} records); set data.image_column to the column of the images."
+        ) from err
 
 
 def _unreadable(rows, image_column: str) -> tuple[np.ndarray, list[str]]:

@@ -34,6 +34,7 @@ def check_data_settings(
     max_unreadable_fraction: float = 0.0,
     test_dataset: str | None = None,
     partition: object = None,
+    class_names: list[str] | None = None,
     **_: object,
 ) -> None:
     """Refuse bad ``data.*`` values, naming the field and the fix.
@@ -84,6 +85,12 @@ def check_data_settings(
         raise ValueError(
             f"data.max_unreadable_fraction must be in [0, 1) (got {max_unreadable_fraction}); "
             "0 refuses data with any unreadable image, e.g. 0.01 skips up to 1% of them."
+        )
+    if getattr(partition, "kind", None) == "folders" and not class_names:
+        raise ValueError(
+            "data.class_names is required with data.partition.kind=folders: every client's "
+            "labels are matched to it by class name. List the classes in label order, e.g. "
+            "--data.class_names '[cat, dog]'."
         )
     check_data_paths(partition, test_dataset, local_test_fraction)
     if test_split == POOLED and (not pool_splits or len(set(pool_splits)) < len(pool_splits)):
