@@ -62,6 +62,14 @@ class FlowerRunConfig:
     serves many virtual nodes): the image encoder stays to encode the next partition."""
 
     def __post_init__(self) -> None:
+        for key in ("num_server_rounds", "min_clients", "node_wait_seconds"):
+            value = getattr(self, key)  # a quoted "60" or "nan" is a string in TOML
+            kind = (int, float) if key == "node_wait_seconds" else int
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise ValueError(
+                    f"{key.replace('_', '-')} must be a{' whole' if kind is int else ''} number, "
+                    f"unquoted (got {value!r})."
+                )
         check_finite_fields(self, lambda field: field.replace("_", "-"))
         if self.num_server_rounds < 0:
             raise ValueError(f"num-server-rounds must be >= 0 (got {self.num_server_rounds}).")

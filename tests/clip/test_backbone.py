@@ -78,3 +78,24 @@ def test_the_offline_tiny_clip_is_saved_as_safetensors():
     names = {p.name for p in tiny_clip_path().iterdir()}
     assert "model.safetensors" in names
     assert not {n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl"))}
+
+
+def test_a_hub_model_without_safetensors_names_the_conversion(monkeypatch):
+    """transformers refuses a hub repo holding only pytorch_model.bin (use_safetensors=True);
+    the error then says how to convert it (simulated: no network here)."""
+    from transformers import CLIPModel
+
+    from flora_lightning.clip.backbone import ModelNotAvailableError, load_clip
+
+    def refuse(cls, *args, **kwargs):
+        assert kwargs["use_safetensors"] is True
+        raise OSError("some/clip does not appear to have a file named model.safetensors.")
+
+    monkeypatch.setattr(CLIPModel, "from_pretrained", classmethod(refuse))
+    with pytest.raises(ModelNotAvailableError) as err:
+        load_clip("some/clip")
+    message = str(err.value)
+    assert message.startswith("model.name_or_path: could not load CLIP model 'some/clip'")
+    assert (
+        "safetensors files only" in message and "hf download some/clip --local-dir DIR" in message
+    )

@@ -87,3 +87,14 @@ def test_boolean_keys_refuse_a_quoted_value(key):
     assert FlowerRunConfig.from_run_config({key: True})
     with pytest.raises(ValueError, match=f"{key} must be true or false, unquoted"):
         FlowerRunConfig.from_run_config({key: "false"})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("node-wait-seconds", '"nan"'), ("node-wait-seconds", "true"), ("num-server-rounds", "2.5")],
+)
+def test_number_keys_refuse_a_string_or_bool(key, value):
+    """A quoted number is a TOML string: comparing it with 0 raised a TypeError before."""
+    run_config = tomllib.loads(f"{key} = {value}")
+    with pytest.raises(ValueError, match=rf"^{key} must be a (whole )?number, unquoted"):
+        FlowerRunConfig.from_run_config(run_config)
