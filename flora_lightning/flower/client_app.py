@@ -128,7 +128,8 @@ def fit_message(msg: Message, context: Context, run: FlowerRunConfig) -> Message
     if event is not None and event.dropped:
         return dropped_reply(msg, event)
     # The server may resume from an earlier round: keep states back to its last resume point.
-    store = OptimizerStore(context, client, keep=loop.recorder.resume_every_n_rounds + 1)
+    keep = loop.recorder.resume_every_n_rounds + 1
+    store = OptimizerStore(context, client, keep, parts.config_yaml)
     loop.local_trainer.optimizer_states = store.load(round_)
     # trainer.client_ranks: a lower-rank client starts from its slice, zero-padded and masked,
     # and sends its own rank's slice

@@ -5,12 +5,21 @@ Flower that state never leaves the node. Where it is kept:
 
 - ``node_config["state-dir"]`` set (``--node-config '... state-dir="/path"'``): on disk, one
   safetensors file per round the client trained,
-  ``<state-dir>/partition-<id>/round_XXX.safetensors`` (written atomically, the last
-  ``keep`` kept). It survives a SuperNode restart and a new ``flwr run`` (a resumed
-  ServerApp): a fit of round ``r`` loads the newest file of a round before ``r``, so a
-  ServerApp resumed from round ``k`` continues from the state the client had after round
-  ``k``, exactly as an uninterrupted run (the state of a round the server never completed is
-  never used).
+  ``<state-dir>/run-<fingerprint>/partition-<id>/round_XXX.safetensors`` (written atomically,
+  recorded with its sha256 in the folder's ``manifest.json``, the last ``keep`` kept). It
+  survives a SuperNode restart and a new ``flwr run`` (a resumed ServerApp): a fit of round
+  ``r`` loads the newest file of a round before ``r``, so a ServerApp resumed from round ``k``
+  continues from the state the client had after round ``k``, exactly as an uninterrupted run
+  (the state of a round the server never completed is never used, and is deleted when the
+  client trains that round again).
+
+  The fingerprint (:func:`run_fingerprint`) hashes what identifies the run in its resolved
+  config: the fields a resume may not change (:data:`~flora_lightning.rundir.resume_check.FIXED`:
+  method, adapter, data, partition, seed, privacy) and the server's run directory
+  (``trainer.default_root_dir``). A resumed ServerApp keeps it; another run, or the same
+  config into another run directory, gets its own folder, so files an earlier run left are
+  neither loaded nor let pruning delete the file just written. A file in the folder that its
+  manifest does not list, or that fails its checksum, is refused with an error naming it.
 - no ``state-dir``: in the node's ``context.state`` (memory, this run only). After a SuperNode
   restart or in a new run (a resumed ServerApp) the client's optimizer starts afresh, with a
   logged warning; the run then differs from an uninterrupted one.
@@ -21,10 +30,13 @@ no record) is stored, so its next fit starts a fresh optimizer, as in ``flora fi
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 from pathlib import Path
 
+import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Context
 
 from flora_lightning.flower.arrays import to_state
@@ -33,7 +45,10 @@ from flora_lightning.rundir.checkpoint import (
     load_state,
     save_state,
     unflatten_optimizer_states,
+    write_manifest,
 )
+from flora_lightning.rundir.integrity import CorruptCheckpointError, read_manifest
+from flora_lightning.rundir.resume_check import fixed_values
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +61,16 @@ ROUND_KEY = "flora-optimizer-round"
 _FILE = re.compile(r"round_(\d+)\.safetensors")
 
 
+def run_fingerprint(config_yaml: str) -> str:
+    """16 hex digits naming the run of ``config_yaml`` (its resolved config): the fields a
+    resume keeps, and ``trainer.default_root_dir``."""
+    config = yaml.safe_load(config_yaml) or {}
+    identity = fixed_values(config)
+    identity["trainer.default_root_dir"] = (config.get("trainer") or {}).get("default_root_dir")
+    encoded = json.dumps(identity, sort_keys=True, default=str).encode()
+    return hashlib.sha256(encoded).hexdigest()[:16]
+
+
 class OptimizerStore:
     """Load before and save after a client's fit, on disk or in ``context.state``.
 
@@ -54,14 +79,19 @@ class OptimizerStore:
         partition: the client (partition id) this node plays.
         keep: files kept per partition (the server may resume from an earlier round than
             the last one the client trained: keep ``resume_every_n_rounds + 1``).
+        config_yaml: the run's resolved config (:func:`run_fingerprint` names its folder).
     """
 
-    def __init__(self, context: Context, partition: int, keep: int = 2) -> None:
+    def __init__(self, context: Context, partition: int, keep: int, config_yaml: str) -> None:
         self.context = context
         self.partition = partition
         self.keep = max(1, keep)
         folder = context.node_config.get(STATE_DIR_KEY)
-        self.folder = Path(str(folder)) / f"partition-{partition}" if folder else None
+        self.folder = (
+            Path(str(folder)) / f"run-{run_fingerprint(config_yaml)}" / f"partition-{partition}"
+            if folder
+            else None
+        )
 
     def load(self, round_: int) -> dict[int, dict]:
         """The client's optimizer states (``{partition: state}``) saved after the newest round
@@ -97,10 +127,18 @@ class OptimizerStore:
         mine = {self.partition: states[self.partition]} if self.partition in states else {}
         flat = flatten_optimizer_states(mine)
         if self.folder is not None:
+            files = self._files()
             path = self.folder / f"round_{round_:03d}.safetensors"
             save_state(flat, path, metadata={"round": str(round_)})
-            for _, old in self._files()[: -self.keep]:
+            write_manifest(self.folder, [path.name])
+            # rounds after this one: from before the server resumed at an earlier round
+            stale = [old for r, old in files if r > round_]
+            kept = [(r, old) for r, old in files if r < round_] + [(round_, path)]
+            removed = stale + [old for _, old in kept[: -self.keep]]
+            for old in removed:
                 old.unlink(missing_ok=True)
+            if removed:
+                write_manifest(self.folder, [])  # drops the removed files' entries
             return
         state = self.context.state
         if flat:
@@ -115,8 +153,22 @@ class OptimizerStore:
                     del records[key]
 
     def _files(self) -> list[tuple[int, Path]]:
-        """``(round, path)`` of the saved files, oldest first."""
+        """``(round, path)`` of the saved files, oldest first (by round number).
+
+        Raises:
+            CorruptCheckpointError: a state file the folder's manifest does not list (not
+                written by this store), naming it.
+        """
         if not self.folder.is_dir():
             return []
         found = [(_FILE.fullmatch(p.name), p) for p in self.folder.iterdir()]
-        return sorted((int(m.group(1)), p) for m, p in found if m)
+        files = sorted((int(m.group(1)), p) for m, p in found if m)
+        listed = read_manifest(self.folder) or {}
+        for _, path in files:
+            if path.name not in listed:
+                raise CorruptCheckpointError(
+                    f"{path}: an optimizer state file this node's store did not write (not in "
+                    f"{self.folder / 'manifest.json'}): the folder belongs to this run alone; "
+                    "remove the file, or give the node another state-dir."
+                )
+        return files

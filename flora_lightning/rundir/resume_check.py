@@ -55,6 +55,14 @@ def _get(config: dict, dotted: str):
     return config
 
 
+def fixed_values(config: dict) -> dict[str, object]:
+    """The leaves of every :data:`FIXED` field of ``config`` (what identifies its run)."""
+    values: dict[str, object] = {}
+    for field in FIXED:
+        values.update(_leaves(_get(config, field), field))
+    return values
+
+
 def changed_fields(saved: dict, new: dict) -> list[str]:
     """``field: saved -> new`` for every fixed field that differs (CLI names, no init_args)."""
     changes = []

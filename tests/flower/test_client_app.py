@@ -139,7 +139,7 @@ def test_state_dir_keeps_adam_state_across_restarts_and_resumes(offline_assets, 
     resumed ServerApp) continues from the state saved after the round before."""
     start = client_components(RUN, context()).model.communicated_state()
     fit_message(train_message(start, 1), context(state_dir=tmp_path), RUN)
-    folder = tmp_path / "partition-0"
+    (folder,) = tmp_path.glob("run-*/partition-0")  # this run's folder (its fingerprint)
     assert saved_steps(folder / "round_001.safetensors") == {2.0}
     fit_message(train_message(start, 2), context(state_dir=tmp_path), RUN)  # a fresh context
     assert saved_steps(folder / "round_002.safetensors") == {4.0}  # continued, not afresh
@@ -147,8 +147,9 @@ def test_state_dir_keeps_adam_state_across_restarts_and_resumes(offline_assets, 
     fit_message(train_message(start, 2), context(state_dir=tmp_path), RUN)
     assert saved_steps(folder / "round_002.safetensors") == {4.0}  # not 6
     fit_message(train_message(start, 3), context(state_dir=tmp_path), RUN)
-    # keep = resume_every_n_rounds + 1 = 2 files
+    # keep = resume_every_n_rounds + 1 = 2 files, and their checksums
     assert sorted(p.name for p in folder.iterdir()) == [
+        "manifest.json",
         "round_002.safetensors",
         "round_003.safetensors",
     ]
@@ -159,9 +160,10 @@ def test_a_diverged_fit_leaves_an_empty_state_file(offline_assets, tmp_path):
     fit_message(train_message(start, 1), context(state_dir=tmp_path), RUN)
     poisoned = {k: torch.full_like(v, float("nan")) for k, v in start.items()}
     fit_message(train_message(poisoned, 2), context(state_dir=tmp_path), RUN)
-    assert load_state(tmp_path / "partition-0" / "round_002.safetensors") == {}
+    (folder,) = tmp_path.glob("run-*/partition-0")
+    assert load_state(folder / "round_002.safetensors") == {}
     fit_message(train_message(start, 3), context(state_dir=tmp_path), RUN)
-    assert saved_steps(tmp_path / "partition-0" / "round_003.safetensors") == {2.0}  # afresh
+    assert saved_steps(folder / "round_003.safetensors") == {2.0}  # afresh
 
 
 def test_without_state_dir_a_restart_resets_the_state_with_a_warning(offline_assets, caplog):
