@@ -10,6 +10,14 @@ The cached loader yields ``(features [B, D], labels)`` batches in exactly the or
 uncached loader yields ``(pixels, labels)``: both shuffle ``range(n)`` with the same generator,
 or both take their batches from the same Poisson sampler (sample-level DP-SGD).
 
+On disk (``trainer.feature_cache_dir``) each build is a folder ``<fingerprint>/`` holding
+``features.safetensors`` and its checksum ``manifest.json``
+(:func:`~flora_lightning.rundir.checkpoint.write_folder`). The fingerprint hashes every byte
+of the vision tower's weights (once per loaded model: :func:`vision_weights_digest`), the data,
+partition, preprocessing and precision. A folder that fails its checksum, or has no manifest,
+is encoded again (with a warning naming what was wrong) and replaced; two processes building
+one folder at once keep the first complete one.
+
 With ``data.preprocess: device`` the loader's workers only decode; each uint8 batch moves to
 the Fabric's device and is resized, cropped and normalised there, in the batch, by the method's
 ``frozen_image_features`` (:mod:`flora_lightning.clip.preprocess`).
@@ -19,6 +27,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +36,33 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from flora_lightning.privacy.poisson import poisson_loader
-from flora_lightning.rundir.checkpoint import load_state, save_state
+from flora_lightning.rundir.checkpoint import load_state, save_state, write_folder
+from flora_lightning.rundir.integrity import CorruptCheckpointError, verify_folder
+
+log = logging.getLogger(__name__)
+
+FEATURES_FILE = "features.safetensors"
+"""The features of one build, inside its ``<fingerprint>/`` folder."""
+
+_digests: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Vision tower -> sha256 of its weights (frozen while features are cached: hashed once)."""
+
+
+def vision_weights_digest(vision: torch.nn.Module) -> str:
+    """sha256 over every tensor of ``vision.state_dict()``: name, dtype, shape and all bytes.
+
+    Computed once per module (a frozen image encoder does not change while its features are
+    cached); a new model load is a new module and is hashed again.
+    """
+    digest = _digests.get(vision)
+    if digest is None:
+        weights = hashlib.sha256()
+        for name, tensor in vision.state_dict().items():
+            tensor = tensor.detach().cpu().contiguous()
+            weights.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            weights.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest = _digests[vision] = weights.hexdigest()
+    return digest
 
 
 class FeatureCache:
@@ -52,14 +88,9 @@ class FeatureCache:
 
     def fingerprint(self, parts: list[str]) -> str:
         """Model + data + partition + preprocessing + precision + which ``parts``, hashed."""
-        vision = self.model.clip_model().vision_model
-        weights = hashlib.sha256()
-        for name, tensor in vision.state_dict().items():
-            weights.update(name.encode())
-            weights.update(tensor.detach().flatten()[:64].float().cpu().numpy().tobytes())
         key = {
             "model": self.model.name_or_path,
-            "vision": weights.hexdigest(),
+            "vision": vision_weights_digest(self.model.clip_model().vision_model),
             "data": self.data.fingerprints()["train"],
             "test": self.data.fingerprints()["test"],
             "partition": [
@@ -85,12 +116,8 @@ class FeatureCache:
         """Encode the given clients' partitions (and local test sets, when the data has them)
         and (with ``test``) the test set, or read them from disk."""
         parts = [str(c) for c in clients] + (["test"] if test else [])
-        path = self.disk_dir / f"{self.fingerprint(parts)}.safetensors" if self.disk_dir else None
-        if path is not None and path.exists():
-            flat = load_state(path)
-            self.features.update(
-                {k[:-2]: (flat[k], flat[k[:-2] + ".y"]) for k in flat if k.endswith(".x")}
-            )
+        folder = self.disk_dir / self.fingerprint(parts) if self.disk_dir else None
+        if folder is not None and self._read(folder):
             return
         before = set(self.features)
         rows = []  # (key, training-set indices) of every part to encode
@@ -101,11 +128,33 @@ class FeatureCache:
         self.features.update(self._encode_rows(rows))
         if test:
             self.features["test"] = self._encode(self.data.test_set)
-        if path is not None:  # what this call encoded, under its own fingerprint
+        if folder is not None:  # what this call encoded, under its own fingerprint
             flat = {}
             for key in self.features.keys() - before:
                 flat[f"{key}.x"], flat[f"{key}.y"] = self.features[key]
-            save_state(flat, path)
+            write_folder(
+                folder,
+                lambda tmp: save_state(flat, tmp / FEATURES_FILE),
+                replace=folder.exists(),  # a damaged one is replaced; a racing build is kept
+            )
+
+    def _read(self, folder: Path) -> bool:
+        """Add the features stored in ``folder`` if it verifies; False (a warning saying why,
+        when it exists) to encode them again."""
+        if not folder.is_dir():
+            return False
+        try:
+            verify_folder(folder, require_manifest=True)
+            flat = load_state(folder / FEATURES_FILE)
+        except (CorruptCheckpointError, FileNotFoundError) as err:
+            log.warning(
+                "feature cache %s is not usable (%s); encoding the features again.", folder, err
+            )
+            return False
+        self.features.update(
+            {k[:-2]: (flat[k], flat[k[:-2] + ".y"]) for k in flat if k.endswith(".x")}
+        )
+        return True
 
     def _encode_rows(self, rows: list[tuple[str, np.ndarray]]) -> dict[str, tuple]:
         """Encode the training-set rows of every ``(key, indices)`` part in one pass.

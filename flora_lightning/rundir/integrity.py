@@ -27,6 +27,10 @@ class CorruptCheckpointError(ValueError):
     """A checkpoint file or folder exists but is unreadable, truncated or fails its checksum."""
 
 
+class MissingManifestError(CorruptCheckpointError):
+    """A folder required to carry a checksum manifest has none: nothing says it is whole."""
+
+
 def file_sha256(path: str | Path) -> str:
     """sha256 hex digest of a file's bytes."""
     with open(path, "rb") as handle:
@@ -123,10 +127,9 @@ def verify_folder(folder: Path, require_manifest: bool = False) -> None:
         raise FileNotFoundError(f"{folder} does not exist")
     files = read_manifest(folder)
     if files is None and require_manifest:
-        raise CorruptCheckpointError(
+        raise MissingManifestError(
             f"{folder} has no {MANIFEST}: its files cannot be verified (written before "
-            "checksums existed, or copied without it); check the folder, then resume with "
-            "--trainer.resume_without_manifest true to load it unverified."
+            "checksums existed, or copied without it)"
         )
     hint = (
         f"restore {folder.name} from a copy, or use {prev_folder(folder).name} if it verifies"

@@ -39,7 +39,7 @@ from flora_lightning.rundir.checkpoint import (
     write_manifest,
     write_text,
 )
-from flora_lightning.rundir.integrity import newest_valid_folder, prev_folder
+from flora_lightning.rundir.integrity import MissingManifestError, newest_valid_folder, prev_folder
 from flora_lightning.rundir.lock import RunDirLock
 from flora_lightning.rundir.resume_check import check_resumable
 from flora_lightning.rundir.round_record import RoundRecord, RoundTally
@@ -264,7 +264,13 @@ class RunRecorder:
         required = not self.resume_without_manifest
         folder = newest_valid_folder(target, required)
         if folder is None:  # names the file (or the missing manifest)
-            verify_folder(target if target.exists() else prev_folder(target), required)
+            try:
+                verify_folder(target if target.exists() else prev_folder(target), required)
+            except MissingManifestError as err:
+                raise MissingManifestError(
+                    f"{err}. Check the folder, then resume with --trainer.resume_without_manifest"
+                    " true to load it unverified."
+                ) from err
             raise CorruptCheckpointError(f"{target}: no complete resume state")
         saved = json.loads((folder / "state.json").read_text())
         round_ = saved.pop("round")

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from flora_lightning.clip.feature_cache import FeatureCache
+from flora_lightning.clip import feature_cache
+from flora_lightning.clip.feature_cache import FEATURES_FILE, FeatureCache
 
 
 @pytest.mark.parametrize("preprocess", ["processor", "device"])
@@ -59,8 +60,70 @@ def test_device_preprocess_has_its_own_disk_cache(make_datamodule, make_flora, t
         caches[preprocess] = cache
     processor, device = caches["processor"], caches["device"]
     assert processor.fingerprint(["0", "test"]) != device.fingerprint(["0", "test"])
-    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+    assert len(list(tmp_path.glob("*/features.safetensors"))) == 2
     for key in ("0", "test"):
         assert torch.equal(processor.features[key][1], device.features[key][1])  # labels
         # each its own encoding (the processor's differ by the rounding of a few pixels)
         assert not torch.equal(processor.features[key][0], device.features[key][0])
+
+
+def first_vision_matrix(model) -> torch.Tensor:
+    """The first vision weight with more than 64 values."""
+    vision = model.clip_model().vision_model
+    return next(t for t in vision.state_dict().values() if t.numel() > 64)
+
+
+def test_fingerprint_hashes_every_vision_weight(make_datamodule, make_flora):
+    """Two image encoders equal in the first 64 values of every tensor are different models:
+    their features differ, so their disk caches must too."""
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    data = make_datamodule()
+    data.setup()
+    base, changed = make_flora(), make_flora()
+    with torch.no_grad():
+        first_vision_matrix(changed).view(-1)[100] += 1.0  # beyond the first 64 values
+    prints = [FeatureCache(fabric, m, data).fingerprint(["0"]) for m in (base, changed)]
+    assert prints[0] != prints[1]
+
+
+def test_the_weights_are_hashed_once_per_model(make_flora, monkeypatch):
+    vision = make_flora().clip_model().vision_model
+    digest = feature_cache.vision_weights_digest(vision)
+    monkeypatch.setattr(feature_cache.hashlib, "sha256", None)  # hashing again would fail
+    assert feature_cache.vision_weights_digest(vision) == digest
+
+
+@pytest.mark.parametrize("damage", ["flip", "no_manifest"])
+def test_a_damaged_disk_cache_is_encoded_again(
+    make_datamodule, make_flora, tmp_path, caplog, damage
+):
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    data = make_datamodule(max_test_samples=32)
+    data.setup()
+    model = make_flora()
+    model.configure_task(data.class_names, data.template)
+    data.set_image_transform(model.image_transform)
+    fabric.setup_module(model)
+    built = FeatureCache(fabric, model, data, disk_dir=str(tmp_path))
+    built.build([0], test=True)
+    (folder,) = tmp_path.iterdir()
+    path = folder / FEATURES_FILE
+    if damage == "flip":
+        data_bytes = bytearray(path.read_bytes())
+        data_bytes[-1] ^= 0xFF  # a flipped bit in the features: still readable safetensors
+        path.write_bytes(bytes(data_bytes))
+        reason = "checksum mismatch"
+    else:
+        (folder / "manifest.json").unlink()
+        reason = "has no manifest.json"
+    reread = FeatureCache(fabric, model, data, disk_dir=str(tmp_path))
+    reread.build([0], test=True)
+    assert f"feature cache {folder} is not usable" in caplog.text and reason in caplog.text
+    for key in ("0", "test"):
+        assert torch.equal(reread.features[key][0], built.features[key][0])
+        assert torch.equal(reread.features[key][1], built.features[key][1])
+    caplog.clear()
+    again = FeatureCache(fabric, model, data, disk_dir=str(tmp_path))
+    again.build([0], test=True)  # the folder was replaced by a whole one: read, no warning
+    assert "not usable" not in caplog.text
+    assert torch.equal(again.features["0"][0], built.features["0"][0])
