@@ -64,9 +64,10 @@ class FederatedDataModule(L.LightningDataModule):
             test set (personalised evaluation), taken out of its training data and only from
             rows no other client holds (overlapping few-shot partitions); ``null``: no local
             test sets, clients train on their whole partition.
-        test_dataset: ``partition.kind: folders``: the global test set's data path (an
-            imagefolder DIR, a .parquet file or glob, or ``hub:ID[:SPLIT]``); ``null``: the
-            test set ``data.dataset`` gives (``test_split``), or none on a node.
+        test_dataset: the global test set's data path (an imagefolder DIR, a .parquet file
+            or glob, or ``hub:ID[:SPLIT]``), labels matched by class name; what a server with
+            no training data evaluates on; ``null``: the test set ``data.dataset`` gives
+            (``test_split``; with ``pooled`` the held-out rows stay out of training either way).
         max_unreadable_fraction: ``partition.kind: folders`` and node-local data: images that
             do not decode are skipped and counted; a data path with more than this share of
             them is refused (0: any unreadable image refuses the data).
@@ -159,6 +160,8 @@ class FederatedDataModule(L.LightningDataModule):
             self._setup_folders()
             return
         train, test, class_names = self._load_dataset()
+        if self.test_dataset is not None:  # the global test set from its own path
+            test = self._capped(self._load_test_dataset(class_names))
         labels = np.asarray(train[self.label_column], dtype=np.int64)
         check_labels(labels, len(class_names), self.label_column)
         partitions = partition_indices(labels, len(class_names), self.partition)
@@ -290,8 +293,9 @@ class FederatedDataModule(L.LightningDataModule):
     def _global_test(self):
         """``data.test_dataset``'s rows, else the test set of ``data.dataset``."""
         if self.test_dataset is not None:
-            return self._capped(self.load_local(self.test_dataset, "data.test_dataset").rows)
-        names = self._run_class_names("data.partition.kind=folders")
+            names = self._run_class_names("data.test_dataset")
+            return self._capped(self._load_test_dataset(names))
+        names = self._run_class_names("data.partition.kind=folders (or node-local data)")
         _, test, class_names = self._load_dataset()
         if [n.lower() for n in class_names] != [n.lower() for n in names]:
             raise ValueError(
@@ -301,6 +305,17 @@ class FederatedDataModule(L.LightningDataModule):
             )
         self.class_names = names
         return test
+
+    def _load_test_dataset(self, class_names: list[str]):
+        """``data.test_dataset``'s rows, labelled in ``class_names`` order."""
+        return load_local_source(
+            self.test_dataset,
+            class_names,
+            self.image_column,
+            self.label_column,
+            self.max_unreadable_fraction,
+            "data.test_dataset",
+        ).rows
 
     def _use_sources(self, owned: dict, tests: dict | None, num_clients: int) -> None:
         """One training set of the owners' rows (client by client, then their test rows)."""

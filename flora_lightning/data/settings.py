@@ -103,19 +103,16 @@ def check_data_settings(
 def check_data_paths(
     partition: object, test_dataset: str | None, local_test_fraction: float | None = None
 ) -> None:
-    """The local data paths of ``kind=folders`` exist (named in the error when one does not).
+    """The local data paths exist (named in the error when one does not): ``data.test_dataset``
+    and, with ``kind=folders``, the clients' paths.
 
     Args:
         partition: The ``data.partition`` settings (a ``PartitionConfig``, or None).
         test_dataset: ``data.test_dataset``.
         local_test_fraction: ``data.local_test_fraction`` (not with ``client_test_dirs``).
     """
-    if test_dataset is not None and getattr(partition, "kind", None) != "folders":
-        raise ValueError(
-            f"data.test_dataset={test_dataset!r} is read only with "
-            "data.partition.kind=folders; the other kinds take the global test set from "
-            "data.dataset (data.test_split): remove data.test_dataset."
-        )
+    if test_dataset is not None:
+        check_source_exists(test_dataset, "data.test_dataset")
     if getattr(partition, "kind", None) != "folders":
         return
     if getattr(partition, "client_test_dirs", None) is not None and local_test_fraction is not None:
@@ -128,7 +125,5 @@ def check_data_paths(
         for name in ("client_dirs", "client_test_dirs")
         for k, path in enumerate(getattr(partition, name) or [])
     ]
-    if test_dataset is not None:
-        named.append(("data.test_dataset", test_dataset))
     for field, path in named:
         check_source_exists(path, field)

@@ -150,3 +150,15 @@ def test_a_bad_site_names_its_field(sites, tmp_path):
     data = _data(PartitionConfig(kind="folders", client_dirs=[str(dirs[0]), str(bad)]))
     with pytest.raises(ValueError, match=r"data.partition.client_dirs\[1\]=.*1 of 1 images"):
         data.setup()
+
+
+def test_test_dataset_replaces_the_global_test_set_of_any_kind(sites, make_datamodule):
+    _, test = sites
+    data = make_datamodule(test_dataset=str(test), max_test_samples=None)
+    data.setup()
+    files = sorted(p.name for p in test.rglob("*.png"))
+    assert sorted(_files(data.test_set)) == files
+    truth = pq.read_table(digits_data_files()["test"])["label"].to_pylist()
+    # the folder's files are the digits' test rows, named by row: same labels in row order
+    by_row = sorted(zip(_files(data.test_set), data.test_set["label"], strict=True))
+    assert [label for _, label in by_row] == truth

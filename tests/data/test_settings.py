@@ -64,8 +64,8 @@ def test_folders_needs_class_names_and_one_kind_of_local_test(tmp_path):
         )
 
 
-def test_test_dataset_only_with_folders():
-    with pytest.raises(ValueError, match="data.test_dataset='t' is read only with"):
+def test_test_dataset_must_exist_with_any_kind():
+    with pytest.raises(ValueError, match="data.test_dataset='t': no such directory"):
         check_data_settings(**GOOD, partition=PartitionConfig(), test_dataset="t")
 
 
