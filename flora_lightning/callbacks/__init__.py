@@ -7,6 +7,7 @@ Turn them on in the config, e.g. ``--trainer.callbacks '[{class_path: MemoryProf
 
 from flora_lightning.callbacks.base import Callback
 from flora_lightning.callbacks.communication import CommunicationLogger
+from flora_lightning.callbacks.federated import FederatedEvaluation
 from flora_lightning.callbacks.memory import MemoryProfiler
 from flora_lightning.callbacks.personalized import PersonalizedEvaluation
 from flora_lightning.callbacks.speedup import SpeedupVsFFT
@@ -14,6 +15,7 @@ from flora_lightning.callbacks.speedup import SpeedupVsFFT
 __all__ = [
     "Callback",
     "CommunicationLogger",
+    "FederatedEvaluation",
     "MemoryProfiler",
     "PersonalizedEvaluation",
     "SpeedupVsFFT",

@@ -16,6 +16,8 @@ points at that YAML and overrides a few loop settings::
                                          # on each node (client mods); flora_lightning.flower.dp
     one-partition-per-node = false       # true on deployment nodes: a ClientApp process then
                                          # frees its image encoder after caching its partition
+    node-data = false                    # true: each node reads only its own data-path, the
+                                         # server opens no training data (flower.node_data)
 """
 
 from __future__ import annotations
@@ -55,6 +57,11 @@ class FlowerRunConfig:
     """With ``privacy.level client``: where Flower's DP wrapper clips each update, ``server``
     (``DifferentialPrivacyServerSide*Clipping``) or ``client`` (``DifferentialPrivacyClient
     Side*Clipping`` + the clipping mod on every node); see :mod:`flora_lightning.flower.dp`."""
+    node_data: bool = False
+    """True where every data owner keeps its data: each SuperNode trains on its own
+    ``--node-config data-path`` (or, on the simulation engine with ``data.partition.kind:
+    folders``, on ``client_dirs[partition-id]`` only) and the ServerApp opens no training data
+    (:mod:`flora_lightning.flower.node_data`, :mod:`flora_lightning.flower.server_data`)."""
     one_partition_per_node: bool = False
     """True where each ClientApp process trains one partition (a deployment's SuperNodes): it
     then applies the YAML's ``trainer.release_image_encoder`` after caching its partition's
@@ -83,7 +90,11 @@ class FlowerRunConfig:
             raise ValueError(
                 f"dp-clipping must be 'server' or 'client' (got {self.dp_clipping!r})."
             )
-        for key in ("resume", "one_partition_per_node"):  # a quoted "false" would be truthy
+        for key in (
+            "resume",
+            "one_partition_per_node",
+            "node_data",
+        ):  # a quoted "false" would be truthy
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(
                     f"{key.replace('_', '-')} must be true or false, unquoted (got "

@@ -43,36 +43,29 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from flora_lightning.federation.availability import Event
 from flora_lightning.federation.client_runner import availability_event, fit_client
+from flora_lightning.federation.evaluation import evaluate_loader
 from flora_lightning.federation.step_capture import log_once
 from flora_lightning.flower.app_config import Components, FlowerRunConfig, build_components
 from flora_lightning.flower.arrays import to_state
-from flora_lightning.flower.nodes import DROPPED_KEY, PARTITION_KEY, STRAGGLER_KEY
+from flora_lightning.flower.node_data import SHARE_LABEL_COUNTS, NodeData, node_data
+from flora_lightning.flower.nodes import (
+    DROPPED_KEY,
+    LABEL_COUNTS_KEY,
+    NUM_EXAMPLES_KEY,
+    PARTITION_KEY,
+    STRAGGLER_KEY,
+)
 from flora_lightning.flower.optimizer_store import OptimizerStore
 
-_built: dict[FlowerRunConfig, Components] = {}
-"""This process's model, data and loop per run config (see :func:`client_components`)."""
+_built: dict[tuple[FlowerRunConfig, int | None], Components] = {}
+"""This process's model, data and loop per run config (and, with node-local data, per client:
+see :func:`client_components`)."""
 
 
-def node_partition(context: Context) -> int:
-    """The ``partition-id`` of this node's ``node_config`` (explained when it is missing)."""
-    if PARTITION_KEY not in context.node_config:
-        raise ValueError(
-            "node_config has no partition-id; start the SuperNode with "
-            '--node-config "partition-id=0 num-partitions=N" (simulation sets it).'
-        )
-    return int(context.node_config[PARTITION_KEY])
-
-
-def partition_of(context: Context, num_clients: int) -> int:
-    """The client id this node plays, checked against the YAML's partitioning."""
-    partition = node_partition(context)
-    declared = int(context.node_config.get("num-partitions", num_clients))
-    if declared != num_clients or not 0 <= partition < num_clients:
-        raise ValueError(
-            f"node_config partition-id={partition} num-partitions={declared} does not fit the "
-            f"config's data.partition.num_clients={num_clients}."
-        )
-    return partition
+def node_of(context: Context, run: FlowerRunConfig, parts: Components) -> NodeData:
+    """The client this node plays and its data (:func:`~flora_lightning.flower.node_data.
+    node_data`), checked against the YAML's partitioning."""
+    return node_data(context.node_config, run.node_data, parts.data.partition)
 
 
 def client_components(run: FlowerRunConfig, context: Context) -> Components:
@@ -89,10 +82,18 @@ def client_components(run: FlowerRunConfig, context: Context) -> Components:
         RuntimeError: a process that released its image encoder is asked for another
             partition (``one-partition-per-node = true`` on a simulation), naming the key.
     """
-    parts = _built.get(run)
+    node = None
+    if run.node_data:  # each node's own data: one set per client (its data is all it loads)
+        node = node_data(context.node_config, True, build_components(run).data.partition)
+    key = (run, None if node is None else node.client)
+    parts = _built.get(key)
     if parts is None:
         parts = build_components(run)
         parts.loop.release_image_encoder &= run.one_partition_per_node
+        if node is not None:  # only this node's data path (and its own test path) is read
+            parts.data.setup_node(node.data_path, node.client, node.test_path)
+            log_once(f"node-local data of client {node.client}: " + "; ".join(
+                s.summary() for s in parts.data.sources.values()))  # fmt: skip
         parts.loop.set_up(parts.model, parts.data, tensorboard=False)  # a client writes nothing
         if parts.loop.parallel_clients != 1:
             log_once(
@@ -100,9 +101,9 @@ def client_components(run: FlowerRunConfig, context: Context) -> Components:
                 "its own partition, one client per call; the updates equal flora fit's "
                 "batched ones up to float rounding (the batched fit is tested equal to this one)."
             )
-        _built[run] = parts
+        _built[key] = parts
     loop, model, data = parts.loop, parts.model, parts.data
-    partition = partition_of(context, data.num_clients)
+    partition = node_of(context, run, parts).client
     cache = loop.feature_cache
     if cache is None or str(partition) not in cache.features:
         if cache is not None and loop.release_image_encoder:
@@ -120,7 +121,7 @@ def fit_message(msg: Message, context: Context, run: FlowerRunConfig) -> Message
     """Local fit of this node's partition from the received global state."""
     parts = client_components(run, context)
     loop = parts.loop
-    client = partition_of(context, parts.data.num_clients)
+    client = node_of(context, run, parts).client
     round_ = int(msg.content["config"]["server-round"])
 
     # trainer.availability: the same seeded draw as flora fit; a dropped client sends nothing
@@ -170,7 +171,7 @@ def clipping_mod(defaults: dict | None = None):
             return call_next(msg, context)
         run = FlowerRunConfig.from_run_config(context.run_config, defaults)
         parts = client_components(run, context)
-        loop, client = parts.loop, partition_of(context, parts.data.num_clients)
+        loop, client = parts.loop, node_of(context, run, parts).client
         event = availability_event(loop, int(config["server-round"]), client)
         if event is not None and event.dropped:
             return dropped_reply(msg, event)
@@ -181,10 +182,53 @@ def clipping_mod(defaults: dict | None = None):
     return mod
 
 
-def partition_message(msg: Message, context: Context) -> Message:
-    """Answer to the server's query: this node's ``partition-id`` (nothing is built or trained)."""
-    metrics = MetricRecord({PARTITION_KEY: node_partition(context)})
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+def partition_message(msg: Message, context: Context, run: FlowerRunConfig) -> Message:
+    """Answer to the server's query: the client this node plays and, only with the node's
+    ``share-label-counts=true``, its training samples and label counts (the server's label
+    table then shows them); nothing else about its data leaves the node."""
+    config = context.node_config
+    if not (run.node_data or str(config.get(SHARE_LABEL_COUNTS, "false")).lower() == "true"):
+        if PARTITION_KEY not in config:  # nothing is built to answer: the id alone
+            raise ValueError(
+                f"node_config has no {PARTITION_KEY}; start the SuperNode with --node-config "
+                f'"{PARTITION_KEY}=0 num-partitions=N" (simulation sets it).'
+            )
+        return Message(RecordDict({"metrics": MetricRecord(
+            {PARTITION_KEY: int(config[PARTITION_KEY])})}), reply_to=msg)  # fmt: skip
+    parts = client_components(run, context)
+    node = node_of(context, run, parts)
+    values: dict = {PARTITION_KEY: node.client}
+    if node.share_label_counts:
+        samples, counts = parts.data.client_report(node.client)
+        values[NUM_EXAMPLES_KEY] = int(samples)
+        values[LABEL_COUNTS_KEY] = [int(c) for c in counts]
+    return Message(content=RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)
+
+
+def evaluate_message(msg: Message, context: Context, run: FlowerRunConfig) -> Message:
+    """Federated evaluation: the received global state on this node's local test set
+    (``data.local_test_fraction`` or its ``test-path``); replies ``eval-acc``, ``eval-loss``
+    and ``num-examples`` (the test rows), as :class:`~flora_lightning.callbacks.
+    FederatedEvaluation` computes them in ``flora fit``."""
+    parts = client_components(run, context)
+    loop, model, data = parts.loop, parts.model, parts.data
+    client = node_of(context, run, parts).client
+    if not data.has_local_test:
+        raise ValueError(
+            f"client {client} has no local test set: set data.local_test_fraction, or start "
+            "the node with --node-config test-path=... (node-data)."
+        )
+    model.load_communicated_state(to_state(msg.content["arrays"]))
+    source = loop.feature_cache or data
+    metrics = evaluate_loader(loop.fabric, model, source.client_test_dataloader(client),
+                              len(data.class_names))  # fmt: skip
+    values = {
+        "eval-acc": metrics["test_acc"],
+        "eval-loss": metrics["test_loss"],
+        NUM_EXAMPLES_KEY: len(data.client_test_indices[client]),
+        PARTITION_KEY: client,
+    }
+    return Message(content=RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)
 
 
 def make_client_app(defaults: dict | None = None) -> ClientApp:
@@ -199,7 +243,13 @@ def make_client_app(defaults: dict | None = None) -> ClientApp:
 
     @client.query()
     def query(msg: Message, context: Context) -> Message:
-        return partition_message(msg, context)
+        run = FlowerRunConfig.from_run_config(context.run_config, defaults)
+        return partition_message(msg, context, run)
+
+    @client.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        run = FlowerRunConfig.from_run_config(context.run_config, defaults)
+        return evaluate_message(msg, context, run)
 
     return client
 

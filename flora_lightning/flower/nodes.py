@@ -7,8 +7,10 @@ round go on with those that are connected; the strategy records the others as mi
 reason starting with :data:`NOT_CONNECTED`).
 
 A node's partition is learnt once, from its answer to a ``query`` message (the ClientApp
-answers with its ``node_config["partition-id"]``). A restarted SuperNode comes back with a new
-node id: it is asked, and trains its partition again from the next round on.
+answers with its ``node_config["partition-id"]``, or its ``client-id`` with node-local data,
+and, only where the node's operator set ``share-label-counts=true``, its sample and label
+counts: :attr:`NodeRoster.shared`). A restarted SuperNode comes back with a new node id: it is
+asked, and trains its partition again from the next round on.
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ PARTITION_KEY = "partition-id"
 """Metric that names a client's partition, in train replies and query answers."""
 DROPPED_KEY = "dropped"
 """Config key of the reply of a client that dropped out (``trainer.availability``): why."""
+NUM_EXAMPLES_KEY = "num-examples"
+"""Metric of a node's training samples (train replies; query answers with
+``share-label-counts``) and of its test rows (evaluate replies)."""
+LABEL_COUNTS_KEY = "label-counts"
+"""Metric of a query answer: the node's training label counts, class by class (only with the
+node's ``share-label-counts=true``)."""
 STRAGGLER_KEY = "straggler-steps"
 """Metric of a straggler's reply: the local steps it completed."""
 
@@ -60,6 +68,8 @@ class NodeRoster:
         self.wait_seconds = wait_seconds
         self.query_timeout = query_timeout
         self.poll_seconds = poll_seconds
+        self.shared: dict[int, tuple[int, list[int]]] = {}
+        """Partition -> (samples, label counts) of the nodes that shared them."""
         self.partitions: dict[int, int] = {}
         """Node id -> partition id (nodes that have left stay listed; only the connected
         ones are looked up)."""
@@ -134,4 +144,7 @@ class NodeRoster:
                 )
                 continue
             found[node] = int(metrics[PARTITION_KEY])
+            if LABEL_COUNTS_KEY in metrics and NUM_EXAMPLES_KEY in metrics:
+                counts = [int(c) for c in metrics[LABEL_COUNTS_KEY]]
+                self.shared[found[node]] = (int(metrics[NUM_EXAMPLES_KEY]), counts)
         return found

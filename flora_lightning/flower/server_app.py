@@ -25,6 +25,15 @@ the next round on. A round with fewer than ``min-clients`` accepted updates foll
 the last complete round saved (resume it), ``skip`` records the round unaggregated, the global
 state that of the round before, and the run goes on.
 
+Node-local data (run config ``node-data = true``): every SuperNode trains on its own data
+(:mod:`~flora_lightning.flower.node_data`) and the server opens no training data
+(:class:`~flora_lightning.flower.server_data.ServerSideData`): class names and template from
+the YAML, its own test set if configured, sample counts from the updates, label counts only
+from nodes that share them (label_table.txt is rewritten as they do). With the
+:class:`~flora_lightning.callbacks.FederatedEvaluation` callback the nodes evaluate each
+round's global model on their own test sets (:class:`~flora_lightning.flower.node_evaluation.
+NodeEvaluation`).
+
 Client-level DP (``privacy.level client``): the strategy is wrapped in Flower's own DP wrapper,
 clipping on the server or, with the run config's ``dp-clipping = "client"``, on the nodes
 (:mod:`flora_lightning.flower.dp`), with the same seeded noise as ``flora fit``.
@@ -44,11 +53,15 @@ import logging
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from flora_lightning.callbacks.federated import FederatedEvaluation
 from flora_lightning.federation.loop import FederatedLoop
 from flora_lightning.flower.app_config import FlowerRunConfig, build_components
 from flora_lightning.flower.arrays import to_state
+from flora_lightning.flower.node_evaluation import NodeEvaluation
+from flora_lightning.flower.server_data import ServerSideData
 from flora_lightning.flower.server_strategy import FloraFedAvg
 from flora_lightning.privacy.client_dp import DPFedAvg
+from flora_lightning.rundir.checkpoint import write_text
 from flora_lightning.rundir.round_record import RoundTally
 
 log = logging.getLogger(__name__)
@@ -82,6 +95,20 @@ def serve(grid: Grid, run: FlowerRunConfig, timeout: float = 3600.0) -> dict:
     returns the summary (as summary.json)."""
     parts = build_components(run)
     loop, model, data = parts.loop, parts.model, parts.data
+    needed = any(getattr(c, "needs_client_data", False) for c in loop.callbacks)
+    if run.node_data:  # the nodes keep their data: the server opens its test set only
+        if needed:
+            raise ValueError(
+                "run config node-data = true: the server holds no client data, so "
+                "PersonalizedEvaluation cannot run on it; use "
+                "flora_lightning.callbacks.FederatedEvaluation (the nodes evaluate)."
+            )
+        data = ServerSideData(data)
+
+    def shared_counts(shared: dict) -> None:  # label counts the nodes chose to share
+        data.shared.update(shared)
+        table = loop.recorder.shown_label_table(data.label_table())
+        write_text(table + "\n", loop.run_dir / "label_table.txt")
 
     def rounds(done: int) -> None:  # after the restored round ``done`` (0: a new run)
         strategy = FloraFedAvg(
@@ -92,7 +119,11 @@ def serve(grid: Grid, run: FlowerRunConfig, timeout: float = 3600.0) -> dict:
             select_clients=loop.round_clients,
             node_wait_seconds=run.node_wait_seconds,
             round_offset=done,
+            node_reports=shared_counts if run.node_data else None,
         )
+        for callback in loop.callbacks:  # the nodes evaluate on their own test sets
+            if isinstance(callback, FederatedEvaluation):
+                callback.evaluator = NodeEvaluation(strategy)
         outer = strategy
         if isinstance(loop.strategy, DPFedAvg):  # Flower clips and noises (restored bound)
             from flora_lightning.flower.dp import with_flower_dp
@@ -108,7 +139,6 @@ def serve(grid: Grid, run: FlowerRunConfig, timeout: float = 3600.0) -> dict:
 
     # The test set only (clients train), unless a callback evaluates clients' own data here
     # (PersonalizedEvaluation: from the same dataset the server holds for the global test set).
-    needed = any(getattr(c, "needs_client_data", False) for c in loop.callbacks)
     cached = list(range(data.num_clients)) if needed else []
     return loop.run(model, data, rounds, parts.config_yaml, cache_clients=cached)
 

@@ -81,6 +81,8 @@ class FloraFedAvg(FlowerFedAvg):
             of its partitions; the missing ones are rejected ("node not connected").
         round_offset: rounds already done (a resumed run): Flower's round ``r`` is the run's
             round ``r + round_offset`` (train messages, so the clients' seeds; sampler; tallies).
+        node_reports: called with partition -> (samples, label counts) of the nodes that
+            shared them (``share-label-counts``) whenever the roster learns new ones.
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class FloraFedAvg(FlowerFedAvg):
         average: Strategy | None = None,
         node_wait_seconds: float = 60.0,
         round_offset: int = 0,
+        node_reports: Callable[[dict[int, tuple[int, list[int]]]], None] | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -109,6 +112,9 @@ class FloraFedAvg(FlowerFedAvg):
         self.select_clients = select_clients
         self.roster = NodeRoster(wait_seconds=node_wait_seconds, query_timeout=query_timeout)
         self.round_offset = round_offset
+        self.node_reports = node_reports
+        self.grid: Grid | None = None
+        """The run's Grid (from the first ``configure_train``): federated evaluation uses it."""
         self.reports: dict[int, RoundTally] = {}
         """Round (of the run) -> its tally (traffic, losses, accepted and rejected clients)."""
         self._global: State = {}
@@ -129,6 +135,7 @@ class FloraFedAvg(FlowerFedAvg):
         """Sampling (Flower's, or ``select_clients``); remembers the global state sent and
         counts the bytes down."""
         round_ = server_round + self.round_offset
+        self.grid = grid
         missing: list[int] = []
         if self.select_clients is None:
             messages = list(super().configure_train(round_, arrays, config, grid))
@@ -160,7 +167,10 @@ class FloraFedAvg(FlowerFedAvg):
         """Train messages to the connected nodes holding the partitions ``select_clients``
         names; the partitions that train and those whose node is missing."""
         wanted = sorted(self.select_clients(round_))
+        shared = len(self.roster.shared)
         holder = self.roster.wait_for(grid, wanted, round_)
+        if self.node_reports is not None and len(self.roster.shared) != shared:
+            self.node_reports(dict(self.roster.shared))
         trained = [p for p in wanted if p in holder]
         missing = [p for p in wanted if p not in holder]
         log.info("configure_train: round %d, partitions %s (seeded, as flora fit)", round_, wanted)

@@ -121,13 +121,13 @@ def test_query_answers_the_partition_without_building_anything():
         dst_node_id=NODE,
         message_type=MessageType.QUERY,
     )
-    answer = partition_message(question, context())
+    answer = partition_message(question, context(), RUN)
     assert answer.content.metric_records["metrics"]["partition-id"] == 0
     no_partition = Context(
         run_id=1, node_id=NODE, node_config={}, state=RecordDict(), run_config={}
     )
     with pytest.raises(ValueError, match="node_config has no partition-id"):
-        partition_message(question, no_partition)
+        partition_message(question, no_partition, RUN)
 
 
 def saved_steps(path: Path) -> set[float]:
@@ -241,7 +241,7 @@ def test_partitions_served_by_one_process_share_one_build(offline_assets):
     fit_message(train_message(start, 1), context(partition=0), RUN)  # moves the shared model
     shared = fit_message(train_message(start, 1), context(partition=1), RUN)
     assert len(client_app._built) == 1
-    assert set(client_app._built[RUN].loop.feature_cache.features) >= {"0", "1"}
+    assert set(client_app._built[(RUN, None)].loop.feature_cache.features) >= {"0", "1"}
     client_app._built.clear()
     alone = fit_message(train_message(start, 1), context(partition=1), RUN)
     for name, tensor in to_state(alone.content["arrays"]).items():
@@ -261,10 +261,10 @@ def test_one_partition_per_node_frees_the_image_encoder_after_caching(offline_as
     client_app._built.clear()
     start = client_components(RUN, context()).model.communicated_state()
     kept = fit_message(train_message(start, 1), context(partition=1), RUN)
-    vision = client_app._built[RUN].model.clip_model().vision_model
+    vision = client_app._built[(RUN, None)].model.clip_model().vision_model
     assert not any(p.is_meta for p in vision.parameters())  # simulation: kept for the next one
     freed = fit_message(train_message(start, 1), context(partition=1), deployed)
-    vision = client_app._built[deployed].model.clip_model().vision_model
+    vision = client_app._built[(deployed, None)].model.clip_model().vision_model
     assert all(p.is_meta for p in vision.parameters())
     for name, tensor in to_state(kept.content["arrays"]).items():
         assert torch.equal(to_state(freed.content["arrays"])[name], tensor), name
