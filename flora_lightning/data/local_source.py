@@ -155,7 +155,7 @@ def _load(spec: SourceSpec, where: str):
     """The source's one split as a ``datasets.Dataset``."""
     import datasets
 
-    from flora_lightning.data.source import load_source
+    from flora_lightning.data.source import DataFileError, DatasetNotAvailableError, load_source
 
     if spec.kind == "imagefolder":
         folder = Path(spec.location)
@@ -182,10 +182,12 @@ def _load(spec: SourceSpec, where: str):
                 "images in one sub-folder per class (DIR/<class name>/<image>)."
             ) from err
         return _one_split(loaded, "train", where)
-    if spec.kind == "parquet":
-        loaded = load_source("parquet", data_files=spec.location)
-        return _one_split(loaded, "train", where)
-    loaded = load_source(spec.location)
+    try:
+        if spec.kind == "parquet":
+            return _one_split(load_source("parquet", data_files=spec.location), "train", where)
+        loaded = load_source(spec.location)
+    except (DatasetNotAvailableError, DataFileError) as err:  # their message names data.dataset
+        raise LocalSourceError(f"{where}: {str(err).removeprefix('data.dataset: ')}") from err
     if spec.split not in loaded:
         raise LocalSourceError(
             f"{where}: the dataset has no split {spec.split!r}; its splits are "

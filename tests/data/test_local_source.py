@@ -193,3 +193,24 @@ def test_a_site_with_one_class_keeps_its_label(tmp_path):
     # datasets' imagefolder drops the labels of files that share one folder: not here
     root = _folder(tmp_path / "site", {"dog/a.png": 1, "dog/b.png": 2})
     assert load_local_source(str(root), ["cat", "dog"]).labels().tolist() == [1, 1]
+
+
+def test_a_bad_image_inside_parquet_is_named_by_row(tmp_path):
+    images = [{"bytes": _png(1), "path": None}, {"bytes": b"broken", "path": None}]
+    path = _parquet(tmp_path / "a.parquet", {"image": images, "label": ["cat", "cat"]})
+    with pytest.warns(UserWarning, match=r"1 unreadable skipped \(row 1\)"):
+        source = load_local_source(str(path), ["cat"], max_unreadable_fraction=0.5)
+    assert source.unreadable == ("row 1",) and source.num_samples == 1
+
+
+def test_an_unknown_hub_dataset_names_the_node_field():
+    with pytest.raises(LocalSourceError, match=r"^data-path='hub:nobody/nothing': could not load"):
+        load_local_source("hub:nobody/nothing", ["cat"])
+
+
+def test_a_corrupt_parquet_file_names_the_node_field(tmp_path):
+    (tmp_path / "a.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(
+        LocalSourceError, match=r"^data-path='.*a.parquet': .*not a readable parquet"
+    ):
+        load_local_source(str(tmp_path / "a.parquet"), ["cat"])
