@@ -22,7 +22,7 @@ class PartitionConfig:
     pathological (disjoint classes per client), fewshot (n shots per class per client),
     folders (client k holds client_dirs[k]: the data owners' own data, nothing drawn)."""
     num_clients: int = 10
-    """Number of clients (data owners); kind=folders sets it to len(client_dirs)."""
+    """Number of clients (data owners); kind=folders: len(client_dirs)."""
     client_dirs: list[str] | None = None
     """kind=folders: one data path per client (client k = entry k): an imagefolder DIR (one
     sub-folder per class), a .parquet file or glob, or hub:ID[:SPLIT]."""
@@ -137,4 +137,9 @@ class PartitionConfig:
                 f"{p}client_test_dirs must list one test path per client, "
                 f"{len(self.client_dirs)} like {p}client_dirs (got {tests!r})"
             )
-        self.num_clients = len(self.client_dirs)
+        if self.num_clients != len(self.client_dirs):  # the saved config.yaml must say so too
+            raise ValueError(
+                f"{p}num_clients={self.num_clients} but {p}client_dirs lists "
+                f"{len(self.client_dirs)} paths (kind=folders: one client per path); set "
+                f"{p}num_clients={len(self.client_dirs)}"
+            )

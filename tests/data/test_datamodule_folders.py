@@ -19,6 +19,11 @@ from flora_lightning.data.partition_config import PartitionConfig
 from flora_lightning.offline.digits import CLASS_NAMES, digits_data_files
 
 
+def folders(dirs: list, **kwargs) -> PartitionConfig:
+    """``kind=folders`` over ``dirs`` (one client per path)."""
+    return PartitionConfig(kind="folders", num_clients=len(dirs), client_dirs=dirs, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory, offline_assets) -> tuple[list[Path], Path]:
     from flora_lightning.offline.site_folders import TEST_FOLDER, write_site_folders
@@ -51,9 +56,7 @@ def _truth() -> np.ndarray:
 
 def test_client_k_holds_client_dirs_k(sites):
     dirs, test = sites
-    data = _data(
-        PartitionConfig(kind="folders", client_dirs=[str(d) for d in dirs]), test_dataset=str(test)
-    )
+    data = _data(folders([str(d) for d in dirs]), test_dataset=str(test))
     data.setup()
     truth = _truth()
     assert data.num_clients == 3
@@ -72,7 +75,7 @@ def test_client_k_holds_client_dirs_k(sites):
 def test_a_node_trains_on_the_rows_its_twin_client_gets(sites):
     dirs, test = sites
     twin = _data(
-        PartitionConfig(kind="folders", client_dirs=[str(d) for d in dirs], seed=7),
+        folders([str(d) for d in dirs], seed=7),
         test_dataset=str(test),
         local_test_fraction=0.2,
     )
@@ -95,11 +98,7 @@ def test_a_node_trains_on_the_rows_its_twin_client_gets(sites):
 def test_client_test_dirs_are_the_local_test_sets(sites):
     dirs, _ = sites
     data = _data(
-        PartitionConfig(
-            kind="folders",
-            client_dirs=[str(dirs[0]), str(dirs[1])],
-            client_test_dirs=[str(dirs[2]), str(dirs[0])],
-        ),
+        folders([str(dirs[0]), str(dirs[1])], client_test_dirs=[str(dirs[2]), str(dirs[0])]),
         test_dataset="hub:flora-offline/digits:test",
     )
     data.setup()
@@ -125,9 +124,7 @@ def test_a_server_opens_no_training_data(sites, monkeypatch):
 
     monkeypatch.setattr(datamodule_module, "load_local_source", recording)
     monkeypatch.setattr(datamodule_module, "load_source", no_dataset)
-    server = _data(
-        PartitionConfig(kind="folders", client_dirs=[str(d) for d in dirs]), test_dataset=str(test)
-    )
+    server = _data(folders([str(d) for d in dirs]), test_dataset=str(test))
     server.setup_server()
     assert opened == [str(test)]
     assert server.train_set is None and server.client_indices == []
@@ -136,7 +133,7 @@ def test_a_server_opens_no_training_data(sites, monkeypatch):
 
 def test_without_test_dataset_the_global_test_set_is_data_dataset_s(sites):
     dirs, _ = sites
-    data = _data(PartitionConfig(kind="folders", client_dirs=[str(d) for d in dirs]))
+    data = _data(folders([str(d) for d in dirs]))
     data.setup_server()
     truth = pq.read_table(digits_data_files()["test"])["label"].to_pylist()
     assert data.test_set["label"] == truth
@@ -147,7 +144,7 @@ def test_a_bad_site_names_its_field(sites, tmp_path):
     bad = tmp_path / "bad"
     (bad / "seven").mkdir(parents=True)
     (bad / "seven" / "a.png").write_bytes(b"nope")
-    data = _data(PartitionConfig(kind="folders", client_dirs=[str(dirs[0]), str(bad)]))
+    data = _data(folders([str(dirs[0]), str(bad)]))
     with pytest.raises(ValueError, match=r"data.partition.client_dirs\[1\]=.*1 of 1 images"):
         data.setup()
 

@@ -33,7 +33,11 @@ def overlay(tmp_path_factory, offline_assets) -> tuple[Path, list[Path]]:
             "class_names": CLASS_NAMES,
             "test_dataset": str(root / TEST_FOLDER),
             "max_test_samples": 100,
-            "partition": {"kind": "folders", "client_dirs": [str(s) for s in sites]},
+            "partition": {
+                "kind": "folders",
+                "num_clients": 3,
+                "client_dirs": [str(s) for s in sites],
+            },
         }
     }
     path = root / "folders.yaml"

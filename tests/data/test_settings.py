@@ -26,6 +26,11 @@ GOOD = dict(
 )
 
 
+def folders(dirs: list, **kwargs) -> PartitionConfig:
+    """``kind=folders`` over ``dirs`` (one client per path)."""
+    return PartitionConfig(kind="folders", num_clients=len(dirs), client_dirs=dirs, **kwargs)
+
+
 @pytest.mark.parametrize(
     "field", ["test_fraction", "local_test_fraction", "max_unreadable_fraction"]
 )
@@ -43,9 +48,9 @@ def test_max_unreadable_fraction_range():
 
 def test_folder_paths_must_exist(tmp_path):
     (tmp_path / "a").mkdir()
-    partition = PartitionConfig(kind="folders", client_dirs=[str(tmp_path / "a"), "hub:x/y"])
+    partition = folders([str(tmp_path / "a"), "hub:x/y"])
     check_data_settings(**GOOD, partition=partition, class_names=["cat"])
-    missing = PartitionConfig(kind="folders", client_dirs=[str(tmp_path / "a"), "sites/none"])
+    missing = folders([str(tmp_path / "a"), "sites/none"])
     with pytest.raises(ValueError, match=r"data.partition.client_dirs\[1\]='sites/none': no such"):
         check_data_settings(**GOOD, partition=missing, class_names=["cat"])
     with pytest.raises(ValueError, match=r"data.test_dataset='nope': no such directory"):
@@ -53,9 +58,7 @@ def test_folder_paths_must_exist(tmp_path):
 
 
 def test_folders_needs_class_names_and_one_kind_of_local_test(tmp_path):
-    partition = PartitionConfig(
-        kind="folders", client_dirs=[str(tmp_path)], client_test_dirs=[str(tmp_path)]
-    )
+    partition = folders([str(tmp_path)], client_test_dirs=[str(tmp_path)])
     with pytest.raises(ValueError, match="data.class_names is required with data.partition.kind"):
         check_data_settings(**GOOD, partition=partition)
     with pytest.raises(ValueError, match="data.local_test_fraction and data.partition.client_test"):
@@ -84,6 +87,7 @@ def _fit(*args: str) -> list[str]:
         (
             [
                 "--data.partition.kind=folders",
+                "--data.partition.num_clients=1",
                 "--data.class_names=[a]",
                 "--data.partition.client_dirs=[/no/such/site]",
             ],
