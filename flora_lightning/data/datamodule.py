@@ -254,7 +254,13 @@ class FederatedDataModule(L.LightningDataModule):
         self._use_sources(owned, tests, len(dirs))
         self.test_set = self._global_test()
 
-    def setup_node(self, data_path: str, client: int, test_path: str | None = None) -> None:
+    def setup_node(
+        self,
+        data_path: str,
+        client: int,
+        test_path: str | None = None,
+        fields: tuple[str, str] = ("data-path", "test-path"),
+    ) -> None:
         """Set up a deployed node: it holds only its own data, as client ``client``.
 
         The node trains exactly as client ``client`` of the in-process twin
@@ -267,16 +273,19 @@ class FederatedDataModule(L.LightningDataModule):
             data_path: The node's data (``--node-config data-path``).
             client: The client index the run gives this node (its seeds depend on it).
             test_path: The node's own local test set (``--node-config test-path``), or None.
+            fields: The names of the two paths in error messages (e.g.
+                ``("data.partition.client_dirs[2]", "data.partition.client_test_dirs[2]")``
+                on a simulated node).
         """
         if self.train_set is not None:
             return
         if test_path is not None and self.local_test_fraction is not None:
             raise ValueError(
-                "A node has a test-path and data.local_test_fraction is set: give one local "
-                "test set, either the node's test-path or data.local_test_fraction."
+                f"A node has a {fields[1]} and data.local_test_fraction is set: give one local "
+                f"test set, either the node's {fields[1]} or data.local_test_fraction."
             )
-        owned = {client: self.load_local(data_path, "data-path")}
-        tests = None if test_path is None else {client: self.load_local(test_path, "test-path")}
+        owned = {client: self.load_local(data_path, fields[0])}
+        tests = None if test_path is None else {client: self.load_local(test_path, fields[1])}
         self.node_test_path = test_path
         self._use_sources(owned, tests, max(self.partition.num_clients, client + 1))
 
@@ -294,6 +303,7 @@ class FederatedDataModule(L.LightningDataModule):
         """``data.test_dataset``'s rows, else the test set of ``data.dataset``."""
         if self.test_dataset is not None:
             names = self._run_class_names("data.test_dataset")
+            self.class_names = names
             return self._capped(self._load_test_dataset(names))
         names = self._run_class_names("data.partition.kind=folders (or node-local data)")
         _, test, class_names = self._load_dataset()

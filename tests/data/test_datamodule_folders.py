@@ -159,3 +159,20 @@ def test_test_dataset_replaces_the_global_test_set_of_any_kind(sites, make_datam
     # the folder's files are the digits' test rows, named by row: same labels in row order
     by_row = sorted(zip(_files(data.test_set), data.test_set["label"], strict=True))
     assert [label for _, label in by_row] == truth
+
+
+def test_a_node_names_its_paths_and_refuses_two_local_test_sets(sites, tmp_path):
+    dirs, _ = sites
+    node = _data(PartitionConfig(num_clients=3))
+    with pytest.raises(ValueError, match=r"^data.partition.client_dirs\[2\]='.*nope': no such"):
+        node.setup_node(str(tmp_path / "nope"), 2, fields=("data.partition.client_dirs[2]", "t"))
+    both = _data(PartitionConfig(num_clients=3), local_test_fraction=0.2)
+    with pytest.raises(ValueError, match="A node has a test-path and data.local_test_fraction"):
+        both.setup_node(str(dirs[0]), 0, test_path=str(dirs[1]))
+    server = _data(
+        folders([str(d) for d in dirs]),
+        class_names=["zero_x", *CLASS_NAMES[1:]],
+        test_dataset="hub:flora-offline/digits:test",
+    )
+    with pytest.raises(ValueError, match=r"label\(s\) the run does not know: \['zero'\]"):
+        server.setup_server()
