@@ -91,7 +91,7 @@ def client_components(run: FlowerRunConfig, context: Context) -> Components:
         parts = build_components(run)
         parts.loop.release_image_encoder &= run.one_partition_per_node
         if node is not None:  # only this node's data path (and its own test path) is read
-            parts.data.setup_node(node.data_path, node.client, node.test_path)
+            parts.data.setup_node(node.data_path, node.client, node.test_path, node.fields)
             log_once(f"node-local data of client {node.client}: " + "; ".join(
                 s.summary() for s in parts.data.sources.values()))  # fmt: skip
         parts.loop.set_up(parts.model, parts.data, tensorboard=False)  # a client writes nothing
@@ -195,13 +195,16 @@ def partition_message(msg: Message, context: Context, run: FlowerRunConfig) -> M
             )
         return Message(RecordDict({"metrics": MetricRecord(
             {PARTITION_KEY: int(config[PARTITION_KEY])})}), reply_to=msg)  # fmt: skip
-    parts = client_components(run, context)
-    node = node_of(context, run, parts)
+    node = node_of(context, run, build_components(run))  # the YAML only: no data is read
     values: dict = {PARTITION_KEY: node.client}
     if node.share_label_counts:
-        samples, counts = parts.data.client_report(node.client)
-        values[NUM_EXAMPLES_KEY] = int(samples)
-        values[LABEL_COUNTS_KEY] = [int(c) for c in counts]
+        try:
+            samples, counts = client_components(run, context).data.client_report(node.client)
+        except ValueError as err:  # its data is refused: the train rounds report why
+            log_once(f"client {node.client}: label counts not shared, its data is refused: {err}")
+        else:
+            values[NUM_EXAMPLES_KEY] = int(samples)
+            values[LABEL_COUNTS_KEY] = [int(c) for c in counts]
     return Message(content=RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)
 
 

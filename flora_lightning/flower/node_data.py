@@ -45,12 +45,14 @@ class NodeData:
         data_path: its own data (``node-data``), or None: partition ``client`` of the YAML's data.
         test_path: its own local test set (``test-path``), or None.
         share_label_counts: whether its label counts may leave the node.
+        fields: what the node's messages call its data and test paths.
     """
 
     client: int
     data_path: str | None = None
     test_path: str | None = None
     share_label_counts: bool = False
+    fields: tuple[str, str] = (DATA_PATH, TEST_PATH)
 
 
 def _flag(node_config: dict, key: str) -> bool:
@@ -139,5 +141,6 @@ def node_data(node_config: dict, node_data_run: bool, partition) -> NodeData:
             "simulation engine) use data.partition.kind: folders with client_dirs."
         )
     tests = partition.client_test_dirs
+    fields = (f"data.partition.client_dirs[{client}]", f"data.partition.client_test_dirs[{client}]")
     return NodeData(client, partition.client_dirs[client],
-                    None if tests is None else tests[client], share)  # fmt: skip
+                    None if tests is None else tests[client], share, fields)  # fmt: skip

@@ -88,12 +88,16 @@ def federation(
     simulation: bool = False,
     node_keys: list[str] | None = None,
     state_dir: Path | None = None,
+    node_configs: list[str] | None = None,
+    envs: dict[str, dict] | None = None,
 ):
     """A SuperLink plus ``num_nodes`` SuperNodes, or a simulation SuperLink (its virtual
     SuperNodes come from the connection's ``options.num-supernodes``). With ``node_keys``
     (needs ``tls``), SuperNode authentication is on and node ``i`` registers and uses
     ``node_keys[i]``; with ``state_dir`` the nodes keep their optimizer states there
-    (``node_config`` ``state-dir``). Yields ``start_node`` (to launch more SuperNodes; its
+    (``node_config`` ``state-dir``); ``node_configs[i]`` replaces node ``i``'s
+    ``partition-id``/``num-partitions`` node config; ``envs`` gives a process (``superlink``,
+    ``supernode0``, ...) its own environment. Yields ``start_node`` (to launch more SuperNodes; its
     ``nodes`` attribute lists the SuperNode processes started); always stops every process
     group it started."""
     processes: list[subprocess.Popen] = []
@@ -102,7 +106,12 @@ def federation(
         log = tmp / f"{name}.log"
         with open(log, "w") as out:
             process = subprocess.Popen(
-                args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp, start_new_session=True
+                args,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=(envs or {}).get(name, env),
+                cwd=tmp,
+                start_new_session=True,
             )
         processes.append(process)
         return process, log
@@ -135,6 +144,8 @@ def federation(
             auth = ["--auth-supernode-private-key", key] if key else []
             more = ["--max-retries", str(retries)] if retries is not None else []
             node_config = f"partition-id={i} num-partitions={num_nodes}"
+            if node_configs is not None:
+                node_config = node_configs[i]
             if state_dir is not None:
                 node_config += f' state-dir="{state_dir}"'
             started = start(
