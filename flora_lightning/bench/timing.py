@@ -70,19 +70,25 @@ def time_steps(
     import torch
     from torch.utils.benchmark import Measurement, Timer
 
-    from flora_lightning.federation.local_trainer import local_step
+    from flora_lightning.federation.local_trainer import captured_step, local_step
 
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps must be >= 1 and warmup >= 0 (got {steps}, {warmup}).")
     batch = fabric.to_device(batch)
     optimizer = fabric.setup_optimizers(module.configure_optimizers())
-    if step_fn is None:
-        step_fn = capture.step if capture is not None else local_step
+    if step_fn is None and capture is not None:
+        one_step = captured_step(capture, fabric, module, optimizer)
+    else:
+        plain = step_fn or local_step
+
+        def one_step(batch, batch_idx: int):
+            return plain(fabric, module, optimizer, batch, batch_idx)
+
     ran = 0  # steps run so far
 
     def step() -> None:
         nonlocal ran
-        step_fn(fabric, module, optimizer, batch, ran).item()
+        one_step(batch, ran).item()
         ran += 1
 
     module.train()

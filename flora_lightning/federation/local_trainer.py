@@ -61,21 +61,41 @@ class ProximalTerm:
 
 
 def local_step(
-    fabric, module, optimizer, batch, batch_idx: int, proximal: ProximalTerm | None = None
+    fabric,
+    module,
+    optimizer,
+    batch,
+    batch_idx: int,
+    proximal: ProximalTerm | None = None,
+    training_step=None,
 ) -> torch.Tensor:
     """One local optimizer step; returns the (still attached) loss.
 
-    ``training_step`` runs under the Fabric precision autocast (Fabric only wraps ``forward``
-    itself), then ``fabric.backward``, the optimizer step and ``zero_grad(set_to_none=True)``.
-    With ``proximal`` (FedProx) the step minimises ``loss + proximal()``; the returned loss is
-    the training loss alone.
+    ``training_step`` (default ``module.training_step``; the compiled one under
+    ``trainer.compile``/``cuda_graphs``: :func:`captured_step`) runs under the Fabric precision
+    autocast (Fabric only wraps ``forward`` itself), then ``fabric.backward``, the optimizer
+    step and ``zero_grad(set_to_none=True)``. With ``proximal`` (FedProx) the step minimises
+    ``loss + proximal()``; the returned loss is the training loss alone.
     """
+    forward = module.training_step if training_step is None else training_step
     with fabric.autocast():
-        loss = module.training_step(batch, batch_idx)
+        loss = forward(batch, batch_idx)
     fabric.backward(loss if proximal is None else loss + proximal())
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss
+
+
+def captured_step(capture: CompiledStep, fabric, model, optimizer, proximal=None):
+    """``step(batch, batch_idx) -> loss``: :func:`local_step` with ``capture``'s compiled
+    forward (and, under CUDA graphs, a new graph step marked first)."""
+    forward = capture.compiled_forward(model)
+
+    def step(batch, batch_idx: int) -> torch.Tensor:
+        capture.begin_step()
+        return local_step(fabric, model, optimizer, batch, batch_idx, proximal, forward)
+
+    return step
 
 
 def steps_per_epoch(num_samples: int, batch_size: int) -> int:
@@ -251,7 +271,7 @@ class LocalTrainer:
             self.step_fn.start_fit(step_seed)
             return lambda batch, i: self.step_fn(fabric, model, optimizer, batch, i)
         if self.uses_capture:
-            return lambda batch, i: self.capture.step(fabric, model, optimizer, batch, i, proximal)
+            return captured_step(self.capture, fabric, model, optimizer, proximal)
         return lambda batch, i: local_step(fabric, model, optimizer, batch, i, proximal)
 
     def run_steps(self, model, loader, step, cap: float) -> tuple[float, int]:

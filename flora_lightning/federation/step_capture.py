@@ -81,13 +81,7 @@ class CompiledStep:
             log_once(f"The local step is {self.what} ({type(model).__name__}).")
         return self.forward
 
-    def step(self, fabric, model, optimizer, batch, batch_idx: int, proximal=None) -> torch.Tensor:
-        """One local step: :func:`~.local_trainer.local_step` with the compiled forward."""
+    def begin_step(self) -> None:
+        """Before each step under CUDA graphs: the last step's outputs are consumed."""
         if self.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
-        with fabric.autocast():
-            loss = self.compiled_forward(model)(batch, batch_idx)
-        fabric.backward(loss if proximal is None else loss + proximal())
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
+            torch.compiler.cudagraph_mark_step_begin()
