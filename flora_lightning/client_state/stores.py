@@ -159,7 +159,11 @@ class DiskStates(ClientStates):
         data = save(pack_states({client: PackedState(state)}))
         path = self.path(client)
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
+        tmp.unlink(missing_ok=True)
+        # created anew, never through a symlink planted at its name (O_EXCL | O_NOFOLLOW)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+        with open(os.open(tmp, flags, 0o666), "wb") as handle:
+            handle.write(data)
         os.replace(tmp, path)
         self.files[int(client)] = (path, hashlib.sha256(data).hexdigest())
 

@@ -249,3 +249,19 @@ def test_both_stores_hand_the_shards_their_packed_state(tmp_path):
     assert store.packed(2) is not store.packed(2)  # disk: read afresh each time
     memory = MemoryStates({2: adam_state(2)})
     assert memory.packed(2) is memory.packed(2)  # memory: the kept one
+
+
+def test_disk_store_never_writes_through_a_symlink(tmp_path):
+    """A symlink planted at a client's file (or its temporary name) is replaced, not followed."""
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"precious")
+    folder = tmp_path / "states"
+    store = DiskStates(folder)
+    (folder / "client_4.safetensors").symlink_to(outside)
+    (folder / ".client_4.safetensors.tmp").symlink_to(tmp_path / "planted")
+    store[4] = adam_state(4)
+    assert outside.read_bytes() == b"precious" and not (tmp_path / "planted").exists()
+    assert not store.path(4).is_symlink()
+    back = flatten_optimizer_states({4: store[4]})
+    whole = flatten_optimizer_states({4: adam_state(4)})
+    assert all(torch.equal(back[k], whole[k]) for k in whole)
