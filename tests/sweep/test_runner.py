@@ -69,7 +69,13 @@ def sweep(*args: str) -> dict:
 
 
 def files_with_mtimes(folder: Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
+    """The run's files (not ``run.lock``, which records whoever last locked the cell: a sweep
+    checking a finished cell takes its lock too)."""
+    return {
+        str(p.relative_to(folder)): p.stat().st_mtime_ns
+        for p in folder.rglob("*")
+        if p.name != "run.lock"
+    }
 
 
 @pytest.fixture(scope="module")
