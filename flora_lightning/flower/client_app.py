@@ -13,10 +13,16 @@ the in-process loop keeps it per client: on disk under ``node_config["state-dir"
 (it then survives SuperNode restarts and resumed ServerApps), else in ``context.state``
 (:mod:`~flora_lightning.flower.optimizer_store`).
 
-With client-side DP clipping (run config ``dp-clipping = "client"``: the server's wrapper puts
-``clipping_norm`` in the train config), Flower's ``fixedclipping_mod`` (or
-``adaptiveclipping_mod`` with ``privacy.adaptive_clipping``) clips the reply on the node
-(:func:`clipping_mod`).
+With client-side DP clipping (run config ``dp-clipping = "client"``), Flower's
+``fixedclipping_mod`` (or ``adaptiveclipping_mod`` with ``privacy.adaptive_clipping``) clips the
+reply on the node (:func:`clipping_mod`) with the node's own bound (fixed clipping): never a
+bound the message alone chose, and also when the message carries none.
+
+What the node accepts from the run config is its operator's choice
+(:mod:`~flora_lightning.flower.node_policy`): a node config may pin the YAML
+(``config="/site/flora.yaml"``) and name the protected overrides it allows
+(``allow-overrides``); every entry point applies it (:func:`client_components`,
+:func:`partition_message`).
 
 A query message (sent once per node when ``join_ratio < 1``) is answered with the node's
 ``partition-id`` only, so the ServerApp can train the partitions ``flora fit`` would sample.
@@ -48,6 +54,7 @@ from flora_lightning.federation.step_capture import log_once
 from flora_lightning.flower.app_config import Components, FlowerRunConfig, build_components
 from flora_lightning.flower.arrays import to_state
 from flora_lightning.flower.node_data import SHARE_LABEL_COUNTS, NodeData, node_data
+from flora_lightning.flower.node_policy import CLIP_NORM, node_clip_norm, node_run_config
 from flora_lightning.flower.nodes import (
     DROPPED_KEY,
     LABEL_COUNTS_KEY,
@@ -78,10 +85,16 @@ def client_components(run: FlowerRunConfig, context: Context) -> Components:
     to encode the next partition, unless the run config's ``one-partition-per-node`` says
     each process trains one partition: then ``trainer.release_image_encoder`` applies.
 
+    ``run`` is the run config as sent; the node obeys it as its node config allows
+    (:func:`~flora_lightning.flower.node_policy.node_run_config`: its pinned YAML, its allowed
+    overrides).
+
     Raises:
         RuntimeError: a process that released its image encoder is asked for another
             partition (``one-partition-per-node = true`` on a simulation), naming the key.
+        OverrideRefused: an override the node config does not allow.
     """
+    run = node_run_config(run, context.node_config)
     node = None
     if run.node_data:  # each node's own data: one set per client (its data is all it loads)
         node = node_data(context.node_config, True, build_components(run).data.partition)
@@ -160,26 +173,78 @@ def dropped_reply(msg: Message, event: Event) -> Message:
 
 
 def clipping_mod(defaults: dict | None = None):
-    """A ClientApp mod: Flower's ``fixedclipping_mod`` (``adaptiveclipping_mod`` with
-    ``privacy.adaptive_clipping``) on train messages carrying a ``clipping_norm``; other
-    messages pass. A client the availability draw drops answers before Flower's mod (which
-    refuses a reply without arrays)."""
+    """A ClientApp mod: with run config ``dp-clipping = "client"`` (or a train message carrying
+    a ``clipping_norm``), Flower's ``fixedclipping_mod`` (``adaptiveclipping_mod`` with the
+    node's ``privacy.adaptive_clipping``) on train messages; other messages pass. A client the
+    availability draw drops answers before Flower's mod (which refuses a reply without arrays).
+
+    The bound is the node's (:func:`node_bound`): fixed clipping clips with the node config's
+    ``clip-norm``, else its YAML's ``privacy.clip_norm``, whatever the message says (Flower's
+    mod reads the message's ``clipping_norm``: it is set to the node's bound first), and also
+    when the message has none. Adaptive clipping follows the server's bound (the protocol
+    adapts it each round), refused when the message has none or, with a node-config
+    ``clip-norm``, when it is larger than that cap."""
 
     def mod(msg: Message, context: Context, call_next) -> Message:
-        config = msg.content.config_records.get("config", {})
-        if msg.metadata.message_type != MessageType.TRAIN or KEY_CLIPPING_NORM not in config:
+        if msg.metadata.message_type != MessageType.TRAIN:
             return call_next(msg, context)
+        config = msg.content.config_records.get("config", {})
         run = FlowerRunConfig.from_run_config(context.run_config, defaults)
+        if run.dp_clipping != "client" and KEY_CLIPPING_NORM not in config:
+            return call_next(msg, context)
         parts = client_components(run, context)
         loop, client = parts.loop, node_of(context, run, parts).client
         event = availability_event(loop, int(config["server-round"]), client)
         if event is not None and event.dropped:
             return dropped_reply(msg, event)
-        adaptive = loop.privacy_run is not None and loop.privacy_run.privacy.adaptive_clipping
-        flower_mod = adaptiveclipping_mod if adaptive else fixedclipping_mod
-        return flower_mod(msg, context, call_next)
+        privacy = loop.privacy_run.privacy if loop.privacy_run is not None else None
+        cap = node_clip_norm(context.node_config)
+        sent = config.get(KEY_CLIPPING_NORM)
+        if sent is None and cap is None and (privacy is None or privacy.level != "client"):
+            return call_next(msg, context)  # no client-level DP here: nothing to clip
+        if privacy is not None and privacy.adaptive_clipping:
+            if sent is None:
+                raise ValueError(
+                    f"adaptive client-side clipping: the train message has no "
+                    f"{KEY_CLIPPING_NORM} (the server's bound this round); this node does not "
+                    "send an unclipped update."
+                )
+            if cap is not None and float(sent) > cap:
+                raise ValueError(
+                    f"the server's adaptive clipping bound {float(sent)} is larger than this "
+                    f"node's cap, node_config {CLIP_NORM}={cap}: the node does not send an "
+                    "update clipped that loosely."
+                )
+            return adaptiveclipping_mod(msg, context, call_next)
+        bound = node_bound(cap, privacy)
+        if sent is not None and float(sent) != bound:
+            log_once(
+                f"client {client}: clipping with this node's bound {bound} (the server sent "
+                f"{KEY_CLIPPING_NORM}={sent})."
+            )
+        if len(msg.content.config_records) == 1:  # else Flower's mod refuses the message
+            next(iter(msg.content.config_records.values()))[KEY_CLIPPING_NORM] = bound
+        return fixedclipping_mod(msg, context, call_next)
 
     return mod
+
+
+def node_bound(cap: float | None, privacy) -> float:
+    """The fixed client-side clipping bound of this node: its node config's ``clip-norm``,
+    else its YAML's ``privacy.clip_norm`` (with ``privacy.level client``).
+
+    Raises:
+        ValueError: neither is set, naming both.
+    """
+    if cap is not None:
+        return cap
+    if privacy is not None and privacy.level == "client":
+        return float(privacy.clip_norm)
+    raise ValueError(
+        'dp-clipping = "client", but this node has no clipping bound of its own: set '
+        "privacy.level: client and privacy.clip_norm in its YAML, or start the SuperNode with "
+        f"--node-config '{CLIP_NORM}=1.0'."
+    )
 
 
 def partition_message(msg: Message, context: Context, run: FlowerRunConfig) -> Message:
@@ -187,6 +252,7 @@ def partition_message(msg: Message, context: Context, run: FlowerRunConfig) -> M
     ``share-label-counts=true``, its training samples and label counts (the server's label
     table then shows them); nothing else about its data leaves the node."""
     config = context.node_config
+    run = node_run_config(run, config)
     if not (run.node_data or str(config.get(SHARE_LABEL_COUNTS, "false")).lower() == "true"):
         if PARTITION_KEY not in config:  # nothing is built to answer: the id alone
             raise ValueError(

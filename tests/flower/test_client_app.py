@@ -46,8 +46,11 @@ def task_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, name, value)
 
 
-def context(num_partitions: int = 2, state_dir: Path | None = None, partition: int = 0) -> Context:
+def context(
+    num_partitions: int = 2, state_dir: Path | None = None, partition: int = 0, **more
+) -> Context:
     node_config = {"partition-id": partition, "num-partitions": num_partitions}
+    node_config.update({key.replace("_", "-"): value for key, value in more.items()})
     if state_dir is not None:
         node_config["state-dir"] = str(state_dir)
     return Context(
@@ -205,7 +208,7 @@ def test_client_side_clipping_is_flowers_mod_on_the_node(offline_assets, adaptiv
     def fit(msg, context):
         return fit_message(msg, context, run)
 
-    plain = fit(train_message(start, 1), ctx)  # no clipping_norm in the config: not clipped
+    plain = fit(train_message(start, 1), ctx)  # without the mod: not clipped
     raw = {k: v - start[k] for k, v in to_state(plain.content["arrays"]).items()}
     assert update_norm(raw) > 0.01
     reply = mod(clipped_message(start, 1, 0.01), ctx, fit)
@@ -213,8 +216,106 @@ def test_client_side_clipping_is_flowers_mod_on_the_node(offline_assets, adaptiv
     sent = {k: v - start[k] for k, v in to_state(reply.content["arrays"]).items()}
     assert update_norm(sent) == pytest.approx(0.01, rel=1e-4)
     assert ("norm_bit" in reply.content["metrics"]) == adaptive
-    passed = mod(train_message(start, 1), ctx, fit)  # a message without a bound passes
-    assert "norm_bit" not in passed.content["metrics"]
+
+
+def sent_norm(reply: Message, start: dict) -> float:
+    from flora_lightning.privacy.client_dp import update_norm
+
+    return update_norm({k: v - start[k] for k, v in to_state(reply.content["arrays"]).items()})
+
+
+def test_fixed_client_clipping_uses_the_nodes_own_bound(offline_assets):
+    """dp-clipping = "client": the node clips with its YAML's privacy.clip_norm (0.01) or its
+    node config's clip-norm, whatever bound the message carries, and also without one (it
+    was skipped before; a loose server bound was obeyed)."""
+    from flora_lightning.flower.client_app import clipping_mod
+
+    run = dp_run()
+    ctx = context()
+    start = client_components(run, ctx).model.communicated_state()
+    mod = clipping_mod(run.__dict__)
+
+    def fit(msg, context):
+        return fit_message(msg, context, run)
+
+    assert sent_norm(fit(train_message(start, 1), ctx), start) > 0.02  # unclipped: above both
+    loose = mod(clipped_message(start, 1, 1e6), ctx, fit)  # the message asks for no clipping
+    assert sent_norm(loose, start) == pytest.approx(0.01, rel=1e-4)
+    missing = mod(train_message(start, 1), ctx, fit)  # no clipping_norm at all
+    assert sent_norm(missing, start) == pytest.approx(0.01, rel=1e-4)
+    own = context(clip_norm=0.004)
+    tighter = mod(clipped_message(start, 1, 1e6), own, fit)
+    assert sent_norm(tighter, start) == pytest.approx(0.004, rel=1e-4)
+
+
+def test_adaptive_client_clipping_refuses_a_missing_or_too_loose_bound(offline_assets):
+    """Adaptive clipping follows the server's bound (the protocol adapts it), but a message
+    without one is refused (it passed unclipped before), and so is a bound above the node
+    config's clip-norm cap."""
+    from flora_lightning.flower.client_app import clipping_mod
+
+    run = dp_run("--privacy.adaptive_clipping true --privacy.clipped_count_stddev 1.0")
+    ctx = context()
+    start = client_components(run, ctx).model.communicated_state()
+    mod = clipping_mod(run.__dict__)
+
+    def fit(msg, context):
+        return fit_message(msg, context, run)
+
+    with pytest.raises(ValueError, match="the train message has no clipping_norm"):
+        mod(train_message(start, 1), ctx, fit)
+    capped = context(clip_norm=0.02)
+    with pytest.raises(ValueError, match="larger than this node's cap, node_config clip-norm"):
+        mod(clipped_message(start, 1, 0.5), capped, fit)
+    within = mod(clipped_message(start, 1, 0.01), capped, fit)
+    assert sent_norm(within, start) == pytest.approx(0.01, rel=1e-4)
+    assert "norm_bit" in within.content["metrics"]
+
+
+def test_a_node_with_a_pinned_yaml_ignores_the_run_configs_yaml(offline_assets, caplog):
+    """The node config's config= is the YAML the node reads; the run config's is ignored (it
+    does not even exist here: the old node raised FileNotFoundError)."""
+    import dataclasses
+
+    run = dataclasses.replace(RUN, config="/nowhere/server.yaml")
+    pinned = context(config=RUN.config)
+    with caplog.at_level(logging.WARNING):
+        parts = client_components(run, pinned)
+    assert parts.data.num_clients == 2
+    assert "config='/nowhere/server.yaml' is ignored" in caplog.text
+    start = parts.model.communicated_state()
+    reply = fit_message(train_message(start, 1), pinned, run)
+    assert reply.content["metrics"]["partition-id"] == 0
+
+
+def test_a_locked_node_refuses_overrides_its_operator_did_not_allow(offline_assets, tmp_path):
+    """A run config asking a locked node to write elsewhere, load another model or change
+    its privacy is refused before anything is built, naming the node-config key; allowed by
+    name, the override applies."""
+    import dataclasses
+
+    from flora_lightning.flower.client_app import client_components as components
+    from flora_lightning.flower.node_policy import OverrideRefused
+
+    elsewhere = tmp_path / "elsewhere"
+    run = dataclasses.replace(
+        RUN, overrides=f"{RUN.overrides} --trainer.client_state_dir {elsewhere}"
+    )
+    locked = context(config=RUN.config)
+    start = client_components(RUN, context()).model.communicated_state()
+    with pytest.raises(OverrideRefused, match="rule path") as err:
+        fit_message(train_message(start, 1), locked, run)
+    assert 'allow-overrides="trainer.client_state_dir"' in str(err.value)
+    for extra, rule in (
+        ("--model.init_args.name_or_path someone/else", "model"),
+        ("--privacy.clip_norm 100", "privacy"),
+        ("--trainer.strategy some.module.Class", "class"),
+    ):
+        hostile = dataclasses.replace(RUN, overrides=f"{RUN.overrides} {extra}")
+        with pytest.raises(OverrideRefused, match=f"rule {rule}"):
+            components(hostile, locked)
+    allowed = context(config=RUN.config, allow_overrides="trainer.client_state_dir")
+    assert components(run, allowed).loop.client_state_dir == str(elsewhere)
 
 
 def test_client_side_clipping_lets_a_dropped_client_answer(offline_assets):
