@@ -145,3 +145,30 @@ def test_check_finite_fields_names_a_null_default():
 
     with pytest.raises(ValueError, match=r"^s.rate must be a finite number \(got inf\); e.g. null"):
         check_finite_fields(Settings(rate=math.inf), lambda f: f"s.{f}")
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("field", ["deadline", "speed_spread", "dropout", "straggler_fraction"])
+def test_availability_refuses_non_finite_values(field, value):
+    from flora_lightning.federation.availability import Availability
+
+    with pytest.raises(ValueError, match=f"trainer.availability.{field}"):
+        Availability(**{field: value})
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+@pytest.mark.parametrize("field", ["noise_multiplier", "clip_norm", "clip_norm_lr"])
+def test_dpfedavg_built_directly_refuses_non_finite_values(field, value):
+    from flora_lightning.privacy.client_dp import DPFedAvg
+
+    kwargs = dict(noise_multiplier=1.0, clip_norm=1.0, num_sampled_clients=2)
+    with pytest.raises(ValueError, match=f"privacy.{field}"):
+        DPFedAvg(**{**kwargs, field: value})
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_parallel_memory_budget_refuses_non_finite_values(value):
+    from flora_lightning.federation.parallel_memory import check_parallel_settings
+
+    with pytest.raises(ValueError, match="trainer.parallel_memory_mb must be a finite"):
+        check_parallel_settings("auto", value)

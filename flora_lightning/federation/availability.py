@@ -32,6 +32,8 @@ from typing import Literal
 
 import numpy as np
 
+from flora_lightning.finite_values import check_finite_fields
+
 EVENT_STREAM = 100
 """Stream of the per-(round, client) dropout and straggler draws."""
 SPEED_STREAM = 101
@@ -81,6 +83,7 @@ class Availability:
     """Log-normal sigma >= 0 of the clients' seconds per step (0: every client takes 1 s)."""
 
     def __post_init__(self) -> None:
+        check_finite_fields(self, lambda field: f"trainer.availability.{field}")
         for field in ("dropout", "straggler"):
             value = getattr(self, field)
             if not 0 <= value <= 1:

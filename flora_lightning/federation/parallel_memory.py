@@ -28,6 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from flora_lightning.finite_values import check_finite
+
 ParallelClients = int | Literal["auto"]
 """``trainer.parallel_clients``: clients trained together per batched step, or ``auto``."""
 
@@ -91,6 +93,7 @@ def check_parallel_settings(parallel_clients: ParallelClients, parallel_memory_m
         )
     if parallel_memory_mb is None:
         return
+    check_finite({"trainer.parallel_memory_mb": parallel_memory_mb})
     if isinstance(parallel_memory_mb, bool) or not parallel_memory_mb > 0:
         raise ValueError(
             f"trainer.parallel_memory_mb must be > 0 or null (got {parallel_memory_mb!r})."

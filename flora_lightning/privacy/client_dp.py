@@ -71,6 +71,7 @@ import math
 import numpy as np
 import torch
 
+from flora_lightning.finite_values import check_finite
 from flora_lightning.strategy.base import ClientUpdate, State, Strategy
 
 
@@ -174,9 +175,16 @@ class DPFedAvg(Strategy):
         clip_and_noise: bool = True,
     ) -> None:
         super().__init__(min_clients=min_clients)
-        if noise_multiplier < 0:
+        check_finite({
+            "privacy.noise_multiplier": noise_multiplier,
+            "privacy.clip_norm": clip_norm,
+            "privacy.target_unclipped_quantile": target_unclipped_quantile,
+            "privacy.clip_norm_lr": clip_norm_lr,
+            "privacy.clipped_count_stddev": clipped_count_stddev,
+        })  # fmt: skip
+        if not noise_multiplier >= 0:
             raise ValueError(f"privacy.noise_multiplier must be >= 0 (got {noise_multiplier}).")
-        if clip_norm <= 0:
+        if not clip_norm > 0:
             raise ValueError(f"privacy.clip_norm must be > 0 (got {clip_norm}).")
         if num_sampled_clients < 1:
             raise ValueError(
