@@ -132,7 +132,7 @@ def test_dropout_comes_before_the_deadline():
         ({"dropout": -0.1}, "trainer.availability.dropout must be a probability in [0, 1]"),
         ({"dropout": 1.5}, "trainer.availability.dropout must be a probability in [0, 1]"),
         ({"straggler": 2.0}, "trainer.availability.straggler must be a probability in [0, 1]"),
-        ({"straggler": float("nan")}, "trainer.availability.straggler must be a probability"),
+        ({"straggler": float("nan")}, "trainer.availability.straggler must be a finite number"),
         ({"straggler_fraction": 0.0}, "trainer.availability.straggler_fraction must be in (0, 1]"),
         ({"straggler_fraction": 1.2}, "trainer.availability.straggler_fraction must be in (0, 1]"),
         ({"deadline": 0.0}, "trainer.availability.deadline must be > 0"),
