@@ -86,3 +86,27 @@ def test_recorder_open_is_refused_before_writing_anything(held_elsewhere):
     with pytest.raises(RunDirLockedError, match=f"process {proc.pid}"):
         recorder.open("trainer: {}\n", "client 0: 1")
     assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_FILE]
+
+
+def test_flora_fit_on_a_locked_run_dir_exits_1_naming_the_holder(
+    held_elsewhere, offline_assets, monkeypatch, capsys
+):
+    from pathlib import Path
+
+    from flora_lightning import cli
+
+    run_dir, proc = held_elsewhere
+    quickstart = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+    monkeypatch.setattr(sys, "argv", [
+        "flora", "fit", "--config", str(quickstart), "--trainer.default_root_dir", str(run_dir),
+        "--trainer.rounds", "1", "--trainer.max_local_steps", "1", "--trainer.progress", "false",
+        "--data.partition.num_clients", "2", "--data.max_test_samples", "32",
+    ])  # fmt: skip
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    assert info.value.code == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(
+        f"flora: error: trainer.default_root_dir={run_dir} is in use: process {proc.pid} on host"
+    )
+    assert not (run_dir / "config.yaml").exists() and not (run_dir / "summary.json").exists()
