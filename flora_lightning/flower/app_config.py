@@ -38,7 +38,9 @@ class FlowerRunConfig:
     """The run-config keys both apps understand (Flower spells them with dashes)."""
 
     config: str = "configs/quickstart.yaml"
-    """Path of the flora YAML config (the one ``flora fit --config`` takes)."""
+    """Path of the flora YAML config (the one ``flora fit --config`` takes); a node whose node
+    config pins its own ``config`` reads that one instead (:mod:`~flora_lightning.flower.
+    node_policy`)."""
     num_server_rounds: int = 0
     """Federated rounds; 0 keeps ``trainer.rounds`` of the YAML."""
     out_dir: str = ""
