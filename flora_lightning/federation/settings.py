@@ -146,11 +146,6 @@ def check_settings(
     check_client_ranks(client_ranks)
     check_capture_settings(cuda_graphs, compile)
     check_parallel_settings(parallel_clients, parallel_memory_mb)
-    if parallel_memory_mb is not None and not math.isfinite(parallel_memory_mb):
-        raise ValueError(
-            f"trainer.parallel_memory_mb must be a finite number of MiB or null (got "
-            f"{parallel_memory_mb}); null: the device's free memory."
-        )
     if client_state_dir is not None and Path(client_state_dir).is_file():
         raise ValueError(
             f"trainer.client_state_dir={client_state_dir!r} is a file; give a folder (created "
