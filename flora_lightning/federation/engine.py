@@ -220,14 +220,18 @@ class RoundEngine:
         masked_bytes: int | None = None,
     ) -> None:
         """A client's update arrived (before the strategy sees it): the callbacks'
-        ``on_client_fit_end``, the bytes it sent, its loss and its fit ``seconds``.
+        ``on_client_fit_end`` (only for an update the strategy's :meth:`Strategy.check` passes:
+        the privacy accountant never sees a refused one), the bytes it sent, its loss and its
+        fit ``seconds``.
 
         ``masked_bytes``: under SecAgg+ the server never sees ``update.state``, only the
         client's masked vector of this many bytes; then no callback sees the update and no
         loss is recorded (the loss stays on the node).
         """
         if masked_bytes is None:
-            self._call("on_client_fit_end", loop=self, model=self.model, update=update)
+            strategy = getattr(self, "strategy", None)  # callbacks see checked updates only
+            if strategy is None or strategy.check(update) is None:
+                self._call("on_client_fit_end", loop=self, model=self.model, update=update)
             sent = state_bytes(update.state)
             tally.train_loss[update.client_id] = update.train_loss
         else:

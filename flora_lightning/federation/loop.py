@@ -247,6 +247,7 @@ class FederatedLoop(RoundEngine):
                     continue
                 self.record_update(tally, fit.update, fit.seconds)
                 self.strategy.add(fit.update)
+        self.strategy.finish_round()  # a non-finite aggregate rejects the round's updates
         try:
             aggregated = self.close_round(tally, self.strategy.accepted, self.strategy.rejected,
                                           self.strategy.min_clients)  # fmt: skip

@@ -21,9 +21,12 @@ Flower adds ``N(0, (σ C / m)²)`` to it. What this module adds to Flower's clas
 - **seeded noise**: Flower draws from NumPy's global generator; each aggregation runs with it
   seeded by ``[seed, round]`` (the previous global state restored after), the words
   ``flora fit`` seeds its own generator with, so the two runtimes draw the same noise;
-- **error and dropped replies** are recorded in the round and left out before Flower's
-  wrapper sees them (it would skip the whole round for one error reply; ``flora fit`` skips
-  the failed client, and the fixed denominator keeps the sensitivity at ``C / m``);
+- **error, dropped and malformed replies** are recorded in the round and left out before
+  Flower's wrapper sees them (:meth:`FloraFedAvg.screen`: names, dtypes and shapes those sent,
+  fields that parse, finite values, Flower's ``norm_bit`` with client-side adaptive clipping).
+  The wrapper would skip the whole round for one error reply, raise on fewer arrays or a
+  shape that does not broadcast, and silently broadcast a ``(1,)`` array; ``flora fit`` skips
+  the failed client, and the fixed denominator keeps the sensitivity at ``C / m``;
 - **adaptive clipping** (:class:`QuantileRelease`): Flower 1.42 counts the *clipped* updates
   (its ``norm_bit``), noises the raw count and applies ``C · exp(−η (fraction − γ))``, which
   expects the *unclipped* share: its bound runs away from the quantile (to 0 or to infinity),
@@ -53,7 +56,7 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
 )
-from flwr.supercore.differential_privacy import compute_stdv
+from flwr.supercore.differential_privacy import KEY_NORM_BIT, compute_stdv
 
 from flora_lightning.flower.server_strategy import FloraFedAvg
 from flora_lightning.privacy.client_dp import DPFedAvg, next_clip_norm, noisy_unclipped_fraction
@@ -155,6 +158,8 @@ def with_flower_dp(strategy: FloraFedAvg, dp: DPFedAvg, side: str = "server"):
         raise ValueError(f"dp-clipping must be one of {CLIPPING_SIDES} (got {side!r}).")
     dp.clip_and_noise = False
     m = dp.num_sampled_clients
+    if dp.adaptive and side == "client":  # the wrapper reads it from every reply's records
+        strategy.required_metrics = (*strategy.required_metrics, KEY_NORM_BIT)
     if dp.adaptive:
         wrapper = ServerSideAdaptiveClipping if side == "server" else ClientSideAdaptiveClipping
         return wrapper(

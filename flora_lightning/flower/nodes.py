@@ -22,6 +22,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from flora_lightning.finite_values import check_finite
+from flora_lightning.flower.reply_checks import BadReply, bounded, count
 
 log = logging.getLogger(__name__)
 
@@ -76,25 +77,32 @@ class NodeRoster:
         self._warned: set[tuple[int, int]] = set()
 
     def holders(self, grid: Grid) -> dict[int, int]:
-        """Partition id -> the connected node that trains it (asking new nodes first)."""
+        """Partition id -> the connected node that trains it (asking new nodes first).
+
+        The node that claimed a partition *first* keeps it while it is connected: a second
+        node claiming the same partition (an impostor, or a copy started by mistake) is
+        refused with a warning, whatever its node id (a later, lower node id must not push
+        the honest node out)."""
         nodes = sorted(grid.get_node_ids())
         unknown = [node for node in nodes if node not in self.partitions]
         if unknown:
             self.partitions.update(self._ask(grid, unknown))
-        holder: dict[int, int] = {}  # the lowest node id of a partition trains it
-        for node in nodes:
-            partition = self.partitions.get(node)
-            if partition is None:
+        connected = set(nodes)
+        holder: dict[int, int] = {}
+        for node, partition in self.partitions.items():  # in the order the claims came
+            if node not in connected:
                 continue
             if partition in holder:
                 if (holder[partition], node) not in self._warned:
                     self._warned.add((holder[partition], node))
                     log.warning(
-                        "nodes %d and %d both hold partition %d; only node %d trains it.",
+                        "nodes %d and %d both hold partition %d; node %d claimed it first and "
+                        "trains it, node %d is refused.",
                         holder[partition],
                         node,
                         partition,
                         holder[partition],
+                        node,
                     )
                 continue
             holder[partition] = node
@@ -136,15 +144,39 @@ class NodeRoster:
         found = {}
         for answer in grid.send_and_receive(messages, timeout=self.query_timeout):
             node = answer.metadata.src_node_id
-            metrics = None if answer.has_error() else answer.content.metric_records.get("metrics")
-            if metrics is None or PARTITION_KEY not in metrics:
-                reason = answer.error.reason if answer.has_error() else "no partition-id"
-                log.warning(
-                    "node %d did not tell its partition (%s); it is not sampled.", node, reason
-                )
+            try:  # an answer is another machine's: read each field through a check
+                partition, shared = self._read_answer(answer)
+            except BadReply as err:
+                log.warning("node %d did not tell its partition (%s); it is not sampled.",
+                            node, err)  # fmt: skip
                 continue
-            found[node] = int(metrics[PARTITION_KEY])
-            if LABEL_COUNTS_KEY in metrics and NUM_EXAMPLES_KEY in metrics:
-                counts = [int(c) for c in metrics[LABEL_COUNTS_KEY]]
-                self.shared[found[node]] = (int(metrics[NUM_EXAMPLES_KEY]), counts)
+            # a second claimant's counts never replace those of the node that claimed first
+            claimed = partition in self.partitions.values() or partition in found.values()
+            found[node] = partition
+            if shared is not None and not claimed:
+                self.shared[partition] = shared
         return found
+
+    @staticmethod
+    def _read_answer(answer: Message) -> tuple[int, tuple[int, list[int]] | None]:
+        """A query answer's partition and, where shared, (samples, label counts).
+
+        Raises:
+            BadReply: an error answer, or a field missing or malformed (the reason).
+        """
+        if answer.has_error():
+            raise BadReply(bounded(answer.error.reason))
+        try:
+            metrics = answer.content.metric_records.get("metrics")
+        except Exception as err:  # noqa: BLE001 - a malformed answer is refused
+            raise BadReply(bounded(f"{type(err).__name__}: {err}")) from None
+        if metrics is None or PARTITION_KEY not in metrics:
+            raise BadReply("no partition-id")
+        partition = count(metrics[PARTITION_KEY], PARTITION_KEY)
+        if LABEL_COUNTS_KEY not in metrics or NUM_EXAMPLES_KEY not in metrics:
+            return partition, None
+        labels = metrics[LABEL_COUNTS_KEY]
+        if not isinstance(labels, list):
+            raise BadReply(f"its {LABEL_COUNTS_KEY!r} is not a list")
+        counts = [count(c, LABEL_COUNTS_KEY) for c in labels]
+        return partition, (count(metrics[NUM_EXAMPLES_KEY], NUM_EXAMPLES_KEY), counts)

@@ -38,6 +38,7 @@ import logging
 from collections.abc import Callable, Iterable
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
@@ -51,8 +52,18 @@ from flora_lightning.flower.nodes import (
     STRAGGLER_KEY,
     NodeRoster,
 )
+from flora_lightning.flower.reply_checks import (
+    BadReply,
+    bounded,
+    count,
+    layout,
+    real,
+    text,
+    to_checked_state,
+)
 from flora_lightning.rundir.round_record import RoundTally
 from flora_lightning.strategy import ClientUpdate, FedAvg, State, Strategy
+from flora_lightning.strategy.base import SAMPLE_COUNT_LIMIT
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +94,10 @@ class FloraFedAvg(FlowerFedAvg):
             round ``r + round_offset`` (train messages, so the clients' seeds; sampler; tallies).
         node_reports: called with partition -> (samples, label counts) of the nodes that
             shared them (``share-label-counts``) whenever the roster learns new ones.
+        known_num_samples: ``partition -> its training samples`` where the server knows them
+            (simulated partitions: the datamodule's ``num_samples``): a reply claiming another
+            count is refused. ``None``: the claims are trusted up to
+            ``trainer.strategy.max_num_samples``.
     """
 
     def __init__(
@@ -98,6 +113,7 @@ class FloraFedAvg(FlowerFedAvg):
         node_wait_seconds: float = 60.0,
         round_offset: int = 0,
         node_reports: Callable[[dict[int, tuple[int, list[int]]]], None] | None = None,
+        known_num_samples: Callable[[int], int] | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -113,12 +129,17 @@ class FloraFedAvg(FlowerFedAvg):
         self.roster = NodeRoster(wait_seconds=node_wait_seconds, query_timeout=query_timeout)
         self.round_offset = round_offset
         self.node_reports = node_reports
+        self.known_num_samples = known_num_samples
         self.grid: Grid | None = None
         """The run's Grid (from the first ``configure_train``): federated evaluation uses it."""
         self.reports: dict[int, RoundTally] = {}
         """Round (of the run) -> its tally (traffic, losses, accepted and rejected clients)."""
         self._global: State = {}
         self._sent: list[Message] = []  # the round's train messages (the Grid sets their ids)
+        self._expected: dict[int, dict] = {}  # node -> layout of the arrays it was sent
+        self._sent_partition: dict[int, int] = {}  # node -> the partition it was sent
+        self.required_metrics: tuple[str, ...] = ()
+        """Metrics every reply must carry (client-side adaptive DP: Flower's ``norm_bit``)."""
 
     @property
     def min_clients(self) -> int:
@@ -144,6 +165,13 @@ class FloraFedAvg(FlowerFedAvg):
             messages, clients, missing = self._configure_selected(round_, arrays, config, grid)
         self._global = to_state(arrays)
         self._sent = messages
+        self._expected = {  # what each node was sent: its reply must have this layout
+            m.metadata.dst_node_id: layout(m.content.array_records[self.arrayrecord_key])
+            for m in messages
+        }
+        self._sent_partition = {
+            m.metadata.dst_node_id: p for m, p in zip(messages, clients, strict=False)
+        } if clients else {}  # fmt: skip
         tally = self.engine.begin_round(round_, clients)
         for partition in missing:
             self.engine.record_rejected(
@@ -190,7 +218,10 @@ class FloraFedAvg(FlowerFedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Stream the accepted replies into flora's FedAvg; ``(None, metrics)`` when too few
         under ``trainer.on_too_few_updates=skip`` (then Flower keeps the previous global arrays:
-        the round changes nothing).
+        the round changes nothing). A reply is read only through its own guard (:meth:`_decode`),
+        the callbacks (``record_update``: the privacy accountant, ...) see only updates that
+        passed every check, and an aggregate that is not finite in the global state's dtype
+        leaves the round unaggregated (:meth:`Strategy.finish_round`).
 
         Raises:
             RoundFailedError: too few under ``raise`` (the engine's :meth:`close_round`).
@@ -198,23 +229,25 @@ class FloraFedAvg(FlowerFedAvg):
         server_round += self.round_offset
         report = self.reports.setdefault(server_round, RoundTally(round=server_round))
         self.average.begin(self._global)
+        seen: set[int] = set()
         for message in replies:
-            decoded = self._decode(message, report)
+            decoded = self._decode(message, report, seen)
             if decoded is None:
                 continue
             update, seconds = decoded
+            # the engine runs the callbacks (privacy accountant, ...) for checked updates only
             self.engine.record_update(report, update, seconds)
             self.average.add(update)  # logs and records its own rejections
+        self.average.finish_round()  # a non-finite aggregate rejects the round's updates
         aggregated = self.engine.close_round(
             report, self.average.accepted, self.average.rejected, self.min_clients
         )
+        losses = [report.train_loss.get(c, float("nan")) for c in report.accepted]
         metrics = MetricRecord(
             {
                 "num-accepted": len(report.accepted),
                 "num-rejected": len(report.rejected),
-                "train-loss": float(np.mean([report.train_loss[c] for c in report.accepted]))
-                if report.accepted
-                else float("nan"),
+                "train-loss": float(np.mean(losses)) if losses else float("nan"),
             }
         )
         if not aggregated:
@@ -222,62 +255,136 @@ class FloraFedAvg(FlowerFedAvg):
         return ArrayRecord(self.average.result()), metrics
 
     def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
-        """The replies that carry an update; the others (error replies, dropped clients,
-        replies without arrays or metrics) are decoded into the round's tally now."""
+        """The replies that carry a valid update (names, dtypes and shapes those sent, fields
+        that parse, finite values): what Flower's DP wrapper may clip. The others (error
+        replies, dropped clients, malformed replies) are decoded into the round's tally now,
+        each inside its own guard."""
         round_ = server_round + self.round_offset
         report = self.reports.setdefault(round_, RoundTally(round=round_))
-        usable = []
+        usable, seen = [], set()
         for message in replies:
-            content = None if message.has_error() else message.content
-            if (
-                content is None
-                or DROPPED_KEY in content.config_records.get("config", {})
-                or self.arrayrecord_key not in content.array_records
-                or "metrics" not in content.metric_records
-            ):
-                self._decode(message, report)
+            decoded = self._decode(message, report, seen)
+            if decoded is None:
+                continue
+            update, _ = decoded
+            for name, tensor in update.state.items():
+                if not torch.isfinite(tensor).all():  # clipping would spread it
+                    who = self._who(message)
+                    self._reject(report, who, f"tensor {name} holds NaN or Inf")
+                    break
             else:
                 usable.append(message)
         return usable
 
-    def _decode(self, message: Message, report: RoundTally) -> tuple[ClientUpdate, float] | None:
+    def _decode(
+        self, message: Message, report: RoundTally, seen: set[int] | None = None
+    ) -> tuple[ClientUpdate, float] | None:
         """A reply as ``(ClientUpdate, train seconds)``, or ``None`` (logged, recorded) when it
-        cannot be one."""
-        node = message.metadata.src_node_id
+        cannot be one. Never raises: whatever the reply holds, a failure to read it is a
+        rejection with a bounded reason."""
+        try:
+            return self._read(message, report, set() if seen is None else seen)
+        except BadReply as err:
+            reason = str(err)
+        except Exception as err:  # noqa: BLE001 - a malformed reply must not end the run
+            reason = bounded(f"its reply could not be read: {type(err).__name__}: {err}")
+        try:
+            who = self._who(message)
+        except Exception:  # noqa: BLE001 - even its metadata may be broken
+            who = "unknown node"
+        self._reject(report, who, reason)
+        return None
+
+    def _who(self, message: Message) -> str:
+        """How the tally names a reply's sender: its partition where known, else its node."""
+        node = self._addressee(message)
+        partition = self._sent_partition.get(node, self.partitions.get(node))
+        if partition is None and self.select_clients is None and not message.has_error():
+            try:  # Flower's sampling: the client id is the one the reply names, if it parses
+                metrics = message.content.metric_records.get("metrics")
+                if metrics is not None and PARTITION_KEY in metrics:
+                    partition = count(metrics[PARTITION_KEY], PARTITION_KEY)
+            except Exception:  # noqa: BLE001 - then the node names it
+                partition = None
+        return f"node {node}" if partition is None else str(partition)
+
+    def _read(
+        self, message: Message, report: RoundTally, seen: set[int]
+    ) -> tuple[ClientUpdate, float] | None:
+        """:meth:`_decode`'s reading; raises :class:`BadReply` (the reason) on a bad reply."""
+        node = self._addressee(message)
         if message.has_error():  # keyed by the node's partition where it is known
-            node = self._addressee(message)
-            partition = self.partitions.get(node)
-            who, where = (
-                (f"node {node}", "") if partition is None else (str(partition), f" (node {node})")
-            )
-            return self._reject(report, who, f"its ClientApp failed{where}: {message.error.reason}")
+            partition = self._sent_partition.get(node, self.partitions.get(node))
+            where = "" if partition is None else f" (node {node})"
+            raise BadReply(bounded(f"its ClientApp failed{where}: {message.error.reason}"))
+        if self._expected and node not in self._expected:
+            raise BadReply(f"node {node} was not sent a train message this round")
+        if node in seen:
+            raise BadReply(f"node {node} already replied this round")
+        seen.add(node)
         content = message.content
         config = content.config_records.get("config")
+        metrics = content.metric_records.get("metrics")
         if config is not None and DROPPED_KEY in config:  # trainer.availability: sent nothing
-            metrics = content.metric_records["metrics"]
-            self.engine.record_dropped(
-                report, int(metrics[PARTITION_KEY]), str(config[DROPPED_KEY])
-            )
+            reason = text(config[DROPPED_KEY], DROPPED_KEY)
+            self.engine.record_dropped(report, self._client_id(node, metrics), reason)
             return None
         if self.arrayrecord_key not in content.array_records:
-            return self._reject(report, f"node {node}", "its reply carries no arrays")
-        metrics = content.metric_records.get("metrics")
+            raise BadReply("its reply carries no arrays")
+        if set(content.array_records) != {self.arrayrecord_key}:  # a DP wrapper clips them all
+            raise BadReply(f"its reply carries array records other than {self.arrayrecord_key!r}")
         if metrics is None or self.weighted_by_key not in metrics:
-            return self._reject(
-                report, f"node {node}", f"its reply has no {self.weighted_by_key!r}"
-            )
-        record = content.array_records[self.arrayrecord_key]
+            raise BadReply(f"its reply has no {self.weighted_by_key!r}")
+        for key in self.required_metrics:  # what the DP wrapper reads from every record
+            if any(key not in record for record in content.metric_records.values()):
+                raise BadReply(f"its reply has no {key!r}")
+        client = self._client_id(node, metrics)
+        bound = self.average.max_num_samples
+        bound = SAMPLE_COUNT_LIMIT if bound is None else min(bound, SAMPLE_COUNT_LIMIT)
+        num_samples = count(metrics[self.weighted_by_key], self.weighted_by_key, minimum=1,
+                            maximum=bound)  # fmt: skip
+        known = self._known_samples(client)
+        if known is not None and num_samples != known:
+            raise BadReply(f"it reports {num_samples} samples; partition {client} holds {known}")
+        loss = float("nan")  # absent under DP: the loss stays on the node
+        if "train-loss" in metrics:
+            loss = real(metrics["train-loss"], "train-loss")
+        seconds = real(metrics.get("train-seconds", 0.0), "train-seconds", minimum=0.0)
+        steps = None
         if STRAGGLER_KEY in metrics:
-            self.engine.record_straggler(
-                report, int(metrics[PARTITION_KEY]), int(metrics[STRAGGLER_KEY])
-            )
-        update = ClientUpdate(
-            client_id=int(metrics.get(PARTITION_KEY, node)),
-            state=to_state(record),
-            num_samples=int(metrics[self.weighted_by_key]),
-            train_loss=float(metrics.get("train-loss", float("nan"))),
-        )
-        return update, float(metrics.get("train-seconds", 0.0))
+            steps = count(metrics[STRAGGLER_KEY], STRAGGLER_KEY)
+        expected = self._expected.get(node) or layout(ArrayRecord(self._global))
+        state = to_checked_state(content.array_records[self.arrayrecord_key], expected)
+        if steps is not None:  # recorded once every field has been read
+            self.engine.record_straggler(report, client, steps)
+        update = ClientUpdate(client, state, num_samples, loss)
+        return update, seconds
+
+    def _known_samples(self, client: int) -> int | None:
+        """``known_num_samples(client)``, or None where the server does not know it."""
+        if self.known_num_samples is None:
+            return None
+        try:
+            return int(self.known_num_samples(client))
+        except Exception:  # noqa: BLE001 - a client the server has no rows of
+            return None
+
+    def _client_id(self, node: int, metrics) -> int:
+        """The client (partition) a reply counts for: the one its node was sent, never what the
+        reply claims (a claim that differs is refused). Without ``select_clients`` (Flower's
+        sampling: the server knows no partitions) the reply's ``partition-id``, else the node."""
+        partition = self._sent_partition.get(node)
+        claimed = None
+        if metrics is not None and PARTITION_KEY in metrics:
+            claimed = count(metrics[PARTITION_KEY], PARTITION_KEY)
+        if partition is not None:
+            if claimed is not None and claimed != partition:
+                raise BadReply(f"it claims partition {claimed}; node {node} was sent partition "
+                               f"{partition}")  # fmt: skip
+            return partition
+        if self.select_clients is not None:
+            raise BadReply(f"node {node} holds no partition sent this round")
+        return node if claimed is None else claimed
 
     def _addressee(self, reply: Message) -> int:
         """The node a reply answers for: its sender, or, for an error the SuperLink wrote
@@ -290,6 +397,7 @@ class FloraFedAvg(FlowerFedAvg):
         return reply.metadata.src_node_id
 
     def _reject(self, report: RoundTally, who: str, reason: str) -> None:
+        reason = bounded(reason)
         log.warning("%s excluded from aggregation: %s", who, reason)
         self.engine.record_rejected(report, who, reason)
 

@@ -22,10 +22,12 @@ class FedAvg(Strategy):
     Args:
         min_clients: fewest accepted client updates for a round to count; with fewer, the
             round raises and the global state stays as it was.
+        max_num_samples: largest sample count an update may claim (None: unbounded); FedAvg
+            trusts the counts it weighs by (docs/strategies.md, "Trusting sample counts").
     """
 
-    def __init__(self, min_clients: int = 1) -> None:
-        super().__init__(min_clients=min_clients)
+    def __init__(self, min_clients: int = 1, max_num_samples: int | None = None) -> None:
+        super().__init__(min_clients=min_clients, max_num_samples=max_num_samples)
         self._sum: State = {}
         self._weight = 0.0
 

@@ -171,7 +171,7 @@ def test_global_state_never_modified():
     torch.testing.assert_close(to_state(arrays)["a"], torch.full((2, 3), 7.0))
     for name, tensor in to_state(global_arrays).items():
         assert torch.equal(tensor, before[name])
-    assert strategy.reports[1].rejected == {"1": "tensor a has shape (3, 2)"}
+    assert strategy.reports[1].rejected == {"1": "tensor a has shape (3, 2), not (2, 3)"}
 
 
 def test_reply_without_num_examples_is_excluded():
