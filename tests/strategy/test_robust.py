@@ -220,3 +220,44 @@ def test_resumed_run_equals_uninterrupted(strategy, tmp_path):
     expected = load_file(tmp_path / "whole" / "final" / "adapter_model.safetensors")
     for name, tensor in expected.items():
         torch.testing.assert_close(final[name], tensor, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("config", "strategy", "attack"),
+    [
+        ("quickstart_fedfft.yaml", "Krum", "{kind: gaussian, fraction: 0.2, scale: 0.01}"),
+        ("quickstart_fedlc.yaml", "TrimmedMean", "{kind: label_flip, fraction: 0.2}"),
+        ("quickstart_fedaa.yaml", "Median", "{kind: sign_flip, fraction: 0.2}"),
+    ],
+)
+def test_other_methods_aggregate_their_own_tensors(config, strategy, attack, tmp_path):
+    """Any method's communicated state (FedFFT's whole model, FedLC's and FedAA's heads): one
+    round changes the global state and every client is accepted."""
+    from flora_lightning import cli
+
+    summary = cli.run(
+        [
+            "fit",
+            "--config",
+            f"configs/{config}",
+            "--trainer.rounds",
+            "1",
+            "--trainer.max_local_steps",
+            "1",
+            "--data.max_test_samples",
+            "32",
+            "--trainer.progress",
+            "false",
+            "--trainer.strategy",
+            strategy,
+            "--trainer.attack",
+            attack,
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ]  # fmt: skip
+    )
+    first = summary["rounds"][1]
+    assert first["accepted_clients"] == [0, 1, 2, 3, 4] and first["rejected_clients"] == {}
+    assert len(first["attackers"]) == 1
+    assert first["test_loss"] != summary["rounds"][0]["test_loss"]  # the state moved
