@@ -266,3 +266,37 @@ def test_flower_dp_wrappers_only_see_valid_replies(side, bad):
     ])  # fmt: skip
     assert inner.reports[1].accepted == [0]
     assert "1" in inner.reports[1].rejected
+
+
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_an_aggregate_not_finite_in_float32_leaves_the_global_state(policy):
+    """Old code: the float64 sum 6e38 was returned and became Inf in the float32 global state."""
+    from flora_lightning.federation.engine import RoundFailedError
+    from flora_lightning.strategy import State, Strategy
+
+    class Sum(Strategy):
+        def start_round(self, global_state: State) -> None:
+            self.total = {k: torch.zeros_like(v, dtype=torch.float64)
+                          for k, v in global_state.items()}  # fmt: skip
+
+        def accumulate(self, update) -> None:
+            for name, tensor in update.state.items():
+                self.total[name] += tensor.double()
+
+        def aggregate(self) -> State:
+            return {k: v.float() for k, v in self.total.items()}  # cast as a strategy might
+
+    grid = AnsweringGrid({11: 0, 12: 1})
+    strategy = FloraFedAvg(select_clients=lambda r: [0, 1], node_wait_seconds=0, average=Sum(),
+                           engine=RoundEngine(policy))  # fmt: skip
+    sent = selected_round(strategy, grid)
+    replies = [reply(sent[11], client_state(3e38), good(0)),
+               reply(sent[12], client_state(3e38), good(1))]  # fmt: skip
+    if policy == "raise":
+        with pytest.raises(RoundFailedError, match="holds NaN or Inf in torch.float32"):
+            strategy.aggregate_train(1, replies)
+        return
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is None  # Flower keeps the previous global arrays
+    assert strategy.reports[1].accepted == [] and not strategy.reports[1].aggregated
+    assert "NaN or Inf in torch.float32" in strategy.reports[1].rejected["0"]

@@ -55,3 +55,61 @@ def test_result_with_too_few_accepted_raises_before_aggregate():
     strategy.add(update(0, 1.0))
     with pytest.raises(RuntimeError, match="only 1 client update"):
         strategy.result()
+
+
+class Sum(Strategy):
+    """Sums the updates in float64: two float32 values of 3e38 give 6e38, finite in float64 and
+    Inf once stored in the global state's float32."""
+
+    def start_round(self, global_state: State) -> None:
+        self.total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in global_state.items()}
+
+    def accumulate(self, update: ClientUpdate) -> None:
+        for name, tensor in update.state.items():
+            self.total[name] += tensor.double()
+
+    def aggregate(self) -> State:
+        return dict(self.total)
+
+
+def test_an_aggregate_that_overflows_the_global_dtype_is_refused():
+    strategy = Sum(min_clients=2)
+    strategy.begin({"w": torch.zeros(2)})
+    assert strategy.add(update(0, 3e38)) and strategy.add(update(1, 3e38))
+    assert torch.isfinite(strategy.aggregate()["w"]).all()  # finite in float64...
+    assert strategy.finish_round() is None  # ...not in float32: the round is not aggregated
+    assert strategy.accepted == []
+    assert strategy.rejected == {0: "the aggregate's tensor w holds NaN or Inf in torch.float32",
+                                 1: "the aggregate's tensor w holds NaN or Inf in torch.float32"}  # fmt: skip
+    with pytest.raises(RuntimeError, match="only 0 client update"):
+        strategy.result()
+    # a finite round goes through finish_round, then result hands out the same state
+    strategy.begin({"w": torch.zeros(2)})
+    assert strategy.add(update(0, 1.0)) and strategy.add(update(1, 2.0))
+    finished = strategy.finish_round()
+    assert torch.equal(finished["w"], torch.full((2,), 3.0, dtype=torch.float64))
+    assert strategy.result() is finished
+
+
+def test_sample_counts_are_bounded():
+    strategy = LastAccepted(max_num_samples=100)
+    strategy.begin({"w": torch.zeros(2)})
+    assert strategy.add(update(0, 1.0, num_samples=100))
+    assert not strategy.add(update(1, 1.0, num_samples=101))
+    assert "max_num_samples=100" in strategy.rejected[1]
+    assert not strategy.add(update(2, 1.0, num_samples=True))
+    assert not strategy.add(update(0, 1.0))  # client 0 already sent its update
+    strategy.known_num_samples = {3: 40}.get  # a server that knows client 3's partition
+    assert not strategy.add(update(3, 1.0, num_samples=41))
+    assert strategy.rejected[3] == "it reports 41 samples; its partition holds 40"
+    assert strategy.add(update(3, 1.0, num_samples=40))
+    with pytest.raises(ValueError, match="trainer.strategy.max_num_samples"):
+        LastAccepted(max_num_samples=0)
+
+
+def test_updates_in_another_dtype_are_refused():
+    strategy = LastAccepted()
+    strategy.begin({"w": torch.zeros(2)})
+    wide = ClientUpdate(0, {"w": torch.full((2,), 1e39, dtype=torch.float64)}, 5, 0.0)
+    assert not strategy.add(wide)
+    assert strategy.rejected[0] == "tensor w has dtype torch.float64, not torch.float32"
