@@ -142,3 +142,27 @@ def test_quickstart_records_attackers_and_the_attack_changes_the_run(tmp_path):
     assert all(len(a) == 2 for a in expected)
     assert "attackers" not in clean["rounds"][1]
     assert attacked["rounds"][2]["test_loss"] != clean["rounds"][2]["test_loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cache", ["true", "false"])
+def test_label_flip_changes_only_the_attackers_fit(cache, tmp_path):
+    """Cached features and uncached pixels: the attacker's training loss changes (it trains on
+    flipped labels), every other client's fit is exactly the clean one."""
+    from flora_lightning import cli
+
+    base = ["fit", "--config", "configs/quickstart.yaml", "--trainer.rounds", "1",
+            "--trainer.max_local_steps", "1", "--data.max_test_samples", "32",
+            "--trainer.progress", "false", "--trainer.cache_features", cache]  # fmt: skip
+    clean = cli.run([*base, "--trainer.default_root_dir", str(tmp_path / "clean")])
+    flipped = cli.run([*base, "--trainer.default_root_dir", str(tmp_path / "flip"),
+                       "--trainer.attack", "{kind: label_flip, fraction: 0.2}"])  # fmt: skip
+    (attacker,) = flipped["rounds"][1]["attackers"]
+    ours, theirs = (
+        flipped["rounds"][1]["client_train_loss"],
+        clean["rounds"][1]["client_train_loss"],
+    )
+    assert ours[str(attacker)] != theirs[str(attacker)]
+    assert {k: v for k, v in ours.items() if k != str(attacker)} == {
+        k: v for k, v in theirs.items() if k != str(attacker)
+    }
