@@ -497,7 +497,8 @@ def test_a_resumed_serverapp_ends_as_an_uninterrupted_run(tmp_path, flower_env, 
     logs = "\n".join(p.read_text()[-2000:] for p in sorted(tmp_path.glob("*.log")))
     assert second.returncode == 0, f"{second.stdout[-3000:]}\n{second.stderr[-3000:]}\n{logs}"
     assert (out_dir / "config.resumed.yaml").is_file()
+    (run_states,) = state_dir.glob("run-*")  # one folder: the resumed run kept its fingerprint
     for partition in (0, 1):
-        saved = sorted(p.name for p in (state_dir / f"partition-{partition}").iterdir())
-        assert saved == ["round_001.safetensors", "round_002.safetensors"]
+        saved = sorted(p.name for p in (run_states / f"partition-{partition}").iterdir())
+        assert saved == ["manifest.json", "round_001.safetensors", "round_002.safetensors"]
     assert_same_run(out_dir, in_process)
