@@ -49,10 +49,11 @@ class KeepUpdates(Strategy):
 
     Args:
         min_clients: fewest accepted client updates for a round to count.
+        max_num_samples: largest sample count an update may claim (None: unbounded).
     """
 
-    def __init__(self, min_clients: int = 1) -> None:
-        super().__init__(min_clients=min_clients)
+    def __init__(self, min_clients: int = 1, max_num_samples: int | None = None) -> None:
+        super().__init__(min_clients=min_clients, max_num_samples=max_num_samples)
         self._updates: list[ClientUpdate] = []
 
     def start_round(self, global_state: State) -> None:
@@ -83,6 +84,8 @@ class Median(KeepUpdates):
 
     Args:
         min_clients: fewest accepted client updates for a round to count.
+        max_num_samples: largest sample count an update may claim (None: unbounded; the
+            median does not weigh by it, but a claim above it is still refused).
     """
 
     def aggregate(self) -> State:
@@ -107,10 +110,13 @@ class TrimmedMean(KeepUpdates):
         beta: fraction trimmed from each end, in [0, 0.5) (0: the unweighted mean). Default
             0.2, Flower's ``FedTrimmedAvg``'s.
         min_clients: fewest accepted client updates for a round to count.
+        max_num_samples: largest sample count an update may claim (None: unbounded).
     """
 
-    def __init__(self, beta: float = 0.2, min_clients: int = 1) -> None:
-        super().__init__(min_clients=min_clients)
+    def __init__(
+        self, beta: float = 0.2, min_clients: int = 1, max_num_samples: int | None = None
+    ) -> None:
+        super().__init__(min_clients=min_clients, max_num_samples=max_num_samples)
         if not (math.isfinite(beta) and 0 <= beta < 0.5):
             raise ValueError(
                 f"trainer.strategy.beta must be in [0, 0.5) (got {beta}): it is the fraction "
@@ -139,9 +145,12 @@ class Krum(KeepUpdates):
         f: assumed number of Byzantine updates per round (Flower's ``num_malicious_nodes``).
         min_clients: fewest accepted updates for a round to count; null: ``2f + 3``, the
             fewest Krum can score (``n > 2f + 2``). A smaller value is refused.
+        max_num_samples: largest sample count an update may claim (None: unbounded).
     """
 
-    def __init__(self, f: int = 1, min_clients: int | None = None) -> None:
+    def __init__(
+        self, f: int = 1, min_clients: int | None = None, max_num_samples: int | None = None
+    ) -> None:
         if isinstance(f, bool) or not isinstance(f, int) or f < 0:
             raise ValueError(f"trainer.strategy.f must be an integer >= 0 (got {f!r}).")
         needed = 2 * f + 3
@@ -151,7 +160,10 @@ class Krum(KeepUpdates):
                 f"with f={f} needs: n > 2f + 2 = {needed - 1} updates; set "
                 f"--trainer.strategy.min_clients {needed} (or leave it null), or a smaller f."
             )
-        super().__init__(min_clients=needed if min_clients is None else min_clients)
+        super().__init__(
+            min_clients=needed if min_clients is None else min_clients,
+            max_num_samples=max_num_samples,
+        )
         self.f = f
 
     def scores(self, updates: list[ClientUpdate]) -> torch.Tensor:
@@ -202,10 +214,18 @@ class MultiKrum(Krum):
         m: how many updates are averaged; null: ``n - f`` (Blanchard et al.'s choice). Capped
             at the round's ``n``.
         min_clients: fewest accepted updates for a round to count; null: ``2f + 3``.
+        max_num_samples: largest sample count an update may claim (None: unbounded); the
+            weights of the mean are the claimed counts.
     """
 
-    def __init__(self, f: int = 1, m: int | None = None, min_clients: int | None = None) -> None:
-        super().__init__(f=f, min_clients=min_clients)
+    def __init__(
+        self,
+        f: int = 1,
+        m: int | None = None,
+        min_clients: int | None = None,
+        max_num_samples: int | None = None,
+    ) -> None:
+        super().__init__(f=f, min_clients=min_clients, max_num_samples=max_num_samples)
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             raise ValueError(f"trainer.strategy.m must be an integer >= 1 or null (got {m!r}).")
         self.m = m

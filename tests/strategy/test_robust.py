@@ -261,3 +261,11 @@ def test_other_methods_aggregate_their_own_tensors(config, strategy, attack, tmp
     assert first["accepted_clients"] == [0, 1, 2, 3, 4] and first["rejected_clients"] == {}
     assert len(first["attackers"]) == 1
     assert first["test_loss"] != summary["rounds"][0]["test_loss"]  # the state moved
+
+
+def test_max_num_samples_bounds_the_claims_of_every_robust_strategy():
+    for strategy in (Median(max_num_samples=100), TrimmedMean(max_num_samples=100),
+                     Krum(f=0, max_num_samples=100), MultiKrum(f=0, max_num_samples=100)):  # fmt: skip
+        strategy.begin(random_state(0))
+        assert not strategy.add(make_updates(3)[2])  # claims 250 samples
+        assert "max_num_samples=100" in strategy.rejected[2]
