@@ -39,6 +39,32 @@ node's ``share-label-counts=true``)."""
 STRAGGLER_KEY = "straggler-steps"
 """Metric of a straggler's reply: the local steps it completed."""
 
+SENT_BY_NODES: dict[str, dict[str, str]] = {
+    "train": {
+        NUM_EXAMPLES_KEY: "always: its training samples (FedAvg weighs by it)",
+        "train-seconds": "always: its fit time",
+        PARTITION_KEY: "always: the client it plays",
+        "train-loss": "unless privacy is on without privacy.log_client_stats (then the loss stays on the node)",
+        STRAGGLER_KEY: "only a straggler of trainer.availability: the local steps it ran",
+    },
+    "dropped": {PARTITION_KEY: "always (with the config key 'dropped': the simulated reason)"},
+    "query": {
+        PARTITION_KEY: "always: the client it plays",
+        NUM_EXAMPLES_KEY: "only with the node's share-label-counts=true",
+        LABEL_COUNTS_KEY: "only with the node's share-label-counts=true",
+    },
+    "evaluate": {
+        "eval-acc": "FederatedEvaluation: accuracy on its own test set",
+        "eval-loss": "FederatedEvaluation: loss on its own test set",
+        NUM_EXAMPLES_KEY: "FederatedEvaluation: its test rows",
+        PARTITION_KEY: "FederatedEvaluation: the client it plays",
+    },
+}
+"""Reply kind -> every metric a node sends the server in it, and when: besides the adapter
+update (train replies' ``arrays``), nothing else about a node's data leaves it. docs/flower.md
+("What the server sees") lists the same keys; tests/flower/test_server_view.py checks the
+ClientApp's replies and the docs against it."""
+
 NOT_CONNECTED = "node not connected"
 """Start of the rejection reason of a partition whose node did not connect in time."""
 
