@@ -172,9 +172,10 @@ class DPFedAvg(Strategy):
         clip_norm_lr: float = 0.2,
         clipped_count_stddev: float | None = None,
         min_clients: int = 1,
+        max_num_samples: int | None = None,
         clip_and_noise: bool = True,
     ) -> None:
-        super().__init__(min_clients=min_clients)
+        super().__init__(min_clients=min_clients, max_num_samples=max_num_samples)
         check_finite({
             "privacy.noise_multiplier": noise_multiplier,
             "privacy.clip_norm": clip_norm,
@@ -227,6 +228,7 @@ class DPFedAvg(Strategy):
         num_sampled_clients: int,
         seed: int = 42,
         min_clients: int = 1,
+        max_num_samples: int | None = None,
     ) -> DPFedAvg:
         """The strategy of a :class:`~flora_lightning.privacy.config.PrivacyConfig` at client
         level, with its noise multiplier resolved (given, or from ``target_epsilon``)."""
@@ -240,6 +242,7 @@ class DPFedAvg(Strategy):
             clip_norm_lr=privacy.clip_norm_lr,
             clipped_count_stddev=privacy.clipped_count_stddev,
             min_clients=min_clients,
+            max_num_samples=max_num_samples,
         )
 
     def start_round(self, global_state: State) -> None:

@@ -93,8 +93,9 @@ class PrivacyRun(Callback):
             q = per_round / data.num_clients
             self.noise_multiplier = resolve_noise_multiplier(privacy, q, loop.rounds)
             loop.strategy = DPFedAvg.from_config(
-                privacy, self.noise_multiplier, per_round, loop.seed, loop.strategy.min_clients
-            )
+                privacy, self.noise_multiplier, per_round, loop.seed, loop.strategy.min_clients,
+                loop.strategy.max_num_samples,
+            )  # fmt: skip
             self.accountant = Accountant(q, self.noise_multiplier, privacy.delta,
                                          privacy.accountant)  # fmt: skip
             return

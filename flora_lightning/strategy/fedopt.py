@@ -60,13 +60,17 @@ class ServerOptimizer(FedAvg):
     Args:
         server_lr: server learning rate ``eta``.
         min_clients: fewest accepted client updates for a round to count.
+        max_num_samples: the most samples an update may claim (None: no bound beyond
+            2^53); see :class:`~flora_lightning.strategy.base.Strategy`.
     """
 
     slots: tuple[str, ...] = ("m",)
     """Names of the per-tensor moments kept across rounds."""
 
-    def __init__(self, server_lr: float = 1.0, min_clients: int = 1) -> None:
-        super().__init__(min_clients=min_clients)
+    def __init__(
+        self, server_lr: float = 1.0, min_clients: int = 1, max_num_samples: int | None = None
+    ) -> None:
+        super().__init__(min_clients=min_clients, max_num_samples=max_num_samples)
         _check_lr(server_lr)
         self.server_lr = server_lr
         self.moments: dict[str, State] = {slot: {} for slot in self.slots}
@@ -136,10 +140,20 @@ class FedAvgM(ServerOptimizer):
             value; Flower's FedAvgM defaults to 0, which with server_lr 1 is plain FedAvg (pass
             0 to compare with a Flower run that kept its default).
         min_clients: fewest accepted client updates for a round to count.
+        max_num_samples: the most samples an update may claim (None: no bound beyond
+            2^53); see :class:`~flora_lightning.strategy.base.Strategy`.
     """
 
-    def __init__(self, server_lr: float = 1.0, momentum: float = 0.9, min_clients: int = 1) -> None:
-        super().__init__(server_lr=server_lr, min_clients=min_clients)
+    def __init__(
+        self,
+        server_lr: float = 1.0,
+        momentum: float = 0.9,
+        min_clients: int = 1,
+        max_num_samples: int | None = None,
+    ) -> None:
+        super().__init__(
+            server_lr=server_lr, min_clients=min_clients, max_num_samples=max_num_samples
+        )
         _check_beta("momentum", momentum)
         self.momentum = momentum
 
@@ -160,14 +174,23 @@ class AdaptiveServerOptimizer(ServerOptimizer):
         beta_1: first-moment decay in [0, 1).
         tau: adaptivity ``tau`` > 0 (larger: closer to server SGD with momentum).
         min_clients: fewest accepted client updates for a round to count.
+        max_num_samples: the most samples an update may claim (None: no bound beyond
+            2^53); see :class:`~flora_lightning.strategy.base.Strategy`.
     """
 
     slots = ("m", "v")
 
     def __init__(
-        self, server_lr: float, beta_1: float, tau: float = 1e-3, min_clients: int = 1
+        self,
+        server_lr: float,
+        beta_1: float,
+        tau: float = 1e-3,
+        min_clients: int = 1,
+        max_num_samples: int | None = None,
     ) -> None:
-        super().__init__(server_lr=server_lr, min_clients=min_clients)
+        super().__init__(
+            server_lr=server_lr, min_clients=min_clients, max_num_samples=max_num_samples
+        )
         _check_beta("beta_1", beta_1)
         check_finite({"trainer.strategy.tau": tau}, {"trainer.strategy.tau": 1e-3})
         if not tau > 0:
@@ -194,12 +217,25 @@ class FedAdagrad(AdaptiveServerOptimizer):
         beta_1: first-moment decay in [0, 1) (0, as Flower: no momentum).
         tau: adaptivity ``tau`` > 0.
         min_clients: fewest accepted client updates for a round to count.
+        max_num_samples: the most samples an update may claim (None: no bound beyond
+            2^53); see :class:`~flora_lightning.strategy.base.Strategy`.
     """
 
     def __init__(
-        self, server_lr: float = 0.1, beta_1: float = 0.0, tau: float = 1e-3, min_clients: int = 1
+        self,
+        server_lr: float = 0.1,
+        beta_1: float = 0.0,
+        tau: float = 1e-3,
+        min_clients: int = 1,
+        max_num_samples: int | None = None,
     ) -> None:
-        super().__init__(server_lr=server_lr, beta_1=beta_1, tau=tau, min_clients=min_clients)
+        super().__init__(
+            server_lr=server_lr,
+            beta_1=beta_1,
+            tau=tau,
+            min_clients=min_clients,
+            max_num_samples=max_num_samples,
+        )
 
     def second_moment(self, v: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return v + delta**2
@@ -214,6 +250,8 @@ class FedYogi(AdaptiveServerOptimizer):
         beta_2: second-moment decay in [0, 1).
         tau: adaptivity ``tau`` > 0.
         min_clients: fewest accepted client updates for a round to count.
+        max_num_samples: the most samples an update may claim (None: no bound beyond
+            2^53); see :class:`~flora_lightning.strategy.base.Strategy`.
     """
 
     def __init__(
@@ -223,8 +261,15 @@ class FedYogi(AdaptiveServerOptimizer):
         beta_2: float = 0.99,
         tau: float = 1e-3,
         min_clients: int = 1,
+        max_num_samples: int | None = None,
     ) -> None:
-        super().__init__(server_lr=server_lr, beta_1=beta_1, tau=tau, min_clients=min_clients)
+        super().__init__(
+            server_lr=server_lr,
+            beta_1=beta_1,
+            tau=tau,
+            min_clients=min_clients,
+            max_num_samples=max_num_samples,
+        )
         _check_beta("beta_2", beta_2)
         self.beta_2 = beta_2
 
@@ -243,6 +288,8 @@ class FedAdam(AdaptiveServerOptimizer):
         beta_2: second-moment decay in [0, 1).
         tau: adaptivity ``tau`` > 0.
         min_clients: fewest accepted client updates for a round to count.
+        max_num_samples: the most samples an update may claim (None: no bound beyond
+            2^53); see :class:`~flora_lightning.strategy.base.Strategy`.
     """
 
     def __init__(
@@ -252,8 +299,15 @@ class FedAdam(AdaptiveServerOptimizer):
         beta_2: float = 0.99,
         tau: float = 1e-3,
         min_clients: int = 1,
+        max_num_samples: int | None = None,
     ) -> None:
-        super().__init__(server_lr=server_lr, beta_1=beta_1, tau=tau, min_clients=min_clients)
+        super().__init__(
+            server_lr=server_lr,
+            beta_1=beta_1,
+            tau=tau,
+            min_clients=min_clients,
+            max_num_samples=max_num_samples,
+        )
         _check_beta("beta_2", beta_2)
         self.beta_2 = beta_2
 

@@ -27,10 +27,14 @@ class FedProx(FedAvg):
     Args:
         mu: proximal weight ``mu`` >= 0 (the paper tries 0.001 to 1; 0: FedAvg).
         min_clients: fewest accepted client updates for a round to count.
+        max_num_samples: the most samples an update may claim (None: no bound beyond
+            2^53); see :class:`~flora_lightning.strategy.base.Strategy`.
     """
 
-    def __init__(self, mu: float = 0.01, min_clients: int = 1) -> None:
-        super().__init__(min_clients=min_clients)
+    def __init__(
+        self, mu: float = 0.01, min_clients: int = 1, max_num_samples: int | None = None
+    ) -> None:
+        super().__init__(min_clients=min_clients, max_num_samples=max_num_samples)
         check_finite({"trainer.strategy.mu": mu}, {"trainer.strategy.mu": 0.01})
         if not mu >= 0:
             raise ValueError(

@@ -130,6 +130,8 @@ class ZeroPaddingAverage(RankPadding, FedAvg):
     Args:
         min_clients: fewest accepted client updates for a round to count; with fewer, the
             round raises and the global state stays as it was.
+        max_num_samples: the most samples an update may claim (None: no bound beyond
+            2^53); see :class:`~flora_lightning.strategy.base.Strategy`.
     """
 
 
@@ -142,6 +144,8 @@ class SvdRedistribution(RankPadding, LoraProductAverage):
     Args:
         min_clients: fewest accepted client updates for a round to count; with fewer, the
             round raises and the global state stays as it was.
+        max_num_samples: the most samples an update may claim (None: no bound beyond
+            2^53); see :class:`~flora_lightning.strategy.base.Strategy`.
         factor_alignment: ``none`` sends the raw SVD factors (see docs/strategies.md for the
             measured comparison), ``sign`` flips each SVD component to the sign nearest the previous factors.
             A rotation (``procrustes``) would mix components and change the slices lower-rank
@@ -150,5 +154,14 @@ class SvdRedistribution(RankPadding, LoraProductAverage):
 
     allowed_alignments = ("none", "sign")
 
-    def __init__(self, min_clients: int = 1, factor_alignment: FactorAlignment = "none") -> None:
-        super().__init__(min_clients=min_clients, factor_alignment=factor_alignment)
+    def __init__(
+        self,
+        min_clients: int = 1,
+        max_num_samples: int | None = None,
+        factor_alignment: FactorAlignment = "none",
+    ) -> None:
+        super().__init__(
+            min_clients=min_clients,
+            max_num_samples=max_num_samples,
+            factor_alignment=factor_alignment,
+        )

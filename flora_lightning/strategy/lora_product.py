@@ -89,6 +89,8 @@ class LoraProductAverage(FedAvg):
     Args:
         min_clients: fewest accepted client updates for a round to count; with fewer, the
             round raises and the global state stays as it was.
+        max_num_samples: the most samples an update may claim (None: no bound beyond
+            2^53); see :class:`~flora_lightning.strategy.base.Strategy`.
         factor_alignment: which of the factorisations of the new product is sent:
             ``procrustes`` the one nearest the previous factors over all rotations, ``sign``
             over sign flips of the SVD components, ``none`` the raw SVD factors.
@@ -98,9 +100,12 @@ class LoraProductAverage(FedAvg):
     """The ``factor_alignment`` values this strategy accepts."""
 
     def __init__(
-        self, min_clients: int = 1, factor_alignment: FactorAlignment = "procrustes"
+        self,
+        min_clients: int = 1,
+        max_num_samples: int | None = None,
+        factor_alignment: FactorAlignment = "procrustes",
     ) -> None:
-        super().__init__(min_clients=min_clients)
+        super().__init__(min_clients=min_clients, max_num_samples=max_num_samples)
         self.factor_alignment = check_alignment(factor_alignment, self.allowed_alignments)
         """How the new factors are aligned (:mod:`~flora_lightning.strategy.factor_alignment`)."""
         self._pairs: dict[str, str] = {}

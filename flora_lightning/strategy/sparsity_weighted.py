@@ -44,8 +44,8 @@ def product_norm(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 class _SparsityWeighting(FedAvg):
     """The weighting on global-rank updates (:class:`SparsityWeightedAverage` pads first)."""
 
-    def __init__(self, min_clients: int = 1) -> None:
-        super().__init__(min_clients=min_clients)
+    def __init__(self, min_clients: int = 1, max_num_samples: int | None = None) -> None:
+        super().__init__(min_clients=min_clients, max_num_samples=max_num_samples)
         self._pairs: dict[str, str] = {}
         self._weighted: State = {}
         self._norms: dict[str, torch.Tensor] = {}
@@ -88,4 +88,6 @@ class SparsityWeightedAverage(RankPadding, _SparsityWeighting):
     Args:
         min_clients: fewest accepted client updates for a round to count; with fewer, the
             round raises and the global state stays as it was.
+        max_num_samples: the most samples an update may claim (None: no bound beyond
+            2^53); see :class:`~flora_lightning.strategy.base.Strategy`.
     """

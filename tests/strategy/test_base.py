@@ -113,3 +113,30 @@ def test_updates_in_another_dtype_are_refused():
     wide = ClientUpdate(0, {"w": torch.full((2,), 1e39, dtype=torch.float64)}, 5, 0.0)
     assert not strategy.add(wide)
     assert strategy.rejected[0] == "tensor w has dtype torch.float64, not torch.float32"
+
+
+def test_every_strategy_takes_max_num_samples():
+    """``trainer.strategy.init_args.max_num_samples`` works for every exported strategy: an
+    update claiming more samples than the bound is refused with a reason naming it."""
+    import inspect
+
+    import torch
+
+    import flora_lightning.strategy as strategies
+    from flora_lightning.privacy.client_dp import DPFedAvg
+    from flora_lightning.strategy import ClientUpdate, Strategy
+
+    classes = [
+        c
+        for c in vars(strategies).values()
+        if inspect.isclass(c) and issubclass(c, Strategy) and not inspect.isabstract(c)
+    ]
+    classes.append(DPFedAvg)  # fmt: skip
+    required = {DPFedAvg: dict(noise_multiplier=0.0, clip_norm=1.0, num_sampled_clients=1)}
+    state = {"w": torch.zeros(2)}
+    for cls in classes:
+        strategy = cls(max_num_samples=10, **required.get(cls, {}))
+        assert strategy.max_num_samples == 10, cls.__name__
+        strategy.begin(state)
+        strategy.add(ClientUpdate(0, {"w": torch.ones(2)}, 11, 0.0))
+        assert "0" in strategy.rejected or 0 in strategy.rejected, cls.__name__
