@@ -59,10 +59,12 @@ from flwr.serverapp import Grid, ServerApp
 
 from flora_lightning.federation.loop import FederatedLoop
 from flora_lightning.flower.app_config import FlowerRunConfig, build_components
+from flora_lightning.flower.reply_checks import BadReply, bounded, count, real
 from flora_lightning.flower.secagg_config import SecAggConfig, split_run_config
 from flora_lightning.flower.server_strategy import PARTITION_KEY
 from flora_lightning.rundir.round_record import RoundTally
 from flora_lightning.strategy import ClientUpdate, FedAvg, FedProx
+from flora_lightning.strategy.base import SAMPLE_COUNT_LIMIT
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +143,12 @@ class SecAggFedAvg(LegacyFedAvg):
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """The unmasked weighted mean SecAgg+ put in every result (the same object); each
         client recorded by the loop's ``record_update`` (its masked vector's bytes, its fit
-        seconds), the round closed by ``close_round`` (``trainer.on_too_few_updates``)."""
+        seconds), the round closed by ``close_round`` (``trainer.on_too_few_updates``).
+
+        A reply's clear fields are read through :mod:`~flora_lightning.flower.reply_checks`:
+        one that does not parse (or repeats a partition) is recorded as rejected with a
+        bounded reason, never raised; its masked vector is in the sum all the same (SecAgg+
+        hides whose is whose). A mean that is not finite in the model's dtype is not applied."""
         round_ = server_round + self.round_offset
         tally = self.reports.setdefault(round_, RoundTally(round=round_))
         rejected = {}
@@ -149,24 +156,43 @@ class SecAggFedAvg(LegacyFedAvg):
             rejected[f"failure {i}"] = reason
             log.warning("round %d: a client dropped out of SecAgg+: %s", round_, reason)
         accepted = []
-        for _, res in results:
-            client = int(res.metrics[PARTITION_KEY])
+        for i, (_, res) in enumerate(results):
+            try:  # a reply's clear fields are another party's: read through the checks
+                client = count(res.metrics.get(PARTITION_KEY), PARTITION_KEY,
+                               maximum=self.num_clients - 1)  # fmt: skip
+                samples = count(res.num_examples, "num-examples", minimum=1,
+                                maximum=SAMPLE_COUNT_LIMIT)  # fmt: skip
+                seconds = real(res.metrics.get("train-seconds", 0.0), "train-seconds", 0.0)
+                if client in accepted:
+                    raise BadReply(f"a second reply for partition {client}")
+            except (BadReply, AttributeError, TypeError) as err:
+                # its masked vector is already in the sum (SecAgg+ hides which is whose)
+                reason = bounded(f"its clear fields are unusable ({err}); its masked vector "
+                                 "entered the sum, which SecAgg+ cannot take apart")  # fmt: skip
+                rejected[f"reply {i}"] = reason
+                log.warning("round %d: reply %d: %s", round_, i, reason)
+                continue
             accepted.append(client)
             # The server sees no individual state: only the id, samples and seconds in clear.
-            update = ClientUpdate(client, {}, res.num_examples, float("nan"))
-            seconds = float(res.metrics.get("train-seconds", 0.0))
+            update = ClientUpdate(client, {}, samples, float("nan"))
             self.loop.record_update(tally, update, seconds, masked_bytes(res.parameters))
         metrics: dict[str, Scalar] = {"num-accepted": len(results), "num-failures": len(failures)}
+        mean = None
+        if results:
+            dtypes = [t.dtype for t in self.loop.model.communicated_state().values()]
+            mean = [
+                torch.from_numpy(a).to(dtype).numpy()
+                for a, dtype in zip(
+                    parameters_to_ndarrays(results[0][1].parameters), dtypes, strict=True
+                )
+            ]
+            if not all(np.isfinite(a).all() for a in mean):  # e.g. 1e39 in float64, Inf in fp32
+                for client in accepted:
+                    rejected[str(client)] = "the unmasked mean is not finite in the model's dtype"
+                accepted = []
         clients = None if self.everyone else accepted  # who trained: known from the replies
         if not self.loop.close_round(tally, accepted, rejected, self.min_clients, clients):
             return None, metrics
-        dtypes = [t.dtype for t in self.loop.model.communicated_state().values()]
-        mean = [
-            torch.from_numpy(a).to(dtype).numpy()
-            for a, dtype in zip(
-                parameters_to_ndarrays(results[0][1].parameters), dtypes, strict=True
-            )
-        ]
         return ndarrays_to_parameters(mean), metrics
 
     def evaluate(

@@ -510,3 +510,38 @@ def test_flwr_run_of_the_secagg_app(tmp_path, flower_env):
     assert record["accepted_clients"] == [0, 1, 2] and record["client_train_loss"] == {}
     values = sum(t.numel() for t in load_file(out_dir / ROUND_1).values())
     assert record["bytes_up"] == 3 * 8 * (values + 1)
+
+
+def test_unusable_clear_fields_are_rejected_not_raised():
+    """A reply whose clear fields do not parse (NaN, a list, a string, an id out of range, a
+    repeated partition, zero samples) is recorded as rejected with a reason, never raised; an
+    unmasked mean that is not finite in the model's dtype is not applied."""
+    loop = StubLoop("skip")
+    strategy = SecAggFedAvg(loop, ["a", "b"], num_clients=3, min_clients=1)
+    mean = [np.full((2, 3), 0.25), np.arange(4.0)]
+    params = ndarrays_to_parameters([np.zeros((2, 3), np.float32), np.zeros(4, np.float32)])
+    strategy.configure_fit(1, params, Manager())
+    bad = []
+    for metrics, n in [
+        ({"partition-id": float("nan")}, 10),
+        ({"partition-id": [1]}, 10),
+        ({"partition-id": "1"}, 10),
+        ({"partition-id": 7}, 10),
+        ({"partition-id": 1, "train-seconds": float("inf")}, 10),
+        ({"partition-id": 1}, 0),
+        ({}, 10),
+    ]:
+        bad.append((None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(mean), n, metrics)))
+    good = [fit_result(mean, 0, 10), fit_result(mean, 0, 10)]  # the second repeats partition 0
+    aggregate, _ = strategy.aggregate_fit(1, [good[0], *bad, good[1]], [])
+    tally = strategy.reports[1]
+    assert tally.accepted == [0] and aggregate is not None
+    assert len(tally.rejected) == len(bad) + 1
+    assert all(len(reason) <= 300 for reason in tally.rejected.values())
+    assert "second reply for partition 0" in tally.rejected[f"reply {len(bad) + 1}"]
+
+    strategy.configure_fit(2, params, Manager())
+    huge = [np.full((2, 3), 1e39), np.arange(4.0)]  # finite in float64, Inf in float32
+    aggregate, _ = strategy.aggregate_fit(2, [fit_result(huge, 1, 10)], [])
+    assert aggregate is None and not strategy.reports[2].aggregated
+    assert "not finite" in strategy.reports[2].rejected["1"]
