@@ -59,6 +59,11 @@ class FlowerRunConfig:
     """With ``privacy.level client``: where Flower's DP wrapper clips each update, ``server``
     (``DifferentialPrivacyServerSide*Clipping``) or ``client`` (``DifferentialPrivacyClient
     Side*Clipping`` + the clipping mod on every node); see :mod:`flora_lightning.flower.dp`."""
+    partition_nodes: str = ""
+    """``"PARTITION:NODE_ID,..."``: each partition may be trained only by that node id (with
+    SuperNode authentication a node's id is fixed by its registered public key, so this binds
+    each key to its partition); a node claiming another partition is refused. Empty: the
+    first node to claim a partition keeps it (docs/flower.md)."""
     node_data: bool = False
     """True where every data owner keeps its data: each SuperNode trains on its own
     ``--node-config data-path`` (or, on the simulation engine with ``data.partition.kind:
@@ -71,6 +76,7 @@ class FlowerRunConfig:
     serves many virtual nodes): the image encoder stays to encode the next partition."""
 
     def __post_init__(self) -> None:
+        self.bound_nodes()  # a malformed partition-nodes is refused now
         for key in ("num_server_rounds", "min_clients", "node_wait_seconds"):
             value = getattr(self, key)  # a quoted "60" or "nan" is a string in TOML
             kind = (int, float) if key == "node_wait_seconds" else int
@@ -118,6 +124,23 @@ class FlowerRunConfig:
                 f"{sorted(k.replace('_', '-') for k in known)}."
             )
         return cls(**merged)
+
+    def bound_nodes(self) -> dict[int, int]:
+        """``partition-nodes`` as partition -> node id (empty: no binding)."""
+        bound: dict[int, int] = {}
+        if not isinstance(self.partition_nodes, str):
+            raise ValueError(f"partition-nodes must be a string (got {self.partition_nodes!r}).")
+        for pair in filter(None, (p.strip() for p in self.partition_nodes.split(","))):
+            partition, _, node = pair.partition(":")
+            if not (partition.strip().isdigit() and node.strip().isdigit()):
+                raise ValueError(
+                    f"partition-nodes: {pair!r} is not PARTITION:NODE_ID (e.g. "
+                    '"0:5123412,1:9870012", the node ids flwr supernode register printed).'
+                )
+            if int(partition) in bound or int(node) in bound.values():
+                raise ValueError(f"partition-nodes names partition or node of {pair!r} twice.")
+            bound[int(partition)] = int(node)
+        return bound
 
     def config_path(self) -> Path:
         path = Path(self.config).expanduser()

@@ -80,7 +80,11 @@ class NodeRoster:
     """
 
     def __init__(
-        self, wait_seconds: float = 60.0, query_timeout: float = 600.0, poll_seconds: float = 1.0
+        self,
+        wait_seconds: float = 60.0,
+        query_timeout: float = 600.0,
+        poll_seconds: float = 1.0,
+        bound: dict[int, int] | None = None,
     ) -> None:
         # a NaN wait never ends (its deadline is never reached), an infinite one neither
         check_finite({"node-wait-seconds": wait_seconds}, {"node-wait-seconds": 60.0})
@@ -92,6 +96,9 @@ class NodeRoster:
             check_finite({f"NodeRoster {key}": value})
             if not value >= 0:
                 raise ValueError(f"NodeRoster {key} must be >= 0 seconds (got {value}).")
+        self.bound = dict(bound or {})
+        """Partition -> the only node id that may hold it (run config ``partition-nodes``:
+        with SuperNode authentication a node's id is fixed by its registered key)."""
         self.wait_seconds = wait_seconds
         self.query_timeout = query_timeout
         self.poll_seconds = poll_seconds
@@ -105,7 +112,9 @@ class NodeRoster:
     def holders(self, grid: Grid) -> dict[int, int]:
         """Partition id -> the connected node that trains it (asking new nodes first).
 
-        The node that claimed a partition *first* keeps it while it is connected: a second
+        With :attr:`bound` (run config ``partition-nodes``) a partition is held only by the
+        node id bound to it; every other claim is refused with a warning. Otherwise the node
+        that claimed a partition *first* keeps it while it is connected: a second
         node claiming the same partition (an impostor, or a copy started by mistake) is
         refused with a warning, whatever its node id (a later, lower node id must not push
         the honest node out)."""
@@ -117,6 +126,14 @@ class NodeRoster:
         holder: dict[int, int] = {}
         for node, partition in self.partitions.items():  # in the order the claims came
             if node not in connected:
+                continue
+            if self.bound and self.bound.get(partition) != node:
+                if (-1, node) not in self._warned:
+                    self._warned.add((-1, node))
+                    log.warning(
+                        "node %d claims partition %d, which partition-nodes binds to node %s; "
+                        "it is refused.", node, partition, self.bound.get(partition, "none"),
+                    )  # fmt: skip
                 continue
             if partition in holder:
                 if (holder[partition], node) not in self._warned:

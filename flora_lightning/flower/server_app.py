@@ -120,6 +120,7 @@ def serve(grid: Grid, run: FlowerRunConfig, timeout: float = 3600.0) -> dict:
             node_wait_seconds=run.node_wait_seconds,
             round_offset=done,
             node_reports=shared_counts if run.node_data else None,
+            partition_nodes=run.bound_nodes(),
             # simulated partitions: the server knows each one's size and refuses other claims
             # (not under trainer.attack, whose num_samples attack is what it simulates)
             known_num_samples=None if run.node_data or loop.attack else data.num_samples,

@@ -98,6 +98,8 @@ class FloraFedAvg(FlowerFedAvg):
             (simulated partitions: the datamodule's ``num_samples``): a reply claiming another
             count is refused. ``None``: the claims are trusted up to
             ``trainer.strategy.max_num_samples``.
+        partition_nodes: partition -> the only node id that may train it (run config
+            ``partition-nodes``); None: the first node to claim a partition keeps it.
     """
 
     def __init__(
@@ -114,6 +116,7 @@ class FloraFedAvg(FlowerFedAvg):
         round_offset: int = 0,
         node_reports: Callable[[dict[int, tuple[int, list[int]]]], None] | None = None,
         known_num_samples: Callable[[int], int] | None = None,
+        partition_nodes: dict[int, int] | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -126,7 +129,8 @@ class FloraFedAvg(FlowerFedAvg):
         self.average.min_clients = min_clients
         self.engine = engine if engine is not None else RoundEngine()
         self.select_clients = select_clients
-        self.roster = NodeRoster(wait_seconds=node_wait_seconds, query_timeout=query_timeout)
+        self.roster = NodeRoster(wait_seconds=node_wait_seconds, query_timeout=query_timeout,
+                                 bound=partition_nodes)  # fmt: skip
         self.round_offset = round_offset
         self.node_reports = node_reports
         self.known_num_samples = known_num_samples

@@ -300,3 +300,27 @@ def test_an_aggregate_not_finite_in_float32_leaves_the_global_state(policy):
     assert arrays is None  # Flower keeps the previous global arrays
     assert strategy.reports[1].accepted == [] and not strategy.reports[1].aggregated
     assert "NaN or Inf in torch.float32" in strategy.reports[1].rejected["0"]
+
+
+def test_partition_nodes_binds_each_partition_to_its_node(caplog):
+    """With partition-nodes (node ids fixed by SuperNode authentication keys) an impostor that
+    connects FIRST and claims partition 0 is refused; the bound node trains it."""
+    grid = AnsweringGrid({5: 0, 30: 0, 31: 1})  # node 5 claims partition 0 before node 30
+    strategy = FloraFedAvg(select_clients=lambda r: [0, 1], node_wait_seconds=0,
+                           partition_nodes={0: 30, 1: 31})  # fmt: skip
+    assert set(selected_round(strategy, grid)) == {30, 31}
+    assert "partition-nodes binds to node 30" in caplog.text
+    unbound = FloraFedAvg(select_clients=lambda r: [0, 1], node_wait_seconds=0)
+    assert set(selected_round(unbound, AnsweringGrid({5: 0, 30: 0, 31: 1}))) == {5, 31}
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("0:12,x:3", "not PARTITION:NODE_ID"), ("0:12,0:13", "twice"), ("0:12,1:12", "twice")],
+)
+def test_partition_nodes_is_checked(value, message):
+    from flora_lightning.flower.app_config import FlowerRunConfig
+
+    assert FlowerRunConfig(partition_nodes=" 0:12, 1:13 ").bound_nodes() == {0: 12, 1: 13}
+    with pytest.raises(ValueError, match=message):
+        FlowerRunConfig(partition_nodes=value)
