@@ -7,12 +7,11 @@ from typing import Any
 
 import lightning as L
 import numpy as np
-import torch
-from torch.utils.data import DataLoader
 
-from flora_lightning.clip.preprocess import decode_image, stack_images
 from flora_lightning.data.label_table import format_label_table, label_counts
-from flora_lightning.data.local_source import LocalSource, load_local_source
+from flora_lightning.data.loaders import ClientLoaders
+from flora_lightning.data.local_source import LocalSource
+from flora_lightning.data.owners import OwnersData
 from flora_lightning.data.partition import PartitionConfig, partition_indices
 from flora_lightning.data.settings import (  # noqa: F401  (re-exported: the old import paths)
     POOLED,
@@ -25,12 +24,11 @@ from flora_lightning.data.splits import (
     check_labels,
     hold_out,
     resolve_class_names,
-    split_local_test,
     split_local_tests,
 )
 
 
-class FederatedDataModule(L.LightningDataModule):
+class FederatedDataModule(OwnersData, ClientLoaders, L.LightningDataModule):
     """Loads an image-classification dataset and splits its training set across clients.
 
     Args:
@@ -212,155 +210,6 @@ class FederatedDataModule(L.LightningDataModule):
         self.train_set = train
         self.counts = label_counts(labels, self.client_indices, len(class_names))
 
-    # ------------------------------------------------------ the owners' data
-    def _run_class_names(self, where: str) -> list[str]:
-        """``data.class_names``, required when each data owner brings its own data."""
-        if not self.class_names:
-            raise ValueError(
-                f"data.class_names is required with {where}: every data owner's labels are "
-                "matched to it by class name. List the classes in label order, e.g. "
-                "--data.class_names '[cat, dog]'."
-            )
-        return resolve_class_names(None, self.class_names, self.label_column)
-
-    def load_local(self, path: str, field: str) -> LocalSource:
-        """One data owner's data from ``path``, labelled in ``data.class_names`` order.
-
-        Args:
-            path: The data path (an imagefolder DIR, a .parquet file or glob, ``hub:ID[:SPLIT]``).
-            field: Where the path came from, named in errors (``data-path``).
-        """
-        return load_local_source(
-            path,
-            self._run_class_names(field),
-            self.image_column,
-            self.label_column,
-            self.max_unreadable_fraction,
-            field,
-        )
-
-    def _setup_folders(self) -> None:
-        """Client ``k`` holds ``data.partition.client_dirs[k]``; nothing is drawn."""
-        dirs = self.partition.client_dirs
-        owned = {
-            k: self.load_local(d, f"data.partition.client_dirs[{k}]") for k, d in enumerate(dirs)
-        }
-        tests = None
-        if self.partition.client_test_dirs is not None:
-            tests = {
-                k: self.load_local(d, f"data.partition.client_test_dirs[{k}]")
-                for k, d in enumerate(self.partition.client_test_dirs)
-            }
-        self._use_sources(owned, tests, len(dirs))
-        self.test_set = self._global_test()
-
-    def setup_node(
-        self,
-        data_path: str,
-        client: int,
-        test_path: str | None = None,
-        fields: tuple[str, str] = ("data-path", "test-path"),
-    ) -> None:
-        """Set up a deployed node: it holds only its own data, as client ``client``.
-
-        The node trains exactly as client ``client`` of the in-process twin
-        (``kind: folders`` with ``client_dirs[client] == data_path``): the same rows in the
-        same order, the same seeded local test rows (``local_test_fraction``, seeded by
-        ``(partition.seed, client)``) or ``test_path``'s rows as its local test set. Other
-        clients' rows are empty; no global test set is loaded (``test_set`` stays None).
-
-        Args:
-            data_path: The node's data (``--node-config data-path``).
-            client: The client index the run gives this node (its seeds depend on it).
-            test_path: The node's own local test set (``--node-config test-path``), or None.
-            fields: The names of the two paths in error messages (e.g.
-                ``("data.partition.client_dirs[2]", "data.partition.client_test_dirs[2]")``
-                on a simulated node).
-        """
-        if self.train_set is not None:
-            return
-        if test_path is not None and self.local_test_fraction is not None:
-            raise ValueError(
-                f"A node has a {fields[1]} and data.local_test_fraction is set: give one local "
-                f"test set, either the node's {fields[1]} or data.local_test_fraction."
-            )
-        owned = {client: self.load_local(data_path, fields[0])}
-        tests = None if test_path is None else {client: self.load_local(test_path, fields[1])}
-        self.node_test_path = test_path
-        self._use_sources(owned, tests, max(self.partition.num_clients, client + 1))
-
-    def setup_server(self) -> None:
-        """Set up a server that holds no training data: class names and the global test set.
-
-        The test set is ``data.test_dataset`` when set, else the test set ``data.dataset``
-        gives (``test_split``); ``train_set`` stays None and no client rows exist.
-        """
-        if self.test_set is not None:
-            return
-        self.test_set = self._global_test()
-
-    def _global_test(self):
-        """``data.test_dataset``'s rows, else the test set of ``data.dataset``."""
-        if self.test_dataset is not None:
-            names = self._run_class_names("data.test_dataset")
-            self.class_names = names
-            return self._capped(self._load_test_dataset(names))
-        names = self._run_class_names("data.partition.kind=folders (or node-local data)")
-        _, test, class_names = self._load_dataset()
-        if [n.lower() for n in class_names] != [n.lower() for n in names]:
-            raise ValueError(
-                f"data.dataset={self.dataset!r} (the global test set) has the classes "
-                f"{class_names}, not data.class_names {names}; set data.test_dataset to a "
-                "test set of the run's classes."
-            )
-        self.class_names = names
-        return test
-
-    def _load_test_dataset(self, class_names: list[str]):
-        """``data.test_dataset``'s rows, labelled in ``class_names`` order."""
-        return load_local_source(
-            self.test_dataset,
-            class_names,
-            self.image_column,
-            self.label_column,
-            self.max_unreadable_fraction,
-            "data.test_dataset",
-        ).rows
-
-    def _use_sources(self, owned: dict, tests: dict | None, num_clients: int) -> None:
-        """One training set of the owners' rows (client by client, then their test rows)."""
-        from datasets import concatenate_datasets
-
-        class_names = self._run_class_names("data.partition.kind=folders")
-        parts, start = [], 0
-        blocks: dict[str, list[np.ndarray]] = {"train": [], "test": []}
-        for name, group in (("train", owned), ("test", tests or {})):
-            for client in range(num_clients):
-                source = group.get(client)
-                n = 0 if source is None else source.num_samples
-                blocks[name].append(np.arange(start, start + n, dtype=np.int64))
-                if source is not None:
-                    parts.append(source.rows)
-                start += n
-        train = concatenate_datasets(parts)
-        labels = np.asarray(train[self.label_column], dtype=np.int64)
-        if self.local_test_fraction is not None and tests is None:
-            partitions, local = blocks["train"], []
-            for client, rows in enumerate(partitions):
-                if client in owned:
-                    rows, test_rows = split_local_test(
-                        rows, self.local_test_fraction, self.partition.seed, client
-                    )
-                else:
-                    test_rows = rows
-                partitions[client] = rows
-                local.append(test_rows)
-            self._use_partitions(train, labels, partitions, class_names, local)
-        else:
-            held = blocks["test"] if tests is not None else None
-            self._use_partitions(train, labels, blocks["train"], class_names, held)
-        self.sources = dict(owned)
-
     def _pool(self, source):
         """The ``pool_splits`` of the dataset concatenated (columns checked in each)."""
         from datasets import concatenate_datasets
@@ -447,86 +296,3 @@ class FederatedDataModule(L.LightningDataModule):
             else "the clients' test paths"
         )
         return f"train\n{table}\n\nlocal test ({origin})\n{local}"
-
-    def set_image_transform(self, transform: Callable) -> None:
-        """The model's own preprocessing (CLIP resize, crop, normalise)."""
-        self.image_transform = transform
-
-    def collate(self, rows: list[dict]) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]:
-        """Dataset rows -> ``(pixels, labels [B])``.
-
-        ``data.preprocess: processor``: float pixels ``[B, 3, H, W]``, the model's
-        preprocessing applied per image. ``device``: the decoded uint8 RGB images, one tensor
-        ``[B, 3, H, W]`` (a list of ``[3, H, W]`` when their sizes differ), which the method
-        preprocesses on its device (:meth:`~flora_lightning.methods.base.FederatedCLIPModule.
-        prepare_images`).
-        """
-        labels = torch.tensor([row[self.label_column] for row in rows], dtype=torch.long)
-        if self.preprocess == "device":
-            images = [decode_image(row[self.image_column]) for row in rows]
-            if len({image.shape for image in images}) == 1:
-                return stack_images(images), labels
-            return [image.contiguous() for image in images], labels
-        pixels = torch.stack([self.image_transform(row[self.image_column]) for row in rows])
-        return pixels, labels
-
-    def train_rows(self, indices):
-        """The training-set rows at ``indices``, in that order (one ``datasets`` selection)."""
-        return self.train_set.select(indices)
-
-    def client_dataset(self, client_id: int):
-        return self.train_rows(self.client_indices[client_id])
-
-    def client_dataloader(
-        self, client_id: int, generator: torch.Generator, batch_sampler=None
-    ) -> DataLoader:
-        """Shuffled loader over one client's partition; ``generator`` fixes the order.
-
-        With ``batch_sampler`` (sample-level DP-SGD's
-        :class:`~flora_lightning.privacy.poisson.PoissonBatchSampler`) it draws the batches
-        instead, as the cached-feature loader does with the same sampler.
-        """
-        if batch_sampler is not None:
-            # imported on use: the privacy package loads Opacus, which data-only users skip
-            from flora_lightning.privacy.poisson import poisson_loader
-
-            return poisson_loader(
-                self.client_dataset(client_id), batch_sampler, self.collate, self.num_workers
-            )
-        return DataLoader(
-            self.client_dataset(client_id),
-            batch_size=self.batch_size,
-            shuffle=True,
-            generator=generator,
-            num_workers=self.num_workers,
-            collate_fn=self.collate,
-        )
-
-    def client_test_dataset(self, client_id: int):
-        """One client's local test set (``data.local_test_fraction`` of its partition)."""
-        if not self.has_local_test:
-            raise ValueError(
-                "data.local_test_fraction is null (and no client test paths): clients hold no "
-                "local test sets. Set it, "
-                "e.g. --data.local_test_fraction 0.2, for personalised evaluation."
-            )
-        return self.train_rows(self.client_test_indices[client_id])
-
-    def client_test_dataloader(self, client_id: int) -> DataLoader:
-        """Loader over one client's local test set, in order (for evaluation)."""
-        return DataLoader(
-            self.client_test_dataset(client_id),
-            batch_size=self.eval_batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            collate_fn=self.collate,
-        )
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.test_set,
-            batch_size=self.eval_batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            collate_fn=self.collate,
-        )

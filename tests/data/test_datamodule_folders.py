@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flora_lightning.data import datamodule as datamodule_module
+from flora_lightning.data import owners as owners_module
 from flora_lightning.data.datamodule import FederatedDataModule
 from flora_lightning.data.partition_config import PartitionConfig
 from flora_lightning.offline.digits import CLASS_NAMES, digits_data_files
@@ -113,7 +114,7 @@ def test_client_test_dirs_are_the_local_test_sets(sites):
 def test_a_server_opens_no_training_data(sites, monkeypatch):
     dirs, test = sites
     opened = []
-    real = datamodule_module.load_local_source
+    real = owners_module.load_local_source
 
     def recording(path, *args, **kwargs):
         opened.append(path)
@@ -122,7 +123,7 @@ def test_a_server_opens_no_training_data(sites, monkeypatch):
     def no_dataset(*args, **kwargs):
         raise AssertionError("the server loaded data.dataset")
 
-    monkeypatch.setattr(datamodule_module, "load_local_source", recording)
+    monkeypatch.setattr(owners_module, "load_local_source", recording)
     monkeypatch.setattr(datamodule_module, "load_source", no_dataset)
     server = _data(folders([str(d) for d in dirs]), test_dataset=str(test))
     server.setup_server()
