@@ -14,6 +14,7 @@ bytes are copied, and before Flower's DP wrappers (which clip every reply) see i
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -23,7 +24,23 @@ from flwr.app import ArrayRecord
 from flora_lightning.strategy.base import MAX_REASON_CHARS, bounded
 
 __all__ = ["MAX_REASON_CHARS", "BadReply", "bounded", "check_layout", "count", "layout", "real",
-           "text", "to_checked_state"]  # fmt: skip
+           "remote_error", "text", "to_checked_state"]  # fmt: skip
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?\w*(?:Error|Exception)\b[^:\s]*: \S")
+
+
+def remote_error(reason: object) -> str:
+    """The line of a node's error that names its exception (the last ``XError: message``
+    line of a remote traceback, colours removed), so that the cause survives the bound on
+    rejection reasons; the whole text when no line does."""
+    text = _ANSI.sub("", str(reason))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if _EXCEPTION_LINE.match(line) and "ClientAppException" not in line:
+            return line
+    return text
 
 
 class BadReply(ValueError):

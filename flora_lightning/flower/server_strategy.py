@@ -58,6 +58,7 @@ from flora_lightning.flower.reply_checks import (
     count,
     layout,
     real,
+    remote_error,
     text,
     to_checked_state,
 )
@@ -320,7 +321,8 @@ class FloraFedAvg(FlowerFedAvg):
         if message.has_error():  # keyed by the node's partition where it is known
             partition = self._sent_partition.get(node, self.partitions.get(node))
             where = "" if partition is None else f" (node {node})"
-            raise BadReply(bounded(f"its ClientApp failed{where}: {message.error.reason}"))
+            cause = remote_error(message.error.reason)
+            raise BadReply(bounded(f"its ClientApp failed{where}: {cause}"))
         if self._expected and node not in self._expected:
             raise BadReply(f"node {node} was not sent a train message this round")
         if node in seen:

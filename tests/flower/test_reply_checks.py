@@ -324,3 +324,26 @@ def test_partition_nodes_is_checked(value, message):
     assert FlowerRunConfig(partition_nodes=" 0:12, 1:13 ").bound_nodes() == {0: 12, 1: 13}
     with pytest.raises(ValueError, match=message):
         FlowerRunConfig(partition_nodes=value)
+
+
+def test_a_remote_traceback_is_cut_to_its_exception_line():
+    """A node's error reply (here as Flower's Ray backend words it) keeps its cause within
+    the bounded reason: the last ``XError: message`` line, colours removed."""
+    from flora_lightning.flower.reply_checks import remote_error
+
+    reason = (
+        "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor"
+        ".run()\x1b[39m (pid=1, ip=192.0.2.2, actor_id=27, repr=<ClientAppActor at 0x7f>)\n"
+        + '  File "/x/client_app.py", line 161, in __call__\n    return f(message)\n'
+        * 20
+        + "flora_lightning.data.local_source.LocalSourceError: data-path='/site_2': 1 label(s) "
+        "the run does not know: ['eleven']; data.class_names is [...]\n\nThe above exception "
+        "was the direct cause of the following exception:\n\n\x1b[36mray::ClientAppActor.run()"
+        '\x1b[39m (pid=1)\n  File "/x/ray_actor.py", line 65, in run\n    raise '
+        "ClientAppException(str(ex))\nflwr.clientapp.client_app.ClientAppException: \n"
+        "Exception ClientAppException occurred. Message: ...'>"
+    )
+    line = remote_error(reason)
+    assert line.startswith("flora_lightning.data.local_source.LocalSourceError: data-path=")
+    assert "'/site_2'" in line and "eleven" in line and "\x1b" not in line
+    assert remote_error("plain words") == "plain words"
