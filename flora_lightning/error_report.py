@@ -82,6 +82,23 @@ def raised_on_purpose(err: BaseException) -> bool:
     return linecache.getline(str(filename), tb.tb_lineno).lstrip().startswith("raise")
 
 
+def our_config_cause(err: BaseException) -> BaseException | None:
+    """The config error of ours that a jsonargparse error wraps, if any: instantiating a
+    Union-typed class (``trainer.strategy``) re-raises our ``__init__``'s ValueError as "Does
+    not validate against any of the Union subtypes", chained to ours."""
+    tb = _innermost(err.__traceback__)
+    module = "" if tb is None else tb.tb_frame.f_globals.get("__name__", "")
+    if not module.startswith("jsonargparse"):
+        return None
+    seen, cause = {id(err)}, err.__cause__ or err.__context__
+    while cause is not None and id(cause) not in seen:
+        if raised_on_purpose(cause) and isinstance(cause, _ON_PURPOSE_CONFIG):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 def _text(err: BaseException) -> str:
     if isinstance(err, KeyError) and len(err.args) == 1:
         return str(err.args[0])  # not KeyError's repr with quotes
@@ -135,6 +152,9 @@ def classify(err: BaseException) -> Report:
         return Report("runtime", str(RunDirWriteError(path, err, atomic=False)), RUNTIME_EXIT)
     if isinstance(err, _loaded("clip.hub", "NotAvailableError")):
         return Report("config", str(err), CONFIG_EXIT)
+    cause = our_config_cause(err)
+    if cause is not None:
+        return Report("config", _text(cause), CONFIG_EXIT)
     if raised_on_purpose(err):
         if isinstance(err, _ON_PURPOSE_CONFIG):
             return Report("config", _text(err), CONFIG_EXIT)
@@ -152,7 +172,8 @@ class _RunLogHandler(logging.Handler):
     """Appends log records to ``<run_dir>/flora.log`` once ``run_dir`` exists.
 
     Records before that are held in memory and written when the folder appears, or dropped if
-    it never does (a config error writes nothing). A failing write (full disk) is ignored: the
+    it never does (a config error writes nothing) or if another process holds the folder's
+    run lock (a run refused as a second writer leaves the holder's log alone). A failing write (full disk) is ignored: the
     log must never be what stops a run.
     """
 
@@ -175,6 +196,11 @@ class _RunLogHandler(logging.Handler):
             return
         if self.file is None:
             if not self.path.parent.is_dir():
+                return
+            from flora_lightning.rundir.lock import holder
+
+            if holder(self.path.parent) is not None:  # another process's run: not our log
+                self.pending.clear()
                 return
             self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close)
         self.file.write("".join(line + "\n" for line in self.pending))

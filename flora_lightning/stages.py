@@ -19,6 +19,7 @@ from typing import Any
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from flora_lightning.error_report import ConfigError, run_log
+from flora_lightning.rundir.lock import RunDirLock
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +132,10 @@ def run_stage(stage: str, parser: ArgumentParser, config: Namespace) -> dict:
         parts = build_run(parser, config)
         if stage == "fit":
             result = parts.loop.fit(parts.model, parts.data, config_yaml=parts.config_yaml)
-        else:
+        else:  # one writer per run directory, as a fit (its recorder takes the lock)
             evaluate = getattr(parts.loop, stage)
-            result = evaluate(parts.model, parts.data, ckpt_path=parts.ckpt_path)
+            with RunDirLock(run_dir):
+                result = evaluate(parts.model, parts.data, ckpt_path=parts.ckpt_path)
         log.info("flora %s finished; outputs in %s.", stage, run_dir)
         return result
 

@@ -85,7 +85,7 @@ def run_client_scan(cfg: BenchConfig) -> dict:
             "clients": n, "runtime": runtime, "store": store, "rounds": cfg.client_rounds,
             "per_client": PER_CLIENT, "num_classes": cfg.num_classes, "seed": cfg.seed,
             "arch": cfg.arch, "cpus_per_client": 1.0, "work_dir": str(out / name),
-            "result": str(out / f"{name}.json"),
+            "result": str(out / f"{name}.json"), "parallel_clients": cfg.client_scan_parallel,
         }  # fmt: skip
         results.append(run_worker(spec))
         print(f"[bench clients] {name}: done in {time.perf_counter() - t0:.0f}s", flush=True)
@@ -97,6 +97,7 @@ def run_client_scan(cfg: BenchConfig) -> dict:
             "rounds": cfg.client_rounds,
             "per_client": PER_CLIENT,
             "seed": cfg.seed,
+            "parallel_clients": cfg.client_scan_parallel,
         },  # fmt: skip
         "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg()[0],
@@ -151,7 +152,8 @@ def markdown(report: dict) -> str:
         "# flora bench --clients: loop cost per client as clients grow",
         "",
         f"FLoRA on {ARCHS[report['config']['arch']]}, cached image features, {report['config']['per_client']}"
-        f" synthetic images and 1 local step per client, {report['config']['rounds']} round(s);"
+        f" synthetic images and 1 local step per client, {report['config']['rounds']} round(s),"
+        f" {report['config'].get('parallel_clients', 1)} client(s) at a time in the loop;"
         f" CPU, {report['cpu_count']} cores, load average {report['load_average']:.1f} at the "
         f"end; wall time {report['wall_seconds']:.0f} s.",
         "",

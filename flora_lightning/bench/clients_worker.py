@@ -84,6 +84,7 @@ def write_config(spec: dict, folder: Path) -> Path:
         "default_root_dir": str(folder / "run"),
         "progress": False,
         "seed": spec["seed"],
+        "parallel_clients": spec.get("parallel_clients", 1),
     }
     if spec.get("store") == "disk":
         trainer["client_state_dir"] = str(folder / "client_states")

@@ -109,6 +109,9 @@ class BenchConfig:
     """With ``clients``: also run these N (among ``clients``) on Flower's simulation engine."""
     client_rounds: int = 2
     """With ``clients``: rounds per run (from round 2 on, clients read their stored state)."""
+    client_scan_parallel: int = 1
+    """With ``clients``: the in-process loop trains K clients at a time
+    (``trainer.parallel_clients``), to check that per-client cost and memory stay flat."""
 
     def __post_init__(self) -> None:
         check_finite_fields(self, lambda field: f"bench --{field}")
@@ -120,7 +123,10 @@ class BenchConfig:
                 f"{', '.join(known.values())}."
             )
         self.methods = list(dict.fromkeys(known[m.lower()] for m in self.methods))
-        names = ("rounds", "client_samples", "batch_size", "num_classes", "steps", "client_rounds")
+        names = (
+            "rounds", "client_samples", "batch_size", "num_classes", "steps", "client_rounds",
+            "client_scan_parallel",
+        )  # fmt: skip
         for name in names:
             if getattr(self, name) < 1:
                 raise ValueError(f"bench --{name} must be >= 1 (got {getattr(self, name)}).")

@@ -11,6 +11,11 @@ state; the two ways alternate which goes first. Reported per K: the fastest roun
 both ways (the least disturbed by other load), the speed-up, and the largest difference
 of any client's adapter between the two ways (the equality the issue asks for, 1e-5 in fp32).
 
+The FLOP floor (CPU): the matmul FLOPs of one round (torch's ``FlopCounterMode``, the same
+both ways up to the tiny LoRA paths) over this CPU's best fp32 matmul rate (a 2048 x 2048
+matmul, best of five): no schedule of the round's math runs faster, so the sequential round's
+time over that floor caps any speed-up batching can give on this machine.
+
 Where the time goes: one more round each way (largest K) runs under torch's profiler and the
 operators' own CPU time is summed by kind (:data:`OP_KINDS`): it shows which part of the
 step batching speeds up (on a CPU the frozen matmuls are already near their peak rate at one
@@ -91,6 +96,32 @@ def profile_by_kind(fn) -> dict[str, float]:
     return kinds
 
 
+def peak_matmul_gflops(device, size: int = 2048, repeats: int = 5) -> float:
+    """The best fp32 matmul rate (GFLOP/s) of ``device`` on a ``size``-square matmul."""
+    import torch
+
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    best = math.inf
+    for _ in range(repeats + 1):  # the first call warms up
+        t0 = time.perf_counter()
+        a @ b
+        if a.device.type == "cuda":
+            torch.cuda.synchronize(a.device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best / 1e9
+
+
+def matmul_flops(fn) -> int:
+    """The FLOPs of the matmul-like operators (mm, bmm, addmm, attention) ``fn()`` runs,
+    forward and backward, as torch's ``FlopCounterMode`` counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def measure_parallel_round(
     arch: str = "tiny",
     clients: int = 10,
@@ -164,6 +195,19 @@ def measure_parallel_round(
                 "sequential": profile_by_kind(partial(sequential, seq_trainer, last)),
                 "parallel": profile_by_kind(partial(batched, par_trainer, last, k)),
             }
+            flops = matmul_flops(partial(sequential, seq_trainer, last + 1))
+            peak = peak_matmul_gflops(fabric.device)
+            floor = flops / (peak * 1e9)
+            profile["floor"] = {
+                "matmul_gflop_per_round": flops / 1e9,
+                "batched_matmul_gflop_per_round": matmul_flops(
+                    partial(batched, par_trainer, last + 1, k)
+                )
+                / 1e9,
+                "peak_matmul_gflops": peak,
+                "floor_s_per_round": floor,
+                "speedup_cap": min(seq_s) / floor,
+            }
         rows.append(
             {
                 "parallel_clients": k,
@@ -217,4 +261,15 @@ def markdown(result: dict) -> str:
         b = sum(par.values()) if kind == "total" else par[kind]
         ratio = f"{a / b:.2f}x" if b > 0 else "-"
         lines.append(f"| {kind} | {a:.3f} | {b:.3f} | {ratio} |")
+    floor = profile.get("floor")
+    if floor:
+        lines += [
+            "",
+            f"FLOP floor: a round's matmuls are {floor['matmul_gflop_per_round']:.1f} GFLOP "
+            f"one at a time ({floor['batched_matmul_gflop_per_round']:.1f} batched); this "
+            f"device's best fp32 matmul rate (2048 x 2048) is "
+            f"{floor['peak_matmul_gflops']:.1f} GFLOP/s, so no schedule runs a round in under "
+            f"{floor['floor_s_per_round']:.3f} s: batching can speed the sequential round up "
+            f"by at most {floor['speedup_cap']:.2f}x here.",
+        ]
     return table + "\n".join(lines) + "\n"

@@ -33,7 +33,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    SequentialSampler,
+    TensorDataset,
+)
 
 from flora_lightning.privacy.poisson import poisson_loader
 from flora_lightning.rundir.checkpoint import load_state, save_state, write_folder
@@ -46,6 +53,41 @@ FEATURES_FILE = "features.safetensors"
 
 _digests: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 """Vision tower -> sha256 of its weights (frozen while features are cached: hashed once)."""
+
+
+class _Rows(Dataset):
+    """Tensors indexed a whole batch at a time (``dataset[rows]``: one gather per tensor, not
+    one indexing per row and a stack): the same rows, in the same order, as a
+    ``TensorDataset`` behind a batching ``DataLoader``, at a fraction of the Python cost."""
+
+    def __init__(self, *tensors: torch.Tensor) -> None:
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors[0])
+
+    def __getitem__(self, rows: list[int]) -> tuple[torch.Tensor, ...]:
+        index = torch.as_tensor(rows, dtype=torch.long)
+        return tuple(t[index] for t in self.tensors)
+
+
+def batch_loader(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator | None = None
+) -> DataLoader:
+    """``DataLoader(TensorDataset(x, y), batch_size, shuffle=generator is not None,
+    generator=generator)``'s batches, drawn one gather per batch: the loader draws its base
+    seed from ``generator`` and the sampler its permutation after it, as the plain loader
+    does, so a seeded client sees the same batches in the same order (tested)."""
+    rows = _Rows(x, y)
+    order = (
+        SequentialSampler(rows) if generator is None else RandomSampler(rows, generator=generator)
+    )
+    return DataLoader(
+        rows,
+        batch_size=None,
+        sampler=BatchSampler(order, batch_size, drop_last=False),
+        generator=generator,
+    )
 
 
 def vision_weights_digest(vision: torch.nn.Module) -> str:
@@ -216,9 +258,7 @@ class FeatureCache:
         x, y = self.features[str(client)]
         if batch_sampler is not None:
             return poisson_loader(TensorDataset(x, y), batch_sampler)
-        return DataLoader(
-            TensorDataset(x, y), batch_size=self.data.batch_size, shuffle=True, generator=generator
-        )
+        return batch_loader(x, y, self.data.batch_size, generator)
 
     @staticmethod
     def local_test_key(client: int) -> str:
@@ -234,8 +274,8 @@ class FeatureCache:
                 "and build the cache with this client."
             )
         x, y = self.features[key]
-        return DataLoader(TensorDataset(x, y), batch_size=self.data.eval_batch_size)
+        return batch_loader(x, y, self.data.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
         x, y = self.features["test"]
-        return DataLoader(TensorDataset(x, y), batch_size=self.data.eval_batch_size)
+        return batch_loader(x, y, self.data.eval_batch_size)

@@ -12,9 +12,11 @@ the method's own ``training_step`` on its real rows alone:
   (columns) only. A fully padded row stays finite (no NaN in the gradient) and is left out.
 - Cross-entropy of a linear head (FedLC) is a per-row mean: the mean over real rows.
 
-Caption features are encoded once per step for the union of the K batches' labels (shared,
-unbatched token ids) with each client's adapters, and indexed per client: the same per-caption
-features the sequential fit encodes for its own batch's labels.
+Caption features are encoded once per step for the union of the K batches' labels with each
+client's adapters (:mod:`~flora_lightning.federation.grouped_lora`) and indexed per client: the
+same per-caption features the sequential fit encodes for its own batch's labels. The loss here
+takes them as an input, so only the small per-client part (image features, a head or adapter,
+the loss) runs under ``vmap``.
 
 Only methods whose loss is known here train in parallel (:func:`loss_kind`); a subclass that
 overrides ``forward`` or ``training_step`` is refused, since its loss may differ.
@@ -48,21 +50,21 @@ def masked_contrastive(
     """CLIP's symmetric loss over the real rows of a padded batch (see the module docstring).
 
     Args:
-        img: normalised image features ``[B, D]``.
-        txt: normalised caption features of each row's class ``[B, D]``.
-        valid: bool ``[B]``, true for real rows.
+        img: normalised image features ``[..., B, D]`` (leading dims: clients, one loss each).
+        txt: normalised caption features of each row's class ``[..., B, D]``.
+        valid: bool ``[..., B]``, true for real rows.
         scale: the logit scale (``exp`` of CLIP's, frozen).
     """
-    logits = scale * img @ txt.T
-    pair = valid[:, None] & valid[None, :]
+    logits = scale * img @ txt.transpose(-1, -2)
+    pair = valid[..., :, None] & valid[..., None, :]
     logits = torch.where(pair, logits, torch.finfo(logits.dtype).min)
-    diag = torch.diagonal(logits)
-    rows = torch.logsumexp(logits, dim=1) - diag
-    cols = torch.logsumexp(logits, dim=0) - diag
-    count = valid.sum()
+    diag = torch.diagonal(logits, dim1=-2, dim2=-1)
+    rows = torch.logsumexp(logits, dim=-1) - diag
+    cols = torch.logsumexp(logits, dim=-2) - diag
+    count = valid.sum(-1)
     zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
-    row_mean = torch.where(valid, rows, zero).sum() / count
-    col_mean = torch.where(valid, cols, zero).sum() / count
+    row_mean = torch.where(valid, rows, zero).sum(-1) / count
+    col_mean = torch.where(valid, cols, zero).sum(-1) / count
     return (row_mean + col_mean) / 2
 
 
@@ -76,8 +78,9 @@ def masked_cross_entropy(
 
 
 class ClientObjective(torch.nn.Module):
-    """One client's loss on its padded batch, with the model's trainable parameters swapped in
-    by ``torch.func.functional_call`` (parameter names get the prefix ``model.``).
+    """One client's loss on its padded batch and caption features, with the model's head or
+    adapter swapped in by ``torch.func.functional_call`` (parameter names get the prefix
+    ``model.``).
 
     Args:
         model: a method :func:`loss_kind` knows.
@@ -96,23 +99,24 @@ class ClientObjective(torch.nn.Module):
         features: torch.Tensor,
         labels: torch.Tensor,
         valid: torch.Tensor,
-        union: torch.Tensor,
-        inverse: torch.Tensor,
+        captions: torch.Tensor | None,
     ) -> torch.Tensor:
         """The client's loss.
 
         Args:
-            features: cached image features ``[B, D]`` (padded rows: anything finite).
+            features: cached image features ``[B, D]`` (padded rows: anything finite); with
+                leading client dims ``[K, B, D]`` for the contrastive loss, one loss per client.
             labels: ``[B]`` class ids (padded rows: any valid id).
             valid: bool ``[B]``, true for real rows.
-            union: the sorted distinct labels of every client's batch this step (shared).
-            inverse: ``[B]`` each row's position in ``union``.
+            captions: normalised caption features of each row's class ``[B, D]`` (the
+                contrastive loss; None for a head's cross-entropy).
         """
         model = self.model
-        images = model.encode_images(features)
+        # per-row image encoders see rows [N, D] (leading client dims, if any, flattened)
+        images = model.encode_images(features.reshape(-1, features.shape[-1]))
+        images = images.reshape(*features.shape[:-1], images.shape[-1])
         if self.kind == "cross_entropy":
             return masked_cross_entropy(model.head_logits(images), labels, valid)
-        captions = model.class_text_features(union)[inverse]
         return masked_contrastive(images, captions, valid, model.logit_scale())
 
 

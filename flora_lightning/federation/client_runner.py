@@ -3,7 +3,7 @@
 ::
 
     availability_event (trainer.availability, seeded per (seed, round, client): dropped,
-    straggler or a full fit) → prepare_client (the received global state; a lower rank's
+    straggler or a full fit; admit_client records it in-process) → prepare_client (the received global state; a lower rank's
     slice, zero-padded and masked) → on_client_fit_start → LocalTrainer.fit (an attacker of
     trainer.attack label_flip: on flipped labels) → client_state_to_send (the client's rank
     slice) → attacked_update (trainer.attack: what an attacker sends instead)
@@ -16,12 +16,15 @@ sees the reply. Both runtimes therefore train a client identically for the same 
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
 from flora_lightning.federation.attack import FlippedLabels
 from flora_lightning.federation.availability import Event
 from flora_lightning.strategy import ClientUpdate, State
+
+log = logging.getLogger(__name__)
 
 
 def availability_event(engine, round_: int, client: int) -> Event | None:
@@ -32,6 +35,33 @@ def availability_event(engine, round_: int, client: int) -> Event | None:
     data = engine.datamodule
     full = engine.local_trainer.planned_steps(data.num_samples(client), data.batch_size)
     return engine.availability.draw(engine.seed, round_, client, full)
+
+
+def admit_client(engine, tally, round_: int, client: int) -> tuple[bool, int | None]:
+    """Draw ``client``'s :func:`availability_event` in ``round_`` and record on ``tally`` what
+    it makes of it: ``(False, None)`` for a dropout (it sends nothing), else ``(True, cap)``
+    with a straggler's step cap (None: a full fit). The in-process round, one client or K at
+    a time, admits each sampled client so."""
+    event = availability_event(engine, round_, client)
+    if event is not None and event.dropped:
+        engine.record_dropped(tally, client, event.reason)
+        return False, None
+    if event is not None and event.kind == "straggler":
+        engine.record_straggler(tally, client, event.steps)
+    return True, None if event is None else event.steps
+
+
+def exclude_failed(
+    engine, tally, clients: list[int], round_: int, err: Exception, how: str = "fit"
+) -> None:
+    """Record ``clients``, whose ``how`` (their fit, or batched fit) raised ``err``
+    (``trainer.on_client_error: exclude``), as rejected in ``round_``. Adam updates a kept
+    state in place, so a fit stopped midway could leave it half updated: each starts its next
+    round with a fresh optimizer."""
+    log.warning("clients %s excluded from round %d: their %s raised %r", clients, round_, how, err)
+    for client in clients:
+        engine.record_rejected(tally, str(client), f"its {how} raised {type(err).__name__}: {err}")
+        engine.local_trainer.optimizer_states.pop(client, None)
 
 
 def attacked_source(engine, round_: int, clients: list[int]):

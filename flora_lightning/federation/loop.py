@@ -31,7 +31,7 @@ from flora_lightning.callbacks.communication import CommunicationLogger
 from flora_lightning.clip.feature_cache import FeatureCache
 from flora_lightning.federation.attack import Attack
 from flora_lightning.federation.availability import Availability
-from flora_lightning.federation.client_runner import availability_event, fit_client
+from flora_lightning.federation.client_runner import admit_client, exclude_failed, fit_client
 from flora_lightning.federation.engine import RoundEngine, RoundFailedError
 from flora_lightning.federation.parallel_memory import ParallelClients
 from flora_lightning.federation.parallel_runner import resolve_parallel_clients, run_client_groups
@@ -225,25 +225,15 @@ class FederatedLoop(RoundEngine):
         else:
             for client in tqdm(tally.clients, desc=f"round {round_} clients", leave=False,
                                disable=not self.progress):  # fmt: skip
-                event = availability_event(self, round_, client)
-                if event is not None and event.dropped:
-                    self.record_dropped(tally, client, event.reason)
-                    continue  # it sends nothing
-                if event is not None and event.kind == "straggler":
-                    self.record_straggler(tally, client, event.steps)
+                admitted, steps = admit_client(self, tally, round_, client)
+                if not admitted:
+                    continue  # a dropout sends nothing
                 try:
-                    fit = fit_client(self, global_state, client, round_,
-                                     None if event is None else event.steps)  # fmt: skip
+                    fit = fit_client(self, global_state, client, round_, steps)
                 except Exception as err:
                     if self.on_client_error == "raise":
                         raise
-                    log.warning("client %d excluded from round %d: its fit raised %r", client,
-                                round_, err)  # fmt: skip
-                    reason = f"its fit raised {type(err).__name__}: {err}"
-                    self.record_rejected(tally, str(client), reason)
-                    # Adam updates its (kept) state in place: a fit stopped midway leaves it half
-                    # updated, so the client starts its next round with a fresh optimizer.
-                    self.local_trainer.optimizer_states.pop(client, None)
+                    exclude_failed(self, tally, [client], round_, err)
                     continue
                 self.record_update(tally, fit.update, fit.seconds)
                 self.strategy.add(fit.update)

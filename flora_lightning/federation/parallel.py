@@ -6,9 +6,11 @@ stacks the K clients' trainable parameters along a leading client dimension and 
 local step for all K at once::
 
     each client's next batch (its own seeded loader, as LocalTrainer.fit) → pad to one length
-    → vmap(grad(client loss)) over the stacked parameters (functional_call: the frozen weights
-    are shared, so each frozen matmul runs once on all K clients' rows) → BatchedAdam.step
-    (each client's own moments and step count; clients whose fit has ended are masked)
+    → the text tower once on every client's captions, each client's LoRA on its own rows
+    (grouped_lora: the frozen matmuls run once on all K clients' rows) → the rest of each
+    client's loss vmapped over its own head or adapter (functional_call) → one backward of the
+    sum of the K independent losses → BatchedAdam.step (each client's own moments and step
+    count; clients whose fit has ended are masked)
 
 so each client ends with what :meth:`LocalTrainer.fit` gives it alone, up to float rounding:
 the same seeds (:meth:`LocalTrainer.seed_for`), data order, starting state, kept Adam state,
@@ -20,21 +22,14 @@ optimizer state goes to the trainer's store the same way. Where the batched math
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 
 import torch
-from torch.func import functional_call, grad_and_value, vmap
 
 from flora_lightning.clip.feature_cache import FeatureCache
 from flora_lightning.federation.batched_adam import BatchedAdam
-from flora_lightning.federation.batched_loss import (
-    ClientObjective,
-    loss_kind,
-    pad_rows,
-    union_labels,
-)
+from flora_lightning.federation.batched_loss import loss_kind
+from flora_lightning.federation.batched_step import BatchedStep
 from flora_lightning.federation.local_trainer import MeanLoss
 from flora_lightning.federation.ranks import padded_state
 from flora_lightning.strategy import ClientUpdate
@@ -42,36 +37,6 @@ from flora_lightning.strategy.lora_product import lora_pairs
 
 PRECISIONS = ("32-true", "64-true")
 """Fabric precisions the batched fit runs in (autocast and loss scaling are not batched)."""
-
-# functorch has no batching rule for CPU flash attention: it would run once per client, its
-# backward 2-3x slower than the whole rest of the step (measured at ViT-B/32). The batched fit
-# therefore runs the text tower's attention as eager matmul + softmax (batched by vmap): the
-# same math in fp32. HF's eager attention takes its softmax in fp32 whatever the dtype, so a
-# float64 model keeps sdpa (and the fallback, correct and slow: no warning for it).
-_SDPA_FALLBACK = "There is a performance drop because we have not yet implemented the batching"
-
-
-@contextmanager
-def eager_attention(model):
-    """The CLIP text tower's attention as HF's eager implementation while inside (the configs'
-    ``_attn_implementation``, read at each forward), restored after; unchanged for a model
-    in float64, whose eager softmax would drop to fp32."""
-    params = model.trainable_parameters()
-    if params and params[0].dtype == torch.float64:
-        yield
-        return
-    configs = {}
-    for module in model.clip_model().text_model.modules():
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "_attn_implementation"):
-            configs[id(config)] = (config, config._attn_implementation)
-    try:
-        for config, _ in configs.values():
-            config._attn_implementation = "eager"
-        yield
-    finally:
-        for config, implementation in configs.values():
-            config._attn_implementation = implementation
 
 
 def parallel_refusal(trainer, model, source) -> str | None:
@@ -250,70 +215,27 @@ class ParallelFit:
     def run(self, model, names, stacked, anchors, masks, adam, streams, mu) -> tuple[list, list]:
         """Step every client until its stream ends; each client's loss meter (the one
         :meth:`LocalTrainer.run_steps` keeps, updated the same way) and examples seen."""
-        objective = ClientObjective(model)
-        fabric = self.trainer.fabric
-
-        def client_loss(params, anchor, features, labels, valid, union, inverse):
-            swapped = {f"model.{n}": p for n, p in zip(names, params, strict=True)}
-            loss = functional_call(objective, swapped, (features, labels, valid, union, inverse))
-            total = loss
-            if mu > 0:  # FedProx: mu/2 ||w - w_global||^2, as ProximalTerm
-                total = loss + mu / 2 * sum(
-                    (p - p0).pow(2).sum() for p, p0 in zip(params, anchor, strict=True)
-                )
-            return total, loss.detach()
-
-        batched = vmap(grad_and_value(client_loss, has_aux=True), in_dims=(0, 0, 0, 0, 0, None, 0))
         meters = [loss_meter(stacked[0].device) for _ in streams]
         seen = [0] * len(streams)
         live = list(range(len(streams)))
+        step = BatchedStep(model, names, mu, self.trainer.fabric)
         model.train()
         try:
-            with eager_attention(model):
-                while live:
-                    batches = {}
-                    for k in list(live):
-                        batch = next(streams[k], None)
-                        if batch is None:
-                            live.remove(k)
-                        else:
-                            batches[k] = batch
-                    if not batches:
-                        break
-                    losses = self.step(batched, fabric, stacked, anchors, masks, adam, batches)
-                    for k, loss in losses.items():
-                        rows = len(batches[k][1])
-                        meters[k].update(loss, rows)
-                        seen[k] += rows
+            while live:
+                batches = {}
+                for k in list(live):
+                    batch = next(streams[k], None)
+                    if batch is None:
+                        live.remove(k)
+                    else:
+                        batches[k] = batch
+                if not batches:
+                    break
+                losses = step(stacked, anchors, masks, adam, batches)
+                for k, loss in losses.items():
+                    rows = len(batches[k][1])
+                    meters[k].update(loss, rows)
+                    seen[k] += rows
         finally:
             model.eval()
         return meters, seen
-
-    def step(
-        self, batched, fabric, stacked, anchors, masks, adam, batches: dict
-    ) -> dict[int, torch.Tensor]:
-        """One local step of the clients in ``batches`` (client row -> its batch)."""
-        rows = list(batches)
-        width = max(len(batches[k][1]) for k in rows)
-        union, inverse = union_labels([batches[k][1] for k in rows])
-        device = stacked[0].device
-        index = torch.tensor(rows, device=device)
-        features = torch.stack([pad_rows(batches[k][0], width) for k in rows])
-        labels = torch.stack([pad_rows(batches[k][1][:, None], width)[:, 0] for k in rows])
-        inverse = torch.stack([pad_rows(i[:, None], width)[:, 0] for i in inverse])
-        valid = torch.stack([torch.arange(width, device=device) < len(batches[k][1]) for k in rows])
-        params = tuple(p.index_select(0, index) for p in stacked)
-        anchor = tuple(p.index_select(0, index) for p in anchors)
-        with warnings.catch_warnings(), fabric.autocast():
-            warnings.filterwarnings("ignore", message=_SDPA_FALLBACK)
-            grads, (_, losses) = batched(params, anchor, features, labels, valid, union, inverse)
-        active = torch.zeros(len(stacked[0]), dtype=torch.bool, device=device)
-        active[index] = True
-        full = [
-            torch.zeros_like(p).index_copy_(0, index, g)
-            for p, g in zip(stacked, grads, strict=True)
-        ]
-        if masks is not None:  # a lower-rank client's slots beyond its rank: zero gradient
-            full = [g * m if m is not None else g for g, m in zip(full, masks, strict=True)]
-        adam.step(full, active)
-        return dict(zip(rows, losses.unbind(), strict=True))

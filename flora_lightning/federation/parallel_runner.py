@@ -24,9 +24,10 @@ import torch
 
 from flora_lightning.federation.client_runner import (
     ClientFit,
+    admit_client,
     attacked_source,
     attacked_update,
-    availability_event,
+    exclude_failed,
 )
 from flora_lightning.federation.parallel import ParallelFit, parallel_refusal
 from flora_lightning.federation.parallel_memory import (
@@ -136,14 +137,10 @@ def run_client_groups(loop, tally, received: State, round_: int, k: int) -> None
     :meth:`~flora_lightning.federation.loop.FederatedLoop.run_round` does one at a time."""
     ready, caps = [], []
     for client in tally.clients:
-        event = availability_event(loop, round_, client)
-        if event is not None and event.dropped:
-            loop.record_dropped(tally, client, event.reason)
-            continue  # it sends nothing
-        if event is not None and event.kind == "straggler":
-            loop.record_straggler(tally, client, event.steps)
-        ready.append(client)
-        caps.append(None if event is None else event.steps)
+        admitted, steps = admit_client(loop, tally, round_, client)
+        if admitted:  # a dropout sends nothing
+            ready.append(client)
+            caps.append(steps)
     for i in range(0, len(ready), k):
         group = ready[i : i + k]
         try:
@@ -151,15 +148,9 @@ def run_client_groups(loop, tally, received: State, round_: int, k: int) -> None
         except Exception as err:
             if loop.on_client_error == "raise":
                 raise
-            log.warning("clients %s excluded from round %d: their batched fit raised %r",
-                        group, round_, err)  # fmt: skip
-            for client in group:
-                loop.record_rejected(
-                    tally, str(client), f"its batched fit raised {type(err).__name__}: {err}"
-                )
-                # no kept state was written (the store is written after the whole fit), but a
-                # client that failed starts its next round fresh, as in the sequential round
-                loop.local_trainer.optimizer_states.pop(client, None)
+            # no kept state was written (the store is written after the whole fit); each
+            # client starts its next round fresh, as in the sequential round
+            exclude_failed(loop, tally, group, round_, err, "batched fit")
             continue
         for fit in fits:
             loop.record_update(tally, fit.update, fit.seconds)

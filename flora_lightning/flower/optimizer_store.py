@@ -107,6 +107,16 @@ class OptimizerStore:
                 record = state.array_records[OPTIMIZER_STATE_KEY]
                 return unflatten_optimizer_states(to_state(record))
         if round_ > 1:
+            old = self.folder.parent.parent / self.folder.name if self.folder else None
+            if old is not None and any(_FILE.fullmatch(p.name) for p in old.glob("round_*")):
+                log.warning(
+                    "partition %d: %s holds optimizer states in the layout before run "
+                    "fingerprints; they are not loaded (nothing says which run wrote them). If "
+                    "they are this run's, move them into %s.",
+                    self.partition,
+                    old,
+                    self.folder,
+                )
             where = (
                 f"in {self.folder}"
                 if self.folder is not None

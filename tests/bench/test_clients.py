@@ -77,6 +77,23 @@ def test_scan_of_4_and_16_clients(tmp_path, monkeypatch):
     )
 
 
+def test_scan_with_clients_side_by_side_keeps_each_clients_state(tmp_path, monkeypatch):
+    """``--client_scan_parallel 3``: the loop trains 3 clients at a time (its config says so,
+    the report too) and still keeps one Adam state per client, nothing more."""
+    import yaml
+
+    monkeypatch.setattr(clients, "run_worker", clients_worker.measure)
+    out = tmp_path / "bench"
+    cfg = BenchConfig(arch="tiny", clients=[6], out=str(out), client_scan_parallel=3)
+    report = clients.run_client_scan(cfg)
+    config = yaml.safe_load((out / "clients" / "loop_memory_6" / "config.yaml").read_text())
+    assert config["trainer"]["parallel_clients"] == 3
+    assert "3 client(s) at a time" in (out / "clients" / "clients.md").read_text()
+    memory = next(r for r in report["rows"] if r["store"] == "memory")
+    assert memory["state_bytes_per_client"] == ADAM_BYTES_PER_CLIENT
+    assert memory["kept_bytes_per_client"]["optimizer_state"] == ADAM_BYTES_PER_CLIENT
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -84,6 +101,7 @@ def test_scan_of_4_and_16_clients(tmp_path, monkeypatch):
         ({"clients": []}, "bench --clients"),
         ({"clients": [10], "flower_clients": [100]}, "bench --flower_clients"),
         ({"clients": [10], "client_rounds": 0}, "bench --client_rounds"),
+        ({"clients": [10], "client_scan_parallel": 0}, "bench --client_scan_parallel"),
     ],
 )
 def test_bad_scan_options_name_the_option(kwargs, match):

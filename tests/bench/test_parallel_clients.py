@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+import torch
+
 from flora_lightning.bench.parallel_clients import markdown, measure_parallel_round
 
 
@@ -21,6 +24,26 @@ def test_a_round_both_ways_reports_times_and_agreement():
     for way in ("sequential", "parallel"):
         assert profile[way]["matmul"] > 0 and profile[way]["elementwise"] > 0
     assert "| matmul |" in markdown(result)
+    floor = profile["floor"]
+    assert floor["matmul_gflop_per_round"] > 0 and floor["peak_matmul_gflops"] > 0
+    assert floor["floor_s_per_round"] == pytest.approx(
+        floor["matmul_gflop_per_round"] / floor["peak_matmul_gflops"]
+    )
+    assert floor["speedup_cap"] == pytest.approx(
+        result["rows"][-1]["sequential_s_per_round"] / floor["floor_s_per_round"]
+    )
+    assert "FLOP floor" in markdown(result)
+
+
+def test_matmul_flops_counts_forward_and_backward():
+    """A linear layer's matmuls, counted by hand: x [3, 4] @ W^T [4, 5] is 2*3*4*5 FLOPs
+    forward; the backward's grad_x and grad_W are one such matmul each."""
+    from flora_lightning.bench.parallel_clients import matmul_flops
+
+    x = torch.randn(3, 4, requires_grad=True)
+    w = torch.randn(5, 4, requires_grad=True)
+    assert matmul_flops(lambda: torch.nn.functional.linear(x, w).sum().backward()) == 3 * 120
+    assert matmul_flops(lambda: x.detach() @ w.detach().T) == 120
 
 
 def test_op_kinds():

@@ -127,3 +127,23 @@ def test_a_damaged_disk_cache_is_encoded_again(
     again.build([0], test=True)  # the folder was replaced by a whole one: read, no warning
     assert "not usable" not in caplog.text
     assert torch.equal(again.features["0"][0], built.features["0"][0])
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_batch_loader_yields_the_plain_loaders_batches(shuffle):
+    """One gather per batch, the same rows in the same order as TensorDataset + DataLoader
+    with the same seeded generator (two epochs: the second shuffle too)."""
+    from torch.utils.data import TensorDataset
+
+    x, y = torch.randn(37, 5), torch.arange(37)
+    plain_gen = torch.Generator().manual_seed(3) if shuffle else None
+    fast_gen = torch.Generator().manual_seed(3) if shuffle else None
+    plain = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=shuffle, generator=plain_gen)
+    fast = feature_cache.batch_loader(x, y, 8, fast_gen)
+    for _ in range(2):
+        pairs = list(zip(plain, fast, strict=True))
+        assert [len(b[1]) for b, _ in pairs] == [8, 8, 8, 8, 5]
+        for (px, py), (fx, fy) in pairs:
+            assert torch.equal(px, fx) and torch.equal(py, fy)
+    if shuffle:  # the order really is shuffled (the check above would pass for any order)
+        assert list(torch.cat([b[1] for b in fast])) != list(range(37))

@@ -131,8 +131,12 @@ def test_root_dir_that_is_a_file_is_refused_after_the_full_parse_too(tmp_path, m
         (["--trainer.rounds", "many"], "Parser key \"trainer.rounds\": Expected a <class 'int'>"),
         (["--trainer.rounds", "-1"], "trainer.rounds must be >= 0 (got -1)."),
         (["--no_such_option", "1"], "unrecognized arguments: --no_such_option 1"),
+        (
+            ["--trainer.strategy", "FedProx", "--trainer.strategy.mu", "-1"],
+            "trainer.strategy.mu must be >= 0 (got -1.0)",
+        ),
     ],
-    ids=["parse", "validation", "unknown-option"],
+    ids=["parse", "validation", "unknown-option", "strategy-setting"],
 )
 def test_config_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys, override, message):
     code, err = run_main(fit_args(tmp_path / "run", *override), monkeypatch, capsys)

@@ -54,3 +54,18 @@ def test_union_labels_index_back_to_each_batch():
     union, inverse = union_labels([torch.tensor([3, 1, 3]), torch.tensor([7, 1])])
     assert union.tolist() == [1, 3, 7]
     assert [union[i].tolist() for i in inverse] == [[3, 1, 3], [7, 1]]
+
+
+def test_masked_contrastive_with_a_client_dim_is_each_clients_loss():
+    """[K, B, D] in, K losses out: client k's is its unbatched loss (the batched fit calls it
+    so for FLoRA, without vmap)."""
+    torch.manual_seed(2)
+    img = F.normalize(torch.randn(3, 6, 4), dim=-1)
+    txt = F.normalize(torch.randn(3, 6, 4), dim=-1)
+    valid = torch.arange(6)[None, :] < torch.tensor([6, 4, 1])[:, None]
+    scale = torch.tensor(100.0)
+    losses = masked_contrastive(img, txt, valid, scale)
+    assert losses.shape == (3,)
+    for k in range(3):
+        alone = masked_contrastive(img[k], txt[k], valid[k], scale)
+        assert abs(float(losses[k]) - float(alone)) <= TOL

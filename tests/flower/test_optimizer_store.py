@@ -99,3 +99,21 @@ def test_a_damaged_file_fails_its_checksum(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptCheckpointError, match="checksum mismatch"):
         s.load(2)
+
+
+def test_files_in_the_layout_before_fingerprints_are_named_not_loaded(tmp_path, caplog):
+    """``<state-dir>/partition-0/round_001.safetensors`` (an older version's layout) is not
+    loaded, and the warning names it and the run's folder to move it to."""
+    s = store(tmp_path)
+    old = tmp_path / "partition-0"
+    old.mkdir()
+    (old / "round_001.safetensors").write_bytes(b"from an older version")
+    with caplog.at_level("WARNING", logger="flora_lightning.flower.optimizer_store"):
+        assert s.load(2) == {}
+    text = caplog.text
+    assert f"{old} holds optimizer states in the layout before run fingerprints" in text
+    assert f"move them into {s.folder}" in text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="flora_lightning.flower.optimizer_store"):
+        store(tmp_path / "elsewhere").load(2)  # no old folder there: only the usual warning
+    assert "layout before run fingerprints" not in caplog.text

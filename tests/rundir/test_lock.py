@@ -110,3 +110,30 @@ def test_flora_fit_on_a_locked_run_dir_exits_1_naming_the_holder(
         f"flora: error: trainer.default_root_dir={run_dir} is in use: process {proc.pid} on host"
     )
     assert not (run_dir / "config.yaml").exists() and not (run_dir / "summary.json").exists()
+    # nor its log lines or its error: the folder's flora.log is the holder's, not the refused run's
+    assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_FILE]
+
+
+def test_flora_validate_on_a_locked_run_dir_exits_1_naming_the_holder(
+    held_elsewhere, offline_assets, monkeypatch, capsys
+):
+    """An evaluation writes its results into the run directory too: one writer at a time."""
+    from pathlib import Path
+
+    from flora_lightning import cli
+
+    run_dir, proc = held_elsewhere
+    quickstart = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+    monkeypatch.setattr(sys, "argv", [
+        "flora", "validate", "--config", str(quickstart), "--trainer.default_root_dir",
+        str(run_dir), "--trainer.progress", "false", "--data.partition.num_clients", "2",
+        "--data.max_test_samples", "32",
+    ])  # fmt: skip
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    assert info.value.code == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(
+        f"flora: error: trainer.default_root_dir={run_dir} is in use: process {proc.pid} on host"
+    )
+    assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_FILE]
