@@ -10,7 +10,8 @@
 #   2. flora bench --device cuda --compile ab (each method eager, then compiled and captured in
 #      CUDA graphs), ViT-B/32 shapes: FLoRA and FedFFT in fp32 and in bf16-mixed, then the
 #      other methods in fp32, as far as the budget goes; after the fp32 pair, flora bench
-#      --parallel_clients '[10]' (a round of 10 cached-FLoRA clients, 1 vs 10 at a time).
+#      --parallel_clients '[10]' (a round of 10 cached-FLoRA clients, 1 at a time with the step
+#      captured in CUDA graphs vs 10 at a time eager).
 # Each step gets a timeout from what is left of the budget (GPU_CHECK_SECONDS, default 480);
 # a step that does not fit is skipped and says so. The bench reports are copied to dated files
 # under docs/results/ (and to OUTPUT_DIR, so they come back from a lent machine).
@@ -56,8 +57,8 @@ BENCH=(python -m flora_lightning bench --device "$DEVICE" --arch "$ARCH" --compi
 # Most telling first: each bench writes its own report, so a step cut short loses only itself.
 step bench_fp32 90 200 "${BENCH[@]}" --precision 32-true --methods '[FLoRA, FedFFT]' \
     --out "$OUT/bench-fp32"
-# issue 23: a round of 10 cached-FLoRA clients one at a time vs 10 at a time (eager both ways:
-# the batched fit is not captured)
+# issue 23: a round of 10 cached-FLoRA clients one at a time (the step captured in CUDA graphs,
+# the issue's baseline) vs 10 at a time (eager: the batched fit is not captured)
 step bench_parallel 60 150 python -m flora_lightning bench --device "$DEVICE" --arch "$ARCH" \
     --parallel_clients '[10]' --parallel_round_clients 10 --results docs/results \
     --out "$OUT/bench-parallel"

@@ -16,16 +16,18 @@ the process during the run, its growth over the smallest N and per added client,
 per-client state the run keeps (:mod:`flora_lightning.bench.client_memory`: optimizer states,
 partition indices, cached features, round records); the bytes of optimizer state kept per
 client (and of those, in RAM). Results: ``clients.json``, ``clients.md`` and
-``clients.png`` in ``<out>/clients``.
+``clients.png`` in ``<out>/clients`` (with ``--results DIR`` also dated copies there).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+from datetime import date
 from pathlib import Path
 
 from flora_lightning.bench.config import BenchConfig
@@ -110,6 +112,14 @@ def run_client_scan(cfg: BenchConfig) -> dict:
     (out / "clients.md").write_text(text)
     plot(report, out / "clients.png")
     print(text)
+    if cfg.results is not None:  # dated copies: <date>-clients-scan-<arch>[-k<K>]
+        folder = Path(cfg.results)
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"{date.today().isoformat()}-clients-scan-{cfg.arch}"
+        if cfg.client_scan_parallel > 1:
+            name += f"-k{cfg.client_scan_parallel}"
+        for suffix in (".md", ".json", ".png"):
+            shutil.copyfile(out / f"clients{suffix}", folder / f"{name}{suffix}")
     return report
 
 

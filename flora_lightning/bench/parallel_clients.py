@@ -132,15 +132,20 @@ def measure_parallel_round(
     rounds: int = 1,
     accelerator: str = "cpu",
     seed: int = 0,
+    cuda_graphs: str = "auto",
+    compile: bool = False,
 ) -> dict:
-    """Time ``rounds`` round(s) (at least 1) of ``clients`` FLoRA clients sequentially and K at a time for
-    each K in ``parallel_clients``; a dict of the settings and one result row per K."""
+    """Time ``rounds`` round(s) (at least 1) of ``clients`` FLoRA clients sequentially and K at
+    a time for each K in ``parallel_clients``; a dict of the settings and one result row per K.
+    The sequential fits run the local step as ``cuda_graphs``/``compile`` say (on CUDA with
+    ``auto``: captured in CUDA graphs, the issue's baseline); the batched fits run eager."""
     import lightning as L
     import torch
 
     from flora_lightning.bench.workload import build_method
     from flora_lightning.federation.local_trainer import LocalTrainer
     from flora_lightning.federation.parallel import ParallelFit
+    from flora_lightning.federation.step_capture import plan_capture
 
     torch.manual_seed(seed)
     model = build_method("FLoRA", arch, num_classes)
@@ -171,7 +176,9 @@ def measure_parallel_round(
 
     rows, profile = [], {}
     for k in parallel_clients:
-        seq_trainer, par_trainer = LocalTrainer(fabric, seed=seed), LocalTrainer(fabric, seed=seed)
+        capture = plan_capture(fabric.device, cuda_graphs, compile)
+        seq_trainer = LocalTrainer(fabric, seed=seed, capture=capture)
+        par_trainer = LocalTrainer(fabric, seed=seed)
         sequential(seq_trainer, 0), batched(par_trainer, 0, k)  # warm-up, not timed
         seq_s, par_s, diff = [], [], 0.0
         for round_ in range(1, rounds + 1):
@@ -226,6 +233,7 @@ def measure_parallel_round(
         "num_classes": num_classes,
         "device": str(fabric.device),
         "torch_threads": torch.get_num_threads(),
+        "sequential_step": "eager" if capture is None else capture.what,
         "rows": rows,
         "profile": profile,
     }
@@ -237,7 +245,8 @@ def markdown(result: dict) -> str:
         f"FLoRA cached, {result['arch']}, {result['clients']} clients x {result['per_client']} "
         f"samples (batch {result['batch_size']}, {result['local_steps_per_client']} local "
         f"steps), {result['num_classes']} classes, {result['device']}, "
-        f"{result['torch_threads']} threads\n\n"
+        f"{result['torch_threads']} threads; one at a time the local step runs "
+        f"{result.get('sequential_step', 'eager')}, K at a time eager\n\n"
         "| K | sequential s / round | K at a time s / round | speed-up | max adapter diff |\n"
         "|--:|--:|--:|--:|--:|\n"
     )

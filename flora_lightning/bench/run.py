@@ -70,6 +70,8 @@ def run_parallel_round(cfg: BenchConfig) -> dict:
         rounds=5,
         accelerator=cfg.device,
         seed=cfg.seed,
+        cuda_graphs=cfg.cuda_graphs,
+        compile=cfg.compile == "on",
     )
     result["command"] = "flora bench " + " ".join(cfg.to_argv())
     (out / "parallel_clients.json").write_text(json.dumps(result, indent=2) + "\n")

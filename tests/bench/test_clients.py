@@ -84,8 +84,13 @@ def test_scan_with_clients_side_by_side_keeps_each_clients_state(tmp_path, monke
 
     monkeypatch.setattr(clients, "run_worker", clients_worker.measure)
     out = tmp_path / "bench"
-    cfg = BenchConfig(arch="tiny", clients=[6], out=str(out), client_scan_parallel=3)
+    cfg = BenchConfig(arch="tiny", clients=[6], out=str(out), client_scan_parallel=3,
+                      results=str(tmp_path / "results"))  # fmt: skip
     report = clients.run_client_scan(cfg)
+    from datetime import date
+
+    dated = tmp_path / "results" / f"{date.today().isoformat()}-clients-scan-tiny-k3.md"
+    assert dated.read_text() == (out / "clients" / "clients.md").read_text()
     config = yaml.safe_load((out / "clients" / "loop_memory_6" / "config.yaml").read_text())
     assert config["trainer"]["parallel_clients"] == 3
     assert "3 client(s) at a time" in (out / "clients" / "clients.md").read_text()

@@ -19,6 +19,8 @@ def test_a_round_both_ways_reports_times_and_agreement():
         assert row["speedup"] == row["sequential_s_per_round"] / row["parallel_s_per_round"]
         assert row["max_adapter_diff"] <= 1e-5  # the same clients' adapters both ways
     assert "| 3 |" in markdown(result)
+    assert result["sequential_step"] == "eager"  # cuda_graphs auto: eager on a CPU
+    assert "one at a time the local step runs eager, K at a time eager" in markdown(result)
     profile = result["profile"]
     assert profile["parallel_clients"] == 3
     for way in ("sequential", "parallel"):
