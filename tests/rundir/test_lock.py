@@ -88,9 +88,16 @@ def test_recorder_open_is_refused_before_writing_anything(held_elsewhere):
     assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_FILE]
 
 
-def test_flora_fit_on_a_locked_run_dir_exits_1_naming_the_holder(
-    held_elsewhere, offline_assets, monkeypatch, capsys
+@pytest.mark.parametrize(
+    "stage, extra",
+    [("fit", ["--trainer.rounds", "1", "--trainer.max_local_steps", "1"]), ("validate", [])],
+)
+def test_flora_on_a_locked_run_dir_exits_1_naming_the_holder(
+    held_elsewhere, offline_assets, monkeypatch, capsys, stage, extra
 ):
+    """A fit, or an evaluation (it writes its results there too), on a folder another
+    process holds: refused before writing anything, its log lines and error included (the
+    folder's flora.log is the holder's)."""
     from pathlib import Path
 
     from flora_lightning import cli
@@ -98,36 +105,9 @@ def test_flora_fit_on_a_locked_run_dir_exits_1_naming_the_holder(
     run_dir, proc = held_elsewhere
     quickstart = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
     monkeypatch.setattr(sys, "argv", [
-        "flora", "fit", "--config", str(quickstart), "--trainer.default_root_dir", str(run_dir),
-        "--trainer.rounds", "1", "--trainer.max_local_steps", "1", "--trainer.progress", "false",
-        "--data.partition.num_clients", "2", "--data.max_test_samples", "32",
-    ])  # fmt: skip
-    with pytest.raises(SystemExit) as info:
-        cli.main()
-    assert info.value.code == 1
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith(
-        f"flora: error: trainer.default_root_dir={run_dir} is in use: process {proc.pid} on host"
-    )
-    assert not (run_dir / "config.yaml").exists() and not (run_dir / "summary.json").exists()
-    # nor its log lines or its error: the folder's flora.log is the holder's, not the refused run's
-    assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_FILE]
-
-
-def test_flora_validate_on_a_locked_run_dir_exits_1_naming_the_holder(
-    held_elsewhere, offline_assets, monkeypatch, capsys
-):
-    """An evaluation writes its results into the run directory too: one writer at a time."""
-    from pathlib import Path
-
-    from flora_lightning import cli
-
-    run_dir, proc = held_elsewhere
-    quickstart = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
-    monkeypatch.setattr(sys, "argv", [
-        "flora", "validate", "--config", str(quickstart), "--trainer.default_root_dir",
-        str(run_dir), "--trainer.progress", "false", "--data.partition.num_clients", "2",
-        "--data.max_test_samples", "32",
+        "flora", stage, "--config", str(quickstart), "--trainer.default_root_dir", str(run_dir),
+        "--trainer.progress", "false", "--data.partition.num_clients", "2",
+        "--data.max_test_samples", "32", *extra,
     ])  # fmt: skip
     with pytest.raises(SystemExit) as info:
         cli.main()
