@@ -28,8 +28,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from jsonargparse import ArgumentParser
 from safetensors.torch import load_file
+
+from flora_lightning.sweep.experiment import run_measure, write_report
 
 
 def run_fit(config: Path, k: int, run_dir: Path, overrides: list[str]) -> dict:
@@ -122,12 +123,12 @@ def measure(
     (out / "results.json").write_text(json.dumps(results, indent=2))
     report.parent.mkdir(parents=True, exist_ok=True)
     report.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    report.write_text(render(results))
+    write_report(report, render(results))
     return results
 
 
-def render(results: dict) -> str:
-    """The Markdown report of :func:`measure`'s results."""
+def render(results: dict) -> list[str]:
+    """The Markdown report (its lines) of :func:`measure`'s results."""
     k = results["parallel_clients"]
     machine = results["machine"]
     load = ", ".join(f"{x:.2f}" for x in machine["load_average"])
@@ -158,15 +159,12 @@ def render(results: dict) -> str:
         f"{results['max_final_difference']:.1e}.",
         "",
     ]
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Parse the command line (the arguments of :func:`measure`) and measure."""
-    parser = ArgumentParser(prog="parallel_rounds.py", description=__doc__.splitlines()[0])
-    parser.add_function_arguments(measure)
-    args = parser.parse_args(argv)
-    return measure(**vars(args))
+    """Parse ``argv`` (default: ``sys.argv``) from :func:`measure`'s signature, then run it."""
+    return run_measure(measure, "parallel_rounds.py", __doc__, argv)
 
 
 if __name__ == "__main__":

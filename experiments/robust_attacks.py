@@ -28,7 +28,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
-from jsonargparse import ArgumentParser
+
+from flora_lightning.sweep.experiment import run_measure, write_report
 
 
 def load_spec(path: Path) -> dict:
@@ -169,21 +170,13 @@ def measure(
     ]
     if read_back:
         lines += [f"Read back from finished runs in `{out}`: {', '.join(read_back)}.", ""]
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text("\n".join(lines))
-    print(report.read_text())
+    write_report(report, lines)
     return results
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse ``argv`` (default: ``sys.argv``) from :func:`measure`'s signature, then run it."""
-    parser = ArgumentParser(prog="robust_attacks.py", description=__doc__.splitlines()[0])
-    parser.add_function_arguments(measure)
-    options = parser.parse_args(argv)
-    try:
-        return measure(**options.as_dict())
-    except ValueError as err:
-        parser.error(str(err))
+    return run_measure(measure, "robust_attacks.py", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from jsonargparse import ArgumentParser
+from flora_lightning.sweep.experiment import run_measure, write_report
 
 LORA_PRODUCT = {
     "none": ["--trainer.strategy.factor_alignment", "none"],
@@ -219,21 +219,13 @@ def measure(
         ]
     for setting, by_variant in results.items():
         lines += table(setting, by_variant, seeds)
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text("\n".join(lines))
-    print(report.read_text())
+    write_report(report, lines)
     return results
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse ``argv`` (default: ``sys.argv``) from :func:`measure`'s signature, then run it."""
-    parser = ArgumentParser(prog="svd_factor_alignment.py", description=__doc__.splitlines()[0])
-    parser.add_function_arguments(measure)
-    options = parser.parse_args(argv)
-    try:
-        return measure(**options.as_dict())
-    except ValueError as err:
-        parser.error(str(err))
+    return run_measure(measure, "svd_factor_alignment.py", __doc__, argv)
 
 
 if __name__ == "__main__":
