@@ -8,6 +8,7 @@ source (:mod:`flora_lightning.source_signature`) and the torch-free config class
 checks and :func:`~flora_lightning.federation.settings.check_settings`. Unknown fields, wrong
 types, invalid choices, out-of-range values, unknown classes and missing files are reported
 from here, in the words of the full parser (plus a "did you mean").
+A method's own settings (``model.init_args``) are checked by :mod:`flora_lightning.model_check`.
 
 It runs with :data:`HEAVY` libraries refused (:class:`HeavyImportRefusal`). What it cannot
 judge without them (a strategy's or method's own settings, a user's class) it leaves to the
@@ -18,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import importlib
 import importlib.abc
-import inspect
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +30,7 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
 from flora_lightning.error_report import ConfigError
+from flora_lightning.model_check import DEFAULT_METHOD, METHOD_BASE, check_model, defined_names
 from flora_lightning.source_signature import (
     PACKAGE,
     Resolver,
@@ -67,7 +67,7 @@ GROUPS = {
 }
 SUBCLASS_FIELDS = {
     # field: (base class name, default class path, what one is called)
-    "model": ("FederatedCLIPModule", "flora_lightning.methods.FLoRA", "method"),
+    "model": (METHOD_BASE, DEFAULT_METHOD, "method"),
     "trainer.strategy": ("Strategy", None, "strategy"),
 }
 SKIP_FLAGS = ("-h", "--help", "--print_config")
@@ -193,7 +193,7 @@ def check_class_path(field: str, value: Any) -> None:
     elif module == PACKAGE or module.startswith(PACKAGE + "."):
         path = module_file(module)
         if path is not None:
-            defined = _defined_names(module)
+            defined = defined_names(module)
             if name in defined:
                 return
             close = difflib.get_close_matches(name, [n for n in defined if n in known], n=1)
@@ -207,16 +207,6 @@ def check_class_path(field: str, value: Any) -> None:
         f"{field}: unknown {what} class {class_path!r}{guess} Choose one of {choices} (by name "
         f"or full class path), or give the import path of your own {base} subclass."
     )
-
-
-def _defined_names(module: str) -> set[str]:
-    """What ``module`` defines or exports (a lazy package's names too), without importing more
-    than imports light."""
-    try:
-        return set(dir(importlib.import_module(module)))
-    except ImportError:
-        source = Resolver().source(module)
-        return set(source.imports) | set(source.classes) | set(source.assigned)
 
 
 def check_paths(stage: str, config) -> None:
@@ -238,130 +228,6 @@ def check_paths(stage: str, config) -> None:
             f"data.data_dir={data.data_dir}: no such folder (relative to {Path.cwd()}); "
             "data.dataset imagefolder reads the images from there (one sub-folder per class)."
         )
-
-
-def _option_value(args: list[str], i: int) -> tuple[str, str | None, int]:
-    """(option, value, index of the next argument) for ``args[i]`` (``--o v`` or ``--o=v``)."""
-    option, has_value, value = args[i].partition("=")
-    if has_value:
-        return option, value, i + 1
-    return option, (args[i + 1] if i + 1 < len(args) else None), i + 2
-
-
-def _yaml_value(value: str | None) -> Any:
-    """A ``--model`` value as jsonargparse reads it: a YAML file, a YAML mapping, or a name."""
-    if value is not None and Path(value).is_file():
-        return yaml.safe_load(Path(value).read_text())
-    if value is not None and value.lstrip().startswith("{"):
-        return yaml.safe_load(value)
-    return value
-
-
-def model_settings(args: list[str]) -> tuple[str, dict, list[str]] | None:
-    """The method's class path, its ``init_args`` from the config files and ``--model VALUE``
-    (merged in order), and its ``--model.KEY=VALUE`` overrides as ``--KEY=VALUE``.
-
-    None when they take a form whose merging this check does not repeat (a config file after
-    an override, a class change after one, extra keys): the full parser then judges.
-    """
-    class_path, init_args, overrides = SUBCLASS_FIELDS["model"][1], {}, []
-    i = 0
-    while i < len(args):
-        if not args[i].startswith("--"):
-            i += 1
-            continue
-        option, value, i = _option_value(args, i)
-        if option == "--config":
-            if value is None or not Path(value).is_file():
-                return None
-            content = yaml.safe_load(Path(value).read_text())
-            piece = content.get("model") if isinstance(content, dict) else None
-        elif option == "--model":
-            piece = _yaml_value(value)
-        elif option == "--model.class_path":
-            piece = value
-        elif option.startswith("--model."):
-            key = option.removeprefix("--model.").removeprefix("init_args.")
-            overrides.append(f"--{key}={value}")
-            continue
-        else:
-            continue
-        if piece is None:
-            continue
-        if overrides:
-            return None
-        if isinstance(piece, str):
-            piece = {"class_path": piece}
-        if not isinstance(piece, dict) or set(piece) - {"class_path", "init_args"}:
-            return None
-        if piece.get("class_path", class_path) != class_path:
-            class_path = piece["class_path"]
-            # as jsonargparse: keep the settings the new class also takes
-            accepted = _method_signature(class_path)
-            if accepted is None:
-                return None
-            params = inspect.signature(accepted.function).parameters
-            init_args = {k: v for k, v in init_args.items() if k in params}
-        _deep_merge(init_args, piece.get("init_args") or {})
-    return class_path, init_args, overrides
-
-
-def _deep_merge(into: dict, update: dict) -> None:
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _deep_merge(into[key], value)
-        else:
-            into[key] = value
-
-
-def _method_signature(class_path: str):
-    """The stand-in signature of one of this package's methods, or None (another package's
-    class, an unknown one, or one whose signature is not read from source)."""
-    name = class_path.rpartition(".")[2]
-    known = subclass_names(SUBCLASS_FIELDS["model"][0])
-    if name not in known or class_path not in (name, known[name], f"{PACKAGE}.methods.{name}"):
-        return None
-    try:
-        return source_signature(*known[name].rsplit(".", 1))
-    except LookupError:
-        return None
-
-
-def check_model(args: list[str]) -> None:
-    """The method's own settings (``model.init_args``: ``lora``, ``optimizer``, ...), checked as
-    the full parser does, with the method's signature read from its source.
-
-    Raises:
-        ConfigError: in the full parser's words (``Parser key "model": Problem with given
-            class_path ...``).
-        ValueError: a settings class's own check (``model.lora.rank must be >= 1``).
-    """
-    settings = model_settings(args)
-    if settings is None:
-        return
-    class_path, init_args, overrides = settings
-    signature = _method_signature(class_path)
-    if signature is None:
-        return
-    name = class_path.rpartition(".")[2]
-    if any(key.split(".")[0] in signature.opaque for key in init_args) or any(
-        o[2:].split("=")[0].split(".")[0] in signature.opaque for o in overrides
-    ):
-        return
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_function_arguments(signature.function)
-    shown = f"{PACKAGE}.methods.{name}"
-    if name not in _defined_names(f"{PACKAGE}.methods"):
-        shown = subclass_names(SUBCLASS_FIELDS["model"][0])[name]
-    try:
-        config = parser.parse_object(init_args)
-        config = parser.parse_args(overrides, namespace=config)
-        parser.instantiate_classes(config)
-    except argparse.ArgumentError as err:
-        inner = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
-        raise ConfigError(
-            f'Parser key "model": Problem with given class_path {shown!r}: {inner}'
-        ) from err
 
 
 def _validate(parser: ArgumentParser, stage: str, config, args: list[str]) -> None:
