@@ -13,8 +13,9 @@ of any client's adapter between the two ways (the equality the issue asks for, 1
 
 The FLOP floor (CPU): the matmul FLOPs of one round (torch's ``FlopCounterMode``, the same
 both ways up to the tiny LoRA paths) over this CPU's best fp32 matmul rate (a 2048 x 2048
-matmul, best of five): no schedule of the round's math runs faster, so the sequential round's
-time over that floor caps any speed-up batching can give on this machine.
+matmul, best of three, measured after each timed round: a shared CPU's speed drifts): no
+schedule of the round's math runs faster, so each round's sequential time over the floor of
+that moment caps any speed-up batching can give on this machine (reported: the median).
 
 Where the time goes: one more round each way (largest K) runs under torch's profiler and the
 operators' own CPU time is summed by kind (:data:`OP_KINDS`): it shows which part of the
@@ -180,7 +181,7 @@ def measure_parallel_round(
         seq_trainer = LocalTrainer(fabric, seed=seed, capture=capture)
         par_trainer = LocalTrainer(fabric, seed=seed)
         sequential(seq_trainer, 0), batched(par_trainer, 0, k)  # warm-up, not timed
-        seq_s, par_s, diff = [], [], 0.0
+        seq_s, par_s, peaks, diff = [], [], [], 0.0
         for round_ in range(1, rounds + 1):
             # alternate which way goes first: a shared machine's load drifts within a round
             out = {}
@@ -195,6 +196,8 @@ def measure_parallel_round(
                 (seq_s if name == "seq" else par_s).append(time.perf_counter() - t0)
             for a, b in zip(out["seq"], out["par"], strict=True):
                 diff = max(diff, max(float((a.state[n] - b.state[n]).abs().max()) for n in a.state))
+            if accelerator == "cpu":  # the machine's matmul rate now: a CPU's speed drifts
+                peaks.append(peak_matmul_gflops(fabric.device, repeats=3))
         if k == max(parallel_clients) and accelerator == "cpu":
             last = rounds + 1
             profile = {
@@ -203,17 +206,19 @@ def measure_parallel_round(
                 "parallel": profile_by_kind(partial(batched, par_trainer, last, k)),
             }
             flops = matmul_flops(partial(sequential, seq_trainer, last + 1))
-            peak = peak_matmul_gflops(fabric.device)
-            floor = flops / (peak * 1e9)
+            # each timed round's sequential time over the floor at the rate measured right
+            # after it: the two taken close together, so a drift of the CPU's speed cancels
+            caps = sorted(t * p * 1e9 / flops for t, p in zip(seq_s, peaks, strict=True))
             profile["floor"] = {
                 "matmul_gflop_per_round": flops / 1e9,
                 "batched_matmul_gflop_per_round": matmul_flops(
                     partial(batched, par_trainer, last + 1, k)
                 )
                 / 1e9,
-                "peak_matmul_gflops": peak,
-                "floor_s_per_round": floor,
-                "speedup_cap": min(seq_s) / floor,
+                "peak_matmul_gflops": peaks,
+                "floor_s_per_round": [flops / (p * 1e9) for p in peaks],
+                "speedup_caps": caps,
+                "speedup_cap": caps[len(caps) // 2],
             }
         rows.append(
             {
@@ -272,13 +277,21 @@ def markdown(result: dict) -> str:
         lines.append(f"| {kind} | {a:.3f} | {b:.3f} | {ratio} |")
     floor = profile.get("floor")
     if floor:
+        peaks, floors, caps = (
+            floor["peak_matmul_gflops"],
+            floor["floor_s_per_round"],
+            floor["speedup_caps"],
+        )
         lines += [
             "",
             f"FLOP floor: a round's matmuls are {floor['matmul_gflop_per_round']:.1f} GFLOP "
-            f"one at a time ({floor['batched_matmul_gflop_per_round']:.1f} batched); this "
-            f"device's best fp32 matmul rate (2048 x 2048) is "
-            f"{floor['peak_matmul_gflops']:.1f} GFLOP/s, so no schedule runs a round in under "
-            f"{floor['floor_s_per_round']:.3f} s: batching can speed the sequential round up "
-            f"by at most {floor['speedup_cap']:.2f}x here.",
+            f"one at a time ({floor['batched_matmul_gflop_per_round']:.1f} batched). This "
+            f"device's best fp32 matmul rate (2048 x 2048, best of 3), measured after each "
+            f"timed round, was {min(peaks):.0f}-{max(peaks):.0f} GFLOP/s, so no schedule runs "
+            f"a round in under {min(floors):.3f}-{max(floors):.3f} s. Each round's sequential "
+            f"time over the floor at that moment caps the speed-up batching can give: "
+            f"median **{floor['speedup_cap']:.2f}x** (rounds: "
+            + ", ".join(f"{c:.2f}x" for c in caps)
+            + ").",
         ]
     return table + "\n".join(lines) + "\n"

@@ -67,7 +67,7 @@ def run_parallel_round(cfg: BenchConfig) -> dict:
         parallel_clients=tuple(cfg.parallel_clients),
         batch_size=cfg.batch_size,
         num_classes=cfg.num_classes,
-        rounds=5,
+        rounds=7,
         accelerator=cfg.device,
         seed=cfg.seed,
         cuda_graphs=cfg.cuda_graphs,

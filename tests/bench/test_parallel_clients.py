@@ -27,13 +27,13 @@ def test_a_round_both_ways_reports_times_and_agreement():
         assert profile[way]["matmul"] > 0 and profile[way]["elementwise"] > 0
     assert "| matmul |" in markdown(result)
     floor = profile["floor"]
-    assert floor["matmul_gflop_per_round"] > 0 and floor["peak_matmul_gflops"] > 0
-    assert floor["floor_s_per_round"] == pytest.approx(
-        floor["matmul_gflop_per_round"] / floor["peak_matmul_gflops"]
-    )
-    assert floor["speedup_cap"] == pytest.approx(
-        result["rows"][-1]["sequential_s_per_round"] / floor["floor_s_per_round"]
-    )
+    assert floor["matmul_gflop_per_round"] > 0 and len(floor["peak_matmul_gflops"]) == 1
+    flops = floor["matmul_gflop_per_round"]
+    (peak,) = floor["peak_matmul_gflops"]
+    assert floor["floor_s_per_round"] == [pytest.approx(flops / peak)]
+    seq = result["rows"][-1]["sequential_s_per_round"]  # one timed round: its time is the min
+    assert floor["speedup_caps"] == [pytest.approx(seq * peak / flops)]
+    assert floor["speedup_cap"] == floor["speedup_caps"][0]
     assert "FLOP floor" in markdown(result)
 
 
