@@ -32,20 +32,15 @@ from flora_lightning.client_state.optimizer_shards import (
 )
 from flora_lightning.clip.feature_cache import FeatureCache
 from flora_lightning.federation.attack import AttackRecord
+from flora_lightning.federation.client_view import ClientView
 from flora_lightning.federation.evaluation import evaluate
-from flora_lightning.federation.ranks import (
-    RankMask,
-    assign_ranks,
-    check_rank_run,
-    padded_state,
-    sliced_update,
-)
+from flora_lightning.federation.ranks import assign_ranks, check_rank_run
 from flora_lightning.federation.setup import OnTooFewUpdates, check_on_too_few_updates, setup_run
 from flora_lightning.privacy.config import PrivacyConfig
 from flora_lightning.privacy.run import PrivacyRun
 from flora_lightning.rundir.checkpoint import load_state, write_json
 from flora_lightning.rundir.round_record import RoundRecord, RoundTally
-from flora_lightning.strategy import ClientUpdate, State, for_rank, state_bytes
+from flora_lightning.strategy import ClientUpdate, state_bytes
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +50,7 @@ class RoundFailedError(RuntimeError):
     ``trainer.on_too_few_updates`` is ``raise``)."""
 
 
-class RoundEngine:
+class RoundEngine(ClientView):
     """Set-up, the run sequence, the per-round steps and the run's end; subclasses hold the
     settings.
 
@@ -71,15 +66,10 @@ class RoundEngine:
 
     availability = None
     """Simulated unreliable clients (:class:`~flora_lightning.federation.availability.Availability`)."""
-    attack = None
-    """Seeded Byzantine clients (:class:`~flora_lightning.federation.attack.Attack`); None: none."""
     privacy_run: PrivacyRun | None = None
     """The run's differential privacy (:meth:`use_privacy`); None: none."""
     client_ranks = None
     """``trainer.client_ranks`` (:mod:`flora_lightning.federation.ranks`); None: one rank."""
-    ranks: list[int] | None = None
-    """Each client's LoRA rank, resolved at :meth:`set_up`; None: all at the model's."""
-    _rank_mask: RankMask | None = None
 
     def __init__(self, on_too_few_updates: OnTooFewUpdates = "raise") -> None:
         check_on_too_few_updates(on_too_few_updates)
@@ -282,49 +272,6 @@ class RoundEngine:
             tally.round, len(tally.accepted), min_clients, tally.rejected, tally.dropped,
         )  # fmt: skip
         return False
-
-    def round_attackers(self, round_: int) -> list[int]:
-        """``trainer.attack``'s attackers of ``round_`` among its sampled clients (the seeded
-        sampler's, which the Flower ServerApp uses too), or [] without an attack."""
-        if self.attack is None:
-            return []
-        return self.attack.attackers(self.seed, round_, self.round_clients(round_))
-
-    def client_rank(self, client: int) -> int | None:
-        """``client``'s LoRA rank when it differs from the global model's, else None."""
-        if self.ranks is None or self.ranks[client] == self.model.lora.rank:
-            return None
-        return self.ranks[client]
-
-    def prepare_client(self, global_state: State, client: int) -> None:
-        """Load what ``client`` starts its fit from into the model: ``global_state`` (the
-        global state, or a rank-``r_k`` slice of it), for a lower-rank client zero-padded
-        beyond its rank with those slots' gradients masked until :meth:`client_state_to_send`
-        (see :mod:`flora_lightning.federation.ranks`)."""
-        if self._rank_mask is not None:
-            self._rank_mask.remove()
-            self._rank_mask = None
-        rank = self.client_rank(client)
-        if rank is None:
-            self.model.load_communicated_state(global_state)
-            return
-        params = dict(self.model.trainable_named_parameters())
-        self.model.load_communicated_state(padded_state(global_state, rank, params))
-        self._rank_mask = RankMask(params, rank)
-
-    def client_state_to_send(self, update: ClientUpdate) -> ClientUpdate:
-        """What the client sends after its fit: ``update`` cut to its rank (whole at the
-        global rank); takes the gradient mask of :meth:`prepare_client` off."""
-        if self._rank_mask is not None:
-            self._rank_mask.remove()
-            self._rank_mask = None
-        rank = self.client_rank(update.client_id)
-        return update if rank is None else sliced_update(update, rank)
-
-    def state_for_client(self, global_state: State, client: int) -> State:
-        """The part of ``global_state`` ``client`` receives: its rank's slice (views)."""
-        rank = self.client_rank(client)
-        return global_state if rank is None else for_rank(global_state, rank)
 
     def end_round(self, tally: RoundTally) -> RoundRecord:
         """Evaluate the global model; record the round; save it (rounds after 0)."""
