@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,13 +13,8 @@ QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 
 
 @pytest.fixture(scope="module")
-def compare():
-    spec = importlib.util.spec_from_file_location(
-        "compare_methods", ROOT / "experiments" / "compare_methods.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def compare(load_experiment):
+    return load_experiment("compare_methods")
 
 
 def test_model_args_pick_the_method_settings(compare, tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,13 +12,8 @@ CONFIG = ROOT / "configs" / "quickstart.yaml"
 
 
 @pytest.fixture(scope="module")
-def rounds():
-    spec = importlib.util.spec_from_file_location(
-        "parallel_rounds", ROOT / "experiments" / "parallel_rounds.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def rounds(load_experiment):
+    return load_experiment("parallel_rounds")
 
 
 def test_bad_arguments_are_refused(rounds, tmp_path):

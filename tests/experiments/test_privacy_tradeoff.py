@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import yaml
 
-SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "privacy_tradeoff.py"
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("privacy_tradeoff", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_grid_writes_rows_table_and_plot(offline_assets, tmp_path):
-    script = load_script()
+def test_grid_writes_rows_table_and_plot(offline_assets, tmp_path, load_experiment):
+    script = load_experiment("privacy_tradeoff")
     out = tmp_path / "privacy"
     extra = ["--data.max_test_samples", "64", "--data.partition.num_clients", "3"]
     rows = script.main(out=out, epsilons=[4.0, math.inf], levels=["client"], rounds=1,

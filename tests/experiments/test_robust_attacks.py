@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,13 +12,8 @@ SPEC = ROOT / "configs" / "sweeps" / "robust_attacks.yaml"
 
 
 @pytest.fixture(scope="module")
-def robust():
-    spec = importlib.util.spec_from_file_location(
-        "robust_attacks", ROOT / "experiments" / "robust_attacks.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def robust(load_experiment):
+    return load_experiment("robust_attacks")
 
 
 def test_spec_names_every_strategy_and_attack(robust):
