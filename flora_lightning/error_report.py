@@ -173,8 +173,8 @@ class _RunLogHandler(logging.Handler):
 
     Records before that are held in memory and written when the folder appears, or dropped if
     it never does (a config error writes nothing) or if another process holds the folder's
-    run lock (a run refused as a second writer leaves the holder's log alone). A failing write (full disk) is ignored: the
-    log must never be what stops a run.
+    run lock (a run refused as a second writer leaves the holder's log alone). A failing write
+    (full disk) is ignored: the log must never be what stops a run.
     """
 
     def __init__(self, run_dir: Path):

@@ -18,7 +18,7 @@ import torch
 from torch.func import functional_call, vmap
 
 from flora_lightning.federation.batched_loss import ClientObjective, pad_rows, union_labels
-from flora_lightning.federation.grouped_lora import grouped_caption_features
+from flora_lightning.federation.grouped_lora import grouped_caption_features, lora_linears
 
 
 class BatchedStep:
@@ -42,6 +42,7 @@ class BatchedStep:
             i for i, n in enumerate(self.names) if ".lora_A." in n or ".lora_B." in n
         ]  # the text tower's adapters: encoded grouped
         self.others = [i for i in range(len(self.names)) if i not in self.lora]
+        self.linears = lora_linears(model) if self.lora else {}  # once per fit, not per step
 
     def client_loss(self, params, features, labels, valid, captions) -> torch.Tensor:
         """One client's loss (vmapped) with its non-LoRA trainable parameters swapped in."""
@@ -54,7 +55,7 @@ class BatchedStep:
             return None
         if self.lora:
             weights = {self.names[i]: params[i] for i in self.lora}
-            txt = grouped_caption_features(self.model, weights, union, len(inverse))
+            txt = grouped_caption_features(self.model, self.linears, weights, union, len(inverse))
             return txt.gather(1, inverse[..., None].expand(-1, -1, txt.shape[-1]))
         return self.model.class_text_features(union)[inverse]  # frozen captions (FedAA)
 

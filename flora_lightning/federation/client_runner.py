@@ -3,8 +3,8 @@
 ::
 
     availability_event (trainer.availability, seeded per (seed, round, client): dropped,
-    straggler or a full fit; admit_client records it in-process) → prepare_client (the received global state; a lower rank's
-    slice, zero-padded and masked) → on_client_fit_start → LocalTrainer.fit (an attacker of
+    straggler or a full fit; admit_client records it in-process) → prepare_client (the
+    received global state; a lower rank's slice, zero-padded and masked) → on_client_fit_start → LocalTrainer.fit (an attacker of
     trainer.attack label_flip: on flipped labels) → client_state_to_send (the client's rank
     slice) → attacked_update (trainer.attack: what an attacker sends instead)
 

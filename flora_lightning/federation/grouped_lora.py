@@ -51,9 +51,12 @@ def lora_linears(model) -> dict[str, LoraLinear]:
 
 
 @contextmanager
-def grouped_lora(model, weights: Mapping[str, torch.Tensor], groups: int) -> Iterator[None]:
-    """While inside, every active LoRA linear of ``model`` runs :func:`_grouped_forward` with
-    the stacked ``weights`` (parameter name -> ``[K, ...]``; names absent use the module's own
+def grouped_lora(
+    linears: Mapping[str, LoraLinear], weights: Mapping[str, torch.Tensor], groups: int
+) -> Iterator[None]:
+    """While inside, every active LoRA linear of ``linears`` (:func:`lora_linears` of the
+    model, found once per fit rather than each step) runs :func:`_grouped_forward` with the
+    stacked ``weights`` (parameter name -> ``[K, ...]``; names absent use the module's own
     weight, shared by every client); restored after.
 
     Raises:
@@ -63,7 +66,7 @@ def grouped_lora(model, weights: Mapping[str, torch.Tensor], groups: int) -> Ite
     covered: set[str] = set()
     patched = []
     try:
-        for name, module in lora_linears(model).items():
+        for name, module in linears.items():
             paths = []
             for adapter in module.active_adapters:
                 if adapter not in module.lora_A:
@@ -97,13 +100,18 @@ def grouped_lora(model, weights: Mapping[str, torch.Tensor], groups: int) -> Ite
 
 
 def grouped_caption_features(
-    model, weights: Mapping[str, torch.Tensor], labels: torch.Tensor, groups: int
+    model,
+    linears: Mapping[str, LoraLinear],
+    weights: Mapping[str, torch.Tensor],
+    labels: torch.Tensor,
+    groups: int,
 ) -> torch.Tensor:
     """Normalised caption features ``[K, U, D]`` of the classes ``labels`` (``[U]``) for each of
     the K clients, client k with its LoRA weights ``weights[name][k]`` (names as in
-    ``model.named_parameters()``), in one forward of the shared text tower."""
+    ``model.named_parameters()``; ``linears``: :func:`lora_linears` of ``model``), in one
+    forward of the shared text tower."""
     ids = model.caption_ids[labels].repeat(groups, 1)
     mask = model.caption_mask[labels].repeat(groups, 1)
-    with grouped_lora(model, weights, groups):
+    with grouped_lora(linears, weights, groups):
         feats = text_features(model.clip, ids, mask)
     return F.normalize(feats, dim=-1).reshape(groups, len(labels), -1)

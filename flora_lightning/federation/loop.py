@@ -20,7 +20,6 @@ have done.
 
 from __future__ import annotations
 
-import logging
 import math
 
 import numpy as np
@@ -46,8 +45,6 @@ from flora_lightning.federation.setup import (
 from flora_lightning.rundir.recorder import RunRecorder
 from flora_lightning.rundir.round_record import RoundRecord
 from flora_lightning.strategy import FedAvg, Strategy, state_bytes
-
-log = logging.getLogger(__name__)
 
 __all__ = ["FederatedLoop", "RoundFailedError"]
 

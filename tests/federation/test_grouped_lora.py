@@ -48,7 +48,7 @@ def test_each_clients_captions_equal_its_own_forward(tiny_clip, freeze_a):
     weights = client_weights(model, 3, torch.Generator().manual_seed(1))
     labels = torch.tensor([1, 4, 7, 9])
     with torch.no_grad():
-        grouped = grouped_caption_features(model, weights, labels, 3)
+        grouped = grouped_caption_features(model, lora_linears(model), weights, labels, 3)
         assert grouped.shape == (3, 4, model.clip_model().config.projection_dim)
         alone = []
         for k in range(3):
@@ -65,10 +65,10 @@ def test_forward_restored_and_stray_weights_refused(tiny_clip):
     modules = lora_linears(model)
     assert modules and all("forward" not in vars(m) for m in modules.values())
     weights = client_weights(model, 2, torch.Generator().manual_seed(2))
-    with grouped_lora(model, weights, 2):
+    with grouped_lora(modules, weights, 2):
         assert all("forward" in vars(m) for m in modules.values())
     assert all("forward" not in vars(m) for m in modules.values())
     with pytest.raises(ValueError, match="not active LoRA weights"):
-        with grouped_lora(model, {"clip.logit_scale": torch.zeros(2)}, 2):
+        with grouped_lora(modules, {"clip.logit_scale": torch.zeros(2)}, 2):
             pass
     assert all("forward" not in vars(m) for m in modules.values())  # restored after the error
